@@ -1,0 +1,631 @@
+"""Implicit Q-Learning (IQL): offline RL with in-sample Q-learning.
+
+Paper: Kostrikov, Nair, Levine, "Offline Reinforcement Learning with Implicit
+Q-Learning", ICLR 2022, arXiv:2110.06169. Official code (JAX):
+ikostrikov/implicit_q_learning.
+
+IQL never queries Q at actions outside the dataset. One gradient step, in the
+official order, on a batch (s, a, r, s', m) with m = 1 - terminal:
+
+    V:  L_V  = E[ L2_tau( min_k Qtarget_k(s, a) - V(s) ) ],
+        L2_tau(u) = |tau - 1(u < 0)| u^2                      (expectile tau)
+    pi: L_pi = -E[ min(exp(beta (min_k Qtarget_k(s, a) - V(s))), 100) log pi(a|s) ]
+        (advantage-weighted regression with the V just updated)
+    Q:  L_Q  = E[ sum_k (Q_k(s, a) - (r + gamma m V(s')))^2 ]
+    Qtarget <- (1 - lambda) Qtarget + lambda Q                   (Polyak on Q only)
+
+Usage:
+    python iql.py --env hopper-medium-v2                   # downloads the D4RL file
+    python iql.py --env hopper-medium-v2 --dataset hopper-medium-local.hdf5
+    python iql.py --env Pendulum-v1 --dataset my_pendulum.hdf5   # any Gymnasium id
+    python iql.py --help
+
+Per-family defaults (from the official configs; each is overridable):
+    locomotion (halfcheetah/hopper/walker2d/ant, or any Gymnasium id):
+        expectile 0.7, beta 3.0, rewards * 1000 / (max return - min return)
+    antmaze: expectile 0.9, beta 10.0, rewards r - 1, 100 evaluation episodes
+    kitchen, adroit (pen/hammer/door/relocate): expectile 0.7, beta 0.5, actor dropout 0.1
+
+Differences from the official code:
+- PyTorch instead of JAX; the twin Q is one batched module (stacked weights, bmm).
+- Evaluation runs in Gymnasium's MuJoCo port (hopper-*-v2 -> Hopper-v4, ant -> Ant-v4
+  with contact forces, 111 dims) instead of gym + mujoco-py; the D4RL files are read
+  with h5py, not `import d4rl`.
+- If the file has `next_observations` they are used and timeout steps are kept as
+  non-terminal transitions (m = 1). d4rl.qlearning_dataset, which the official code
+  uses, rebuilds s' from the next row and drops every timeout step; we do that only
+  for files without `next_observations`.
+- The actor's cosine lr decay runs over `--lr-decay-steps`, default 1e6 as in the
+  official code (which uses 1e6 whatever --max_steps is).
+- AntMaze, Kitchen and Adroit train offline, but their D4RL environments are not in
+  Gymnasium; evaluation for them needs `--eval-episodes 0` (say so, train, no score).
+- A Gymnasium env whose action bounds are not [-1, 1] (e.g. Pendulum) is rescaled to
+  [-1, 1], and so are the dataset's actions, because the actor's mean is a tanh.
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import h5py
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    exp_name: str = "iql"
+    """name of this experiment (part of the run folder's name)"""
+    env: str = "hopper-medium-v2"
+    """a D4RL dataset name (hopper-medium-v2, antmaze-umaze-v2, ...); with --dataset also any Gymnasium id"""
+    dataset: Optional[str] = None
+    """path of a local D4RL-format .hdf5; skips the download"""
+    seed: int = 42
+    """seed of python, numpy, torch and the evaluation env (official default: 42)"""
+    max_steps: int = 1_000_000
+    """number of gradient steps"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    eval_interval: int = 5000
+    """gradient steps between evaluations; 0 = evaluate only at the end"""
+    eval_episodes: Optional[int] = None
+    """episodes per evaluation (default: 10, antmaze 100); 0 = never evaluate"""
+    log_interval: int = 1000
+    """gradient steps between logged losses"""
+    expectile: Optional[float] = None
+    """tau of the expectile value loss (default: 0.7, antmaze 0.9)"""
+    beta: Optional[float] = None
+    """inverse temperature of the AWR actor (default: 3.0, antmaze 10.0, kitchen/adroit 0.5)"""
+    actor_dropout: Optional[float] = None
+    """dropout in the actor's hidden layers (default: none, kitchen/adroit 0.1)"""
+    normalize_rewards: Optional[bool] = None
+    """scale rewards by 1000 / (max - min trajectory return) (default: on for locomotion)"""
+    exp_adv_max: float = 100.0
+    """upper clip of the AWR weight exp(beta * A)"""
+    actor_lr: float = 3e-4
+    """actor learning rate (cosine-decayed to 0)"""
+    critic_lr: float = 3e-4
+    """Q learning rate"""
+    value_lr: float = 3e-4
+    """V learning rate"""
+    lr_decay_steps: int = 1_000_000
+    """horizon of the actor's cosine lr decay (official: 1e6 whatever max_steps is)"""
+    hidden_dim: int = 256
+    """width of the two hidden layers of every network"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """Polyak rate of the target Q"""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu' or 'cuda'"""
+    cuda_graph: Optional[bool] = None
+    """capture the update as a CUDA graph (default: on when the device is CUDA)"""
+    compile: bool = False
+    """torch.compile the update"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "rl-reference"
+    """W&B project"""
+    capture_video: bool = False
+    """record the first episode of each evaluation under the run folder"""
+    save_model: bool = False
+    """write run_dir/checkpoint.pt at each evaluation and at the end"""
+    resume: Optional[str] = None
+    """continue from a checkpoint.pt (outputs go to its folder unless --run-dir)"""
+    run_dir: Optional[str] = None
+    """output folder (default: runs/{env}__{exp_name}__{seed}__{time}); must not exist"""
+
+
+def fail(message: str):
+    """Bad input: one clear sentence on stderr and exit status 1."""
+    raise SystemExit(f"iql.py: error: {message}")
+
+
+# ----------------------------------------------------------------------------- data
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"  # D4RL_BASE_URL overrides it (a mirror)
+LOCOMOTION = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "ant": "Ant-v4"}
+ADROIT = ("pen", "hammer", "door", "relocate")
+ANTMAZE_FILES = {  # d4rl's names for the v2 antmaze files
+    "umaze": "u-maze_noisy_multistart_False_multigoal_False",
+    "umaze-diverse": "u-maze_noisy_multistart_True_multigoal_True",
+    "medium-play": "big-maze_noisy_multistart_True_multigoal_False",
+    "medium-diverse": "big-maze_noisy_multistart_True_multigoal_True",
+    "large-play": "hardest-maze_noisy_multistart_True_multigoal_False",
+    "large-diverse": "hardest-maze_noisy_multistart_True_multigoal_True",
+}
+KITCHEN_FILES = {"complete": "mini_kitchen_microwave_kettle_light_slider", "partial": "kitchen_microwave_kettle_light_slider",
+                 "mixed": "kitchen_microwave_kettle_bottomburner_light"}
+REF_SCORES = {  # d4rl's (random, expert) returns for the normalized score
+    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7), "antmaze": (0.0, 1.0), "kitchen": (0.0, 4.0), "pen": (96.262799, 3076.8331),
+    "hammer": (-274.856578, 12794.134825), "door": (-56.512833, 2880.5693), "relocate": (-6.425911, 4233.877797),
+}
+FAMILY_DEFAULTS = {  # expectile, beta, actor dropout, eval episodes, normalize rewards
+    "locomotion": (0.7, 3.0, None, 10, True),
+    "antmaze": (0.9, 10.0, None, 100, False),
+    "kitchen": (0.7, 0.5, 0.1, 10, False),
+    "adroit": (0.7, 0.5, 0.1, 10, False),
+}
+
+
+def d4rl_url(name: str) -> Optional[str]:
+    """d4rl's download URL for a dataset name, or None if the name is not a D4RL dataset."""
+    base = os.environ.get("D4RL_BASE_URL", D4RL_URL).rstrip("/")
+    parts = name.split("-")
+    task, version, level = parts[0], parts[-1], "-".join(parts[1:-1])
+    levels = ("random", "medium", "expert", "medium-replay", "medium-expert", "full-replay")
+    if task in LOCOMOTION and version == "v2" and level in levels:
+        return f"{base}/gym_mujoco_v2/{task}_{level.replace('-', '_')}-v2.hdf5"
+    if task == "antmaze" and version == "v2" and level in ANTMAZE_FILES:
+        return f"{base}/ant_maze_v2/Ant_maze_{ANTMAZE_FILES[level]}_sparse_fixed.hdf5"
+    if task == "kitchen" and version == "v0" and level in KITCHEN_FILES:
+        return f"{base}/kitchen/{KITCHEN_FILES[level]}-v0.hdf5"
+    if task in ADROIT and version == "v1" and level in ("human", "cloned", "expert"):
+        return f"{base}/hand_dapg_v1/{name}.hdf5"
+    return None
+
+
+def family_of(env: str) -> str:
+    task = env.split("-")[0].lower()
+    if task == "antmaze":
+        return "antmaze"
+    if task == "kitchen":
+        return "kitchen"
+    if task in ADROIT:
+        return "adroit"
+    return "locomotion"  # the four MuJoCo tasks and any other Gymnasium id
+
+
+def download(url: str, path: str):
+    """Stream url to a temp file beside path; rename only when complete and readable."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
+            size = int(response.headers.get("Content-Length", 0)) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        if size is not None and os.path.getsize(tmp) != size:
+            fail(f"download of {url} stopped at {os.path.getsize(tmp)} of {size} bytes; run again")
+        read_d4rl(tmp)  # refuse to cache a file that is not a D4RL dataset
+        os.replace(tmp, path)
+    except (urllib.error.URLError, OSError) as e:
+        fail(f"could not download {url} ({e}); with no network, download it elsewhere and put it at "
+             f"{path}, or pass --dataset PATH")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def dataset_path(args: Args) -> str:
+    if args.dataset is not None:
+        if not os.path.isfile(args.dataset):
+            fail(f"dataset file {args.dataset} does not exist")
+        return args.dataset
+    url = d4rl_url(args.env)
+    if url is None:
+        fail(f"unknown D4RL dataset '{args.env}' (e.g. hopper-medium-v2, antmaze-umaze-v2, pen-human-v1); "
+             f"for a Gymnasium env pass --dataset PATH")
+    folder = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser("~/.d4rl/datasets"))
+    path = os.path.join(folder, url.split("/")[-1])
+    if not os.path.isfile(path):
+        print(f"downloading {args.env} from {url} to {path}")
+        download(url, path)
+    return path
+
+
+def read_d4rl(path: str) -> dict:
+    """The D4RL HDF5 layout: observations, actions, rewards, terminals, timeouts, [next_observations]."""
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
+            if missing:
+                fail(f"{path} is not a D4RL dataset: it has no {', '.join(missing)}")
+            data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts",
+                                          "next_observations") if k in f}
+    except OSError as e:
+        fail(f"{path} is not a readable HDF5 file ({e}); delete it and download it again")
+    n = len(data["observations"])
+    data.setdefault("timeouts", np.zeros(n, dtype=bool))
+    bad = [k for k, v in data.items() if len(v) != n]
+    if n < 2 or bad:
+        fail(f"{path} is corrupt: {n} observations but {bad} have other lengths")
+    return data
+
+
+def qlearning_transitions(data: dict) -> dict:
+    """(s, a, r, s', m) as float32 arrays plus episode ends (for reward scaling)."""
+    obs, terminals, timeouts = data["observations"], data["terminals"].astype(bool), data["timeouts"].astype(bool)
+    n = len(obs)
+    if "next_observations" in data:
+        next_obs, keep = data["next_observations"], np.ones(n, dtype=bool)
+        jump = np.linalg.norm(obs[1:] - next_obs[:-1], axis=-1) > 1e-6  # files without timeouts
+        ends = terminals | timeouts | np.append(jump, True)
+    else:  # rebuild s' from the next row; a timeout's next row is another episode's start
+        next_obs = np.concatenate([obs[1:], obs[-1:]])
+        keep = terminals | ~np.append(timeouts[:-1], True)
+        ends = terminals | np.append(timeouts[1:], True)  # the step before a dropped timeout ends it
+        ends[-1] = True
+    t = dict(observations=obs[keep], actions=data["actions"][keep], rewards=data["rewards"][keep],
+             masks=1.0 - terminals[keep], next_observations=next_obs[keep], ends=ends[keep])
+    return {k: v.astype(bool if k == "ends" else np.float32) for k, v in t.items()}
+
+
+def normalize_rewards(rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Locomotion reward scale: r * 1000 / (max - min trajectory return), as the official code."""
+    starts = np.concatenate([[0], np.flatnonzero(ends[:-1]) + 1])
+    returns = np.add.reduceat(rewards, starts)
+    if returns.max() - returns.min() < 1e-8:
+        fail("reward normalization needs trajectories with different returns; pass --no-normalize-rewards")
+    return rewards * (1000.0 / (returns.max() - returns.min()))
+
+
+def make_env(env_id: str, render: bool = False) -> gym.Env:
+    kwargs = {"render_mode": "rgb_array"} if render else {}
+    task = env_id.split("-")[0]
+    if task in LOCOMOTION:
+        env_id = LOCOMOTION[task]
+        if task == "ant":
+            kwargs["use_contact_forces"] = True  # D4RL's Ant observation has 111 dims
+    elif family_of(env_id) != "locomotion":
+        fail(f"{env_id}: D4RL's {family_of(env_id)} environments are not in Gymnasium, so they cannot be "
+             f"evaluated here; pass --eval-episodes 0 to train offline without evaluation")
+    try:
+        env = gym.make(env_id, **kwargs)
+    except gym.error.Error as e:
+        fail(f"unknown env '{env_id}' ({e})")
+    if not isinstance(env.action_space, gym.spaces.Box):
+        fail(f"{env_id} has a {type(env.action_space).__name__} action space; IQL needs continuous actions")
+    if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
+        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)  # the actor's mean is a tanh
+    return env
+
+
+# ----------------------------------------------------------------------------- networks
+class EnsembleLinear(nn.Module):
+    """k independent linear layers applied as one batched matmul: (k, B, in) -> (k, B, out)."""
+
+    def __init__(self, k: int, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(k, n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(k, 1, n_out))
+        for w in self.weight.data:
+            nn.init.orthogonal_(w, gain=math.sqrt(2))  # flax orthogonal(sqrt 2), as the official MLPs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class TwinQ(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, k: int = 2):
+        super().__init__()
+        self.k = k
+        self.net = nn.Sequential(EnsembleLinear(k, obs_dim + act_dim, hidden), nn.ReLU(),
+                                 EnsembleLinear(k, hidden, hidden), nn.ReLU(), EnsembleLinear(k, hidden, 1))
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, act], -1).expand(self.k, -1, -1)
+        return self.net(x).squeeze(-1)  # (k, B)
+
+
+def mlp(n_in: int, hidden: int, n_out: int, dropout: Optional[float] = None) -> nn.Sequential:
+    layers = []
+    for a, b in ((n_in, hidden), (hidden, hidden)):
+        layers += [nn.Linear(a, b), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
+    layers.append(nn.Linear(hidden, n_out))
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
+            nn.init.zeros_(layer.bias)
+    return nn.Sequential(*layers)
+
+
+class GaussianActor(nn.Module):
+    """N(tanh(mu(s)), exp(log_std)): tanh on the mean only, state-independent log-std in [-5, 2]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, dropout: Optional[float]):
+        super().__init__()
+        self.mu = mlp(obs_dim, hidden, act_dim, dropout)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.mu(obs))  # the deterministic evaluation action
+
+    def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        log_std = self.log_std.clamp(-5.0, 2.0)
+        z = (act - self(obs)) / log_std.exp()
+        return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
+    """|tau - 1(u < 0)| u^2: an asymmetric square whose minimiser is the tau-expectile."""
+    weight = torch.where(diff > 0, expectile, 1 - expectile)
+    return weight * diff.pow(2)
+
+
+# ----------------------------------------------------------------------------- the update
+class IQL(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, expectile: float, beta: float,
+                 dropout: Optional[float], device: torch.device):
+        super().__init__()
+        self.expectile, self.beta, self.gamma, self.tau = expectile, beta, args.gamma, args.tau
+        self.exp_adv_max, self.lr_decay_steps = args.exp_adv_max, args.lr_decay_steps
+        self.actor = GaussianActor(obs_dim, act_dim, args.hidden_dim, dropout)
+        self.critic = TwinQ(obs_dim, act_dim, args.hidden_dim)
+        self.critic_target = TwinQ(obs_dim, act_dim, args.hidden_dim)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.critic_target.requires_grad_(False)
+        self.value = mlp(obs_dim, args.hidden_dim, 1)
+        self.to(device)
+        # capturable Adam keeps its step count on the GPU so a CUDA graph can replay it;
+        # the actor's lr is a tensor so the cosine schedule can be written inside the graph.
+        capturable = device.type == "cuda"
+        self.actor_lr = torch.tensor(args.actor_lr, device=device)
+        self.actor_lr0 = args.actor_lr
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.actor_lr, capturable=capturable)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
+        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
+
+    def update(self, obs, act, rew, mask, next_obs) -> dict:
+        # 1) V: expectile regression onto the min of the target twin Q (no max over actions)
+        with torch.no_grad():
+            q_target = self.critic_target(obs, act).min(0).values
+        value_loss = expectile_loss(q_target - self.value(obs).squeeze(-1), self.expectile).mean()
+        self.value_opt.zero_grad()
+        value_loss.backward()
+        self.value_opt.step()
+
+        # 2) pi: advantage-weighted regression, advantages from the V just updated
+        with torch.no_grad():
+            adv = q_target - self.value(obs).squeeze(-1)
+            weight = torch.exp(self.beta * adv).clamp(max=self.exp_adv_max)
+        actor_loss = -(weight * self.actor.log_prob(obs, act)).mean()
+        self.actor_opt.zero_grad()
+        actor_loss.backward()
+        progress = self.num_updates.clamp(max=self.lr_decay_steps) / self.lr_decay_steps
+        self.actor_lr.copy_(self.actor_lr0 * 0.5 * (1 + torch.cos(math.pi * progress)))  # cosine decay
+        self.actor_opt.step()
+
+        # 3) Q: regress both heads onto r + gamma * m * V(s'), with the same new V
+        with torch.no_grad():
+            q_backup = rew + self.gamma * mask * self.value(next_obs).squeeze(-1)
+        critic_loss = (self.critic(obs, act) - q_backup).pow(2).sum(0).mean()
+        self.critic_opt.zero_grad()
+        critic_loss.backward()
+        self.critic_opt.step()
+
+        # 4) Polyak average of Q only (IQL has no target V)
+        torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), self.tau)
+        self.num_updates += 1
+        return {"losses/value_loss": value_loss.detach(), "losses/actor_loss": actor_loss.detach(),
+                "losses/critic_loss": critic_loss.detach(), "values/adv_mean": adv.mean(),
+                "values/q": q_target.mean(), "values/actor_lr": self.actor_lr.clone()}
+
+    def optimizers(self) -> dict:
+        return {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "value_opt": self.value_opt}
+
+
+def cuda_graph(fn, warmup: int = 3):
+    """Capture fn() (no inputs: it reads static tensors) as a CUDA graph; return a replay
+    function giving fn's static outputs. The warm-up calls are real calls of fn."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):  # allocates optimizer state, autograd buffers, cuBLAS workspaces
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(actor: GaussianActor, env: gym.Env, episodes: int, device: torch.device, seed: int) -> np.ndarray:
+    """Returns of `episodes` episodes of the deterministic policy tanh(mu(s))."""
+    actor.eval()
+    returns = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed if i == 0 else None)
+        done, total = False, 0.0
+        while not done:
+            act = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
+            obs, reward, terminated, truncated, _ = env.step(act)
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    actor.train()
+    return np.array(returns)
+
+
+def normalized_score(env: str, ret: float) -> float:
+    task = env.split("-")[0]
+    if task not in REF_SCORES:
+        return float("nan")  # no d4rl reference returns for this env
+    lo, hi = REF_SCORES[task]
+    return 100 * (ret - lo) / (hi - lo)
+
+
+def save_checkpoint(path: str, agent: IQL, step: int, args: Args):
+    state = {"agent": agent.state_dict(), "step": step, "args": asdict(args),
+             **{k: opt.state_dict() for k, opt in agent.optimizers().items()},
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint intact
+
+
+# ----------------------------------------------------------------------------- main
+def main(args: Args) -> dict:
+    family = family_of(args.env)
+    d_expectile, d_beta, d_dropout, d_episodes, d_normalize = FAMILY_DEFAULTS[family]
+    expectile = d_expectile if args.expectile is None else args.expectile
+    beta = d_beta if args.beta is None else args.beta
+    dropout = d_dropout if args.actor_dropout is None else args.actor_dropout
+    eval_episodes = d_episodes if args.eval_episodes is None else args.eval_episodes
+    normalize = d_normalize if args.normalize_rewards is None else args.normalize_rewards
+    if not 0 < expectile < 1:
+        fail(f"--expectile must be in (0, 1), got {expectile}")
+    if args.max_steps < 1 or args.batch_size < 1 or args.log_interval < 1:
+        fail("--max-steps, --batch-size and --log-interval must be positive")
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but CUDA is not available")
+    use_graph = device.type == "cuda" if args.cuda_graph is None else args.cuda_graph
+    if use_graph and device.type != "cuda":
+        fail("--cuda-graph needs a CUDA device")
+    if use_graph and args.compile:
+        fail("choose one of --cuda-graph and --compile")
+
+    resume = None
+    if args.resume is not None:
+        if not os.path.isfile(args.resume):
+            fail(f"checkpoint {args.resume} does not exist")
+        resume = torch.load(args.resume, map_location=device, weights_only=False)
+    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
+                               f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
+        fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # data: the whole dataset lives on the device; batches are sampled there
+    data = qlearning_transitions(read_d4rl(dataset_path(args)))
+    # the env gives the evaluation and the action bounds; D4RL's other families have none here
+    env = make_env(args.env, render=args.capture_video) if family == "locomotion" or eval_episodes > 0 else None
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    if env is not None:
+        space = env.unwrapped.action_space
+        if env.observation_space.shape != (obs_dim,) or space.shape != (act_dim,):
+            fail(f"the dataset's observations/actions have {obs_dim}/{act_dim} dims but {args.env} has "
+                 f"{env.observation_space.shape}/{space.shape}")
+        if np.any(data["actions"] < space.low - 1e-3) or np.any(data["actions"] > space.high + 1e-3):
+            fail(f"the dataset's actions leave {args.env}'s bounds [{space.low}, {space.high}]")
+        data["actions"] = (2 * (data["actions"] - space.low) / (space.high - space.low) - 1).astype(np.float32)
+    data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)  # official: keeps log-probs finite
+    if family == "antmaze":
+        data["rewards"] = data["rewards"] - 1.0
+    if normalize:
+        data["rewards"] = normalize_rewards(data["rewards"], data["ends"])
+    buffer = {k: torch.as_tensor(data[k], device=device) for k in
+              ("observations", "actions", "rewards", "masks", "next_observations")}
+    n = len(buffer["observations"])
+
+    agent = IQL(obs_dim, act_dim, args, expectile, beta, dropout, device)
+    start = 0
+    if resume:
+        agent.load_state_dict(resume["agent"])
+        for k, opt in agent.optimizers().items():
+            opt.load_state_dict(resume[k])
+        torch.set_rng_state(resume["rng"]["torch"])
+        np.random.set_state(resume["rng"]["numpy"])
+        random.setstate(resume["rng"]["python"])
+        if resume["rng"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+        start = resume["step"]
+        print(f"resumed from {args.resume} at step {start}")
+
+    def train_step():
+        idx = torch.randint(0, n, (args.batch_size,), device=device)  # sampled on the device
+        return agent.update(*(buffer[k][idx] for k in
+                              ("observations", "actions", "rewards", "masks", "next_observations")))
+
+    step_fn = torch.compile(train_step) if args.compile else train_step
+
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({**asdict(args), "resolved": dict(expectile=expectile, beta=beta, actor_dropout=dropout,
+                   eval_episodes=eval_episodes, normalize_rewards=normalize, device=str(device),
+                   cuda_graph=use_graph, dataset_transitions=n)}, f, indent=2)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
+                   dir=run_dir, sync_tensorboard=True)
+    if eval_episodes > 0 and args.capture_video:
+        env = gym.wrappers.RecordVideo(env, os.path.join(run_dir, "videos"),
+                                       episode_trigger=lambda e: e % eval_episodes == 0)
+
+    results, evals = {}, []
+    step = start
+    if use_graph:
+        step_fn = cuda_graph(train_step)  # its 3 warm-up calls are real updates
+        step += 3
+    warmup = min(step + 50, args.max_steps)  # updates/s is measured after compile/capture warm-up
+    t0, t_eval, n0 = None, 0.0, 0
+    bar = tqdm(total=args.max_steps, initial=step, disable=not sys.stdout.isatty(), desc="iql")
+    while step < args.max_steps:
+        info = step_fn()
+        step += 1
+        bar.update(1)
+        if step == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0, n0 = time.perf_counter(), step
+        if step % args.log_interval == 0 or step == args.max_steps:
+            metrics = {k: v.item() for k, v in info.items()}  # the only host sync of the loop
+            for k, v in metrics.items():
+                if not math.isfinite(v):
+                    fail(f"{k} became {v} at step {step}; lower the learning rates or check the dataset")
+                writer.add_scalar(k, v, step)
+            results.update(metrics)
+            if t0 is not None and step > n0:
+                results["updates_per_second"] = (step - n0) / (time.perf_counter() - t0 - t_eval)
+                writer.add_scalar("charts/updates_per_second", results["updates_per_second"], step)
+            line = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("losses"))
+            print(f"step={step} {line} ups={results.get('updates_per_second', float('nan')):.0f}", flush=True)
+        last = step == args.max_steps
+        if eval_episodes > 0 and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+            te = time.perf_counter()
+            returns = evaluate(agent.actor, env, eval_episodes, device, args.seed + step)
+            ret, score = float(returns.mean()), normalized_score(args.env, float(returns.mean()))
+            evals.append((step, ret, float(returns.std()), score))
+            writer.add_scalar("eval/return", ret, step)
+            writer.add_scalar("eval/normalized_score", score, step)
+            with open(os.path.join(run_dir, "evaluations.csv"), "w") as f:
+                f.write("step,return,return_std,normalized_score\n")
+                f.writelines(f"{s},{r:.2f},{sd:.2f},{sc:.2f}\n" for s, r, sd, sc in evals)
+            print(f"step={step} eval/return={ret:.1f} +- {returns.std():.1f} normalized={score:.1f}", flush=True)
+            results.update({"eval/return": ret, "eval/normalized_score": score})
+            if t0 is not None:
+                t_eval += time.perf_counter() - te
+        if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, step, args)
+    bar.close()
+    writer.close()
+    if env is not None:
+        env.close()
+    results.update({"updates": step - start, "run_dir": run_dir, "evaluations": evals})
+    results.setdefault("updates_per_second", float("nan"))
+    return results
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

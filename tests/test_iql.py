@@ -1,0 +1,258 @@
+"""iql.py: real gradient steps through main(), the math on hand-computed numbers,
+a toy task only IQL solves, learning on Pendulum, and every bad input."""
+
+import copy
+import functools
+import http.server
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import datasets
+import iql
+from conftest import assert_finite_losses, run_script, tensorboard_events, tiny_args
+
+
+# ----------------------------------------------------------------------------- main() end to end
+@pytest.mark.parametrize("kind", ["next", "nonext"])
+def test_main_tiny_hopper(hopper_files, tmp_path, kind):
+    args = tiny_args(iql, tmp_path, env="hopper-medium-v2", dataset=hopper_files[kind], save_model=True)
+    results = iql.main(args)
+    assert results["updates"] == 300
+    assert_finite_losses(results)
+    assert np.isfinite(results["eval/normalized_score"]) and results["updates_per_second"] > 0
+    assert [e[0] for e in results["evaluations"]] == [150, 300]
+    assert tensorboard_events(args.run_dir)
+    for name in ("checkpoint.pt", "evaluations.csv", "args.json"):
+        assert os.path.isfile(os.path.join(args.run_dir, name)), name
+
+
+def test_resume_continues_the_run(hopper_files, tmp_path):
+    args = tiny_args(iql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"], save_model=True,
+                     max_steps=200, eval_interval=0)
+    iql.main(args)
+    ckpt = os.path.join(args.run_dir, "checkpoint.pt")
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["step"] == 200 and int(saved["agent"]["num_updates"]) == 200
+    resumed = iql.main(tiny_args(iql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"],
+                                 save_model=True, max_steps=300, eval_interval=0, resume=ckpt, run_dir=None))
+    assert resumed["updates"] == 100 and resumed["run_dir"] == args.run_dir
+    assert int(torch.load(ckpt, weights_only=False)["agent"]["num_updates"]) == 300
+
+
+def test_antmaze_trains_offline_without_evaluation(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 400
+    path = datasets.write_d4rl(str(tmp_path / "antmaze.hdf5"), rng.normal(size=(n, 29)), rng.uniform(-1, 1, (n, 8)),
+                               rng.integers(0, 2, n), np.zeros(n), np.arange(n) % 100 == 99)
+    with pytest.raises(SystemExit, match="--eval-episodes 0"):
+        iql.main(tiny_args(iql, tmp_path, env="antmaze-umaze-v2", dataset=path, eval_episodes=None))
+    results = iql.main(tiny_args(iql, tmp_path, env="antmaze-umaze-v2", dataset=path, eval_episodes=0, max_steps=100))
+    assert results["updates"] == 100 and "eval/return" not in results
+    assert_finite_losses(results)
+
+
+# ----------------------------------------------------------------------------- the math by hand
+def test_expectile_loss_by_hand():
+    diff = torch.tensor([2.0, -1.0, 0.5])
+    assert torch.allclose(iql.expectile_loss(diff, 0.7), torch.tensor([0.7 * 4, 0.3 * 1, 0.7 * 0.25]))
+    assert torch.allclose(iql.expectile_loss(diff, 0.5), 0.5 * diff ** 2)
+
+
+def test_reward_scaling_two_trajectories():
+    rewards = np.array([1.0, 2.0, 3.0, 0.5, 0.5], dtype=np.float32)  # returns 6 and 1
+    ends = np.array([False, False, True, False, True])
+    assert np.allclose(iql.normalize_rewards(rewards, ends), rewards * 1000 / 5)
+    with pytest.raises(SystemExit, match="different returns"):
+        iql.normalize_rewards(np.ones(4, np.float32), np.array([False, True, False, True]))
+
+
+def _episodes():
+    """Two episodes: rows 0-2 end by a timeout (row 2), rows 3-4 by a terminal (row 4)."""
+    obs = np.arange(5, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)
+    return dict(observations=obs, actions=np.zeros((5, 1), np.float32), rewards=np.arange(5, dtype=np.float32),
+                terminals=np.array([0, 0, 0, 0, 1], bool), timeouts=np.array([0, 0, 1, 0, 0], bool))
+
+
+def test_timeouts_are_not_terminal():
+    data = _episodes()
+    data["next_observations"] = np.array([1, 2, 2.5, 4, 4.5], np.float32)[:, None] * np.ones((1, 2), np.float32)
+    t = iql.qlearning_transitions(data)
+    assert len(t["observations"]) == 5  # with next_observations the timeout step is kept...
+    assert t["masks"].tolist() == [1, 1, 1, 1, 0]  # ...and bootstraps (m = 1); only the terminal stops
+    assert t["ends"].tolist() == [False, False, True, False, True]
+
+
+def test_next_observation_rebuild():
+    t = iql.qlearning_transitions(_episodes())
+    # row 2 (timeout) is dropped: its next row starts another episode. Row 4 is terminal: kept, m = 0.
+    assert t["rewards"].tolist() == [0, 1, 3, 4]
+    assert t["next_observations"][:, 0].tolist() == [1, 2, 4, 4]
+    assert t["masks"].tolist() == [1, 1, 1, 0]
+    assert t["ends"].tolist() == [False, True, False, True]
+
+
+def test_d4rl_names_and_urls():
+    base = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
+    assert iql.d4rl_url("hopper-medium-v2") == f"{base}/gym_mujoco_v2/hopper_medium-v2.hdf5"
+    assert iql.d4rl_url("halfcheetah-medium-expert-v2") == f"{base}/gym_mujoco_v2/halfcheetah_medium_expert-v2.hdf5"
+    assert iql.d4rl_url("antmaze-large-diverse-v2").endswith(
+        "ant_maze_v2/Ant_maze_hardest-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5")
+    assert iql.d4rl_url("pen-human-v1") == f"{base}/hand_dapg_v1/pen-human-v1.hdf5"
+    assert iql.d4rl_url("hopper-medium-v9") is None and iql.d4rl_url("Pendulum-v1") is None
+    assert [iql.family_of(e) for e in ("hopper-medium-v2", "antmaze-umaze-v2", "kitchen-mixed-v0", "door-human-v1",
+                                       "Pendulum-v1")] == ["locomotion", "antmaze", "kitchen", "adroit", "locomotion"]
+    assert iql.normalized_score("hopper-medium-v2", 3234.3) == pytest.approx(100)
+    assert iql.normalized_score("hopper-medium-v2", -20.272305) == pytest.approx(0)
+
+
+# ----------------------------------------------------------------------------- a toy only IQL solves
+def _train_toy(beta, expectile, steps, seed=0):
+    """One-step task: action +0.8 earns 1 but is 20% of the data; action -0.5 earns 0 and is 80%."""
+    torch.manual_seed(seed)
+    n = 2000
+    good = torch.rand(n) < 0.2
+    obs = torch.randn(n, 2)
+    act = torch.where(good, 0.8, -0.5)[:, None]
+    rew, mask = good.float(), torch.zeros(n)  # every step ends the episode: Q(s, a) = r
+    args = iql.Args(hidden_dim=64, lr_decay_steps=steps)
+    agent = iql.IQL(2, 1, args, expectile=expectile, beta=beta, dropout=None, device=torch.device("cpu"))
+    for _ in range(steps):
+        i = torch.randint(0, n, (256,))
+        agent.update(obs[i], act[i], rew[i], mask[i], obs[i])
+    with torch.no_grad():
+        test_obs = torch.randn(256, 2)
+        return agent.actor(test_obs).mean().item(), agent.value(test_obs).mean().item()
+
+
+def test_iql_picks_the_rare_good_action_where_bc_does_not():
+    action_iql, v_iql = _train_toy(beta=10.0, expectile=0.7, steps=1000)
+    action_bc, _ = _train_toy(beta=0.0, expectile=0.7, steps=400)  # beta = 0: every weight is 1, plain behaviour cloning
+    assert action_iql > 0.7, action_iql  # the good action, +0.8
+    assert action_bc < 0.0, action_bc  # BC averages the modes: 0.2 * 0.8 + 0.8 * (-0.5) = -0.24
+    # V is the 0.7-expectile of Q over the data's actions: 0.7*0.2*(1-v) = 0.3*0.8*v  ->  v = 0.368
+    assert v_iql == pytest.approx(0.14 / 0.38, abs=0.05)
+
+
+def test_pendulum_iql_beats_the_data(pendulum_file, tmp_path):
+    path, data_returns = pendulum_file
+    args = tiny_args(iql, tmp_path, env="Pendulum-v1", dataset=path, hidden_dim=64, batch_size=256,
+                     max_steps=6000, log_interval=1000, eval_interval=0, eval_episodes=10, seed=0)
+    results = iql.main(args)
+    print(f"pendulum: data {data_returns.mean():.1f}, IQL {results['eval/return']:.1f}")
+    assert results["eval/return"] > data_returns.mean() + 100
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_unknown_env(tmp_path, hopper_files):
+    with pytest.raises(SystemExit, match="unknown D4RL dataset 'hopper-mediocre-v2'"):
+        iql.main(tiny_args(iql, tmp_path, env="hopper-mediocre-v2"))
+    with pytest.raises(SystemExit, match="unknown env 'NoSuchEnv-v0'"):
+        iql.main(tiny_args(iql, tmp_path, env="NoSuchEnv-v0", dataset=hopper_files["next"]))
+
+
+def test_missing_and_corrupt_dataset(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        iql.main(tiny_args(iql, tmp_path, env="hopper-medium-v2", dataset=str(tmp_path / "nope.hdf5")))
+    corrupt = tmp_path / "corrupt.hdf5"
+    corrupt.write_bytes(b"\x89HDF\r\n\x1a\n" + b"garbage" * 100)
+    with pytest.raises(SystemExit, match="not a readable HDF5 file"):
+        iql.main(tiny_args(iql, tmp_path, env="hopper-medium-v2", dataset=str(corrupt)))
+    no_actions = tmp_path / "no_actions.hdf5"
+    import h5py
+    with h5py.File(no_actions, "w") as f:
+        f["observations"] = np.zeros((10, 11), np.float32)
+    with pytest.raises(SystemExit, match="has no actions, rewards, terminals"):
+        iql.main(tiny_args(iql, tmp_path, env="hopper-medium-v2", dataset=str(no_actions)))
+
+
+def test_dataset_that_does_not_match_the_env(tmp_path, hopper_files):
+    with pytest.raises(SystemExit, match="11/3 dims but walker2d-medium-v2 has"):
+        iql.main(tiny_args(iql, tmp_path, env="walker2d-medium-v2", dataset=hopper_files["next"]))
+    n = 50
+    wide = datasets.write_d4rl(str(tmp_path / "wide.hdf5"), np.zeros((n, 11)), np.full((n, 3), 3.0), np.ones(n),
+                               np.zeros(n), np.arange(n) % 10 == 9)
+    with pytest.raises(SystemExit, match="actions leave"):
+        iql.main(tiny_args(iql, tmp_path, env="hopper-medium-v2", dataset=wide))
+
+
+def test_existing_run_folder_is_never_overwritten(tmp_path, hopper_files):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("old run")
+    proc = run_script("iql.py", "--env", "hopper-medium-v2", "--dataset", hopper_files["next"],
+                      "--run-dir", str(tmp_path / "run"), "--max-steps", "10")
+    assert proc.returncode != 0
+    assert "already exists" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "run" / "keep.txt").read_text() == "old run"
+
+
+def test_nan_in_a_loss_stops_and_names_it(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 200
+    rewards = rng.normal(size=n)
+    rewards[5] = np.nan
+    path = datasets.write_d4rl(str(tmp_path / "nan.hdf5"), rng.normal(size=(n, 11)), rng.uniform(-1, 1, (n, 3)),
+                               rewards, np.zeros(n), np.arange(n) % 20 == 19)
+    with pytest.raises(SystemExit, match=r"losses/\w+_loss became nan at step 100"):
+        iql.main(tiny_args(iql, tmp_path, env="hopper-medium-v2", dataset=path, normalize_rewards=False))
+
+
+# ----------------------------------------------------------------------------- download
+class _Files(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    """An HTTP server on 127.0.0.1 serving tmp_path/www as a D4RL mirror."""
+    www = tmp_path / "www"
+    (www / "gym_mujoco_v2").mkdir(parents=True)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Files, directory=str(www)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_download_into_the_d4rl_cache(tmp_path, local_server, hopper_files, monkeypatch):
+    www, url = local_server
+    (www / "gym_mujoco_v2" / "hopper_medium-v2.hdf5").write_bytes(open(hopper_files["next"], "rb").read())
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("D4RL_BASE_URL", url)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(cache))
+    results = iql.main(tiny_args(iql, tmp_path, env="hopper-medium-v2", max_steps=20, eval_episodes=0))
+    assert results["updates"] == 20
+    assert os.listdir(cache) == ["hopper_medium-v2.hdf5"]  # renamed from its temp file, nothing left over
+
+
+def test_download_failure_names_the_file_and_where_to_put_it(tmp_path, local_server, monkeypatch):
+    _, url = local_server  # the mirror has no file: 404
+    monkeypatch.setenv("D4RL_BASE_URL", url)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "cache"))
+    expected = str(tmp_path / "cache" / "walker2d_medium-v2.hdf5")
+    with pytest.raises(SystemExit, match="could not download") as e:
+        iql.main(tiny_args(iql, tmp_path, env="walker2d-medium-v2"))
+    assert expected in str(e.value) and "--dataset" in str(e.value)
+    assert os.listdir(tmp_path / "cache") == []  # no partial file left behind
+    monkeypatch.setenv("D4RL_BASE_URL", "http://127.0.0.1:9")  # nothing listens: no network
+    with pytest.raises(SystemExit, match="could not download"):
+        iql.main(tiny_args(iql, tmp_path, env="walker2d-medium-v2"))
+
+
+# ----------------------------------------------------------------------------- speed paths
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_equals_eager_update():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    agent = iql.IQL(11, 3, iql.Args(), expectile=0.7, beta=3.0, dropout=None, device=device)
+    batch = [torch.randn(256, 11, device=device), torch.rand(256, 3, device=device) * 2 - 1,
+             torch.randn(256, device=device), torch.ones(256, device=device), torch.randn(256, 11, device=device)]
+    replay = iql.cuda_graph(lambda: agent.update(*batch))
+    twin = copy.deepcopy(agent)
+    replay()
+    twin.update(*batch)
+    for (name, p), q in zip(agent.state_dict().items(), twin.state_dict().values()):
+        assert torch.allclose(p.float(), q.float(), atol=1e-5), name
