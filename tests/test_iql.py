@@ -3,6 +3,7 @@ a toy task only IQL solves, learning on Pendulum, and every bad input."""
 
 import copy
 import functools
+import glob
 import http.server
 import os
 import threading
@@ -19,7 +20,8 @@ from conftest import assert_finite_losses, run_script, tensorboard_events, tiny_
 # ----------------------------------------------------------------------------- main() end to end
 @pytest.mark.parametrize("kind", ["next", "nonext"])
 def test_main_tiny_hopper(hopper_files, tmp_path, kind):
-    args = tiny_args(iql, tmp_path, env="hopper-medium-v2", dataset=hopper_files[kind], save_model=True)
+    args = tiny_args(iql, tmp_path, env="hopper-medium-v2", dataset=hopper_files[kind], save_model=True,
+                     capture_video=kind == "next")
     results = iql.main(args)
     assert results["updates"] == 300
     assert_finite_losses(results)
@@ -28,6 +30,8 @@ def test_main_tiny_hopper(hopper_files, tmp_path, kind):
     assert tensorboard_events(args.run_dir)
     for name in ("checkpoint.pt", "evaluations.csv", "args.json"):
         assert os.path.isfile(os.path.join(args.run_dir, name)), name
+    if args.capture_video:  # the first episode of each evaluation, rendered headless
+        assert len(glob.glob(os.path.join(args.run_dir, "videos", "*.mp4"))) == 2
 
 
 def test_resume_continues_the_run(hopper_files, tmp_path):
@@ -140,10 +144,10 @@ def test_iql_picks_the_rare_good_action_where_bc_does_not():
 def test_pendulum_iql_beats_the_data(pendulum_file, tmp_path):
     path, data_returns = pendulum_file
     args = tiny_args(iql, tmp_path, env="Pendulum-v1", dataset=path, hidden_dim=64, batch_size=256,
-                     max_steps=6000, log_interval=1000, eval_interval=0, eval_episodes=10, seed=0)
+                     max_steps=10_000, log_interval=2000, eval_interval=0, eval_episodes=10, seed=0)
     results = iql.main(args)
     print(f"pendulum: data {data_returns.mean():.1f}, IQL {results['eval/return']:.1f}")
-    assert results["eval/return"] > data_returns.mean() + 100
+    assert results["eval/return"] > data_returns.mean() + 200  # measured: data -838, IQL about -230
 
 
 # ----------------------------------------------------------------------------- bad input
