@@ -111,8 +111,8 @@ class Args:
     """Polyak rate of the target Q"""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'"""
-    cuda_graph: Optional[bool] = None
-    """capture the update as a CUDA graph (default: on when the device is CUDA)"""
+    cuda_graph: bool = True
+    """capture the update as one CUDA graph (applies only on a CUDA device)"""
     compile: bool = False
     """torch.compile the update"""
     track: bool = False
@@ -460,15 +460,15 @@ def evaluate(actor: GaussianActor, env: gym.Env, episodes: int, device: torch.de
 
 
 def normalized_score(env: str, ret: float) -> float:
-    task = env.split("-")[0]
+    task = env.split("-")[0].lower()  # hopper-medium-v2 and Hopper-v4 alike
     if task not in REF_SCORES:
         return float("nan")  # no d4rl reference returns for this env
     lo, hi = REF_SCORES[task]
     return 100 * (ret - lo) / (hi - lo)
 
 
-def save_checkpoint(path: str, agent: IQL, step: int, args: Args):
-    state = {"agent": agent.state_dict(), "step": step, "args": asdict(args),
+def save_checkpoint(path: str, agent: IQL, step: int, args: Args, evals: list):
+    state = {"agent": agent.state_dict(), "step": step, "args": asdict(args), "evaluations": evals,
              **{k: opt.state_dict() for k, opt in agent.optimizers().items()},
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
@@ -495,11 +495,7 @@ def main(args: Args) -> dict:
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but CUDA is not available")
-    use_graph = device.type == "cuda" if args.cuda_graph is None else args.cuda_graph
-    if use_graph and device.type != "cuda":
-        fail("--cuda-graph needs a CUDA device")
-    if use_graph and args.compile:
-        fail("choose one of --cuda-graph and --compile")
+    use_graph = args.cuda_graph and device.type == "cuda"
 
     resume = None
     if args.resume is not None:
@@ -538,7 +534,7 @@ def main(args: Args) -> dict:
     n = len(buffer["observations"])
 
     agent = IQL(obs_dim, act_dim, args, expectile, beta, dropout, device)
-    start = 0
+    start, evals = 0, []
     if resume:
         agent.load_state_dict(resume["agent"])
         for k, opt in agent.optimizers().items():
@@ -548,7 +544,7 @@ def main(args: Args) -> dict:
         random.setstate(resume["rng"]["python"])
         if resume["rng"]["cuda"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
-        start = resume["step"]
+        start, evals = resume["step"], resume["evaluations"]
         print(f"resumed from {args.resume} at step {start}")
 
     def train_step():
@@ -573,10 +569,9 @@ def main(args: Args) -> dict:
         env = gym.wrappers.RecordVideo(env, os.path.join(run_dir, "videos"),
                                        episode_trigger=lambda e: e % eval_episodes == 0)
 
-    results, evals = {}, []
-    step = start
-    if use_graph:
-        step_fn = cuda_graph(train_step)  # its 3 warm-up calls are real updates
+    results, step = {}, start
+    if use_graph:  # (of the compiled step with --compile, as LeanRL does)
+        step_fn = cuda_graph(step_fn)  # its 3 warm-up calls are real updates
         step += 3
     warmup = min(step + 50, args.max_steps)  # updates/s is measured after compile/capture warm-up
     t0, t_eval, n0 = None, 0.0, 0
@@ -617,7 +612,7 @@ def main(args: Args) -> dict:
             if t0 is not None:
                 t_eval += time.perf_counter() - te
         if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, step, args)
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, step, args, evals)
     bar.close()
     writer.close()
     if env is not None:

@@ -44,6 +44,7 @@ def test_resume_continues_the_run(hopper_files, tmp_path):
     resumed = iql.main(tiny_args(iql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"],
                                  save_model=True, max_steps=300, eval_interval=0, resume=ckpt, run_dir=None))
     assert resumed["updates"] == 100 and resumed["run_dir"] == args.run_dir
+    assert [e[0] for e in resumed["evaluations"]] == [200, 300]  # the first part's evaluations are kept
     assert int(torch.load(ckpt, weights_only=False)["agent"]["num_updates"]) == 300
 
 
