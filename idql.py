@@ -1,0 +1,707 @@
+"""Implicit Diffusion Q-Learning (IDQL): an IQL critic plus a diffusion behaviour policy,
+with the critic choosing among the diffusion model's samples.
+
+Paper: Hansen-Estruch, Kostrikov, Janner, Kuba, Levine, "IDQL: Implicit Q-Learning as an
+Actor-Critic Method with Diffusion Policies", 2023, arXiv:2304.10573. Official code (JAX):
+philippe-eecs/IDQL, learner `ddpm_iql_simple`.
+
+IQL's critic is an actor-critic whose implicit policy is pi(a|s) ~ mu(a|s) w(s, a), with mu the
+behaviour policy and w set by the critic's loss. IDQL fits mu with a diffusion model and draws
+from pi by resampling mu's samples. One gradient step, in the official order, on a batch
+(s, a, r, s', m):
+
+    mu:  L_mu = E_{t ~ U{0..T-1}, eps ~ N(0, I)} || eps - eps_theta(sqrt(ah_t) a + sqrt(1 - ah_t) eps, s, t) ||^2
+         (DDPM noise prediction, T = 5, VP schedule), then EMA: theta' <- (1 - 0.001) theta' + 0.001 theta
+    V:   L_V  = E[ L_tau( min_k Qtarget_k(s, a) - V(s) ) ],  L_tau = expectile |tau - 1(u<0)| u^2
+         (or quantile |tau - 1(u<0)| |u|)
+    Q:   L_Q  = E[ mean_k (Q_k(s, a) - (r + gamma m V(s')))^2 ],  then Polyak on Q
+    act: draw N = 64 actions a_i ~ mu_theta'(.|s) by DDPM (clipped to [-1, 1] every step);
+         'argmax': a = argmax_i min_k Qtarget_k(s, a_i)                        (the official code)
+         'implicit': a ~ Categorical(w(s, a_i)), w = |tau - 1(A < 0)| (expectile) or
+                     |tau - 1(A < 0)| / |A| (quantile), A = min_k Qtarget_k(s, a_i) - V(s)   (the paper)
+
+Usage:
+    python idql.py --env hopper-medium-v2                 # downloads the D4RL file, 3M steps
+    python idql.py --env hopper-medium-v2 --dataset hopper-medium-local.hdf5 --num-samples 256
+    python idql.py --env Pendulum-v1 --dataset my_pendulum.hdf5 --selection implicit
+
+Differences from the official code:
+- PyTorch; the twin Q is one batched module (stacked weights, bmm). The data layer, the
+  Gymnasium evaluation envs and the bad-input checks are iql.py's (see its docstring).
+- Trains on the whole dataset; the official launcher holds out a random 5% it never uses.
+- Evaluation episodes run side by side as one batch (one sampler call per env step).
+- The official launcher crashes (it reads variant['T'] and variant['beta_schedule'], which live
+  only in rl_config) and re-draws every seed at random; here seeds are used as given.
+- 'implicit' selection follows the paper; the official code only takes the argmax (its older
+  weighted sampler, no longer called, had sign bugs in the quantile and exponential weights).
+- Only the VP beta schedule of the official code is offered (it is the one the paper uses).
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import h5py
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    exp_name: str = "idql"
+    """name of this experiment (part of the run folder's name)"""
+    env: str = "hopper-medium-v2"
+    """a D4RL dataset name (hopper-medium-v2, antmaze-umaze-v2, ...); with --dataset also any Gymnasium id"""
+    dataset: Optional[str] = None
+    """path of a local D4RL-format .hdf5; skips the download"""
+    seed: int = 42
+    """seed of python, numpy, torch and the evaluation envs"""
+    max_steps: int = 3_000_000
+    """number of gradient steps (official: 3M)"""
+    batch_size: int = 512
+    """transitions per gradient step (official launcher: 512)"""
+    eval_interval: int = 250_000
+    """gradient steps between evaluations; 0 = evaluate only at the end (official: 250k)"""
+    eval_episodes: int = 50
+    """episodes per evaluation, run as one batch (official: 50); 0 = never evaluate"""
+    log_interval: int = 1000
+    """gradient steps between logged losses"""
+    expectile: Optional[float] = None
+    """tau of the critic's loss (default: 0.7, antmaze 0.9)"""
+    critic_objective: Literal["expectile", "quantile"] = "expectile"
+    """V's loss: expectile |tau - 1(u<0)| u^2 (official) or quantile |tau - 1(u<0)| |u| (paper's variant)"""
+    normalize_rewards: Optional[bool] = None
+    """scale rewards by 1000 / (max - min trajectory return) (default: on for locomotion)"""
+    num_samples: int = 64
+    """N: diffusion samples per state to choose from (paper evaluates 16 / 64 / 256)"""
+    selection: Literal["argmax", "implicit"] = "argmax"
+    """argmax of min target Q (official), or resampling by the implicit policy's weights (paper)"""
+    diffusion_steps: int = 5
+    """T of the DDPM (official: 5, VP schedule)"""
+    clip_sampler: bool = True
+    """clip the sample to [-1, 1] after every denoising step (official: on)"""
+    actor_lr: float = 3e-4
+    """diffusion model learning rate (AdamW, cosine-decayed to 0)"""
+    actor_weight_decay: float = 1e-4
+    """AdamW weight decay of the diffusion model (optax.adamw's default, as the official code)"""
+    lr_decay_steps: int = 3_000_000
+    """horizon of the actor's cosine lr decay (official: 3M)"""
+    actor_ema: float = 0.001
+    """EMA rate of the sampling copy of the diffusion model"""
+    actor_dropout: float = 0.1
+    """dropout in each residual block of the denoiser"""
+    actor_hidden: int = 256
+    """width of the denoiser's residual stream (blocks expand it 4x)"""
+    actor_blocks: int = 3
+    """residual blocks of the denoiser"""
+    time_dim: int = 128
+    """size of the learnable Fourier time embedding"""
+    critic_lr: float = 3e-4
+    """Q learning rate"""
+    value_lr: float = 3e-4
+    """V learning rate"""
+    hidden_dim: int = 256
+    """width of the two hidden layers of Q and V"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """Polyak rate of the target Q"""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu' or 'cuda'"""
+    cuda_graph: bool = True
+    """capture the update and the N-sample action selection as CUDA graphs (only on a CUDA device)"""
+    compile: bool = False
+    """torch.compile the update and the action selection"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "rl-reference"
+    """W&B project"""
+    capture_video: bool = False
+    """record the first episode of each evaluation under the run folder"""
+    save_model: bool = False
+    """write run_dir/checkpoint.pt at each evaluation and at the end"""
+    resume: Optional[str] = None
+    """continue from a checkpoint.pt (outputs go to its folder unless --run-dir)"""
+    run_dir: Optional[str] = None
+    """output folder (default: runs/{env}__{exp_name}__{seed}__{time}); must not exist"""
+
+
+def fail(message: str):
+    """Bad input: one clear sentence on stderr and exit status 1."""
+    raise SystemExit(f"idql.py: error: {message}")
+
+
+# ----------------------------------------------------------------------------- data
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"  # D4RL_BASE_URL overrides it (a mirror)
+LOCOMOTION = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "ant": "Ant-v4"}
+ADROIT = ("pen", "hammer", "door", "relocate")
+ANTMAZE_FILES = {  # d4rl's names for the v2 antmaze files
+    "umaze": "u-maze_noisy_multistart_False_multigoal_False",
+    "umaze-diverse": "u-maze_noisy_multistart_True_multigoal_True",
+    "medium-play": "big-maze_noisy_multistart_True_multigoal_False",
+    "medium-diverse": "big-maze_noisy_multistart_True_multigoal_True",
+    "large-play": "hardest-maze_noisy_multistart_True_multigoal_False",
+    "large-diverse": "hardest-maze_noisy_multistart_True_multigoal_True",
+}
+KITCHEN_FILES = {"complete": "mini_kitchen_microwave_kettle_light_slider", "partial": "kitchen_microwave_kettle_light_slider",
+                 "mixed": "kitchen_microwave_kettle_bottomburner_light"}
+REF_SCORES = {  # d4rl's (random, expert) returns for the normalized score
+    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7), "antmaze": (0.0, 1.0), "kitchen": (0.0, 4.0), "pen": (96.262799, 3076.8331),
+    "hammer": (-274.856578, 12794.134825), "door": (-56.512833, 2880.5693), "relocate": (-6.425911, 4233.877797),
+}
+FAMILY_DEFAULTS = {  # expectile, normalize rewards (official launcher: 0.9 for antmaze, else 0.7)
+    "locomotion": (0.7, True), "antmaze": (0.9, False), "kitchen": (0.7, False), "adroit": (0.7, False)}
+
+
+def d4rl_url(name: str) -> Optional[str]:
+    """d4rl's download URL for a dataset name, or None if the name is not a D4RL dataset."""
+    base = os.environ.get("D4RL_BASE_URL", D4RL_URL).rstrip("/")
+    parts = name.split("-")
+    task, version, level = parts[0], parts[-1], "-".join(parts[1:-1])
+    levels = ("random", "medium", "expert", "medium-replay", "medium-expert", "full-replay")
+    if task in LOCOMOTION and version == "v2" and level in levels:
+        return f"{base}/gym_mujoco_v2/{task}_{level.replace('-', '_')}-v2.hdf5"
+    if task == "antmaze" and version == "v2" and level in ANTMAZE_FILES:
+        return f"{base}/ant_maze_v2/Ant_maze_{ANTMAZE_FILES[level]}_sparse_fixed.hdf5"
+    if task == "kitchen" and version == "v0" and level in KITCHEN_FILES:
+        return f"{base}/kitchen/{KITCHEN_FILES[level]}-v0.hdf5"
+    if task in ADROIT and version == "v1" and level in ("human", "cloned", "expert"):
+        return f"{base}/hand_dapg_v1/{name}.hdf5"
+    return None
+
+
+def family_of(env: str) -> str:
+    task = env.split("-")[0].lower()
+    if task == "antmaze":
+        return "antmaze"
+    if task == "kitchen":
+        return "kitchen"
+    if task in ADROIT:
+        return "adroit"
+    return "locomotion"  # the four MuJoCo tasks and any other Gymnasium id
+
+
+def download(url: str, path: str):
+    """Stream url to a temp file beside path; rename only when complete and readable."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
+            size = int(response.headers.get("Content-Length", 0)) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        if size is not None and os.path.getsize(tmp) != size:
+            fail(f"download of {url} stopped at {os.path.getsize(tmp)} of {size} bytes; run again")
+        read_d4rl(tmp)  # refuse to cache a file that is not a D4RL dataset
+        os.replace(tmp, path)
+    except (urllib.error.URLError, OSError) as e:
+        fail(f"could not download {url} ({e}); with no network, download it elsewhere and put it at "
+             f"{path}, or pass --dataset PATH")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def dataset_path(args: Args) -> str:
+    if args.dataset is not None:
+        if not os.path.isfile(args.dataset):
+            fail(f"dataset file {args.dataset} does not exist")
+        return args.dataset
+    url = d4rl_url(args.env)
+    if url is None:
+        fail(f"unknown D4RL dataset '{args.env}' (e.g. hopper-medium-v2, antmaze-umaze-v2, pen-human-v1); "
+             f"for a Gymnasium env pass --dataset PATH")
+    folder = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser("~/.d4rl/datasets"))
+    path = os.path.join(folder, url.split("/")[-1])
+    if not os.path.isfile(path):
+        print(f"downloading {args.env} from {url} to {path}")
+        download(url, path)
+    return path
+
+
+def read_d4rl(path: str) -> dict:
+    """The D4RL HDF5 layout: observations, actions, rewards, terminals, timeouts, [next_observations]."""
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
+            if missing:
+                fail(f"{path} is not a D4RL dataset: it has no {', '.join(missing)}")
+            data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts",
+                                          "next_observations") if k in f}
+    except OSError as e:
+        fail(f"{path} is not a readable HDF5 file ({e}); delete it and download it again")
+    n = len(data["observations"])
+    data.setdefault("timeouts", np.zeros(n, dtype=bool))
+    bad = [k for k, v in data.items() if len(v) != n]
+    if n < 2 or bad:
+        fail(f"{path} is corrupt: {n} observations but {bad} have other lengths")
+    return data
+
+
+def qlearning_transitions(data: dict) -> dict:
+    """(s, a, r, s', m) as float32 arrays plus episode ends (for reward scaling)."""
+    obs, terminals, timeouts = data["observations"], data["terminals"].astype(bool), data["timeouts"].astype(bool)
+    n = len(obs)
+    if "next_observations" in data:
+        next_obs, keep = data["next_observations"], np.ones(n, dtype=bool)
+        jump = np.linalg.norm(obs[1:] - next_obs[:-1], axis=-1) > 1e-6  # files without timeouts
+        ends = terminals | timeouts | np.append(jump, True)
+    else:  # rebuild s' from the next row; a timeout's next row is another episode's start
+        next_obs = np.concatenate([obs[1:], obs[-1:]])
+        keep = terminals | ~np.append(timeouts[:-1], True)
+        ends = terminals | np.append(timeouts[1:], True)  # the step before a dropped timeout ends it
+        ends[-1] = True
+    t = dict(observations=obs[keep], actions=data["actions"][keep], rewards=data["rewards"][keep],
+             masks=1.0 - terminals[keep], next_observations=next_obs[keep], ends=ends[keep])
+    return {k: v.astype(bool if k == "ends" else np.float32) for k, v in t.items()}
+
+
+def normalize_rewards(rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Locomotion reward scale: r * 1000 / (max - min trajectory return), as the official code."""
+    starts = np.concatenate([[0], np.flatnonzero(ends[:-1]) + 1])
+    returns = np.add.reduceat(rewards, starts)
+    if returns.max() - returns.min() < 1e-8:
+        fail("reward normalization needs trajectories with different returns; pass --no-normalize-rewards")
+    return rewards * (1000.0 / (returns.max() - returns.min()))
+
+
+def make_env(env_id: str, render: bool = False) -> gym.Env:
+    kwargs = {"render_mode": "rgb_array"} if render else {}
+    task = env_id.split("-")[0]
+    if task in LOCOMOTION:
+        env_id = LOCOMOTION[task]
+        if task == "ant":
+            kwargs["use_contact_forces"] = True  # D4RL's Ant observation has 111 dims
+    elif family_of(env_id) != "locomotion":
+        fail(f"{env_id}: D4RL's {family_of(env_id)} environments are not in Gymnasium, so they cannot be "
+             f"evaluated here; pass --eval-episodes 0 to train offline without evaluation")
+    try:
+        env = gym.make(env_id, **kwargs)
+    except gym.error.Error as e:
+        fail(f"unknown env '{env_id}' ({e})")
+    if not isinstance(env.action_space, gym.spaces.Box):
+        fail(f"{env_id} has a {type(env.action_space).__name__} action space; IDQL needs continuous actions")
+    if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
+        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)  # the sampler works in [-1, 1]
+    return env
+
+# ----------------------------------------------------------------------------- networks
+def xavier(layer: nn.Linear) -> nn.Linear:
+    nn.init.xavier_uniform_(layer.weight)  # jaxrl5's default_init
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def lecun(layer: nn.Linear) -> nn.Linear:
+    std = math.sqrt(1.0 / layer.in_features) / 0.87962566103423978  # flax lecun_normal: truncated at 2 std
+    nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class EnsembleLinear(nn.Module):
+    """k independent linear layers applied as one batched matmul: (k, B, in) -> (k, B, out)."""
+
+    def __init__(self, k: int, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(k, n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(k, 1, n_out))
+        for w in self.weight.data:
+            nn.init.xavier_uniform_(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class TwinQ(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, k: int = 2):
+        super().__init__()
+        self.k = k
+        self.net = nn.Sequential(EnsembleLinear(k, obs_dim + act_dim, hidden), nn.ReLU(),
+                                 EnsembleLinear(k, hidden, hidden), nn.ReLU(), EnsembleLinear(k, hidden, 1))
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, act], -1).expand(self.k, -1, -1)
+        return self.net(x).squeeze(-1)  # (k, B)
+
+
+def value_net(obs_dim: int, hidden: int) -> nn.Sequential:
+    """V(s): a LayerNorm on the input, then a 2-layer ReLU MLP (jaxrl5 MLP with use_layer_norm)."""
+    return nn.Sequential(nn.LayerNorm(obs_dim, eps=1e-6), xavier(nn.Linear(obs_dim, hidden)), nn.ReLU(),
+                         xavier(nn.Linear(hidden, hidden)), nn.ReLU(), xavier(nn.Linear(hidden, 1)))
+
+
+class FourierFeatures(nn.Module):
+    """Learnable Fourier embedding of the integer step t: [cos 2 pi t W, sin 2 pi t W]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(0.2 * torch.randn(dim // 2, 1))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        f = 2 * math.pi * t[:, None].float() @ self.weight.T
+        return torch.cat([f.cos(), f.sin()], -1)
+
+
+class ResidualBlock(nn.Module):
+    """x + Dense(swish(Dense_4h(LayerNorm(Dropout(x)))))"""
+
+    def __init__(self, hidden: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.LayerNorm(hidden, eps=1e-6), lecun(nn.Linear(hidden, 4 * hidden)),
+                                 nn.SiLU(), lecun(nn.Linear(4 * hidden, hidden)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+class Denoiser(nn.Module):
+    """eps_theta(a_t, s, t): an MLP-ResNet on [a_t, s, MLP(Fourier(t))] (the official LN_Resnet)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, blocks: int, time_dim: int, dropout: float):
+        super().__init__()
+        self.time = nn.Sequential(FourierFeatures(time_dim), xavier(nn.Linear(time_dim, 2 * time_dim)), nn.SiLU(),
+                                  xavier(nn.Linear(2 * time_dim, 2 * time_dim)))
+        self.net = nn.Sequential(xavier(nn.Linear(act_dim + obs_dim + 2 * time_dim, hidden)),
+                                 *[ResidualBlock(hidden, dropout) for _ in range(blocks)],
+                                 nn.SiLU(), xavier(nn.Linear(hidden, act_dim)))
+
+    def forward(self, a_t: torch.Tensor, obs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([a_t, obs, self.time(t)], -1))
+
+
+def vp_beta_schedule(T: int) -> torch.Tensor:
+    """The variance-preserving schedule of the official code: beta_t = 1 - exp(-b_min/T - (b_max - b_min)(2t - 1)/(2T^2))."""
+    t = torch.arange(1, T + 1, dtype=torch.float64)
+    b_min, b_max = 0.1, 10.0
+    return 1 - torch.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * t - 1) / T ** 2)
+
+
+def critic_loss_fn(u: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
+    """|tau - 1(u < 0)| u^2 (expectile) or |tau - 1(u < 0)| |u| (quantile), u = Q - V."""
+    weight = torch.where(u > 0, tau, 1 - tau)
+    return weight * (u.pow(2) if objective == "expectile" else u.abs())
+
+
+def implicit_weights(adv: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
+    """w(s, a) of IQL's implicit policy pi ~ mu w: |tau - 1(A<0)| (expectile) or that / |A| (quantile)."""
+    weight = torch.where(adv > 0, tau, 1 - tau)
+    return weight if objective == "expectile" else weight / adv.abs().clamp(min=1e-6)
+
+
+# ----------------------------------------------------------------------------- the update
+class IDQL(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, expectile: float, device: torch.device):
+        super().__init__()
+        self.expectile, self.objective, self.gamma, self.tau = expectile, args.critic_objective, args.gamma, args.tau
+        self.T, self.N, self.selection, self.clip = args.diffusion_steps, args.num_samples, args.selection, args.clip_sampler
+        self.act_dim, self.ema, self.lr_decay_steps, self.actor_lr0 = act_dim, args.actor_ema, args.lr_decay_steps, args.actor_lr
+        self.actor = Denoiser(obs_dim, act_dim, args.actor_hidden, args.actor_blocks, args.time_dim, args.actor_dropout)
+        self.actor_ema = Denoiser(obs_dim, act_dim, args.actor_hidden, args.actor_blocks, args.time_dim, args.actor_dropout)
+        self.actor_ema.load_state_dict(self.actor.state_dict())
+        self.actor_ema.requires_grad_(False).eval()  # samples come from the EMA copy, dropout off
+        self.critic = TwinQ(obs_dim, act_dim, args.hidden_dim)
+        self.critic_target = TwinQ(obs_dim, act_dim, args.hidden_dim)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.critic_target.requires_grad_(False)
+        self.value = value_net(obs_dim, args.hidden_dim)
+        betas = vp_beta_schedule(self.T)
+        self.betas, self.alphas = betas.tolist(), (1 - betas).tolist()
+        self.alpha_hats = torch.cumprod(1 - betas, 0).tolist()
+        self.register_buffer("sqrt_ah", torch.tensor(self.alpha_hats).sqrt().float())
+        self.register_buffer("sqrt_1m_ah", (1 - torch.tensor(self.alpha_hats)).sqrt().float())
+        self.to(device)
+        capturable = device.type == "cuda"  # optimizer state on the GPU, replayable in a CUDA graph
+        self.actor_lr = torch.tensor(args.actor_lr, device=device)  # a tensor: the schedule runs inside the graph
+        self.actor_opt = torch.optim.AdamW(self.actor.parameters(), lr=self.actor_lr,
+                                           weight_decay=args.actor_weight_decay, capturable=capturable)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
+        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
+
+    def update(self, obs, act, rew, mask, next_obs) -> dict:
+        # 1) mu: DDPM noise prediction on the dataset's actions at a random step t, then EMA
+        t = torch.randint(0, self.T, (obs.shape[0],), device=obs.device)
+        eps = torch.randn_like(act)
+        a_t = self.sqrt_ah[t, None] * act + self.sqrt_1m_ah[t, None] * eps
+        actor_loss = (self.actor(a_t, obs, t) - eps).pow(2).sum(-1).mean()
+        self.actor_opt.zero_grad()
+        actor_loss.backward()
+        progress = self.num_updates.clamp(max=self.lr_decay_steps) / self.lr_decay_steps
+        self.actor_lr.copy_(self.actor_lr0 * 0.5 * (1 + torch.cos(math.pi * progress)))  # cosine decay
+        self.actor_opt.step()
+        torch._foreach_lerp_(list(self.actor_ema.parameters()), list(self.actor.parameters()), self.ema)
+
+        # 2) V: expectile (or quantile) regression onto the min of the target twin Q
+        with torch.no_grad():
+            q_target = self.critic_target(obs, act).min(0).values
+        value_loss = critic_loss_fn(q_target - self.value(obs).squeeze(-1), self.expectile, self.objective).mean()
+        self.value_opt.zero_grad()
+        value_loss.backward()
+        self.value_opt.step()
+
+        # 3) Q: regress both heads onto r + gamma * m * V(s') with the V just updated; Polyak on Q
+        with torch.no_grad():
+            q_backup = rew + self.gamma * mask * self.value(next_obs).squeeze(-1)
+        critic_loss = (self.critic(obs, act) - q_backup).pow(2).mean()
+        self.critic_opt.zero_grad()
+        critic_loss.backward()
+        self.critic_opt.step()
+        torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), self.tau)
+        self.num_updates += 1
+        return {"losses/actor_loss": actor_loss.detach(), "losses/value_loss": value_loss.detach(),
+                "losses/critic_loss": critic_loss.detach(), "values/q": q_target.mean(),
+                "values/actor_lr": self.actor_lr.clone()}
+
+    @torch.no_grad()
+    def sample(self, obs: torch.Tensor) -> torch.Tensor:
+        """DDPM ancestral sampling from the EMA model: a_T ~ N(0, I), then for t = T-1 .. 0
+        a <- (a - beta_t / sqrt(1 - ah_t) eps(a, s, t)) / sqrt(alpha_t) + [t > 0] sqrt(beta_t) z."""
+        a = torch.randn(obs.shape[0], self.act_dim, device=obs.device)
+        for t in reversed(range(self.T)):
+            eps = self.actor_ema(a, obs, torch.full((obs.shape[0],), t, device=obs.device))
+            a = (a - self.betas[t] / math.sqrt(1 - self.alpha_hats[t]) * eps) / math.sqrt(self.alphas[t])
+            if t > 0:
+                a = a + math.sqrt(self.betas[t]) * torch.randn_like(a)
+            if self.clip:
+                a = a.clamp(-1, 1)
+        return a.clamp(-1, 1)
+
+    @torch.no_grad()
+    def select(self, obs: torch.Tensor) -> torch.Tensor:
+        """One action per state out of N samples of mu, chosen by the critic."""
+        B = obs.shape[0]
+        obs_n = obs.repeat_interleave(self.N, 0)
+        actions = self.sample(obs_n)
+        q = self.critic_target(obs_n, actions).min(0).values.view(B, self.N)
+        if self.selection == "argmax":
+            idx = q.argmax(1)
+        else:  # a ~ Categorical(w): Gumbel-max, no host sync
+            w = implicit_weights(q - self.value(obs), self.expectile, self.objective)
+            idx = (w.log() - torch.log(-torch.log(torch.rand_like(w)))).argmax(1)
+        return actions.view(B, self.N, -1)[torch.arange(B, device=obs.device), idx]
+
+    def optimizers(self) -> dict:
+        return {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "value_opt": self.value_opt}
+
+
+def cuda_graph(fn, warmup: int = 3):
+    """Capture fn() (no inputs: it reads static tensors) as a CUDA graph; return a replay
+    function giving fn's static outputs. The warm-up calls are real calls of fn."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):  # allocates optimizer state, autograd buffers, cuBLAS workspaces
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate(select, obs_buf: torch.Tensor, envs: list, seed: int) -> np.ndarray:
+    """One episode in each env, side by side: each step, one batched select() over all envs
+    (finished ones keep their last observation so the batch shape stays static)."""
+    obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
+    alive, returns = np.ones(len(envs), dtype=bool), np.zeros(len(envs))
+    while alive.any():
+        obs_buf.copy_(torch.as_tensor(obs, dtype=torch.float32))
+        actions = select().cpu().numpy()
+        for i in np.flatnonzero(alive):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(actions[i])
+            returns[i] += reward
+            alive[i] = not (terminated or truncated)
+    return returns
+
+
+def normalized_score(env: str, ret: float) -> float:
+    task = env.split("-")[0].lower()  # hopper-medium-v2 and Hopper-v4 alike
+    if task not in REF_SCORES:
+        return float("nan")  # no d4rl reference returns for this env
+    lo, hi = REF_SCORES[task]
+    return 100 * (ret - lo) / (hi - lo)
+
+
+def save_checkpoint(path: str, agent: IDQL, step: int, args: Args, evals: list):
+    state = {"agent": agent.state_dict(), "step": step, "args": asdict(args), "evaluations": evals,
+             **{k: opt.state_dict() for k, opt in agent.optimizers().items()},
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint intact
+
+
+
+# ----------------------------------------------------------------------------- main
+def main(args: Args) -> dict:
+    family = family_of(args.env)
+    d_expectile, d_normalize = FAMILY_DEFAULTS[family]
+    expectile = d_expectile if args.expectile is None else args.expectile
+    normalize = d_normalize if args.normalize_rewards is None else args.normalize_rewards
+    if not 0 < expectile < 1:
+        fail(f"--expectile must be in (0, 1), got {expectile}")
+    if min(args.max_steps, args.batch_size, args.log_interval, args.num_samples, args.diffusion_steps) < 1:
+        fail("--max-steps, --batch-size, --log-interval, --num-samples and --diffusion-steps must be positive")
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but CUDA is not available")
+    use_graph = args.cuda_graph and device.type == "cuda"
+
+    resume = None
+    if args.resume is not None:
+        if not os.path.isfile(args.resume):
+            fail(f"checkpoint {args.resume} does not exist")
+        resume = torch.load(args.resume, map_location=device, weights_only=False)
+    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
+                               f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
+        fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # data: the whole dataset lives on the device; batches are sampled there
+    data = qlearning_transitions(read_d4rl(dataset_path(args)))
+    # the envs give the evaluation and the action bounds; D4RL's other families have none here
+    envs = []
+    if family == "locomotion" or args.eval_episodes > 0:
+        envs = [make_env(args.env, render=args.capture_video and i == 0) for i in range(max(args.eval_episodes, 1))]
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    if envs:
+        space = envs[0].unwrapped.action_space
+        if envs[0].observation_space.shape != (obs_dim,) or space.shape != (act_dim,):
+            fail(f"the dataset's observations/actions have {obs_dim}/{act_dim} dims but {args.env} has "
+                 f"{envs[0].observation_space.shape}/{space.shape}")
+        if np.any(data["actions"] < space.low - 1e-3) or np.any(data["actions"] > space.high + 1e-3):
+            fail(f"the dataset's actions leave {args.env}'s bounds [{space.low}, {space.high}]")
+        data["actions"] = (2 * (data["actions"] - space.low) / (space.high - space.low) - 1).astype(np.float32)
+    data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)  # official: as d4rl datasets in jaxrl5
+    if family == "antmaze":
+        data["rewards"] = data["rewards"] - 1.0
+    if normalize:
+        data["rewards"] = normalize_rewards(data["rewards"], data["ends"])
+    buffer = {k: torch.as_tensor(data[k], device=device) for k in
+              ("observations", "actions", "rewards", "masks", "next_observations")}
+    n = len(buffer["observations"])
+
+    agent = IDQL(obs_dim, act_dim, args, expectile, device)
+    start, evals = 0, []
+    if resume:
+        agent.load_state_dict(resume["agent"])
+        for k, opt in agent.optimizers().items():
+            opt.load_state_dict(resume[k])
+        torch.set_rng_state(resume["rng"]["torch"])
+        np.random.set_state(resume["rng"]["numpy"])
+        random.setstate(resume["rng"]["python"])
+        if resume["rng"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+        start, evals = resume["step"], resume["evaluations"]
+        print(f"resumed from {args.resume} at step {start}")
+
+    def train_step():
+        idx = torch.randint(0, n, (args.batch_size,), device=device)  # sampled on the device
+        return agent.update(*(buffer[k][idx] for k in
+                              ("observations", "actions", "rewards", "masks", "next_observations")))
+
+    obs_buf = torch.zeros(max(args.eval_episodes, 1), obs_dim, device=device)  # static input of select()
+    step_fn = torch.compile(train_step) if args.compile else train_step
+    select_fn = torch.compile(agent.select) if args.compile else agent.select
+
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({**asdict(args), "resolved": dict(expectile=expectile, normalize_rewards=normalize,
+                   device=str(device), cuda_graph=use_graph, dataset_transitions=n)}, f, indent=2)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
+                   dir=run_dir, sync_tensorboard=True)
+    if args.eval_episodes > 0 and args.capture_video:
+        envs[0] = gym.wrappers.RecordVideo(envs[0], os.path.join(run_dir, "videos"), episode_trigger=lambda e: True)
+
+    results, step = {}, start
+    select = lambda: select_fn(obs_buf)  # noqa: E731
+    if use_graph:  # (of the compiled functions with --compile, as LeanRL does)
+        step_fn = cuda_graph(step_fn)  # its 3 warm-up calls are real updates
+        step += 3
+        if args.eval_episodes > 0:
+            select = cuda_graph(select)  # the T denoising steps of all N x episodes samples, one replay
+    warmup = min(step + 50, args.max_steps)  # updates/s is measured after compile/capture warm-up
+    t0, t_eval, n0 = None, 0.0, 0
+    bar = tqdm(total=args.max_steps, initial=step, disable=not sys.stdout.isatty(), desc="idql")
+    while step < args.max_steps:
+        info = step_fn()
+        step += 1
+        bar.update(1)
+        if step == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0, n0 = time.perf_counter(), step
+        if step % args.log_interval == 0 or step == args.max_steps:
+            metrics = {k: v.item() for k, v in info.items()}  # the only host sync of the loop
+            for k, v in metrics.items():
+                if not math.isfinite(v):
+                    fail(f"{k} became {v} at step {step}; lower the learning rates or check the dataset")
+                writer.add_scalar(k, v, step)
+            results.update(metrics)
+            if t0 is not None and step > n0:
+                results["updates_per_second"] = (step - n0) / (time.perf_counter() - t0 - t_eval)
+                writer.add_scalar("charts/updates_per_second", results["updates_per_second"], step)
+            line = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("losses"))
+            print(f"step={step} {line} ups={results.get('updates_per_second', float('nan')):.0f}", flush=True)
+        last = step == args.max_steps
+        if args.eval_episodes > 0 and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+            te = time.perf_counter()
+            returns = evaluate(select, obs_buf, envs, args.seed + step)
+            ret, score = float(returns.mean()), normalized_score(args.env, float(returns.mean()))
+            evals.append((step, ret, float(returns.std()), score))
+            writer.add_scalar("eval/return", ret, step)
+            writer.add_scalar("eval/normalized_score", score, step)
+            with open(os.path.join(run_dir, "evaluations.csv"), "w") as f:
+                f.write("step,return,return_std,normalized_score\n")
+                f.writelines(f"{s},{r:.2f},{sd:.2f},{sc:.2f}\n" for s, r, sd, sc in evals)
+            print(f"step={step} eval/return={ret:.1f} +- {returns.std():.1f} normalized={score:.1f}", flush=True)
+            results.update({"eval/return": ret, "eval/normalized_score": score})
+            if t0 is not None:
+                t_eval += time.perf_counter() - te
+        if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, step, args, evals)
+    bar.close()
+    writer.close()
+    for env in envs:
+        env.close()
+    results.update({"updates": step - start, "run_dir": run_dir, "evaluations": evals})
+    results.setdefault("updates_per_second", float("nan"))
+    return results
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,176 @@
+"""idql.py: real gradient steps through main(), the diffusion schedule and sampler against
+hand-computed numbers, a two-mode action distribution, critic-based selection, bad input."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import datasets
+import idql
+from conftest import assert_finite_losses, run_script, tensorboard_events, tiny_args
+
+TINY = dict(actor_hidden=32, num_samples=8, eval_episodes=3)
+
+
+def test_main_tiny_hopper(hopper_files, tmp_path):
+    args = tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["nonext"], save_model=True, **TINY)
+    results = idql.main(args)
+    assert results["updates"] == 300
+    assert_finite_losses(results)
+    assert [e[0] for e in results["evaluations"]] == [150, 300] and np.isfinite(results["eval/normalized_score"])
+    assert tensorboard_events(args.run_dir)
+    for name in ("checkpoint.pt", "evaluations.csv", "args.json"):
+        assert os.path.isfile(os.path.join(args.run_dir, name)), name
+    resumed = idql.main(tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["nonext"], run_dir=None,
+                                  resume=os.path.join(args.run_dir, "checkpoint.pt"), max_steps=350, **TINY))
+    assert resumed["updates"] == 50 and [e[0] for e in resumed["evaluations"]] == [150, 300, 350]
+
+
+def test_vp_schedule_by_hand():
+    betas = idql.vp_beta_schedule(5)
+    # beta_1 = 1 - exp(-0.1/5 - 0.5 * 9.9 * 1/25) = 1 - exp(-0.218)
+    assert betas[0].item() == pytest.approx(1 - np.exp(-0.218), abs=1e-9)
+    assert betas.numpy() == pytest.approx([0.19587, 0.45882, 0.63578, 0.75488, 0.83503], abs=1e-5)
+    assert torch.cumprod(1 - betas, 0)[-1].item() == pytest.approx(0.00641, abs=1e-5)  # a_T is almost pure noise
+
+
+class MixtureOracle(torch.nn.Module):
+    """The exact noise predictor of a 1-d mixture of point masses: eps = (a_t - sqrt(ah_t) E[a0 | a_t]) / sqrt(1 - ah_t)."""
+
+    def __init__(self, modes, weights, alpha_hats):
+        super().__init__()
+        self.modes, self.log_w, self.ah = torch.tensor(modes), torch.tensor(weights).log(), torch.tensor(alpha_hats)
+
+    def forward(self, a_t, obs, t):
+        ah = self.ah[t][:, None]
+        posterior = (self.log_w - (a_t - ah.sqrt() * self.modes) ** 2 / (2 * (1 - ah))).softmax(-1)
+        return (a_t - ah.sqrt() * (posterior * self.modes).sum(-1, keepdim=True)) / (1 - ah).sqrt()
+
+
+def _agent(obs_dim=2, act_dim=1, **overrides):
+    args = idql.Args(hidden_dim=64, actor_hidden=64, **overrides)
+    return idql.IDQL(obs_dim, act_dim, args, expectile=args.expectile or 0.7, device=torch.device("cpu"))
+
+
+def test_sampler_recovers_a_point_mass_with_the_exact_denoiser():
+    agent = _agent()
+    agent.actor_ema = MixtureOracle([0.3], [1.0], agent.alpha_hats)
+    # with the exact eps, the last DDPM step lands on a0 whatever the noise before it
+    assert torch.allclose(agent.sample(torch.zeros(100, 2)), torch.full((100, 1), 0.3), atol=1e-5)
+
+
+def test_training_noise_matches_the_schedule():
+    agent = _agent()
+    t = torch.arange(5)
+    assert torch.allclose(agent.sqrt_ah[t] ** 2 + agent.sqrt_1m_ah[t] ** 2, torch.ones(5))  # variance preserving
+    assert torch.allclose(agent.sqrt_ah ** 2, torch.cumprod(1 - idql.vp_beta_schedule(5), 0).float())
+
+
+def _train_two_modes(steps=1500, seed=0, **overrides):
+    """Actions -0.6 (70%, reward 0) and +0.6 (30%, reward 1), one-step episodes, random states."""
+    torch.manual_seed(seed)
+    n = 4000
+    good = torch.rand(n) < 0.3
+    obs = torch.randn(n, 2)
+    act = (torch.where(good, 0.6, -0.6) + 0.03 * torch.randn(n))[:, None]
+    agent = _agent(**{"lr_decay_steps": steps, **overrides})
+    for _ in range(steps):
+        i = torch.randint(0, n, (256,))
+        agent.update(obs[i], act[i], good[i].float(), torch.zeros(256), obs[i])
+    return agent
+
+
+@pytest.fixture(scope="module")
+def two_mode_agent():
+    return _train_two_modes(actor_ema=0.01)  # a faster EMA: 1,500 steps instead of the official 3M
+
+
+def _regions(a):
+    """Fractions of samples near +0.6, near -0.6, and in the gap around 0."""
+    return [((a - 0.6).abs() < 0.2).float().mean().item(), ((a + 0.6).abs() < 0.2).float().mean().item(),
+            (a.abs() < 0.2).float().mean().item()]
+
+
+def test_diffusion_learns_both_modes_in_proportion(two_mode_agent):
+    torch.manual_seed(1)
+    learned = _regions(two_mode_agent.sample(torch.randn(4000, 2)).squeeze(-1))
+    # the exact denoiser of the data through the same 5-step sampler: what a perfect fit gives
+    # (5 coarse DDPM steps leave a thin bridge between the modes, the official sampler too)
+    exact = copy.copy(two_mode_agent)
+    exact.actor_ema = MixtureOracle([0.6, -0.6], [0.3, 0.7], two_mode_agent.alpha_hats)
+    ideal = _regions(exact.sample(torch.randn(4000, 2)).squeeze(-1))
+    assert learned == pytest.approx(ideal, abs=0.05), (learned, ideal)
+    good, bad, gap = learned
+    assert good / (good + bad) == pytest.approx(0.3, abs=0.07)  # the data's 30 / 70 split
+    # bimodal: more density at the rare mode than in the gap; a Gaussian fit, N(-0.24, 0.55^2),
+    # has 0.09 near +0.6 and 0.27 in the gap
+    assert good > 1.5 * gap
+
+
+def test_selection_picks_the_mode_the_critic_prefers(two_mode_agent):
+    agent = copy.copy(two_mode_agent)
+    torch.manual_seed(2)
+    obs = torch.randn(1000, 2)
+    agent.selection = "argmax"
+    assert _regions(agent.select(obs).squeeze(-1))[0] > 0.95  # reward 1 at +0.6, 0 at -0.6
+    # implicit policy mu * w, w = |tau - 1(A<0)|: P(A > 0) = p tau / (p tau + (1 - p)(1 - tau)), p = mu(A > 0)
+    agent.selection, agent.expectile = "implicit", 0.9
+    adv = lambda a: agent.critic_target(obs, a).min(0).values - agent.value(obs).squeeze(-1)  # noqa: E731
+    with torch.no_grad():
+        p = (adv(agent.sample(obs)) > 0).float().mean().item()
+        chosen = (adv(agent.select(obs)) > 0).float().mean().item()
+    assert 0.1 < p < 0.6
+    assert chosen == pytest.approx(p * 0.9 / (p * 0.9 + (1 - p) * 0.1), abs=0.05)
+
+
+def test_quantile_objective_and_weights_by_hand():
+    u = torch.tensor([2.0, -0.5])
+    assert torch.allclose(idql.critic_loss_fn(u, 0.7, "expectile"), torch.tensor([0.7 * 4, 0.3 * 0.25]))
+    assert torch.allclose(idql.critic_loss_fn(u, 0.7, "quantile"), torch.tensor([0.7 * 2, 0.3 * 0.5]))
+    assert torch.allclose(idql.implicit_weights(u, 0.7, "expectile"), torch.tensor([0.7, 0.3]))
+    assert torch.allclose(idql.implicit_weights(u, 0.7, "quantile"), torch.tensor([0.7 / 2, 0.3 / 0.5]))
+
+
+def test_select_is_batched_over_states():
+    agent = _agent(obs_dim=11, act_dim=3, num_samples=16)
+    actions = agent.select(torch.randn(7, 11))
+    assert actions.shape == (7, 3) and actions.abs().max() <= 1
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input(tmp_path, hopper_files):
+    with pytest.raises(SystemExit, match="unknown D4RL dataset"):
+        idql.main(tiny_args(idql, tmp_path, env="hopper-mediocre-v2", **TINY))
+    with pytest.raises(SystemExit, match="does not exist"):
+        idql.main(tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=str(tmp_path / "no.hdf5"), **TINY))
+    with pytest.raises(SystemExit, match="11/3 dims but halfcheetah-medium-v2 has"):
+        idql.main(tiny_args(idql, tmp_path, env="halfcheetah-medium-v2", dataset=hopper_files["next"], **TINY))
+    with pytest.raises(SystemExit, match="not in Gymnasium"):
+        n = 100
+        path = datasets.write_d4rl(str(tmp_path / "am.hdf5"), np.zeros((n, 29)), np.zeros((n, 8)), np.zeros(n),
+                                   np.zeros(n), np.arange(n) % 10 == 9)
+        idql.main(tiny_args(idql, tmp_path, env="antmaze-umaze-v2", dataset=path, **TINY))
+    (tmp_path / "run").mkdir()
+    proc = run_script("idql.py", "--env", "hopper-medium-v2", "--dataset", hopper_files["next"],
+                      "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode != 0 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_equals_eager_update():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    agent = idql.IDQL(11, 3, idql.Args(actor_dropout=0.0), expectile=0.7, device=device)
+    batch = [torch.randn(512, 11, device=device), torch.rand(512, 3, device=device) * 2 - 1,
+             torch.randn(512, device=device), torch.ones(512, device=device), torch.randn(512, 11, device=device)]
+    replay = idql.cuda_graph(lambda: agent.update(*batch))
+    twin = copy.deepcopy(agent)
+    state = torch.cuda.get_rng_state()
+    replay()  # the update draws t and eps: give both paths the same generator state
+    torch.cuda.set_rng_state(state)
+    twin.update(*batch)
+    for (name, p), q in zip(agent.state_dict().items(), twin.state_dict().values()):
+        assert torch.allclose(p.float(), q.float(), atol=1e-5), name
