@@ -33,7 +33,30 @@ def iql_step(device):
     return step, iql.cuda_graph
 
 
-SCRIPTS = {"iql": iql_step}
+def idql_step(device):
+    """idql.py: one IDQL update (diffusion BC + EMA, V, twin Q, Polyak) on a batch of 512."""
+    import idql
+    args = idql.Args()
+    obs_dim, act_dim, n = 11, 3, 1_000_000
+    agent = idql.IDQL(obs_dim, act_dim, args, expectile=0.7, device=device)
+    buffer = [torch.randn(n, obs_dim, device=device), torch.rand(n, act_dim, device=device) * 2 - 1,
+              torch.randn(n, device=device), torch.ones(n, device=device), torch.randn(n, obs_dim, device=device)]
+
+    def step():
+        idx = torch.randint(0, n, (args.batch_size,), device=device)
+        return agent.update(*(x[idx] for x in buffer))
+    return step, idql.cuda_graph
+
+
+def idql_select(device):
+    """idql.py: one action selection for 10 evaluation envs (N = 64 samples each, T = 5 DDPM steps)."""
+    import idql
+    agent = idql.IDQL(11, 3, idql.Args(), expectile=0.7, device=device)
+    obs = torch.randn(10, 11, device=device)
+    return (lambda: agent.select(obs)), idql.cuda_graph
+
+
+SCRIPTS = {"iql": iql_step, "idql": idql_step, "idql-select": idql_select}
 
 
 def measure(step, steps, device):
