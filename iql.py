@@ -39,6 +39,8 @@ Differences from the official code:
   official code (which uses 1e6 whatever --max_steps is).
 - AntMaze, Kitchen and Adroit train offline, but their D4RL environments are not in
   Gymnasium; evaluation for them needs `--eval-episodes 0` (say so, train, no score).
+- ant-* datasets and other Gymnasium ids get the locomotion reward scaling too (the official
+  code scales halfcheetah/hopper/walker2d only); `--no-normalize-rewards` turns it off.
 - A Gymnasium env whose action bounds are not [-1, 1] (e.g. Pendulum) is rescaled to
   [-1, 1], and so are the dataset's actions, because the actor's mean is a tanh.
 """
