@@ -18,34 +18,29 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def iql_step(device):
-    """iql.py: one IQL update (V, actor, twin Q, Polyak) on a batch of 256 from a 1M-row buffer."""
-    import iql
-    args = iql.Args()
-    obs_dim, act_dim, n = 11, 3, 1_000_000
-    agent = iql.IQL(obs_dim, act_dim, args, expectile=0.7, beta=3.0, dropout=None, device=device)
+def sampled_update(agent, batch_size, device, obs_dim=11, act_dim=3, n=1_000_000):
+    """agent.update on batches drawn on the device from a random 1M-row buffer, as in main()."""
     buffer = [torch.randn(n, obs_dim, device=device), torch.rand(n, act_dim, device=device) * 2 - 1,
               torch.randn(n, device=device), torch.ones(n, device=device), torch.randn(n, obs_dim, device=device)]
 
     def step():
-        idx = torch.randint(0, n, (args.batch_size,), device=device)
+        idx = torch.randint(0, n, (batch_size,), device=device)
         return agent.update(*(x[idx] for x in buffer))
-    return step, iql.cuda_graph
+    return step
+
+
+def iql_step(device):
+    """iql.py: one IQL update (V, actor, twin Q, Polyak), batch 256, Hopper sizes."""
+    import iql
+    agent = iql.IQL(11, 3, iql.Args(), expectile=0.7, beta=3.0, dropout=None, device=device)
+    return sampled_update(agent, iql.Args.batch_size, device), iql.cuda_graph
 
 
 def idql_step(device):
-    """idql.py: one IDQL update (diffusion BC + EMA, V, twin Q, Polyak) on a batch of 512."""
+    """idql.py: one IDQL update (diffusion BC + EMA, V, twin Q, Polyak), batch 512, Hopper sizes."""
     import idql
-    args = idql.Args()
-    obs_dim, act_dim, n = 11, 3, 1_000_000
-    agent = idql.IDQL(obs_dim, act_dim, args, expectile=0.7, device=device)
-    buffer = [torch.randn(n, obs_dim, device=device), torch.rand(n, act_dim, device=device) * 2 - 1,
-              torch.randn(n, device=device), torch.ones(n, device=device), torch.randn(n, obs_dim, device=device)]
-
-    def step():
-        idx = torch.randint(0, n, (args.batch_size,), device=device)
-        return agent.update(*(x[idx] for x in buffer))
-    return step, idql.cuda_graph
+    agent = idql.IDQL(11, 3, idql.Args(), expectile=0.7, device=device)
+    return sampled_update(agent, idql.Args.batch_size, device), idql.cuda_graph
 
 
 def idql_select(device):
