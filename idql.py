@@ -436,7 +436,7 @@ class IDQL(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
 
     def update(self, obs, act, rew, mask, next_obs) -> dict:
-        # 1) mu: DDPM noise prediction on the dataset's actions at a random step t, then EMA
+        # 1) mu: DDPM noise prediction on the dataset's actions at a random step t
         t = torch.randint(0, self.T, (obs.shape[0],), device=obs.device)
         eps = torch.randn_like(act)
         a_t = self.sqrt_ah[t, None] * act + self.sqrt_1m_ah[t, None] * eps
@@ -446,7 +446,6 @@ class IDQL(nn.Module):
         progress = self.num_updates.clamp(max=self.lr_decay_steps) / self.lr_decay_steps
         self.actor_lr.copy_(self.actor_lr0 * 0.5 * (1 + torch.cos(math.pi * progress)))  # cosine decay
         self.actor_opt.step()
-        torch._foreach_lerp_(list(self.actor_ema.parameters()), list(self.actor.parameters()), self.ema)
 
         # 2) V: expectile (or quantile) regression onto the min of the target twin Q
         with torch.no_grad():
@@ -456,13 +455,15 @@ class IDQL(nn.Module):
         value_loss.backward()
         self.value_opt.step()
 
-        # 3) Q: regress both heads onto r + gamma * m * V(s') with the V just updated; Polyak on Q
+        # 3) Q: regress both heads onto r + gamma * m * V(s') with the V just updated
         with torch.no_grad():
             q_backup = rew + self.gamma * mask * self.value(next_obs).squeeze(-1)
         critic_loss = (self.critic(obs, act) - q_backup).pow(2).mean()
         self.critic_opt.zero_grad()
         critic_loss.backward()
         self.critic_opt.step()
+        # 4) targets: EMA of mu (the sampler's copy) and Polyak of Q
+        torch._foreach_lerp_(list(self.actor_ema.parameters()), list(self.actor.parameters()), self.ema)
         torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), self.tau)
         self.num_updates += 1
         return {"losses/actor_loss": actor_loss.detach(), "losses/value_loss": value_loss.detach(),

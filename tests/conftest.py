@@ -57,3 +57,21 @@ def run_script(script, *cli, timeout=300):
     """Run `python script cli...` from the repo root; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *cli], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
+
+
+def compiled_matches_eager(make_agent, batch, steps=2):
+    """Run agent.update eagerly and under torch.compile from the same seed on the same batch;
+    the losses must agree (inductor told to draw random numbers as eager does)."""
+    import torch
+    import torch._inductor.config as inductor_config
+    inductor_config.fallback_random = True
+    outs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        agent = make_agent()
+        update = torch.compile(agent.update) if compiled else agent.update
+        for _ in range(steps):
+            out = update(*batch)
+        outs.append({k: v.item() for k, v in out.items()})
+    for k in outs[0]:
+        assert abs(outs[0][k] - outs[1][k]) <= 1e-4 * max(1.0, abs(outs[0][k])), (k, outs)

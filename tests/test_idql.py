@@ -10,7 +10,7 @@ import torch
 
 import datasets
 import idql
-from conftest import assert_finite_losses, run_script, tensorboard_events, tiny_args
+from conftest import assert_finite_losses, compiled_matches_eager, run_script, tensorboard_events, tiny_args
 
 TINY = dict(actor_hidden=32, num_samples=8, eval_episodes=3)
 
@@ -157,6 +157,13 @@ def test_bad_input(tmp_path, hopper_files):
     proc = run_script("idql.py", "--env", "hopper-medium-v2", "--dataset", hopper_files["next"],
                       "--run-dir", str(tmp_path / "run"))
     assert proc.returncode != 0 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_compiled_update_matches_eager():
+    g = torch.Generator().manual_seed(1)
+    batch = [torch.randn(64, 11, generator=g), torch.rand(64, 3, generator=g) * 2 - 1, torch.randn(64, generator=g),
+             torch.ones(64), torch.randn(64, 11, generator=g)]
+    compiled_matches_eager(lambda: idql.IDQL(11, 3, idql.Args(hidden_dim=32, actor_hidden=32), expectile=0.7, device=torch.device("cpu")), batch)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

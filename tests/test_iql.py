@@ -14,7 +14,7 @@ import torch
 
 import datasets
 import iql
-from conftest import assert_finite_losses, run_script, tensorboard_events, tiny_args
+from conftest import assert_finite_losses, compiled_matches_eager, run_script, tensorboard_events, tiny_args
 
 
 # ----------------------------------------------------------------------------- main() end to end
@@ -248,6 +248,13 @@ def test_download_failure_names_the_file_and_where_to_put_it(tmp_path, local_ser
 
 
 # ----------------------------------------------------------------------------- speed paths
+def test_compiled_update_matches_eager():
+    g = torch.Generator().manual_seed(1)
+    batch = [torch.randn(64, 11, generator=g), torch.rand(64, 3, generator=g) * 2 - 1, torch.randn(64, generator=g),
+             torch.ones(64), torch.randn(64, 11, generator=g)]
+    compiled_matches_eager(lambda: iql.IQL(11, 3, iql.Args(hidden_dim=32), expectile=0.7, beta=3.0, dropout=None, device=torch.device("cpu")), batch)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replay_equals_eager_update():
     device = torch.device("cuda")
