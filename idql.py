@@ -434,6 +434,9 @@ class IDQL(nn.Module):
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
         self.value_opt = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
+        # parameter lists for the target updates, built once instead of on every step
+        self.target_params, self.online_params = list(self.critic_target.parameters()), list(self.critic.parameters())
+        self.ema_params, self.actor_params = list(self.actor_ema.parameters()), list(self.actor.parameters())
 
     def update(self, obs, act, rew, mask, next_obs) -> dict:
         # 1) mu: DDPM noise prediction on the dataset's actions at a random step t
@@ -463,9 +466,10 @@ class IDQL(nn.Module):
         critic_loss.backward()
         self.critic_opt.step()
         # 4) targets: EMA of mu (the sampler's copy) and Polyak of Q
-        torch._foreach_lerp_(list(self.actor_ema.parameters()), list(self.actor.parameters()), self.ema)
-        torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), self.tau)
+        torch._foreach_lerp_(self.ema_params, self.actor_params, self.ema)
+        torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
         self.num_updates += 1
+        # (actor_lr is returned as a copy: torch.compile mishandles returning a buffer it mutated)
         return {"losses/actor_loss": actor_loss.detach(), "losses/value_loss": value_loss.detach(),
                 "losses/critic_loss": critic_loss.detach(), "values/q": q_target.mean(),
                 "values/actor_lr": self.actor_lr.clone()}

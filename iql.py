@@ -383,6 +383,8 @@ class IQL(nn.Module):
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
         self.value_opt = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
+        # parameter lists for the target updates, built once instead of on every step
+        self.target_params, self.online_params = list(self.critic_target.parameters()), list(self.critic.parameters())
 
     def update(self, obs, act, rew, mask, next_obs) -> dict:
         # 1) V: expectile regression onto the min of the target twin Q (no max over actions)
@@ -413,8 +415,9 @@ class IQL(nn.Module):
         self.critic_opt.step()
 
         # 4) Polyak average of Q only (IQL has no target V)
-        torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), self.tau)
+        torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
         self.num_updates += 1
+        # (actor_lr is returned as a copy: torch.compile mishandles returning a buffer it mutated)
         return {"losses/value_loss": value_loss.detach(), "losses/actor_loss": actor_loss.detach(),
                 "losses/critic_loss": critic_loss.detach(), "values/adv_mean": adv.mean(),
                 "values/q": q_target.mean(), "values/actor_lr": self.actor_lr.clone()}
