@@ -685,7 +685,9 @@ def main(args: Args) -> dict:
         last = step == args.max_steps
         if args.eval_episodes > 0 and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
             te = time.perf_counter()
-            returns = evaluate(select, obs_buf, envs, args.seed + step)
+            # the sampler's noise comes from a forked RNG, so evaluation settings never shift training's stream
+            with torch.random.fork_rng(devices=[torch.device(device).index or 0] if device.type == "cuda" else []):
+                returns = evaluate(select, obs_buf, envs, args.seed + step)
             ret, score = float(returns.mean()), normalized_score(args.env, float(returns.mean()))
             evals.append((step, ret, float(returns.std()), score))
             writer.add_scalar("eval/return", ret, step)

@@ -29,6 +29,18 @@ def test_main_tiny_hopper(hopper_files, tmp_path):
     assert resumed["updates"] == 50 and [e[0] for e in resumed["evaluations"]] == [150, 300, 350]
 
 
+def test_evaluation_does_not_change_training(hopper_files, tmp_path):
+    """Evaluation samples from the diffusion model; its noise must not shift the training RNG stream."""
+    params = []
+    for i, interval in enumerate((50, 0)):
+        args = tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"], max_steps=100,
+                         eval_interval=interval, save_model=True, run_dir=str(tmp_path / f"run{i}"), **TINY)
+        idql.main(args)
+        params.append(torch.load(os.path.join(args.run_dir, "checkpoint.pt"), weights_only=False)["agent"])
+    for k in params[0]:
+        assert torch.equal(params[0][k], params[1][k]), k
+
+
 def test_vp_schedule_by_hand():
     betas = idql.vp_beta_schedule(5)
     # beta_1 = 1 - exp(-0.1/5 - 0.5 * 9.9 * 1/25) = 1 - exp(-0.218)
