@@ -1,10 +1,13 @@
 """Shared tiny harness: D4RL-format files from real rollouts, tiny Args, helpers."""
 
+import functools
 import glob
+import http.server
 import math
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -24,6 +27,22 @@ def hopper_files(tmp_path_factory):
     with_next, returns = datasets.hopper_dataset(str(folder / "hopper-tiny.hdf5"))
     without_next, _ = datasets.hopper_dataset(str(folder / "hopper-tiny-nonext.hdf5"), with_next_observations=False)
     return {"next": with_next, "nonext": without_next, "returns": returns}
+
+
+class _Files(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    """An HTTP server on 127.0.0.1 serving tmp_path/www as a D4RL mirror."""
+    www = tmp_path / "www"
+    (www / "gym_mujoco_v2").mkdir(parents=True)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Files, directory=str(www)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
 
 
 @pytest.fixture(scope="session")

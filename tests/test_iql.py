@@ -2,11 +2,8 @@
 a toy task only IQL solves, learning on Pendulum, and every bad input."""
 
 import copy
-import functools
 import glob
-import http.server
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -206,22 +203,6 @@ def test_nan_in_a_loss_stops_and_names_it(tmp_path):
 
 
 # ----------------------------------------------------------------------------- download
-class _Files(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def local_server(tmp_path):
-    """An HTTP server on 127.0.0.1 serving tmp_path/www as a D4RL mirror."""
-    www = tmp_path / "www"
-    (www / "gym_mujoco_v2").mkdir(parents=True)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Files, directory=str(www)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield www, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
 def test_download_into_the_d4rl_cache(tmp_path, local_server, hopper_files, monkeypatch):
     www, url = local_server
     (www / "gym_mujoco_v2" / "hopper_medium-v2.hdf5").write_bytes(open(hopper_files["next"], "rb").read())

@@ -1,0 +1,658 @@
+"""RLPD: online SAC that samples half of every batch from offline data.
+
+Paper: Ball, Smith, Kostrikov, Levine, "Efficient Online Reinforcement Learning with
+Offline Data", ICML 2023, arXiv:2302.02948. Official code (JAX): ikostrikov/rlpd.
+
+No pre-training and no offline RL loss: plain SAC, run online from step 0, with three
+changes. (1) Symmetric sampling: each batch of B is B/2 transitions from the offline
+dataset D and B/2 from the online replay R. (2) LayerNorm in the critics, which keeps
+Q from extrapolating far beyond the data. (3) A large ensemble at a high update-to-data
+ratio G. Per env step, after `learning_starts` uniformly random steps:
+
+    draw G batches (each half D, half R); for g = 1..G, on batch g:
+        Z   = a random subset of num_min_qs of the num_qs target critics
+        y   = r + gamma m (min_{k in Z} Qtarget_k(s', a') - alpha log pi(a'|s')),  a' ~ pi(.|s')
+        L_Q = mean_k (Q_k(s, a) - y)^2 ;  Qtarget <- (1 - tau) Qtarget + tau Q
+    on the last batch:
+        L_pi    = E[alpha log pi(a~|s) - mean_k Q_k(s, a~)]
+        L_alpha = alpha (H - H_target),  H_target = -|A| / 2
+
+Usage:
+    python rlpd.py --env hopper-medium-v2                # downloads the D4RL file, runs Hopper-v4
+    python rlpd.py --env hopper-medium-v2 --dataset hopper-medium-local.hdf5
+    python rlpd.py --env Hopper-v4 --dataset replay.hdf5  # e.g. a replay saved by sac_20min.py
+    python rlpd.py --env Hopper-v4 --offline-ratio 0      # no prior data: SAC with the RLPD critics
+    python rlpd.py --help
+
+Differences from the official code:
+- PyTorch instead of JAX; the ensemble is one batched module (stacked weights, bmm), and the
+  target's random subset indexes the stacked weights.
+- Evaluation runs in Gymnasium's MuJoCo port (hopper-*-v2 -> Hopper-v4, ant -> Ant-v4 with
+  contact forces) and the D4RL files are read with h5py. AntMaze, Kitchen and Adroit (whose
+  official settings are num_min_qs 1 and no entropy backup for antmaze) are refused: RLPD
+  needs their environments online, and they are not in Gymnasium.
+- With `next_observations` in the file, timeout steps are kept as non-terminal transitions
+  (d4rl.qlearning_dataset drops them); without it, s' is rebuilt as the official code does.
+- Each of the G batches holds exactly round(B * offline_ratio) offline rows (the official code
+  interleaves one G x B/2 draw from each, which only works for a ratio of 0.5).
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import h5py
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    exp_name: str = "rlpd"
+    """name of this experiment (part of the run folder's name)"""
+    env: str = "hopper-medium-v2"
+    """a D4RL locomotion dataset (its env runs online); with --dataset also any Gymnasium id"""
+    dataset: Optional[str] = None
+    """path of a local D4RL-format .hdf5 (the prior data); skips the download"""
+    seed: int = 42
+    """seed of python, numpy, torch and the env (official default: 42)"""
+    total_timesteps: int = 250_000
+    """environment steps (official locomotion runs: 250k)"""
+    learning_starts: int = 5000
+    """uniformly random actions, and no updates, for this many steps"""
+    utd_ratio: int = 20
+    """critic updates per environment step (G)"""
+    batch_size: int = 256
+    """transitions per critic update"""
+    offline_ratio: float = 0.5
+    """share of each batch drawn from the offline data (symmetric sampling: 0.5)"""
+    buffer_size: Optional[int] = None
+    """online replay capacity (default: total_timesteps)"""
+    eval_interval: int = 5000
+    """environment steps between evaluations; 0 = evaluate only at the end"""
+    eval_episodes: int = 10
+    """deterministic episodes per evaluation; 0 = never evaluate"""
+    log_interval: int = 1000
+    """environment steps between logged losses"""
+    actor_lr: float = 3e-4
+    """actor learning rate"""
+    critic_lr: float = 3e-4
+    """critic learning rate"""
+    temp_lr: float = 3e-4
+    """temperature learning rate"""
+    hidden_dim: int = 256
+    """width of the two hidden layers of actor and critics"""
+    num_qs: int = 10
+    """critics in the ensemble"""
+    num_min_qs: int = 2
+    """size of the random subset of target critics whose min is the backup (official antmaze: 1)"""
+    critic_layer_norm: bool = True
+    """LayerNorm after each critic hidden layer"""
+    init_temperature: float = 1.0
+    """initial entropy temperature alpha"""
+    target_entropy: Optional[float] = None
+    """entropy target (default: -|A| / 2)"""
+    backup_entropy: bool = True
+    """subtract gamma * m * alpha * log pi(a'|s') in the critic target (official antmaze/adroit: off)"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """Polyak rate of the target critics"""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu' or 'cuda'"""
+    cuda_graph: bool = True
+    """capture the whole UTD block as one CUDA graph (applies only on a CUDA device)"""
+    compile: bool = False
+    """torch.compile the UTD block"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "rl-reference"
+    """W&B project"""
+    capture_video: bool = False
+    """record the first episode of each evaluation under the run folder"""
+    save_model: bool = False
+    """write run_dir/checkpoint.pt (agent, optimizers, replay) at each evaluation and at the end"""
+    resume: Optional[str] = None
+    """continue from a checkpoint.pt (a new episode starts; outputs go to its folder unless --run-dir)"""
+    run_dir: Optional[str] = None
+    """output folder (default: runs/{env}__{exp_name}__{seed}__{time}); must not exist"""
+
+
+def fail(message: str):
+    """Bad input: one clear sentence on stderr and exit status 1."""
+    raise SystemExit(f"rlpd.py: error: {message}")
+
+
+# ----------------------------------------------------------------------------- data
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"  # D4RL_BASE_URL overrides it (a mirror)
+LOCOMOTION = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "ant": "Ant-v4"}
+LEVELS = ("random", "medium", "expert", "medium-replay", "medium-expert", "full-replay")
+REF_SCORES = {  # d4rl's (random, expert) returns for the normalized score
+    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+}
+
+
+def d4rl_url(name: str) -> Optional[str]:
+    """d4rl's download URL for a locomotion dataset name, or None."""
+    base = os.environ.get("D4RL_BASE_URL", D4RL_URL).rstrip("/")
+    parts = name.split("-")
+    task, version, level = parts[0], parts[-1], "-".join(parts[1:-1])
+    if task in LOCOMOTION and version == "v2" and level in LEVELS:
+        return f"{base}/gym_mujoco_v2/{task}_{level.replace('-', '_')}-v2.hdf5"
+    return None
+
+
+def download(url: str, path: str):
+    """Stream url to a temp file beside path; rename only when complete and readable."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
+            size = int(response.headers.get("Content-Length", 0)) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        if size is not None and os.path.getsize(tmp) != size:
+            fail(f"download of {url} stopped at {os.path.getsize(tmp)} of {size} bytes; run again")
+        read_d4rl(tmp)  # refuse to cache a file that is not a D4RL dataset
+        os.replace(tmp, path)
+    except (urllib.error.URLError, OSError) as e:
+        fail(f"could not download {url} ({e}); with no network, download it elsewhere and put it at "
+             f"{path}, or pass --dataset PATH")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def dataset_path(args: Args) -> str:
+    if args.dataset is not None:
+        if not os.path.isfile(args.dataset):
+            fail(f"dataset file {args.dataset} does not exist")
+        return args.dataset
+    url = d4rl_url(args.env)
+    if url is None:
+        fail(f"'{args.env}' is not a D4RL locomotion dataset (e.g. hopper-medium-v2); for a Gymnasium env "
+             f"pass --dataset PATH")
+    folder = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser("~/.d4rl/datasets"))
+    path = os.path.join(folder, url.split("/")[-1])
+    if not os.path.isfile(path):
+        print(f"downloading {args.env} from {url} to {path}")
+        download(url, path)
+    return path
+
+
+def read_d4rl(path: str) -> dict:
+    """The D4RL HDF5 layout: observations, actions, rewards, terminals, timeouts, [next_observations]."""
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
+            if missing:
+                fail(f"{path} is not a D4RL dataset: it has no {', '.join(missing)}")
+            data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts",
+                                          "next_observations") if k in f}
+    except OSError as e:
+        fail(f"{path} is not a readable HDF5 file ({e}); delete it and download it again")
+    n = len(data["observations"])
+    data.setdefault("timeouts", np.zeros(n, dtype=bool))
+    bad = [k for k, v in data.items() if len(v) != n]
+    if n < 2 or bad:
+        fail(f"{path} is corrupt: {n} observations but {bad} have other lengths")
+    return data
+
+
+def qlearning_transitions(data: dict) -> dict:
+    """(s, a, r, m, s') as float32 arrays, m = 1 - terminal."""
+    obs, terminals, timeouts = data["observations"], data["terminals"].astype(bool), data["timeouts"].astype(bool)
+    if "next_observations" in data:
+        next_obs, keep = data["next_observations"], np.ones(len(obs), dtype=bool)
+    else:  # rebuild s' from the next row; a timeout's next row is another episode's start
+        next_obs = np.concatenate([obs[1:], obs[-1:]])
+        keep = terminals | ~np.append(timeouts[:-1], True)
+    t = dict(observations=obs[keep], actions=data["actions"][keep], rewards=data["rewards"][keep],
+             masks=1.0 - terminals[keep], next_observations=next_obs[keep])
+    return {k: v.astype(np.float32) for k, v in t.items()}
+
+
+def make_env(env_id: str, render: bool = False) -> gym.Env:
+    kwargs = {"render_mode": "rgb_array"} if render else {}
+    task = env_id.split("-")[0]
+    if task in LOCOMOTION:
+        env_id = LOCOMOTION[task]
+        if task == "ant":
+            kwargs["use_contact_forces"] = True  # D4RL's Ant observation has 111 dims
+    elif task.lower() in ("antmaze", "kitchen", "pen", "hammer", "door", "relocate"):
+        fail(f"{env_id}: RLPD runs the environment online, and D4RL's {task} environments are not in Gymnasium")
+    try:
+        env = gym.make(env_id, **kwargs)
+    except gym.error.Error as e:
+        fail(f"unknown env '{env_id}' ({e})")
+    if not isinstance(env.action_space, gym.spaces.Box):
+        fail(f"{env_id} has a {type(env.action_space).__name__} action space; SAC needs continuous actions")
+    if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
+        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))  # the actor acts in [-1, 1] (tanh)
+    return env
+
+
+class ReplayBuffer:
+    """Transitions as rows [s, a, r, m, s'] of one device tensor: one host-to-device copy per
+    step, and batch indices drawn on the device (graph-safe: the size is a device tensor)."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.capacity, self.dims = capacity, (obs_dim, act_dim, 1, 1, obs_dim)
+        self.rows = torch.zeros(capacity, sum(self.dims), device=device)
+        self.size_t = torch.zeros((), device=device)
+        self.ptr, self.size = 0, 0
+
+    def add(self, obs, act, rew, mask, next_obs):
+        row = np.concatenate([obs, act, [rew], [mask], next_obs]).astype(np.float32)
+        self.rows[self.ptr].copy_(torch.from_numpy(row))
+        self.ptr = (self.ptr + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+        self.size_t.fill_(self.size)
+
+    def sample_rows(self, n: int) -> torch.Tensor:
+        idx = (torch.rand(n, device=self.rows.device) * self.size_t).long()
+        return self.rows[idx]
+
+    def split(self, rows: torch.Tensor) -> tuple:
+        obs, act, rew, mask, next_obs = rows.split(self.dims, dim=-1)
+        return obs, act, rew.squeeze(-1), mask.squeeze(-1), next_obs
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows[:self.size].cpu(), "ptr": self.ptr, "size": self.size}
+
+    def load_state_dict(self, state: dict):
+        self.rows[:state["size"]] = state["rows"].to(self.rows.device)
+        self.ptr, self.size = state["ptr"], state["size"]
+        self.size_t.fill_(self.size)
+
+
+def symmetric_sample(offline: ReplayBuffer, online: ReplayBuffer, utd: int, batch: int, ratio: float) -> tuple:
+    """G batches of B rows, each with round(B * ratio) offline rows and the rest online,
+    laid end to end (G x B rows) so that slice g is batch g."""
+    n_off = round(batch * ratio)
+    rows_off = offline.sample_rows(utd * n_off).view(utd, n_off, -1)
+    rows_on = online.sample_rows(utd * (batch - n_off)).view(utd, batch - n_off, -1)
+    return online.split(torch.cat([rows_off, rows_on], 1).view(utd * batch, -1))
+
+
+# ----------------------------------------------------------------------------- networks
+class EnsembleLinear(nn.Module):
+    """k independent linear layers applied as one batched matmul: (k, B, in) -> (k, B, out);
+    `members` (indices) applies only those layers."""
+
+    def __init__(self, k: int, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(k, n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(k, 1, n_out))
+        for w in self.weight.data:
+            nn.init.orthogonal_(w, gain=math.sqrt(2))  # flax orthogonal(sqrt 2), as the official default_init
+
+    def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if members is None:
+            return torch.baddbmm(self.bias, x, self.weight)
+        return torch.baddbmm(self.bias[members], x, self.weight[members])
+
+
+class EnsembleLayerNorm(nn.Module):
+    """LayerNorm with its own scale and shift per ensemble member."""
+
+    def __init__(self, k: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(k, 1, dim))
+        self.bias = nn.Parameter(torch.zeros(k, 1, dim))
+
+    def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w, b = (self.weight, self.bias) if members is None else (self.weight[members], self.bias[members])
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * w + b  # flax's eps
+
+
+class Critics(nn.Module):
+    """k Q-functions, each Dense -> LayerNorm -> ReLU (x2) -> Dense(1): (k, B), or (len(members), B)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, k: int, layer_norm: bool):
+        super().__init__()
+        self.k = k
+        self.linears = nn.ModuleList([EnsembleLinear(k, obs_dim + act_dim, hidden), EnsembleLinear(k, hidden, hidden),
+                                      EnsembleLinear(k, hidden, 1)])
+        self.norms = nn.ModuleList([EnsembleLayerNorm(k, hidden) for _ in range(2)]) if layer_norm else None
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = torch.cat([obs, act], -1).expand(self.k if members is None else len(members), -1, -1)
+        for i in range(2):
+            x = self.linears[i](x, members)
+            if self.norms is not None:
+                x = self.norms[i](x, members)
+            x = F.relu(x)
+        return self.linears[2](x, members).squeeze(-1)
+
+
+class TanhGaussianActor(nn.Module):
+    """a = tanh(u), u ~ N(mu(s), sigma(s)), log sigma clipped to [-20, 2]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.mu, self.log_std = nn.Linear(hidden, act_dim), nn.Linear(hidden, act_dim)
+        for layer in (*self.trunk[::2], self.mu, self.log_std):
+            nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.mu(self.trunk(obs)))  # the deterministic (evaluation) action
+
+    def sample(self, obs: torch.Tensor) -> tuple:
+        """a ~ pi(.|s) by reparameterisation, and log pi(a|s) with the tanh change of variables."""
+        h = self.trunk(obs)
+        mu, log_std = self.mu(h), self.log_std(h).clamp(-20.0, 2.0)
+        u = mu + log_std.exp() * torch.randn_like(mu)
+        log_prob = (-0.5 * ((u - mu) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        # log |d tanh(u)/du| = log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), stable for large |u|
+        log_prob = log_prob - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+        return torch.tanh(u), log_prob
+
+
+# ----------------------------------------------------------------------------- the update
+class RLPD(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
+        super().__init__()
+        self.utd, self.gamma, self.tau, self.backup_entropy = args.utd_ratio, args.gamma, args.tau, args.backup_entropy
+        self.num_qs, self.num_min_qs = args.num_qs, args.num_min_qs
+        self.target_entropy = -act_dim / 2 if args.target_entropy is None else args.target_entropy
+        self.actor = TanhGaussianActor(obs_dim, act_dim, args.hidden_dim)
+        self.critic = Critics(obs_dim, act_dim, args.hidden_dim, args.num_qs, args.critic_layer_norm)
+        self.critic_target = Critics(obs_dim, act_dim, args.hidden_dim, args.num_qs, args.critic_layer_norm)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.critic_target.requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(args.init_temperature)))
+        self.to(device)
+        capturable = device.type == "cuda"  # Adam's step count on the GPU, so a CUDA graph can replay it
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
+        self.temp_opt = torch.optim.Adam([self.log_alpha], lr=args.temp_lr, capturable=capturable)
+        self.target_params, self.online_params = list(self.critic_target.parameters()), list(self.critic.parameters())
+
+    def critic_target_value(self, rew, mask, next_obs) -> torch.Tensor:
+        """y = r + gamma m (min_{k in Z} Qtarget_k(s', a') - alpha log pi(a'|s')), Z a random subset."""
+        with torch.no_grad():
+            next_act, next_log_prob = self.actor.sample(next_obs)
+            subset = torch.rand(self.num_qs, device=rew.device).argsort()[:self.num_min_qs]  # no host sync
+            next_q = self.critic_target(next_obs, next_act, members=subset).min(0).values
+            if self.backup_entropy:
+                next_q = next_q - self.log_alpha.exp() * next_log_prob
+            return rew + self.gamma * mask * next_q
+
+    def update(self, obs, act, rew, mask, next_obs) -> dict:
+        """One UTD block on G x B transitions: G critic steps, one per slice, then one actor
+        and one temperature step on the last slice."""
+        B = obs.shape[0] // self.utd
+        for g in range(self.utd):
+            s = slice(g * B, (g + 1) * B)
+            target = self.critic_target_value(rew[s], mask[s], next_obs[s])
+            q = self.critic(obs[s], act[s])
+            critic_loss = (q - target).pow(2).mean()
+            self.critic_opt.zero_grad()
+            critic_loss.backward()
+            self.critic_opt.step()
+            torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
+
+        # actor on the mean of all critics
+        alpha = self.log_alpha.exp().detach()
+        new_act, log_prob = self.actor.sample(obs[s])
+        actor_loss = (alpha * log_prob - self.critic(obs[s], new_act).mean(0)).mean()
+        self.actor_opt.zero_grad()
+        actor_loss.backward(inputs=list(self.actor.parameters()))  # no gradient into the critics
+        self.actor_opt.step()
+
+        # temperature: raise alpha when the entropy is below its target
+        entropy = -log_prob.detach().mean()
+        temp_loss = self.log_alpha.exp() * (entropy - self.target_entropy)
+        self.temp_opt.zero_grad()
+        temp_loss.backward()
+        self.temp_opt.step()
+        return {"losses/critic_loss": critic_loss.detach(), "losses/actor_loss": actor_loss.detach(),
+                "losses/temperature_loss": temp_loss.detach(), "values/q": q.detach().mean(),
+                "values/entropy": entropy, "values/alpha": alpha}
+
+    def optimizers(self) -> dict:
+        return {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "temp_opt": self.temp_opt}
+
+
+def cuda_graph(fn, warmup: int = 3):
+    """Capture fn() (no inputs: it reads static tensors) as a CUDA graph; return a replay
+    function giving fn's static outputs. The warm-up calls are real calls of fn."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):  # allocates optimizer state, autograd buffers, cuBLAS workspaces
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(actor: TanhGaussianActor, env: gym.Env, episodes: int, device: torch.device, seed: int) -> np.ndarray:
+    """Returns of `episodes` episodes of the deterministic policy tanh(mu(s))."""
+    returns = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed if i == 0 else None)
+        done, total = False, 0.0
+        while not done:
+            act = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
+            obs, reward, terminated, truncated, _ = env.step(act)
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    return np.array(returns)
+
+
+def normalized_score(env: str, ret: float) -> float:
+    task = env.split("-")[0].lower()  # hopper-medium-v2 and Hopper-v4 alike
+    if task not in REF_SCORES:
+        return float("nan")  # no d4rl reference returns for this env
+    lo, hi = REF_SCORES[task]
+    return 100 * (ret - lo) / (hi - lo)
+
+
+def save_checkpoint(path: str, agent: RLPD, online: ReplayBuffer, step: int, args: Args, evals: list):
+    state = {"agent": agent.state_dict(), "step": step, "args": asdict(args), "evaluations": evals,
+             "online": online.state_dict(), **{k: opt.state_dict() for k, opt in agent.optimizers().items()},
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint intact
+
+
+# ----------------------------------------------------------------------------- main
+def main(args: Args) -> dict:
+    if min(args.total_timesteps, args.utd_ratio, args.batch_size, args.log_interval) < 1:
+        fail("--total-timesteps, --utd-ratio, --batch-size and --log-interval must be positive")
+    if not 0 <= args.offline_ratio < 1:
+        fail(f"--offline-ratio must be in [0, 1), got {args.offline_ratio}")
+    if not 1 <= args.num_min_qs <= args.num_qs:
+        fail(f"--num-min-qs must be between 1 and --num-qs ({args.num_qs}), got {args.num_min_qs}")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but CUDA is not available")
+    use_graph = args.cuda_graph and device.type == "cuda"
+
+    resume = None
+    if args.resume is not None:
+        if not os.path.isfile(args.resume):
+            fail(f"checkpoint {args.resume} does not exist")
+        resume = torch.load(args.resume, map_location=device, weights_only=False)
+    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
+                               f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
+        fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    env = make_env(args.env)
+    eval_env = make_env(args.env, render=args.capture_video)
+    env.action_space.seed(args.seed)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+
+    # prior data: checked against the env, actions mapped to [-1, 1], the whole set on the device
+    offline = None
+    if args.offline_ratio > 0:
+        data = qlearning_transitions(read_d4rl(dataset_path(args)))
+        space = env.unwrapped.action_space
+        if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
+            fail(f"the dataset's observations/actions have {data['observations'].shape[1]}/"
+                 f"{data['actions'].shape[1]} dims but {args.env} has {obs_dim}/{act_dim}")
+        if np.any(data["actions"] < space.low - 1e-3) or np.any(data["actions"] > space.high + 1e-3):
+            fail(f"the dataset's actions leave {args.env}'s bounds [{space.low}, {space.high}]")
+        actions = 2 * (data["actions"] - space.low) / (space.high - space.low) - 1
+        data["actions"] = np.clip(actions, -1 + 1e-5, 1 - 1e-5).astype(np.float32)  # official clip
+        n = len(data["observations"])
+        offline = ReplayBuffer(n, obs_dim, act_dim, device)
+        offline.rows.copy_(torch.as_tensor(np.concatenate([data[k].reshape(n, -1) for k in (
+            "observations", "actions", "rewards", "masks", "next_observations")], 1)))
+        offline.size = n
+        offline.size_t.fill_(n)
+
+    agent = RLPD(obs_dim, act_dim, args, device)
+    online = ReplayBuffer(args.buffer_size or args.total_timesteps, obs_dim, act_dim, device)
+    start, evals = 0, []
+    if resume:
+        agent.load_state_dict(resume["agent"])
+        for k, opt in agent.optimizers().items():
+            opt.load_state_dict(resume[k])
+        online.load_state_dict(resume["online"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        np.random.set_state(resume["rng"]["numpy"])
+        random.setstate(resume["rng"]["python"])
+        if resume["rng"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+        start, evals = resume["step"], resume["evaluations"]
+        print(f"resumed from {args.resume} at step {start} (a new episode starts)")
+
+    def train_step():  # the UTD block: indices drawn on the device, then G critic + 1 actor + 1 temperature step
+        if offline is None:
+            return agent.update(*online.split(online.sample_rows(args.utd_ratio * args.batch_size)))
+        return agent.update(*symmetric_sample(offline, online, args.utd_ratio, args.batch_size, args.offline_ratio))
+
+    step_fn = torch.compile(train_step) if args.compile else train_step
+
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({**asdict(args), "resolved": dict(target_entropy=agent.target_entropy, device=str(device),
+                   cuda_graph=use_graph, offline_transitions=offline.size if offline else 0)}, f, indent=2)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
+                   dir=run_dir, sync_tensorboard=True)
+    if args.eval_episodes > 0 and args.capture_video:
+        eval_env = gym.wrappers.RecordVideo(eval_env, os.path.join(run_dir, "videos"),
+                                            episode_trigger=lambda e: e % args.eval_episodes == 0)
+
+    results, info, updates = {}, None, 0
+    obs, _ = env.reset(seed=args.seed + start)
+    episode_return, episode_length = 0.0, 0
+    t0, t_eval, n0 = None, 0.0, 0
+    bar = tqdm(total=args.total_timesteps, initial=start, disable=not sys.stdout.isatty(), desc="rlpd")
+    for step in range(start + 1, args.total_timesteps + 1):
+        if step <= args.learning_starts:
+            action = env.action_space.sample()
+        else:
+            with torch.no_grad():
+                action = agent.actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0][0]
+            action = action.cpu().numpy()
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        online.add(obs, action, reward, 1.0 - terminated, next_obs)
+        episode_return, episode_length = episode_return + float(reward), episode_length + 1
+        obs = next_obs
+        if terminated or truncated:
+            writer.add_scalar("charts/episodic_return", episode_return, step)
+            writer.add_scalar("charts/episodic_length", episode_length, step)
+            results["train/episodic_return"] = episode_return
+            obs, _ = env.reset()
+            episode_return, episode_length = 0.0, 0
+
+        if step > args.learning_starts:
+            if use_graph and info is None:
+                step_fn = cuda_graph(step_fn)  # the warm-up calls are 3 real UTD blocks
+                updates += 3 * args.utd_ratio
+            info = step_fn()
+            updates += args.utd_ratio
+            if t0 is None and updates >= 50 * args.utd_ratio:  # measured after compile/capture warm-up
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0, n0 = time.perf_counter(), step
+        bar.update(1)
+
+        if info is not None and (step % args.log_interval == 0 or step == args.total_timesteps):
+            metrics = {k: v.item() for k, v in info.items()}  # the only host sync of the update path
+            for k, v in metrics.items():
+                if not math.isfinite(v):
+                    fail(f"{k} became {v} at step {step}; lower the learning rates or check the dataset")
+                writer.add_scalar(k, v, step)
+            results.update(metrics)
+            if t0 is not None and step > n0:
+                elapsed = time.perf_counter() - t0 - t_eval
+                results["env_steps_per_second"] = (step - n0) / elapsed
+                results["updates_per_second"] = (step - n0) * args.utd_ratio / elapsed
+                writer.add_scalar("charts/updates_per_second", results["updates_per_second"], step)
+                writer.add_scalar("charts/SPS", results["env_steps_per_second"], step)
+            line = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("losses"))
+            print(f"step={step} {line} ups={results.get('updates_per_second', float('nan')):.0f}", flush=True)
+
+        last = step == args.total_timesteps
+        if args.eval_episodes > 0 and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+            te = time.perf_counter()
+            returns = evaluate(agent.actor, eval_env, args.eval_episodes, device, args.seed + 10_000 + step)
+            ret, score = float(returns.mean()), normalized_score(args.env, float(returns.mean()))
+            evals.append((step, ret, float(returns.std()), score))
+            writer.add_scalar("eval/return", ret, step)
+            writer.add_scalar("eval/normalized_score", score, step)
+            with open(os.path.join(run_dir, "evaluations.csv"), "w") as f:
+                f.write("step,return,return_std,normalized_score\n")
+                f.writelines(f"{s},{r:.2f},{sd:.2f},{sc:.2f}\n" for s, r, sd, sc in evals)
+            print(f"step={step} eval/return={ret:.1f} +- {returns.std():.1f} normalized={score:.1f}", flush=True)
+            results.update({"eval/return": ret, "eval/normalized_score": score})
+            if t0 is not None:
+                t_eval += time.perf_counter() - te
+        if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, online, step, args, evals)
+    bar.close()
+    writer.close()
+    env.close()
+    eval_env.close()
+    results.update({"updates": updates, "env_steps": args.total_timesteps - start, "run_dir": run_dir,
+                    "evaluations": evals})
+    results.setdefault("updates_per_second", float("nan"))
+    return results
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
