@@ -28,11 +28,12 @@ Differences from the official code:
 - PyTorch instead of JAX; the ensemble is one batched module (stacked weights, bmm), and the
   target's random subset indexes the stacked weights.
 - Evaluation runs in Gymnasium's MuJoCo port (hopper-*-v2 -> Hopper-v4, ant -> Ant-v4 with
-  contact forces) and the D4RL files are read with h5py. AntMaze, Kitchen and Adroit (whose
-  official settings are num_min_qs 1 and no entropy backup for antmaze) are refused: RLPD
-  needs their environments online, and they are not in Gymnasium.
+  contact forces) and the D4RL files are read with h5py. AntMaze, Kitchen and Adroit are
+  refused: RLPD needs their environments online, and they are not in Gymnasium.
 - With `next_observations` in the file, timeout steps are kept as non-terminal transitions
   (d4rl.qlearning_dataset drops them); without it, s' is rebuilt as the official code does.
+- AntMaze's official settings are not a family default here (AntMaze cannot run online here):
+  `--num-min-qs 1 --no-backup-entropy` give two of them; its third hidden layer has no flag.
 - Each of the G batches holds exactly round(B * offline_ratio) offline rows (the official code
   interleaves one G x B/2 draw from each, which only works for a ratio of 0.5).
 """
@@ -73,7 +74,7 @@ class Args:
     total_timesteps: int = 250_000
     """environment steps (official locomotion runs: 250k)"""
     learning_starts: int = 5000
-    """uniformly random actions, and no updates, for this many steps"""
+    """uniformly random actions, and no updates, for this many steps (official README commands: 5000)"""
     utd_ratio: int = 20
     """critic updates per environment step (G)"""
     batch_size: int = 256
@@ -302,7 +303,7 @@ class EnsembleLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(k, n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(k, 1, n_out))
         for w in self.weight.data:
-            nn.init.orthogonal_(w, gain=math.sqrt(2))  # flax orthogonal(sqrt 2), as the official default_init
+            nn.init.xavier_uniform_(w)  # the official default_init (flax xavier_uniform; fans of a (in, out) matrix)
 
     def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
         if members is None:
@@ -351,7 +352,7 @@ class TanhGaussianActor(nn.Module):
         self.trunk = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.mu, self.log_std = nn.Linear(hidden, act_dim), nn.Linear(hidden, act_dim)
         for layer in (*self.trunk[::2], self.mu, self.log_std):
-            nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
+            nn.init.xavier_uniform_(layer.weight)  # the official default_init
             nn.init.zeros_(layer.bias)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:

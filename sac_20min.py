@@ -32,14 +32,16 @@ Usage:
 
 Differences from the official code:
 - PyTorch instead of JAX; both critics are one batched module (stacked weights, bmm).
-- Gymnasium MuJoCo's Ant instead of the official A1 in dm_control (or the real robot);
-  no action-history or observation wrappers of the A1 task.
-- The Butterworth filter is written out (bilinear transform) instead of scipy's, and its
-  history starts at zero after each reset.
-- Off by default here: nothing. On by default here and not in the official code: 5% of
-  transitions go to the validation buffer (`--validation-fraction 0` trains on all).
+- Gymnasium MuJoCo's Ant-v4 (20 Hz, episodes of 1,000 steps) instead of the official A1 run task
+  in dm_control (20 Hz, episodes of 400 steps) or the real robot; no action history, no
+  clipping of joint targets around the standing pose.
+- The Butterworth filter is written out (bilinear transform, as scipy.signal.butter) instead of
+  calling scipy, filters the [-1, 1] command, and starts from zero history after each reset (the
+  official one filters joint targets and starts from the standing pose).
+- 5% of new transitions go to the validation buffer and are never trained on (the official
+  code has no validation buffer; `--validation-fraction 0` trains on everything).
 - Evaluation: 5 deterministic episodes (tanh of the mean) every 2,000 steps; the official
-  launcher evaluates 1 episode every 1,000 steps.
+  launcher runs 1 episode every 1,000 steps.
 """
 
 import json
@@ -73,7 +75,7 @@ class Args:
     total_timesteps: int = 24_000
     """environment steps (20 minutes at Ant's 20 Hz)"""
     learning_starts: int = 1000
-    """uniformly random actions, and no updates, for this many steps (official: 1000)"""
+    """uniformly random actions, and no updates, for this many steps (official README command: 1000)"""
     utd_ratio: int = 20
     """critic updates per environment step (G)"""
     batch_size: int = 256
@@ -228,7 +230,7 @@ class EnsembleLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(k, n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(k, 1, n_out))
         for w in self.weight.data:
-            nn.init.orthogonal_(w, gain=math.sqrt(2))  # flax orthogonal(sqrt 2), as the official default_init
+            nn.init.xavier_uniform_(w)  # the official default_init (flax xavier_uniform; fans of a (in, out) matrix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)
@@ -274,7 +276,7 @@ class TanhGaussianActor(nn.Module):
         self.trunk = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.mu, self.log_std = nn.Linear(hidden, act_dim), nn.Linear(hidden, act_dim)
         for layer in (*self.trunk[::2], self.mu, self.log_std):
-            nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
+            nn.init.xavier_uniform_(layer.weight)  # the official default_init
             nn.init.zeros_(layer.bias)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:

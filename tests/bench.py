@@ -4,8 +4,10 @@
     python tests/bench.py --scripts iql --modes eager compile --steps 300
 
 Each script's update runs at its default sizes on random data that lives on the device,
-with batch indices sampled there, exactly as in the script's training loop. Quote the
-ratios of one run (same machine, same moment), not absolute numbers.
+with batch indices sampled there, exactly as in the script's training loop. Rows count
+gradient steps (for UTD scripts: critic updates, 20 per block) or, for the "-env" rows,
+environment steps of the whole online loop (policy sample, Hopper-v4 step, replay write,
+one UTD block). Quote the ratios of one run (same machine, same moment), not absolute numbers.
 """
 
 import argparse
@@ -29,29 +31,77 @@ def sampled_update(agent, batch_size, device, obs_dim=11, act_dim=3, n=1_000_000
     return step
 
 
-def iql_step(device):
+def speedup(fn, mode, capture):
+    return torch.compile(fn) if mode == "compile" else capture(fn) if mode == "cuda-graph" else fn
+
+
+def iql_step(device, mode):
     """iql.py: one IQL update (V, actor, twin Q, Polyak), batch 256, Hopper sizes."""
     import iql
     agent = iql.IQL(11, 3, iql.Args(), expectile=0.7, beta=3.0, dropout=None, device=device)
-    return sampled_update(agent, iql.Args.batch_size, device), iql.cuda_graph
+    return speedup(sampled_update(agent, iql.Args.batch_size, device), mode, iql.cuda_graph), 1, "updates"
 
 
-def idql_step(device):
+def idql_step(device, mode):
     """idql.py: one IDQL update (diffusion BC + EMA, V, twin Q, Polyak), batch 512, Hopper sizes."""
     import idql
     agent = idql.IDQL(11, 3, idql.Args(), expectile=0.7, device=device)
-    return sampled_update(agent, idql.Args.batch_size, device), idql.cuda_graph
+    return speedup(sampled_update(agent, idql.Args.batch_size, device), mode, idql.cuda_graph), 1, "updates"
 
 
-def idql_select(device):
+def idql_select(device, mode):
     """idql.py: one action selection for 10 evaluation envs (N = 64 samples each, T = 5 DDPM steps)."""
     import idql
     agent = idql.IDQL(11, 3, idql.Args(), expectile=0.7, device=device)
     obs = torch.randn(10, 11, device=device)
-    return (lambda: agent.select(obs)), idql.cuda_graph
+    return speedup(lambda: agent.select(obs), mode, idql.cuda_graph), 1, "selections"
 
 
-SCRIPTS = {"iql": iql_step, "idql": idql_step, "idql-select": idql_select}
+def utd_block(module, agent_cls, device, mode, with_env=False):
+    """One UTD block (20 critic updates + actor + temperature) from a 1M-row device buffer;
+    with_env: the whole online step around it (policy sample, Hopper-v4 step, replay write)."""
+    args = module.Args()
+    agent = agent_cls(11, 3, args, device)
+    buffer = module.ReplayBuffer(1_000_000, 11, 3, device)
+    buffer.rows.normal_()
+    buffer.size = 1_000_000
+    buffer.size_t.fill_(buffer.size)
+    if module.__name__ == "rlpd":
+        sample = lambda n: buffer.split(buffer.sample_rows(n))  # noqa: E731
+    else:
+        sample = buffer.sample
+    block = speedup(lambda: agent.update(*sample(args.utd_ratio * args.batch_size)), mode, module.cuda_graph)
+    if not with_env:
+        return block, args.utd_ratio, "critic updates"
+    env = module.make_env(module.Args(env="Hopper-v4") if module.__name__ == "sac_20min" else "Hopper-v4")
+    state = {"obs": env.reset(seed=0)[0]}
+
+    def env_step():
+        with torch.no_grad():
+            act = agent.actor.sample(torch.as_tensor(state["obs"], dtype=torch.float32, device=device)[None])[0][0]
+        act = act.cpu().numpy()
+        next_obs, rew, term, trunc, _ = env.step(act)
+        buffer.add(state["obs"], act, rew, 1.0 - term, next_obs)
+        state["obs"] = env.reset()[0] if term or trunc else next_obs
+        return block()
+    return env_step, 1, "env steps"
+
+
+def sac_20min_block(device, mode, with_env=False):
+    """sac_20min.py: one UTD block of DroQ-SAC (2 critics with dropout + LayerNorm), batch 256."""
+    import sac_20min
+    return utd_block(sac_20min, sac_20min.SAC, device, mode, with_env)
+
+
+def rlpd_block(device, mode, with_env=False):
+    """rlpd.py: one UTD block of RLPD (10 LayerNorm critics, target on a random pair), batch 256."""
+    import rlpd
+    return utd_block(rlpd, rlpd.RLPD, device, mode, with_env)
+
+
+SCRIPTS = {"iql": iql_step, "idql": idql_step, "idql-select": idql_select,
+           "sac_20min": sac_20min_block, "sac_20min-env": lambda d, m: sac_20min_block(d, m, with_env=True),
+           "rlpd": rlpd_block, "rlpd-env": lambda d, m: rlpd_block(d, m, with_env=True)}
 
 
 def measure(step, steps, device):
@@ -78,20 +128,15 @@ def main():
     modes = [m for m in cli.modes if m != "cuda-graph" or device.type == "cuda"]
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}")
-    print("| script | " + " | ".join(f"{m} (updates/s)" for m in modes) + " | " +
-          " | ".join(f"{m} / eager" for m in modes[1:]) + " |")
-    print("|---" * (1 + 2 * len(modes) - 1) + "|")
+    print("| script | per second | " + " | ".join(modes) + " | " + " | ".join(f"{m} / eager" for m in modes[1:]) + " |")
+    print("|---" * (2 + 2 * len(modes) - 1) + "|")
     for name in cli.scripts:
         rates = {}
         for mode in modes:
             torch.manual_seed(0)
-            step, capture = SCRIPTS[name](device)
-            if mode == "compile":
-                step = torch.compile(step)
-            elif mode == "cuda-graph":
-                step = capture(step)
-            rates[mode] = measure(step, cli.steps, device)
-        print(f"| {name} | " + " | ".join(f"{rates[m]:.0f}" for m in modes) + " | " +
+            step, per_call, unit = SCRIPTS[name](device, mode)
+            rates[mode] = per_call * measure(step, cli.steps, device)
+        print(f"| {name} | {unit} | " + " | ".join(f"{rates[m]:.0f}" for m in modes) + " | " +
               " | ".join(f"{rates[m] / rates['eager']:.2f}x" for m in modes[1:]) + " |", flush=True)
 
 
