@@ -1,0 +1,294 @@
+"""ddpo.py: the DDIM log-density, the clipped objective, per-prompt advantages, rewards, the loop
+through main() on the tiny model and on a saved diffusers folder, and bad input."""
+
+import io
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_script, tensorboard_events
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+import ddpo  # noqa: E402
+
+
+def sd_scheduler(steps=10):
+    s = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                set_alpha_to_one=False, steps_offset=1)
+    s.set_timesteps(steps)
+    return s
+
+
+def tiny_cli(tmp_path, *extra):
+    return ["--model", "tiny", "--tiny-pretrain-steps", "0", "--sample-num-steps", "5", "--num-epochs", "1", "--sample-batch-size", "2",
+            "--sample-num-batches-per-epoch", "1", "--train-batch-size", "2", "--gradient-accumulation-steps", "1",
+            "--eval-images", "2", "--run-dir", str(tmp_path / "run"), *extra]
+
+
+# ----------------------------------------------------------------------------- the policy's log-density
+@pytest.mark.parametrize("t", [901, 501, 1])  # 1: the last step, whose x_{t-1} uses final_alpha_cumprod
+def test_ddim_step_logprob_is_the_gaussian_density(t):
+    scheduler = sd_scheduler(10)
+    torch.manual_seed(0)
+    x_t, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    prev, log_prob = ddpo.ddim_step_with_logprob(scheduler, eps, torch.tensor(t), x_t, eta=1.0)
+
+    a = scheduler.alphas_cumprod
+    a_t = a[t]
+    a_prev = a[t - 100] if t >= 100 else scheduler.final_alpha_cumprod
+    x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    sigma = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
+    expected = torch.distributions.Normal(mean, sigma).log_prob(prev).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(log_prob, expected, rtol=1e-5, atol=1e-5)
+    # the mean is diffusers' own DDIM step without its noise
+    ref = scheduler.step(eps, t, x_t, eta=1.0, variance_noise=torch.zeros_like(x_t)).prev_sample
+    torch.testing.assert_close(mean, ref, rtol=1e-5, atol=1e-5)
+    # scoring a given x_{t-1} gives the same number, and one timestep per sample works as a scalar does
+    t_batch = torch.tensor([t, 501, 901])
+    _, batched = ddpo.ddim_step_with_logprob(scheduler, eps, t_batch, x_t, eta=1.0, prev_sample=prev)
+    assert torch.allclose(batched[0], log_prob[0], atol=1e-6)
+    for i in (1, 2):
+        _, single = ddpo.ddim_step_with_logprob(scheduler, eps[i:i + 1], t_batch[i], x_t[i:i + 1], 1.0, prev[i:i + 1])
+        assert torch.allclose(batched[i], single[0], atol=1e-6)
+
+
+def test_ratio_is_one_on_the_first_inner_step():
+    """Re-scoring the sampled trajectory with the same weights, shuffled and in train mode, as the
+    training loop does, gives exactly the sampler's log-probabilities."""
+    args = ddpo.Args(model="tiny", sample_num_steps=6)
+    model = ddpo.build_tiny(pretrain_steps=0)
+    unet, text_encoder, tokenizer, scheduler, _ = model
+    from peft import LoraConfig
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    ids = tokenizer(["cat", "dog", "fox"], return_tensors="pt", padding="max_length", max_length=77).input_ids
+    neg_ids = tokenizer([""], return_tensors="pt", padding="max_length", max_length=77).input_ids
+    with torch.no_grad():
+        embeds, neg = text_encoder(ids)[0], text_encoder(neg_ids)[0].expand(3, -1, -1)
+    unet.eval()
+    torch.manual_seed(0)
+    _, latents, old_log_probs, timesteps = ddpo.sample_with_logprob(model, embeds, neg, args, 16)
+    assert latents.shape == (3, 7, 3, 16, 16) and old_log_probs.shape == (3, 6)
+
+    unet.train()
+    perm = torch.tensor([2, 0, 1])
+    for j in torch.randperm(6):
+        eps = ddpo.guided_eps(unet, latents[perm, j], timesteps[j].repeat(3), embeds[perm], neg, args.guidance_scale)
+        _, log_prob = ddpo.ddim_step_with_logprob(scheduler, eps, timesteps[j].repeat(3), latents[perm, j], 1.0,
+                                                  prev_sample=latents[perm, j + 1])
+        loss, ratio = ddpo.ddpo_loss(log_prob, old_log_probs[perm, j], torch.tensor([1.0, -1.0, 0.5]), args)
+        assert torch.allclose(ratio, torch.ones(3), atol=1e-5), ratio
+        loss.backward()  # and the surrogate has a gradient at ratio 1 (the unclipped branch)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.parameters() if p.requires_grad)
+
+
+def test_ddpo_loss_by_hand():
+    args = ddpo.Args(clip_range=0.2, adv_clip_max=5.0)
+    old = torch.zeros(4)
+    log_prob = torch.log(torch.tensor([1.5, 0.5, 1.1, 1.0]))
+    adv = torch.tensor([2.0, -1.0, 7.0, -9.0])  # the last two are clipped to +-5
+    loss, ratio = ddpo.ddpo_loss(log_prob, old, adv, args)
+    # per sample max(-A r, -A clip(r)): max(-3, -2.4), max(.5, .8), max(-5.5, -5.5), max(5, 5)
+    assert torch.allclose(loss, torch.tensor((-2.4 + 0.8 - 5.5 + 5.0) / 4))
+    assert torch.allclose(ratio, torch.tensor([1.5, 0.5, 1.1, 1.0]))
+    # at ratio 1, DDPO_IS and DDPO_SF have the same gradient: d rho = rho d log p
+    lp = torch.zeros(4, requires_grad=True)
+    g_is, = torch.autograd.grad(ddpo.ddpo_loss(lp, old, adv, args)[0], lp)
+    g_sf, = torch.autograd.grad(ddpo.ddpo_loss(lp, old, adv, ddpo.Args(objective="sf"))[0], lp)
+    assert torch.allclose(g_is, g_sf) and torch.allclose(g_is, -adv.clamp(-5, 5) / 4)
+
+
+def test_per_prompt_stat_tracker_by_hand():
+    tracker = ddpo.PerPromptStatTracker(buffer_size=4, min_count=3)
+    batch_std = np.std([1.0, 3.0, 5.0]) + 1e-6
+    adv = tracker.update(np.array(["a", "a", "b"]), np.array([1.0, 3.0, 5.0]))
+    np.testing.assert_allclose(adv, [(1 - 3) / batch_std, 0.0, (5 - 3) / batch_std])  # too few: the batch's stats
+    adv = tracker.update(np.array(["a", "b"]), np.array([5.0, 7.0]))
+    # a has 3 rewards now (1, 3, 5): its own stats; b has 2 (5, 7): the batch's (5, 7)
+    np.testing.assert_allclose(adv, [(5 - 3) / (np.std([1, 3, 5]) + 1e-6), (7 - 6) / (1 + 1e-6)])
+    adv = tracker.update(np.array(["a", "a"]), np.array([7.0, 9.0]))
+    # the buffer keeps the last 4: 3, 5, 7, 9
+    np.testing.assert_allclose(adv, (np.array([7.0, 9.0]) - 6) / (np.std([3, 5, 7, 9]) + 1e-6))
+
+
+# ----------------------------------------------------------------------------- rewards
+def test_jpeg_rewards():
+    flat = torch.full((1, 3, 64, 64), 0.5)
+    noise = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    sizes = ddpo.jpeg_size_kb(torch.cat([flat, noise]))
+    buffer = io.BytesIO()
+    Image.fromarray((noise[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buffer, "JPEG", quality=95)
+    assert sizes[1] == pytest.approx(len(buffer.getvalue()) / 1000)
+    assert sizes[0] < sizes[1] / 5
+    images = torch.cat([flat, noise])
+    compress = ddpo.make_reward(ddpo.Args(reward="jpeg_compressibility"), torch.device("cpu"))
+    incompress = ddpo.make_reward(ddpo.Args(reward="jpeg_incompressibility"), torch.device("cpu"))
+    np.testing.assert_allclose(compress(images, ["a", "b"]), -incompress(images, ["a", "b"]))
+    assert compress(images, ["a", "b"])[0] > compress(images, ["a", "b"])[1]
+
+
+def test_synthetic_pretraining_data_spans_the_reward():
+    """Half the tiny model's pretraining images are smooth gradients, half are grainy; JPEG tells them apart."""
+    g = torch.Generator().manual_seed(0)
+    x = ddpo.synthetic_images(torch.zeros(200, 3), 16, g)
+    assert x.shape == (200, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
+    grainy = (x[:, :, 1:] - x[:, :, :-1]).abs().mean(dim=(1, 2, 3)) > 0.1  # a smooth gradient steps by < 0.04
+    assert 0.35 < grainy.float().mean() < 0.65
+    sizes = ddpo.jpeg_size_kb(x / 2 + 0.5)
+    assert sizes[grainy].mean() > sizes[~grainy].mean() + 0.05
+
+
+def tiny_tokenizer():
+    chars = ddpo.byte_level_chars()
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), vocab
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny CLIP (image 32x32, projection 16) and an aesthetic head for it, saved as files."""
+    folder = tmp_path_factory.mktemp("clip")
+    tokenizer, vocab = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                         eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8), projection_dim=16)
+    transformers.CLIPModel(config).save_pretrained(folder / "clip")
+    processor = transformers.CLIPProcessor(
+        image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer)
+    processor.save_pretrained(folder / "clip")
+    head = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Dropout(0.2), torch.nn.Linear(24, 8),
+                               torch.nn.Dropout(0.2), torch.nn.Linear(8, 6), torch.nn.Dropout(0.1),
+                               torch.nn.Linear(6, 4), torch.nn.Linear(4, 1))
+    torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, folder / "head.pth")
+    return str(folder / "clip"), str(folder / "head.pth"), head
+
+
+def test_aesthetic_and_clip_score_rewards(tiny_clip):
+    clip_dir, head_path, head = tiny_clip
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    prompts = ["a cat", "a dog", "a fox"]
+    clip = transformers.CLIPModel.from_pretrained(clip_dir).eval()
+    processor = transformers.CLIPProcessor.from_pretrained(clip_dir)
+    with torch.no_grad():
+        pixels = processor(images=list((images * 255).round().to(torch.uint8)), return_tensors="pt")["pixel_values"]
+        img = ddpo.clip_features(clip.get_image_features(pixel_values=pixels))
+        img = img / img.norm(dim=-1, keepdim=True)
+        tokens = processor(text=prompts, return_tensors="pt", padding=True)
+        txt = ddpo.clip_features(clip.get_text_features(**tokens))
+        txt = txt / txt.norm(dim=-1, keepdim=True)
+        expected_aesthetic = head.eval()(img).squeeze(1).numpy()
+    aesthetic = ddpo.make_reward(ddpo.Args(reward="aesthetic", clip_model=clip_dir, aesthetic_head=head_path),
+                                 torch.device("cpu"))
+    np.testing.assert_allclose(aesthetic(images, prompts), expected_aesthetic, rtol=1e-5, atol=1e-6)
+    clip_score = ddpo.make_reward(ddpo.Args(reward="clip_score", clip_model=clip_dir), torch.device("cpu"))
+    scores = clip_score(images, prompts)
+    np.testing.assert_allclose(scores, (img * txt).sum(-1).numpy(), rtol=1e-5, atol=1e-6)
+    assert np.all(np.abs(scores) <= 1 + 1e-6)
+
+
+# ----------------------------------------------------------------------------- the loop
+def test_main_tiny_lora_then_resume(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPO_CACHE_DIR", str(tmp_path / "cache"))
+    args = ddpo.Args(model="tiny", tiny_pretrain_steps=20, sample_num_steps=10, num_epochs=2, sample_batch_size=4,
+                     sample_num_batches_per_epoch=2, train_batch_size=2, gradient_accumulation_steps=2,
+                     num_inner_epochs=2, eval_interval=1, eval_images=4, save_freq=1, save_model=True,
+                     run_dir=str(tmp_path / "run"), device="cpu")
+    out = ddpo.main(args)
+    # 2 epochs x 2 inner epochs x 4 batches x 10 timesteps backward passes; one optimizer step per 2 batches
+    assert out["backward_passes"] == 160 and out["updates"] == 8
+    for k in ("losses/ddpo", "approx_kl", "clipfrac", "reward_mean", "eval/reward"):
+        assert math.isfinite(out[k]), k
+    run = tmp_path / "run"
+    assert sorted(os.listdir(run / "images")) == ["epoch_0000.png", "epoch_0001.png", "epoch_0002.png"]
+    assert Image.open(run / "images" / "epoch_0000.png").size == (4 * 16, 16)
+    assert (run / "train.csv").read_text().count("\n") == 3 and (run / "eval.csv").read_text().count("\n") == 4
+    assert tensorboard_events(str(run)) and (run / "checkpoint.pt").exists()
+    assert any(f.endswith(".safetensors") for f in os.listdir(run / "lora"))
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and all("lora" in k for k in ckpt["trainable"]) and ckpt["stats"]
+
+    # the pretrained tiny UNet was cached, and a second build loads exactly it
+    cached = torch.load(tmp_path / "cache" / "tiny-unet-v1-20-0.pt")
+    rebuilt = ddpo.build_tiny(pretrain_steps=20)[0].state_dict()
+    assert all(torch.equal(cached[k], rebuilt[k]) for k in cached)
+    assert not all(torch.equal(cached[k], v) for k, v in ddpo.build_tiny(pretrain_steps=0)[0].state_dict().items())
+
+    resumed = ddpo.main(ddpo.Args(**{**vars(args), "num_epochs": 3, "resume": str(run / "checkpoint.pt"),
+                                     "run_dir": None, "save_model": False}))
+    assert resumed["backward_passes"] == 80 and (run / "train.csv").read_text().count("\n") == 4
+
+
+def tiny_sd_folder(path):
+    """A Stable Diffusion pipeline in diffusers' folder layout: VAE (4-channel latents at 1/2 scale),
+    UNet, CLIP text encoder and tokenizer, SD's default PNDM scheduler."""
+    tokenizer, vocab = tiny_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"]))
+    vae = diffusers.AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                                  sample_size=32)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    scheduler = diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                      scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                      requires_safety_checker=False).save_pretrained(path)
+    return unet
+
+
+def test_main_loads_a_saved_diffusers_folder(tmp_path):
+    unet = tiny_sd_folder(tmp_path / "sd")
+    args = ddpo.Args(model=str(tmp_path / "sd"), sample_num_steps=4, num_epochs=1, sample_batch_size=2,
+                     sample_num_batches_per_epoch=1, train_batch_size=2, gradient_accumulation_steps=1,
+                     use_lora=False, save_model=True, eval_images=2, run_dir=str(tmp_path / "run"), device="cpu")
+    out = ddpo.main(args)
+    assert out["backward_passes"] == 4 and out["updates"] == 1 and math.isfinite(out["losses/ddpo"])
+    assert Image.open(tmp_path / "run" / "images" / "epoch_0001.png").size == (2 * 32, 32)  # 16x16 latents -> 32 px
+    tuned = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "run" / "unet")
+    changed = [not torch.equal(a, b) for a, b in zip(unet.state_dict().values(), tuned.state_dict().values())]
+    assert any(changed)  # the whole UNet was fine-tuned and saved
+
+
+@pytest.mark.parametrize("cli, message", [
+    (["--reward", "sharpness"], "invalid choice"),
+    (["--model", "{empty}"], "not a diffusers pipeline"),
+    (["--model", "{notes}"], "could not be loaded"),
+    (["--prompts", "{missing}"], "no such file"),
+    (["--sample-eta", "0"], "eta = 0"),
+    (["--objective", "sf", "--num-inner-epochs", "2"], "on-policy"),
+    (["--reward", "aesthetic"], "needs --aesthetic-head"),
+    (["--sample-batch-size", "3"], "multiple of --train-batch-size"),
+])
+def test_bad_input(tmp_path, cli, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "model_index.json").write_text("{}")
+    cli = [c.format(empty=tmp_path / "empty", notes=tmp_path / "notes", missing=tmp_path / "no.txt") for c in cli]
+    proc = run_script("ddpo.py", *tiny_cli(tmp_path, *cli))
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_folder_is_never_overwritten(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("old run")
+    proc = run_script("ddpo.py", *tiny_cli(tmp_path))
+    assert proc.returncode != 0 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "run" / "keep.txt").read_text() == "old run"
