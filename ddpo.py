@@ -28,6 +28,7 @@ Usage:
         --num-epochs 200 --gradient-accumulation-steps 4 --stat-buffer-size 32
     python ddpo.py --model path/to/diffusers-folder --prompts my_prompts.txt --reward clip_score
     accelerate launch --num_processes 8 ddpo.py     # multi-GPU: every process samples, rewards are gathered
+    torchrun --nproc_per_node 2 ddpo.py --model tiny  # the same on CPU processes (gloo)
     python ddpo.py --help
 
 Differences from the official code:
@@ -525,7 +526,7 @@ def main(args: Args) -> dict:
         optimizer.load_state_dict(resume["optimizer"])
         tracker.stats = {k: deque(v, maxlen=args.stat_buffer_size) for k, v in resume["stats"].items()}
         first_epoch, history = resume["epoch"] + 1, resume["history"]
-        print(f"resumed from {args.resume} after epoch {resume['epoch']}")
+        accelerator.print(f"resumed from {args.resume} after epoch {resume['epoch']}")
     unet, optimizer = accelerator.prepare(unet, optimizer)
     autocast = accelerator.autocast
 
@@ -558,7 +559,7 @@ def main(args: Args) -> dict:
             import wandb
             wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
                        dir=run_dir, sync_tensorboard=True)
-    print(f"{samples_per_epoch * accelerator.num_processes} samples per epoch, "
+    accelerator.print(f"{samples_per_epoch * accelerator.num_processes} samples per epoch, "
           f"{samples_per_epoch // (args.train_batch_size * args.gradient_accumulation_steps) * args.num_inner_epochs} "
           f"optimizer steps per epoch, {sum(p.numel() for p in trainable):,} trainable parameters")
 

@@ -266,6 +266,21 @@ def test_main_loads_a_saved_diffusers_folder(tmp_path):
     assert any(changed)  # the whole UNet was fine-tuned and saved
 
 
+def test_two_processes_gather_rewards(tmp_path):
+    """torchrun with 2 CPU processes (gloo): each samples its own batch, advantages use both."""
+    import json
+    import subprocess
+    import sys
+    cli = tiny_cli(tmp_path, "--sample-num-steps", "3", "--num-epochs", "2")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           os.path.join(os.path.dirname(os.path.dirname(__file__)), "ddpo.py"), *cli],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("4 samples per epoch") == 1  # 2 per process, gathered; printed once
+    assert json.load(open(tmp_path / "run" / "args.json"))["resolved"]["processes"] == 2
+    assert (tmp_path / "run" / "train.csv").read_text().count("\n") == 3
+
+
 @pytest.mark.parametrize("cli, message", [
     (["--reward", "sharpness"], "invalid choice"),
     (["--model", "{empty}"], "not a diffusers pipeline"),
