@@ -266,6 +266,18 @@ def test_main_loads_a_saved_diffusers_folder(tmp_path):
     assert any(changed)  # the whole UNet was fine-tuned and saved
 
 
+def test_bf16_mixed_precision_keeps_trainable_weights_in_float32(tmp_path):
+    """The GPU path's casts, on a CPU: frozen weights in bf16, LoRA weights in float32, autocast."""
+    import json
+    out = ddpo.main(ddpo.Args(model="tiny", tiny_pretrain_steps=0, sample_num_steps=4, num_epochs=1, sample_batch_size=2,
+                              sample_num_batches_per_epoch=1, train_batch_size=2, gradient_accumulation_steps=1,
+                              eval_images=2, mixed_precision="bf16", run_dir=str(tmp_path / "run"), device="cpu"))
+    assert out["updates"] == 1 and math.isfinite(out["losses/ddpo"])
+    assert json.load(open(tmp_path / "run" / "args.json"))["resolved"]["mixed_precision"] == "bf16"
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["trainable"] and all(v.dtype == torch.float32 for v in ckpt["trainable"].values())
+
+
 def test_two_processes_gather_rewards(tmp_path):
     """torchrun with 2 CPU processes (gloo): each samples its own batch, advantages use both."""
     import json
