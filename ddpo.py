@@ -290,6 +290,14 @@ def byte_level_chars() -> list:
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
 
 
+def char_clip_tokenizer():
+    """CLIP's tokenizer with no merges: every character is a token (no vocabulary file to download)."""
+    from transformers import CLIPTokenizer
+    chars = byte_level_chars()
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), vocab
+
+
 def synthetic_images(colors: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     """The tiny model's "pretraining data", in [-1, 1]: a linear colour gradient around each prompt's
     colour, and on half of the images film grain (white noise) of random strength. Smooth images
@@ -311,10 +319,8 @@ def build_tiny(pretrain_steps: int, seed: int = 0):
     vocabulary), pretrained for `pretrain_steps` with the usual noise-prediction loss on synthetic
     images, 10% of them with the empty prompt for classifier-free guidance."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    chars = byte_level_chars()
-    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    from transformers import CLIPTextConfig, CLIPTextModel
+    tokenizer, vocab = char_clip_tokenizer()
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)  # Stable Diffusion's
     with torch.random.fork_rng():

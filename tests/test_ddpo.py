@@ -144,17 +144,11 @@ def test_synthetic_pretraining_data_spans_the_reward():
     assert sizes[grainy].mean() > sizes[~grainy].mean() + 0.05
 
 
-def tiny_tokenizer():
-    chars = ddpo.byte_level_chars()
-    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), vocab
-
-
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny CLIP (image 32x32, projection 16) and an aesthetic head for it, saved as files."""
     folder = tmp_path_factory.mktemp("clip")
-    tokenizer, vocab = tiny_tokenizer()
+    tokenizer, vocab = ddpo.char_clip_tokenizer()
     torch.manual_seed(0)
     config = transformers.CLIPConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -232,7 +226,7 @@ def test_main_tiny_lora_then_resume(tmp_path, monkeypatch):
 def tiny_sd_folder(path):
     """A Stable Diffusion pipeline in diffusers' folder layout: VAE (4-channel latents at 1/2 scale),
     UNet, CLIP text encoder and tokenizer, SD's default PNDM scheduler."""
-    tokenizer, vocab = tiny_tokenizer()
+    tokenizer, vocab = ddpo.char_clip_tokenizer()
     torch.manual_seed(0)
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -267,12 +261,11 @@ def test_main_loads_a_saved_diffusers_folder(tmp_path):
 
 
 def test_bf16_mixed_precision_keeps_trainable_weights_in_float32(tmp_path):
-    """The GPU path's casts, on a CPU: frozen weights in bf16, LoRA weights in float32, autocast."""
+    """The GPU path's casts, on a CPU: frozen weights in bf16, LoRA weights in float32, autocast.
+    (A separate process: accelerate keeps one precision per process.)"""
     import json
-    out = ddpo.main(ddpo.Args(model="tiny", tiny_pretrain_steps=0, sample_num_steps=4, num_epochs=1, sample_batch_size=2,
-                              sample_num_batches_per_epoch=1, train_batch_size=2, gradient_accumulation_steps=1,
-                              eval_images=2, mixed_precision="bf16", run_dir=str(tmp_path / "run"), device="cpu"))
-    assert out["updates"] == 1 and math.isfinite(out["losses/ddpo"])
+    proc = run_script("ddpo.py", *tiny_cli(tmp_path, "--mixed-precision", "bf16"))
+    assert proc.returncode == 0 and "epoch=1 " in proc.stdout, proc.stderr[-3000:]
     assert json.load(open(tmp_path / "run" / "args.json"))["resolved"]["mixed_precision"] == "bf16"
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["trainable"] and all(v.dtype == torch.float32 for v in ckpt["trainable"].values())
