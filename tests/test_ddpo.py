@@ -247,17 +247,26 @@ def tiny_sd_folder(path):
     return unet
 
 
-def test_main_loads_a_saved_diffusers_folder(tmp_path):
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_main_loads_a_saved_diffusers_folder(tmp_path, use_lora):
     unet = tiny_sd_folder(tmp_path / "sd")
     args = ddpo.Args(model=str(tmp_path / "sd"), sample_num_steps=4, num_epochs=1, sample_batch_size=2,
                      sample_num_batches_per_epoch=1, train_batch_size=2, gradient_accumulation_steps=1,
-                     use_lora=False, save_model=True, eval_images=2, run_dir=str(tmp_path / "run"), device="cpu")
+                     use_lora=use_lora, save_model=True, eval_images=2, run_dir=str(tmp_path / "run"), device="cpu")
     out = ddpo.main(args)
     assert out["backward_passes"] == 4 and out["updates"] == 1 and math.isfinite(out["losses/ddpo"])
     assert Image.open(tmp_path / "run" / "images" / "epoch_0001.png").size == (2 * 32, 32)  # 16x16 latents -> 32 px
-    tuned = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "run" / "unet")
-    changed = [not torch.equal(a, b) for a, b in zip(unet.state_dict().values(), tuned.state_dict().values())]
-    assert any(changed)  # the whole UNet was fine-tuned and saved
+    x, t, e = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        before = unet(x, t, encoder_hidden_states=e).sample
+        if use_lora:  # the saved adapter loads into the pipeline the diffusers way
+            pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "sd")
+            pipe.load_lora_weights(str(tmp_path / "run" / "lora"))
+            tuned = pipe.unet
+        else:  # the whole UNet was fine-tuned and saved
+            tuned = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "run" / "unet")
+        after = tuned(x, t, encoder_hidden_states=e).sample
+    assert not torch.allclose(before, after)
 
 
 def test_bf16_mixed_precision_keeps_trainable_weights_in_float32(tmp_path):
