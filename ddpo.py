@@ -569,6 +569,8 @@ def main(args: Args) -> dict:
           f"{samples_per_epoch // (args.train_batch_size * args.gradient_accumulation_steps) * args.num_inner_epochs} "
           f"optimizer steps per epoch, {sum(p.numel() for p in trainable):,} trainable parameters")
 
+    trainable_names = {n for n, p in accelerator.unwrap_model(unet).named_parameters() if p.requires_grad}
+
     def save_checkpoint(epoch: int):
         state = {n: p for n, p in accelerator.unwrap_model(unet).state_dict().items() if n in trainable_names}
         path = os.path.join(run_dir, "checkpoint.pt")
@@ -576,7 +578,6 @@ def main(args: Args) -> dict:
                     "use_lora": args.use_lora, "history": history, "stats": {k: list(v) for k, v in tracker.stats.items()}},
                    path + ".tmp")
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a checkpoint
-    trainable_names = {n for n, p in accelerator.unwrap_model(unet).named_parameters() if p.requires_grad}
 
     if first_epoch == 0 and main_process:
         history["eval"].append(evaluate(0))
@@ -629,8 +630,6 @@ def main(args: Args) -> dict:
                                                                  batch["latents"][:, j], args.sample_eta,
                                                                  prev_sample=batch["next_latents"][:, j])
                         loss, ratio = ddpo_loss(log_prob.float(), batch["log_probs"][:, j], batch["advantages"], args)
-                        if not torch.isfinite(loss):
-                            fail(f"the DDPO loss became {loss.item()} at epoch {epoch}; lower --learning-rate")
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
                             accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -644,6 +643,8 @@ def main(args: Args) -> dict:
 
         # 4. log
         info = {k: accelerator.reduce(torch.stack(v).mean(), reduction="mean").item() for k, v in stats.items()}
+        if not math.isfinite(info["loss"]):  # checked once per epoch: no host sync per backward pass
+            fail(f"the DDPO loss became {info['loss']} in epoch {epoch + 1}; lower --learning-rate")
         info.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
         history["train"].append({"epoch": epoch + 1, **info})
         if main_process:

@@ -315,6 +315,16 @@ def test_bad_input(tmp_path, cli, message):
     assert not (tmp_path / "run").exists()
 
 
+def test_nan_loss_stops_and_says_so(tmp_path, monkeypatch):
+    real = ddpo.ddpo_loss
+    monkeypatch.setattr(ddpo, "ddpo_loss", lambda *a: (real(*a)[0] * float("nan"), real(*a)[1]))
+    args = ddpo.Args(model="tiny", tiny_pretrain_steps=0, sample_num_steps=3, num_epochs=2, sample_batch_size=2,
+                     sample_num_batches_per_epoch=1, train_batch_size=2, gradient_accumulation_steps=1,
+                     eval_images=2, run_dir=str(tmp_path / "run"), device="cpu")
+    with pytest.raises(SystemExit, match="DDPO loss became nan in epoch 1"):
+        ddpo.main(args)
+
+
 def test_existing_run_folder_is_never_overwritten(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("old run")
