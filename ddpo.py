@@ -416,12 +416,17 @@ def ddim_step_with_logprob(scheduler, model_output, t, x_t, eta: float, prev_sam
     return prev_sample.to(x_t.dtype), log_prob.mean(dim=tuple(range(1, x_t.ndim)))
 
 
+def latent_scale(vae) -> int:
+    """Image pixels per latent pixel: the VAE halves the side once per extra block; pixel space is 1."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+
 @torch.no_grad()
 def sample_with_logprob(model, embeds, neg_embeds, args: Args, image_size: int, generator=None):
     """Run the sampler, keeping the trajectory: images in [0, 1], latents (B, T + 1, ...), log-probs (B, T),
     timesteps (T,)."""
     unet, _, _, scheduler, vae = model
-    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    scale = latent_scale(vae)
     scheduler.set_timesteps(args.sample_num_steps, device=embeds.device)
     x = torch.randn((embeds.shape[0], unet.config.in_channels, image_size // scale, image_size // scale),
                     generator=generator, device=embeds.device, dtype=embeds.dtype) * scheduler.init_noise_sigma
@@ -504,9 +509,12 @@ def main(args: Args) -> dict:
     if args.allow_tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     unet, text_encoder, tokenizer, scheduler, vae = model = load_model(args)
-    image_size = args.image_size or unet.config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1) if vae else 1)
+    image_size = args.image_size or unet.config.sample_size * latent_scale(vae)
     reward_fn = make_reward(args, device)
 
+    # The schedule lives on the device once, so no DDIM step copies it from the host.
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(device)
     # Frozen parts in the inference dtype; trainable weights (LoRA or the whole UNet) stay float32.
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     text_encoder.requires_grad_(False).to(device, dtype=dtype)
