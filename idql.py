@@ -24,6 +24,7 @@ Usage:
     python idql.py --env hopper-medium-v2                 # downloads the D4RL file, 3M steps
     python idql.py --env hopper-medium-v2 --dataset hopper-medium-local.hdf5 --num-samples 256
     python idql.py --env Pendulum-v1 --dataset my_pendulum.hdf5 --selection implicit
+    python idql.py --env hopper-medium-v2 --resume runs/X/checkpoint.pt --eval-only --num-samples 256  # N sweep
 
 Differences from the official code:
 - PyTorch; the twin Q is one batched module (stacked weights, bmm). The data layer, the
@@ -135,6 +136,9 @@ class Args:
     """write run_dir/checkpoint.pt at each evaluation and at the end"""
     resume: Optional[str] = None
     """continue from a checkpoint.pt (outputs go to its folder unless --run-dir)"""
+    eval_only: bool = False
+    """only evaluate the --resume checkpoint, with this run's --num-samples/--selection/--eval-episodes,
+    into a new folder (default: next to the checkpoint); no training"""
     run_dir: Optional[str] = None
     """output folder (default: runs/{env}__{exp_name}__{seed}__{time}); must not exist"""
 
@@ -571,6 +575,8 @@ def main(args: Args) -> dict:
         fail(f"--expectile must be in (0, 1), got {expectile}")
     if min(args.max_steps, args.batch_size, args.log_interval, args.num_samples, args.diffusion_steps) < 1:
         fail("--max-steps, --batch-size, --log-interval, --num-samples and --diffusion-steps must be positive")
+    if args.eval_only and (args.resume is None or args.eval_episodes < 1):
+        fail("--eval-only evaluates a trained agent: give it --resume PATH/checkpoint.pt and --eval-episodes >= 1")
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -583,10 +589,16 @@ def main(args: Args) -> dict:
         if not os.path.isfile(args.resume):
             fail(f"checkpoint {args.resume} does not exist")
         resume = torch.load(args.resume, map_location=device, weights_only=False)
-    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
-                               f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
-        fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
+    if args.eval_only:  # a new folder per evaluation: the training run's outputs are never touched
+        run_dir = args.run_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume)),
+                                               f"eval__{args.selection}_N{args.num_samples}__{int(time.time())}")
+        if os.path.exists(run_dir):
+            fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
+    else:
+        run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
+                                   f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
+            fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -627,8 +639,8 @@ def main(args: Args) -> dict:
         random.setstate(resume["rng"]["python"])
         if resume["rng"]["cuda"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
-        start, evals = resume["step"], resume["evaluations"]
-        print(f"resumed from {args.resume} at step {start}")
+        start, evals = resume["step"], ([] if args.eval_only else resume["evaluations"])
+        print(f"{'evaluating' if args.eval_only else 'resumed from'} {args.resume} at step {start}")
 
     def train_step():
         idx = torch.randint(0, n, (args.batch_size,), device=device)  # sampled on the device
@@ -652,17 +664,34 @@ def main(args: Args) -> dict:
     if args.eval_episodes > 0 and args.capture_video:
         envs[0] = gym.wrappers.RecordVideo(envs[0], os.path.join(run_dir, "videos"), episode_trigger=lambda e: True)
 
+    def evaluate_and_log(step: int):
+        # the sampler's noise comes from a forked RNG, so evaluation settings never shift training's stream
+        with torch.random.fork_rng(devices=[torch.device(device).index or 0] if device.type == "cuda" else []):
+            returns = evaluate(select, obs_buf, envs, args.seed + step)
+        ret, score = float(returns.mean()), normalized_score(args.env, float(returns.mean()))
+        evals.append((step, ret, float(returns.std()), score))
+        writer.add_scalar("eval/return", ret, step)
+        writer.add_scalar("eval/normalized_score", score, step)
+        with open(os.path.join(run_dir, "evaluations.csv"), "w") as f:
+            f.write("step,return,return_std,normalized_score\n")
+            f.writelines(f"{s},{r:.2f},{sd:.2f},{sc:.2f}\n" for s, r, sd, sc in evals)
+        print(f"step={step} eval/return={ret:.1f} +- {returns.std():.1f} normalized={score:.1f}", flush=True)
+        results.update({"eval/return": ret, "eval/normalized_score": score})
+
     results, step = {}, start
     select = lambda: select_fn(obs_buf)  # noqa: E731
-    if use_graph:  # (of the compiled functions with --compile, as LeanRL does)
+    if use_graph and not args.eval_only:  # (of the compiled functions with --compile, as LeanRL does)
         step_fn = cuda_graph(step_fn)  # its 3 warm-up calls are real updates
         step += 3
-        if args.eval_episodes > 0:
-            select = cuda_graph(select)  # the T denoising steps of all N x episodes samples, one replay
-    warmup = min(step + 50, args.max_steps)  # updates/s is measured after compile/capture warm-up
+    if use_graph and args.eval_episodes > 0:
+        select = cuda_graph(select)  # the T denoising steps of all N x episodes samples, one replay
+    end = step if args.eval_only else args.max_steps  # --eval-only: no update, one evaluation
+    if args.eval_only:
+        evaluate_and_log(step)
+    warmup = min(step + 50, end)  # updates/s is measured after compile/capture warm-up
     t0, t_eval, n0 = None, 0.0, 0
-    bar = tqdm(total=args.max_steps, initial=step, disable=not sys.stdout.isatty(), desc="idql")
-    while step < args.max_steps:
+    bar = tqdm(total=end, initial=step, disable=not sys.stdout.isatty(), desc="idql")
+    while step < end:
         info = step_fn()
         step += 1
         bar.update(1)
@@ -670,7 +699,7 @@ def main(args: Args) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0, n0 = time.perf_counter(), step
-        if step % args.log_interval == 0 or step == args.max_steps:
+        if step % args.log_interval == 0 or step == end:
             metrics = {k: v.item() for k, v in info.items()}  # the only host sync of the loop
             for k, v in metrics.items():
                 if not math.isfinite(v):
@@ -682,21 +711,10 @@ def main(args: Args) -> dict:
                 writer.add_scalar("charts/updates_per_second", results["updates_per_second"], step)
             line = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("losses"))
             print(f"step={step} {line} ups={results.get('updates_per_second', float('nan')):.0f}", flush=True)
-        last = step == args.max_steps
+        last = step == end
         if args.eval_episodes > 0 and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
             te = time.perf_counter()
-            # the sampler's noise comes from a forked RNG, so evaluation settings never shift training's stream
-            with torch.random.fork_rng(devices=[torch.device(device).index or 0] if device.type == "cuda" else []):
-                returns = evaluate(select, obs_buf, envs, args.seed + step)
-            ret, score = float(returns.mean()), normalized_score(args.env, float(returns.mean()))
-            evals.append((step, ret, float(returns.std()), score))
-            writer.add_scalar("eval/return", ret, step)
-            writer.add_scalar("eval/normalized_score", score, step)
-            with open(os.path.join(run_dir, "evaluations.csv"), "w") as f:
-                f.write("step,return,return_std,normalized_score\n")
-                f.writelines(f"{s},{r:.2f},{sd:.2f},{sc:.2f}\n" for s, r, sd, sc in evals)
-            print(f"step={step} eval/return={ret:.1f} +- {returns.std():.1f} normalized={score:.1f}", flush=True)
-            results.update({"eval/return": ret, "eval/normalized_score": score})
+            evaluate_and_log(step)
             if t0 is not None:
                 t_eval += time.perf_counter() - te
         if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):

@@ -28,6 +28,24 @@ def test_main_tiny_hopper(hopper_files, tmp_path):
                                   resume=os.path.join(args.run_dir, "checkpoint.pt"), max_steps=350, **TINY))
     assert resumed["updates"] == 50 and [e[0] for e in resumed["evaluations"]] == [150, 300, 350]
 
+    # --eval-only: the checkpoint's RNG state makes it replay the evaluation it was saved after,
+    # into a new folder; another N is a new evaluation; the training run's files are not touched
+    ckpt, csv = os.path.join(args.run_dir, "checkpoint.pt"), os.path.join(args.run_dir, "evaluations.csv")
+    before = open(csv).read()
+    evaluate = lambda **kw: idql.main(tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["nonext"],
+                                                **{**TINY, "run_dir": None, "resume": ckpt, "eval_only": True, **kw}))  # noqa: E731
+    same = evaluate()
+    assert same["updates"] == 0 and same["evaluations"] == results["evaluations"][-1:]  # step 300
+    assert os.path.dirname(same["run_dir"]) == args.run_dir and "eval__argmax_N8__" in same["run_dir"]
+    assert open(os.path.join(same["run_dir"], "evaluations.csv")).read().startswith("step,return")
+    more = evaluate(num_samples=32, selection="implicit", run_dir=str(tmp_path / "n32"))
+    assert [e[0] for e in more["evaluations"]] == [300] and more["evaluations"] != same["evaluations"]
+    assert open(csv).read() == before
+    with pytest.raises(SystemExit, match="already exists"):
+        evaluate(run_dir=args.run_dir)
+    with pytest.raises(SystemExit, match="--eval-only evaluates a trained agent"):
+        evaluate(resume=None)
+
 
 def test_evaluation_does_not_change_training(hopper_files, tmp_path):
     """Evaluation samples from the diffusion model; its noise must not shift the training RNG stream."""
