@@ -211,3 +211,20 @@ def test_cuda_graph_replay_equals_eager_update():
     twin.update(*batch)
     for (name, p), q in zip(agent.state_dict().items(), twin.state_dict().values()):
         assert torch.allclose(p.float(), q.float(), atol=1e-5), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("selection", ["argmax", "implicit"])
+def test_cuda_graph_selection_equals_eager(selection):
+    """The N-sample selection (T denoising steps + the critic's choice) replayed as one graph."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    agent = idql.IDQL(11, 3, idql.Args(selection=selection), expectile=0.7, device=device)
+    obs_buf = torch.zeros(10, 11, device=device)
+    replay = idql.cuda_graph(lambda: agent.select(obs_buf))
+    for _ in range(2):  # a new state each time: the graph reads the static buffer
+        obs_buf.copy_(torch.randn(10, 11, device=device))
+        state = torch.cuda.get_rng_state()
+        graphed = replay().clone()
+        torch.cuda.set_rng_state(state)
+        assert torch.allclose(graphed, agent.select(obs_buf), atol=1e-5)
