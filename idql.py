@@ -42,6 +42,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -134,6 +135,8 @@ class Args:
     """record the first episode of each evaluation under the run folder"""
     save_model: bool = False
     """write run_dir/checkpoint.pt at each evaluation and at the end"""
+    keep_checkpoints: bool = False
+    """with --save-model, also keep each checkpoint as checkpoint_{step}.pt (to --eval-only a run's history)"""
     resume: Optional[str] = None
     """continue from a checkpoint.pt (outputs go to its folder unless --run-dir)"""
     eval_only: bool = False
@@ -577,6 +580,8 @@ def main(args: Args) -> dict:
         fail("--max-steps, --batch-size, --log-interval, --num-samples and --diffusion-steps must be positive")
     if args.eval_only and (args.resume is None or args.eval_episodes < 1):
         fail("--eval-only evaluates a trained agent: give it --resume PATH/checkpoint.pt and --eval-episodes >= 1")
+    if args.keep_checkpoints and not args.save_model:
+        fail("--keep-checkpoints keeps the checkpoints that --save-model writes; add --save-model")
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -719,6 +724,8 @@ def main(args: Args) -> dict:
                 t_eval += time.perf_counter() - te
         if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, step, args, evals)
+            if args.keep_checkpoints:
+                shutil.copyfile(os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, f"checkpoint_{step}.pt"))
     bar.close()
     writer.close()
     for env in envs:

@@ -16,13 +16,14 @@ TINY = dict(actor_hidden=32, num_samples=8, eval_episodes=3)
 
 
 def test_main_tiny_hopper(hopper_files, tmp_path):
-    args = tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["nonext"], save_model=True, **TINY)
+    args = tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["nonext"], save_model=True,
+                     keep_checkpoints=True, **TINY)
     results = idql.main(args)
     assert results["updates"] == 300
     assert_finite_losses(results)
     assert [e[0] for e in results["evaluations"]] == [150, 300] and np.isfinite(results["eval/normalized_score"])
     assert tensorboard_events(args.run_dir)
-    for name in ("checkpoint.pt", "evaluations.csv", "args.json"):
+    for name in ("checkpoint.pt", "checkpoint_150.pt", "checkpoint_300.pt", "evaluations.csv", "args.json"):
         assert os.path.isfile(os.path.join(args.run_dir, name)), name
     resumed = idql.main(tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["nonext"], run_dir=None,
                                   resume=os.path.join(args.run_dir, "checkpoint.pt"), max_steps=350, **TINY))
@@ -45,6 +46,9 @@ def test_main_tiny_hopper(hopper_files, tmp_path):
         evaluate(run_dir=args.run_dir)
     with pytest.raises(SystemExit, match="--eval-only evaluates a trained agent"):
         evaluate(resume=None)
+    # a kept checkpoint is the run as it was then: evaluating it replays that step's evaluation
+    first = evaluate(resume=os.path.join(args.run_dir, "checkpoint_150.pt"), run_dir=str(tmp_path / "at150"))
+    assert first["evaluations"] == results["evaluations"][:1]
 
 
 def test_evaluation_does_not_change_training(hopper_files, tmp_path):
@@ -183,6 +187,8 @@ def test_bad_input(tmp_path, hopper_files):
         path = datasets.write_d4rl(str(tmp_path / "am.hdf5"), np.zeros((n, 29)), np.zeros((n, 8)), np.zeros(n),
                                    np.zeros(n), np.arange(n) % 10 == 9)
         idql.main(tiny_args(idql, tmp_path, env="antmaze-umaze-v2", dataset=path, **TINY))
+    with pytest.raises(SystemExit, match="add --save-model"):
+        idql.main(tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"], keep_checkpoints=True, **TINY))
     (tmp_path / "run").mkdir()
     proc = run_script("idql.py", "--env", "hopper-medium-v2", "--dataset", hopper_files["next"],
                       "--run-dir", str(tmp_path / "run"))
