@@ -35,8 +35,8 @@ Differences from the official code:
   non-terminal transitions (m = 1). d4rl.qlearning_dataset, which the official code
   uses, rebuilds s' from the next row and drops every timeout step; we do that only
   for files without `next_observations`.
-- The actor's cosine lr decay runs over `--lr-decay-steps`, default 1e6 as in the
-  official code (which uses 1e6 whatever --max_steps is).
+- The actor's cosine lr decay runs over `--max-steps`, as the official code
+  (`cosine_decay_schedule(-actor_lr, max_steps)`); `--lr-decay-steps` overrides the horizon.
 - AntMaze, Kitchen and Adroit train offline, but their D4RL environments are not in
   Gymnasium; evaluation for them needs `--eval-episodes 0` (say so, train, no score).
 - ant-* datasets and other Gymnasium ids get the locomotion reward scaling too (the official
@@ -103,8 +103,8 @@ class Args:
     """Q learning rate"""
     value_lr: float = 3e-4
     """V learning rate"""
-    lr_decay_steps: int = 1_000_000
-    """horizon of the actor's cosine lr decay (official: 1e6 whatever max_steps is)"""
+    lr_decay_steps: Optional[int] = None
+    """horizon of the actor's cosine lr decay (default: --max-steps, as the official code)"""
     hidden_dim: int = 256
     """width of the two hidden layers of every network"""
     gamma: float = 0.99
@@ -366,7 +366,8 @@ class IQL(nn.Module):
                  dropout: Optional[float], device: torch.device):
         super().__init__()
         self.expectile, self.beta, self.gamma, self.tau = expectile, beta, args.gamma, args.tau
-        self.exp_adv_max, self.lr_decay_steps = args.exp_adv_max, args.lr_decay_steps
+        self.exp_adv_max = args.exp_adv_max
+        self.lr_decay_steps = args.max_steps if args.lr_decay_steps is None else args.lr_decay_steps
         self.actor = GaussianActor(obs_dim, act_dim, args.hidden_dim, dropout)
         self.critic = TwinQ(obs_dim, act_dim, args.hidden_dim)
         self.critic_target = TwinQ(obs_dim, act_dim, args.hidden_dim)
@@ -414,8 +415,9 @@ class IQL(nn.Module):
         critic_loss.backward()
         self.critic_opt.step()
 
-        # 4) Polyak average of Q only (IQL has no target V)
-        torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
+        # 4) Polyak average of Q only (IQL has no target V); no_grad, or autograd records every step
+        with torch.no_grad():
+            torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
         self.num_updates += 1
         # (actor_lr is returned as a copy: torch.compile mishandles returning a buffer it mutated)
         return {"losses/value_loss": value_loss.detach(), "losses/actor_loss": actor_loss.detach(),
