@@ -51,6 +51,10 @@ Differences from the official code:
 - The DDIM step with log-probability is written here from the DDIM update (the official code
   patches diffusers' scheduler); for x_{-1} it uses `final_alpha_cumprod` where the official
   code clamps the index to 0 (the same number for Stable Diffusion's scheduler).
+- Fix: each step's log-density is that of x_{t-1} after the cast to the latents' dtype (fp16/bf16 under
+  mixed precision), the x_{t-1} that is stored and re-scored in training. The official code scores the
+  float32 x_{t-1} and stores the fp16 one, so the first inner step's ratios are up to ~1.5e-4 from 1 at
+  the last timesteps (beyond the 1e-4 clip); here they are 1.
 - No `--compile` / `--cuda-graph`: the UNet's forward and backward passes are the whole cost, and
   mixed precision (fp16 by default on CUDA, as officially) is the speed lever.
 - A checkpoint (trainable weights, optimizer, per-prompt statistics) is written every `--save-freq`
@@ -411,9 +415,9 @@ def ddim_step_with_logprob(scheduler, model_output, t, x_t, eta: float, prev_sam
     mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
     if prev_sample is None:
         noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        prev_sample = mean + sigma * noise
+        prev_sample = (mean + sigma * noise).to(x_t.dtype)  # the x_{t-1} that is stored (fp16/bf16) is the one scored
     log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * sigma**2) - sigma.log() - math.log(math.sqrt(2 * math.pi))
-    return prev_sample.to(x_t.dtype), log_prob.mean(dim=tuple(range(1, x_t.ndim)))
+    return prev_sample, log_prob.mean(dim=tuple(range(1, x_t.ndim)))
 
 
 def latent_scale(vae) -> int:

@@ -88,6 +88,39 @@ def test_ratio_is_one_on_the_first_inner_step():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rescoring_a_low_precision_trajectory_gives_ratio_one(dtype):
+    """Under mixed precision the latents are stored in fp16/bf16. Each step's log-density must be that of
+    the stored x_{t-1}, so that re-scoring it (as training does) gives ratio 1; the official code scores
+    the float32 x_{t-1} before the cast (ratios up to ~1.5e-4 from 1 in fp16, beyond the 1e-4 clip)."""
+    scheduler = sd_scheduler(50)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 8, 8, generator=g).to(dtype)
+    for t in scheduler.timesteps:
+        eps = torch.randn(x.shape, generator=g).to(dtype)
+        prev, log_prob = ddpo.ddim_step_with_logprob(scheduler, eps, t, x, 1.0, generator=g)
+        _, rescored = ddpo.ddim_step_with_logprob(scheduler, eps, t, x, 1.0, prev_sample=prev)
+        assert prev.dtype == dtype and log_prob.dtype == torch.float32
+        assert (rescored - log_prob).abs().max() < 1e-6, (int(t), (rescored - log_prob).abs().max())
+        x = prev
+    # and through the sampler: the tiny model in bf16 re-scores its own trajectory at ratio 1
+    args = ddpo.Args(model="tiny", sample_num_steps=8)
+    model = ddpo.build_tiny(pretrain_steps=0)
+    unet, text_encoder, tokenizer, scheduler, _ = model
+    unet.to(torch.bfloat16).eval()
+    ids = tokenizer(["cat", "dog", ""], return_tensors="pt", padding="max_length", max_length=77).input_ids
+    with torch.no_grad():
+        e = text_encoder(ids)[0].to(torch.bfloat16)
+        embeds, neg = e[:2], e[2:].expand(2, -1, -1)
+        _, latents, old_log_probs, timesteps = ddpo.sample_with_logprob(model, embeds, neg, args, 16)
+        assert latents.dtype == torch.bfloat16
+        for j in range(8):
+            eps = ddpo.guided_eps(unet, latents[:, j], timesteps[j].repeat(2), embeds, neg, args.guidance_scale)
+            _, log_prob = ddpo.ddim_step_with_logprob(scheduler, eps, timesteps[j].repeat(2), latents[:, j], 1.0,
+                                                      prev_sample=latents[:, j + 1])
+            assert (log_prob - old_log_probs[:, j]).abs().max() < 1e-6, (j, log_prob - old_log_probs[:, j])
+
+
 def test_ddpo_loss_by_hand():
     args = ddpo.Args(clip_range=0.2, adv_clip_max=5.0)
     old = torch.zeros(4)
