@@ -467,6 +467,19 @@ def save_grid(images: torch.Tensor, path: str, columns: int = 8):
     Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
 
 
+def load_trainable(unet, state: dict, path: str):
+    """Load a checkpoint's trainable weights (LoRA or the whole UNet): exactly the model's trainable
+    tensors, same names and shapes, or fail (load_state_dict(strict=False) alone would load nothing on
+    a name mismatch and say nothing)."""
+    names = {n for n, p in unet.named_parameters() if p.requires_grad}
+    shapes = {n: p.shape for n, p in unet.named_parameters()}
+    wrong = sorted(set(state) ^ names) + sorted(n for n in set(state) & names if state[n].shape != shapes[n])
+    if wrong:
+        fail(f"{path} does not match the model's trainable weights ({len(wrong)} names or shapes differ, "
+             f"e.g. {wrong[0]}; same --model, --use-lora and --lora-rank?)")
+    unet.load_state_dict(state, strict=False)  # strict=False only because the frozen weights are not in it
+
+
 def main(args: Args) -> dict:
     if min(args.num_epochs, args.sample_num_steps, args.sample_batch_size, args.sample_num_batches_per_epoch,
            args.train_batch_size, args.gradient_accumulation_steps, args.num_inner_epochs) < 1:
@@ -540,7 +553,7 @@ def main(args: Args) -> dict:
     if resume:
         if resume["use_lora"] != args.use_lora or resume["model"] != args.model:
             fail(f"{args.resume} was trained with --model {resume['model']} --use-lora {resume['use_lora']}")
-        unet.load_state_dict(resume["trainable"], strict=False)
+        load_trainable(unet, resume["trainable"], args.resume)
         optimizer.load_state_dict(resume["optimizer"])
         tracker.stats = {k: deque(v, maxlen=args.stat_buffer_size) for k, v in resume["stats"].items()}
         first_epoch, history = resume["epoch"] + 1, resume["history"]

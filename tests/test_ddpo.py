@@ -256,6 +256,36 @@ def test_main_tiny_lora_then_resume(tmp_path, monkeypatch):
     assert resumed["backward_passes"] == 80 and (run / "train.csv").read_text().count("\n") == 4
 
 
+def test_resume_loads_exactly_the_checkpoint_and_refuses_a_mismatched_one(tmp_path):
+    args = ddpo.Args(model="tiny", tiny_pretrain_steps=0, sample_num_steps=3, num_epochs=1, sample_batch_size=2,
+                     sample_num_batches_per_epoch=1, train_batch_size=2, gradient_accumulation_steps=1,
+                     use_lora=False, eval_images=2, run_dir=str(tmp_path / "run"), device="cpu")
+    ddpo.main(args)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    fresh = ddpo.build_tiny(pretrain_steps=0)[0].state_dict()
+    assert set(ckpt["trainable"]) == set(fresh) and any(not torch.equal(v, fresh[k]) for k, v in ckpt["trainable"].items())
+    # resumed with nothing left to train, --save-model writes the weights main() holds after loading
+    ddpo.main(ddpo.Args(**{**vars(args), "resume": str(tmp_path / "run" / "checkpoint.pt"), "run_dir": None,
+                           "save_model": True}))
+    loaded = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "run" / "unet").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in ckpt["trainable"].items())
+
+    def resume_from(name, trainable, **overrides):
+        (tmp_path / name).mkdir()
+        torch.save({**ckpt, "trainable": trainable}, tmp_path / name / "checkpoint.pt")
+        return ddpo.Args(**{**vars(args), "resume": str(tmp_path / name / "checkpoint.pt"), "run_dir": None, **overrides})
+
+    renamed = {"module." + k: v for k, v in ckpt["trainable"].items()}  # loaded with strict=False: nothing at all
+    with pytest.raises(SystemExit, match="does not match the model"):
+        ddpo.main(resume_from("renamed", renamed))
+    partial = dict(list(ckpt["trainable"].items())[:5])
+    with pytest.raises(SystemExit, match="does not match the model"):
+        ddpo.main(resume_from("partial", partial))
+    reshaped = {k: v[..., :1] if k == "conv_in.weight" else v for k, v in ckpt["trainable"].items()}
+    with pytest.raises(SystemExit, match="does not match the model"):
+        ddpo.main(resume_from("reshaped", reshaped))
+
+
 def tiny_sd_folder(path):
     """A Stable Diffusion pipeline in diffusers' folder layout: VAE (4-channel latents at 1/2 scale),
     UNet, CLIP text encoder and tokenizer, SD's default PNDM scheduler."""
