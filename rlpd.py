@@ -27,8 +27,10 @@ Usage:
 Differences from the official code:
 - PyTorch instead of JAX; the ensemble is one batched module (stacked weights, bmm), and the
   target's random subset indexes the stacked weights.
-- Evaluation runs in Gymnasium's MuJoCo port (hopper-*-v2 -> Hopper-v4, ant -> Ant-v4 with
-  contact forces) and the D4RL files are read with h5py. AntMaze, Kitchen and Adroit are
+- Evaluation runs in Gymnasium's MuJoCo port (hopper-*-v2 -> Hopper-v4) and the D4RL files are
+  read with h5py. ant-* runs Ant-v4 made to match D4RL's ant-v2 data, which was recorded with
+  MuJoCo 2 where the contact forces read zero: 111-dim observations with dims 27: zeroed, and
+  no contact cost in the reward (Gymnasium's Ant-v4 with contact forces fills both). AntMaze, Kitchen and Adroit are
   refused: RLPD needs their environments online, and they are not in Gymnasium.
 - With `next_observations` in the file, timeout steps are kept as non-terminal transitions
   (d4rl.qlearning_dataset drops them); without it, s' is rebuilt as the official code does.
@@ -235,19 +237,28 @@ def make_env(env_id: str, render: bool = False) -> gym.Env:
     task = env_id.split("-")[0]
     if task in LOCOMOTION:
         env_id = LOCOMOTION[task]
-        if task == "ant":
-            kwargs["use_contact_forces"] = True  # D4RL's Ant observation has 111 dims
+        if task == "ant":  # D4RL's ant: 111 dims, contact forces (27:) all zero, no contact cost in the reward
+            kwargs.update(use_contact_forces=True, contact_cost_weight=0.0)
     elif task.lower() in ("antmaze", "kitchen", "pen", "hammer", "door", "relocate"):
         fail(f"{env_id}: RLPD runs the environment online, and D4RL's {task} environments are not in Gymnasium")
     try:
         env = gym.make(env_id, **kwargs)
     except gym.error.Error as e:
         fail(f"unknown env '{env_id}' ({e})")
+    if task == "ant":
+        env = gym.wrappers.TransformObservation(env, zero_contact_forces, env.observation_space)
     if not isinstance(env.action_space, gym.spaces.Box):
         fail(f"{env_id} has a {type(env.action_space).__name__} action space; SAC needs continuous actions")
     if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
         env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))  # the actor acts in [-1, 1] (tanh)
     return env
+
+
+def zero_contact_forces(obs: np.ndarray) -> np.ndarray:
+    """Ant's observation as D4RL's ant-v2 files hold it: MuJoCo 2 (mujoco-py) left cfrc_ext at zero."""
+    obs = obs.copy()
+    obs[27:] = 0.0
+    return obs
 
 
 class ReplayBuffer:
@@ -257,7 +268,7 @@ class ReplayBuffer:
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
         self.capacity, self.dims = capacity, (obs_dim, act_dim, 1, 1, obs_dim)
         self.rows = torch.zeros(capacity, sum(self.dims), device=device)
-        self.size_t = torch.zeros((), device=device)
+        self.size_t = torch.zeros((), dtype=torch.long, device=device)
         self.ptr, self.size = 0, 0
 
     def add(self, obs, act, rew, mask, next_obs):
@@ -267,20 +278,32 @@ class ReplayBuffer:
         self.size = min(self.size + 1, self.capacity)
         self.size_t.fill_(self.size)
 
+    def indices(self, n: int) -> torch.Tensor:
+        """n uniform row indices (with replacement): integers mod size, as float32 `rand * size` is not
+        uniform over millions of rows; the modulo's bias is below size / 2^62."""
+        return torch.randint(0, 2**62, (n,), device=self.rows.device) % self.size_t
+
     def sample_rows(self, n: int) -> torch.Tensor:
-        idx = (torch.rand(n, device=self.rows.device) * self.size_t).long()
-        return self.rows[idx]
+        return self.rows[self.indices(n)]
 
     def split(self, rows: torch.Tensor) -> tuple:
         obs, act, rew, mask, next_obs = rows.split(self.dims, dim=-1)
         return obs, act, rew.squeeze(-1), mask.squeeze(-1), next_obs
 
+    def sample(self, n: int) -> tuple:
+        """(s, a, r, m, s') of n uniform draws."""
+        return self.split(self.sample_rows(n))
+
     def state_dict(self) -> dict:
-        return {"rows": self.rows[:self.size].cpu(), "ptr": self.ptr, "size": self.size}
+        """The rows oldest first, so that a run with another capacity can resume them."""
+        return {"rows": torch.cat([self.rows[self.ptr:self.size], self.rows[:self.ptr]]).cpu(), "size": self.size}
 
     def load_state_dict(self, state: dict):
-        self.rows[:state["size"]] = state["rows"].to(self.rows.device)
-        self.ptr, self.size = state["ptr"], state["size"]
+        rows = state["rows"].roll(-state.get("ptr", 0), 0)  # ("ptr": older checkpoints stored the ring as is)
+        rows = rows[-self.capacity:]  # the newest rows, if this run's capacity is smaller
+        self.size = len(rows)
+        self.rows[:self.size] = rows.to(self.rows.device)
+        self.ptr = self.size % self.capacity  # the next row goes after the newest; row 0 only when full
         self.size_t.fill_(self.size)
 
 
@@ -411,7 +434,8 @@ class RLPD(nn.Module):
             self.critic_opt.zero_grad()
             critic_loss.backward()
             self.critic_opt.step()
-            torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
+            with torch.no_grad():  # or autograd records every Polyak step (a graph growing without end)
+                torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
 
         # actor on the mean of all critics
         alpha = self.log_alpha.exp().detach()
@@ -436,22 +460,29 @@ class RLPD(nn.Module):
 
 
 def cuda_graph(fn, warmup: int = 3):
-    """Capture fn() (no inputs: it reads static tensors) as a CUDA graph; return a replay
-    function giving fn's static outputs. The warm-up calls are real calls of fn."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):  # allocates optimizer state, autograd buffers, cuBLAS workspaces
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    """fn() (no inputs: it reads static tensors) as a CUDA graph. The first `warmup` calls run fn
+    eagerly on a side stream (they allocate optimizer state, autograd buffers, cuBLAS workspaces),
+    the next one captures and replays it; every call is one real call of fn, so a GPU run does
+    exactly the updates of a CPU run (the capture itself runs nothing)."""
+    graph, out, calls = None, None, 0
 
-    def replay():
+    def call():
+        nonlocal graph, out, calls
+        calls += 1
+        if calls <= warmup:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                result = fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            return result
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fn()
         graph.replay()
         return out
-    return replay
+    return call
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -477,6 +508,14 @@ def normalized_score(env: str, ret: float) -> float:
         return float("nan")  # no d4rl reference returns for this env
     lo, hi = REF_SCORES[task]
     return 100 * (ret - lo) / (hi - lo)
+
+
+def load_optimizer(opt: torch.optim.Optimizer, state: dict, device: torch.device):
+    """Optimizer state from a checkpoint, with Adam's `capturable` set for this run's device: the saved
+    flag is the saving run's (True from CUDA fails on CPU; False fails inside a CUDA graph)."""
+    opt.load_state_dict(state)
+    for group in opt.param_groups:
+        group["capturable"] = device.type == "cuda"
 
 
 def save_checkpoint(path: str, agent: RLPD, online: ReplayBuffer, step: int, args: Args, evals: list):
@@ -546,22 +585,24 @@ def main(args: Args) -> dict:
     if resume:
         agent.load_state_dict(resume["agent"])
         for k, opt in agent.optimizers().items():
-            opt.load_state_dict(resume[k])
+            load_optimizer(opt, resume[k], device)
         online.load_state_dict(resume["online"])
-        torch.set_rng_state(resume["rng"]["torch"])
+        torch.set_rng_state(resume["rng"]["torch"].cpu())  # map_location moved it to the device
         np.random.set_state(resume["rng"]["numpy"])
         random.setstate(resume["rng"]["python"])
         if resume["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+            torch.cuda.set_rng_state_all([state.cpu() for state in resume["rng"]["cuda"]])
         start, evals = resume["step"], resume["evaluations"]
         print(f"resumed from {args.resume} at step {start} (a new episode starts)")
 
     def train_step():  # the UTD block: indices drawn on the device, then G critic + 1 actor + 1 temperature step
         if offline is None:
-            return agent.update(*online.split(online.sample_rows(args.utd_ratio * args.batch_size)))
+            return agent.update(*online.sample(args.utd_ratio * args.batch_size))
         return agent.update(*symmetric_sample(offline, online, args.utd_ratio, args.batch_size, args.offline_ratio))
 
     step_fn = torch.compile(train_step) if args.compile else train_step
+    if use_graph:
+        step_fn = cuda_graph(step_fn)  # 3 eager warm-up calls, then replays; each call is one UTD block
 
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
@@ -601,9 +642,6 @@ def main(args: Args) -> dict:
             episode_return, episode_length = 0.0, 0
 
         if step > args.learning_starts:
-            if use_graph and info is None:
-                step_fn = cuda_graph(step_fn)  # the warm-up calls are 3 real UTD blocks
-                updates += 3 * args.utd_ratio
             info = step_fn()
             updates += args.utd_ratio
             if t0 is None and updates >= 50 * args.utd_ratio:  # measured after compile/capture warm-up

@@ -34,7 +34,10 @@ Differences from the official code:
 - PyTorch instead of JAX; both critics are one batched module (stacked weights, bmm).
 - Gymnasium MuJoCo's Ant-v4 (20 Hz, episodes of 1,000 steps) instead of the official A1 run task
   in dm_control (20 Hz, episodes of 400 steps) or the real robot; no action history, no
-  clipping of joint targets around the standing pose.
+  clipping of joint targets around the standing pose. Ant-v4 keeps Gymnasium's defaults (27-dim
+  observation without contact forces, no contact cost): this script learns from scratch, so it
+  need not match D4RL's ant files (111 dims, as rlpd.py's ant-* env); its --save-dataset replay
+  pairs with `--env Ant-v4` in the offline scripts.
 - The Butterworth filter is written out (bilinear transform, as scipy.signal.butter) instead of
   calling scipy, filters the [-1, 1] command, and starts from zero history after each reset (the
   official one filters joint targets and starts from the standing pose).
@@ -196,7 +199,7 @@ class ReplayBuffer:
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
         self.capacity, self.dims = capacity, (obs_dim, act_dim, 1, 1, obs_dim)
         self.rows = torch.zeros(capacity, sum(self.dims), device=device)
-        self.size_t = torch.zeros((), device=device)
+        self.size_t = torch.zeros((), dtype=torch.long, device=device)
         self.ptr, self.size = 0, 0
 
     def add(self, obs, act, rew, mask, next_obs):
@@ -206,18 +209,32 @@ class ReplayBuffer:
         self.size = min(self.size + 1, self.capacity)
         self.size_t.fill_(self.size)
 
+    def indices(self, n: int) -> torch.Tensor:
+        """n uniform row indices (with replacement): integers mod size, as float32 `rand * size` is not
+        uniform over millions of rows; the modulo's bias is below size / 2^62."""
+        return torch.randint(0, 2**62, (n,), device=self.rows.device) % self.size_t
+
+    def sample_rows(self, n: int) -> torch.Tensor:
+        return self.rows[self.indices(n)]
+
+    def split(self, rows: torch.Tensor) -> tuple:
+        obs, act, rew, mask, next_obs = rows.split(self.dims, dim=-1)
+        return obs, act, rew.squeeze(-1), mask.squeeze(-1), next_obs
+
     def sample(self, n: int) -> tuple:
-        """(s, a, r, m, s') of n uniform draws (with replacement)."""
-        idx = (torch.rand(n, device=self.rows.device) * self.size_t).long()
-        obs, act, rew, mask, next_obs = self.rows[idx].split(self.dims, dim=1)
-        return obs, act, rew.squeeze(1), mask.squeeze(1), next_obs
+        """(s, a, r, m, s') of n uniform draws."""
+        return self.split(self.sample_rows(n))
 
     def state_dict(self) -> dict:
-        return {"rows": self.rows[:self.size].cpu(), "ptr": self.ptr, "size": self.size}
+        """The rows oldest first, so that a run with another capacity can resume them."""
+        return {"rows": torch.cat([self.rows[self.ptr:self.size], self.rows[:self.ptr]]).cpu(), "size": self.size}
 
     def load_state_dict(self, state: dict):
-        self.rows[:state["size"]] = state["rows"].to(self.rows.device)
-        self.ptr, self.size = state["ptr"], state["size"]
+        rows = state["rows"].roll(-state.get("ptr", 0), 0)  # ("ptr": older checkpoints stored the ring as is)
+        rows = rows[-self.capacity:]  # the newest rows, if this run's capacity is smaller
+        self.size = len(rows)
+        self.rows[:self.size] = rows.to(self.rows.device)
+        self.ptr = self.size % self.capacity  # the next row goes after the newest; row 0 only when full
         self.size_t.fill_(self.size)
 
 
@@ -334,7 +351,8 @@ class SAC(nn.Module):
             self.critic_opt.zero_grad()
             critic_loss.backward()
             self.critic_opt.step()
-            torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
+            with torch.no_grad():  # or autograd records every Polyak step (a graph growing without end)
+                torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
 
         # actor on the mean of the critics (not their min), dropout still on
         alpha = self.log_alpha.exp().detach()
@@ -364,22 +382,29 @@ class SAC(nn.Module):
 
 
 def cuda_graph(fn, warmup: int = 3):
-    """Capture fn() (no inputs: it reads static tensors) as a CUDA graph; return a replay
-    function giving fn's static outputs. The warm-up calls are real calls of fn."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):  # allocates optimizer state, autograd buffers, cuBLAS workspaces
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    """fn() (no inputs: it reads static tensors) as a CUDA graph. The first `warmup` calls run fn
+    eagerly on a side stream (they allocate optimizer state, autograd buffers, cuBLAS workspaces),
+    the next one captures and replays it; every call is one real call of fn, so a GPU run does
+    exactly the updates of a CPU run (the capture itself runs nothing)."""
+    graph, out, calls = None, None, 0
 
-    def replay():
+    def call():
+        nonlocal graph, out, calls
+        calls += 1
+        if calls <= warmup:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                result = fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            return result
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fn()
         graph.replay()
         return out
-    return replay
+    return call
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -411,6 +436,14 @@ def write_d4rl(path: str, log: dict, env: gym.Env):
             f[k] = np.array(v, dtype=np.float32)
         f["actions"] = actions.astype(np.float32)
         f["terminals"], f["timeouts"] = np.array(log["terminals"]), timeouts
+
+
+def load_optimizer(opt: torch.optim.Optimizer, state: dict, device: torch.device):
+    """Optimizer state from a checkpoint, with Adam's `capturable` set for this run's device: the saved
+    flag is the saving run's (True from CUDA fails on CPU; False fails inside a CUDA graph)."""
+    opt.load_state_dict(state)
+    for group in opt.param_groups:
+        group["capturable"] = device.type == "cuda"
 
 
 def save_checkpoint(path: str, agent: SAC, buffers: dict, log: dict, step: int, args: Args, evals: list):
@@ -467,14 +500,14 @@ def main(args: Args) -> dict:
     if resume:
         agent.load_state_dict(resume["agent"])
         for k, opt in agent.optimizers().items():
-            opt.load_state_dict(resume[k])
+            load_optimizer(opt, resume[k], device)
         for k, b in buffers.items():
             b.load_state_dict(resume["buffers"][k])
-        torch.set_rng_state(resume["rng"]["torch"])
+        torch.set_rng_state(resume["rng"]["torch"].cpu())  # map_location moved it to the device
         np.random.set_state(resume["rng"]["numpy"])
         random.setstate(resume["rng"]["python"])
         if resume["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+            torch.cuda.set_rng_state_all([state.cpu() for state in resume["rng"]["cuda"]])
         start, evals = resume["step"], resume["evaluations"]
         print(f"resumed from {args.resume} at step {start} (a new episode starts)")
 
@@ -482,6 +515,8 @@ def main(args: Args) -> dict:
         return agent.update(*buffers["train"].sample(args.utd_ratio * args.batch_size))
 
     step_fn = torch.compile(train_step) if args.compile else train_step
+    if use_graph:
+        step_fn = cuda_graph(step_fn)  # 3 eager warm-up calls, then replays; each call is one UTD block
 
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
@@ -528,9 +563,6 @@ def main(args: Args) -> dict:
             episode_return, episode_length = 0.0, 0
 
         if step > args.learning_starts and buffers["train"].size > 0:
-            if use_graph and info is None:
-                step_fn = cuda_graph(step_fn)  # the warm-up calls are 3 real UTD blocks
-                updates += 3 * args.utd_ratio
             info = step_fn()
             updates += args.utd_ratio
             if t0 is None and updates >= 50 * args.utd_ratio:  # measured after compile/capture warm-up
@@ -541,10 +573,11 @@ def main(args: Args) -> dict:
 
         if info is not None and (step % args.log_interval == 0 or step == args.total_timesteps):
             metrics = {k: v.item() for k, v in info.items()}  # the only host sync of the update path
-            metrics["losses/train_td_error"] = agent.td_error(*buffers["train"].sample(args.batch_size)).item()
-            if buffers["validation"].size > 0:
-                metrics["losses/validation_td_error"] = agent.td_error(
-                    *buffers["validation"].sample(args.batch_size)).item()
+            # the TD errors draw s', a' and dropout masks from a fork: logging leaves the training RNG alone
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                for k, b in buffers.items():
+                    if b.size > 0:
+                        metrics[f"losses/{k}_td_error"] = agent.td_error(*b.sample(args.batch_size)).item()
             for k, v in metrics.items():
                 if not math.isfinite(v):
                     fail(f"{k} became {v} at step {step}; lower the learning rates")
