@@ -66,11 +66,7 @@ def utd_block(module, agent_cls, device, mode, with_env=False):
     buffer.rows.normal_()
     buffer.size = 1_000_000
     buffer.size_t.fill_(buffer.size)
-    if module.__name__ == "rlpd":
-        sample = lambda n: buffer.split(buffer.sample_rows(n))  # noqa: E731
-    else:
-        sample = buffer.sample
-    block = speedup(lambda: agent.update(*sample(args.utd_ratio * args.batch_size)), mode, module.cuda_graph)
+    block = speedup(lambda: agent.update(*buffer.sample(args.utd_ratio * args.batch_size)), mode, module.cuda_graph)
     if not with_env:
         return block, args.utd_ratio, "critic updates"
     env = module.make_env(module.Args(env="Hopper-v4") if module.__name__ == "sac_20min" else "Hopper-v4")
