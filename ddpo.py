@@ -15,7 +15,8 @@ log-density is exact and cheap. Each epoch:
         rho  = p_theta(x_{t-1} | x_t, c) / p_old(x_{t-1} | x_t, c)
         L_IS = max(-A rho, -A clip(rho, 1 - eps, 1 + eps))       DDPO_IS (PPO's clipped ratio)
         L_SF = -A log p_theta(x_{t-1} | x_t, c)                    DDPO_SF (one on-policy step)
-    gradients accumulate over every timestep of a train batch, then one AdamW step.
+    gradients accumulate over every trained timestep of `gradient_accumulation_steps` train batches:
+    one AdamW step per gradient_accumulation_steps x T backward passes (T x timestep_fraction if < 1).
 
 The log-density is averaged over the latent's dimensions, not summed (as the official code
 does; the ratio clip eps = 1e-4 is tuned to that scale).
@@ -35,9 +36,10 @@ Differences from the official code:
 - Defaults are the per-GPU values of the official `config/dgx.py:compressibility` (8 samples x 4
   batches, train batch 4, 2 accumulation steps, LoRA rank 4, lr 3e-4). Its 8 GPUs gave 256 samples
   per epoch; one device gives 32. With `accelerate launch` the numbers scale the same way.
-- Prompts: the official runs use the 398 ImageNet animal classes (an asset file). Here
-  `--prompts` is `simple_animals` (a list in this file) or a text file with one prompt per line,
-  so the ImageNet list is `--prompts imagenet_animals.txt`.
+- Prompts: the official (in)compressibility runs use the first 398 ImageNet classes (the animals, an
+  asset file); its aesthetic run uses `simple_animals` (45 animal names). Here `--prompts` defaults to
+  `simple_animals` (the same 45 names, in this file) or takes a text file with one prompt per line, so
+  the official compressibility prompts are `--prompts imagenet_animals.txt` (those 398 lines).
 - LoRA through peft (`unet.add_adapter`, rank 4 on to_q/to_k/to_v/to_out) instead of the older
   diffusers LoRAAttnProcessor; the adapted layers are the same.
 - The prompt-image alignment reward of the paper (LLaVA + BERTScore through a VLM server) is
@@ -45,16 +47,16 @@ Differences from the official code:
 - Rewards are computed right after each sampling batch, not in a background thread.
 - `--model tiny` (not in the official code): a pixel-space UNet (3x16x16 images) and a random
   2-layer CLIP text encoder with a character-level tokenizer, built in this file and pretrained for
-  `--tiny-pretrain-steps` on synthetic images (colour gradients, half with film grain) from a fixed
-  seed, cached in ~/.cache/ddpo (or $DDPO_CACHE_DIR). The whole loop then runs on a CPU; the sampler,
-  scheduler, loss and loop are the ones the real model uses.
+  `--tiny-pretrain-steps` (1,500) steps of 32 synthetic images each (colour gradients, half with film
+  grain) from a fixed seed, cached in ~/.cache/ddpo (or $DDPO_CACHE_DIR). The whole loop then runs on
+  a CPU; the sampler, scheduler, loss and loop are the ones the real model uses.
 - The DDIM step with log-probability is written here from the DDIM update (the official code
   patches diffusers' scheduler); for x_{-1} it uses `final_alpha_cumprod` where the official
   code clamps the index to 0 (the same number for Stable Diffusion's scheduler).
 - Fix: each step's log-density is that of x_{t-1} after the cast to the latents' dtype (fp16/bf16 under
   mixed precision), the x_{t-1} that is stored and re-scored in training. The official code scores the
-  float32 x_{t-1} and stores the fp16 one, so the first inner step's ratios are up to ~1.5e-4 from 1 at
-  the last timesteps (beyond the 1e-4 clip); here they are 1.
+  float32 x_{t-1} and stores the fp16 one, so re-scoring the stored trajectory gives ratios ~1e-4 (fp16)
+  to ~1e-3 (bf16) away from 1 at the last timesteps, as large as the 1e-4 clip; here they are 1.
 - No `--compile` / `--cuda-graph`: the UNet's forward and backward passes are the whole cost, and
   mixed precision (fp16 by default on CUDA, as officially) is the speed lever.
 - A checkpoint (trainable weights, optimizer, per-prompt statistics) is written every `--save-freq`
@@ -119,13 +121,13 @@ class Args:
     sample_num_batches_per_epoch: int = 4
     """sampling batches per epoch (per process)"""
     image_size: Optional[int] = None
-    """image side in pixels (default: the model's; 32 for tiny)"""
+    """image side in pixels (default: the model's; 16 for tiny)"""
     objective: Literal["is", "sf"] = "is"
     """`is`: DDPO_IS, the PPO-clipped importance ratio; `sf`: DDPO_SF, score function, one step per epoch"""
     train_batch_size: int = 4
     """samples per training batch (per process)"""
     gradient_accumulation_steps: int = 2
-    """training batches per optimizer step (every timestep of a batch accumulates too)"""
+    """train batches per optimizer step: one AdamW step per gradient_accumulation_steps x T x timestep_fraction backward passes"""
     num_inner_epochs: int = 1
     """passes over each epoch's samples"""
     train_cfg: bool = True
