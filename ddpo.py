@@ -127,7 +127,7 @@ class Args:
     train_batch_size: int = 4
     """samples per training batch (per process)"""
     gradient_accumulation_steps: int = 2
-    """train batches per optimizer step: one AdamW step per gradient_accumulation_steps x T x timestep_fraction backward passes"""
+    """train batches per AdamW step (each batch is T x timestep_fraction backward passes, one per timestep)"""
     num_inner_epochs: int = 1
     """passes over each epoch's samples"""
     train_cfg: bool = True

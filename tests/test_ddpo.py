@@ -92,7 +92,7 @@ def test_ratio_is_one_on_the_first_inner_step():
 def test_rescoring_a_low_precision_trajectory_gives_ratio_one(dtype):
     """Under mixed precision the latents are stored in fp16/bf16. Each step's log-density must be that of
     the stored x_{t-1}, so that re-scoring it (as training does) gives ratio 1; the official code scores
-    the float32 x_{t-1} before the cast (ratios up to ~1.5e-4 from 1 in fp16, beyond the 1e-4 clip)."""
+    the float32 x_{t-1} before the cast (ratios ~1e-4 to 1e-3 from 1 at the last steps, the clip's size)."""
     scheduler = sd_scheduler(50)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 4, 8, 8, generator=g).to(dtype)
@@ -103,7 +103,9 @@ def test_rescoring_a_low_precision_trajectory_gives_ratio_one(dtype):
         assert prev.dtype == dtype and log_prob.dtype == torch.float32
         assert (rescored - log_prob).abs().max() < 1e-6, (int(t), (rescored - log_prob).abs().max())
         x = prev
-    # and through the sampler: the tiny model in bf16 re-scores its own trajectory at ratio 1
+
+
+def test_the_tiny_sampler_in_bf16_rescores_its_trajectory_at_ratio_one():
     args = ddpo.Args(model="tiny", sample_num_steps=8)
     model = ddpo.build_tiny(pretrain_steps=0)
     unet, text_encoder, tokenizer, scheduler, _ = model
@@ -119,6 +121,63 @@ def test_rescoring_a_low_precision_trajectory_gives_ratio_one(dtype):
             _, log_prob = ddpo.ddim_step_with_logprob(scheduler, eps, timesteps[j].repeat(2), latents[:, j], 1.0,
                                                       prev_sample=latents[:, j + 1])
             assert (log_prob - old_log_probs[:, j]).abs().max() < 1e-6, (j, log_prob - old_log_probs[:, j])
+
+
+def spy_on_the_loss(monkeypatch):
+    """Record every call main() makes to ddpo_loss: (log_prob, old_log_prob, advantages, ratio)."""
+    calls, real = [], ddpo.ddpo_loss
+
+    def spy(log_prob, old_log_prob, advantages, args):
+        loss, ratio = real(log_prob, old_log_prob, advantages, args)
+        calls.append([x.detach().clone() for x in (log_prob, old_log_prob, advantages, ratio)])
+        return loss, ratio
+    monkeypatch.setattr(ddpo, "ddpo_loss", spy)
+    return calls
+
+
+def test_main_rescores_at_ratio_one_until_the_first_update(tmp_path, monkeypatch):
+    """Inside main()'s loop the stored x_t, x_{t-1}, t and log p_old stay aligned through the shuffles:
+    every backward pass before the first optimizer step (2 batches x 4 timesteps) has ratio 1."""
+    calls = spy_on_the_loss(monkeypatch)
+    args = ddpo.Args(model="tiny", tiny_pretrain_steps=0, sample_num_steps=4, num_epochs=1, sample_batch_size=4,
+                     sample_num_batches_per_epoch=2, train_batch_size=2, gradient_accumulation_steps=2,
+                     eval_images=2, run_dir=str(tmp_path / "run"), device="cpu")
+    out = ddpo.main(args)
+    assert out["updates"] == 2 and len(calls) == 16
+    for log_prob, old, _, ratio in calls[:8]:
+        assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5), ratio
+    assert any((ratio - 1).abs().max() > 1e-4 for *_, ratio in calls[8:])  # the first step moved the policy
+
+
+@pytest.mark.parametrize("per_prompt", [True, False])
+def test_one_update_raises_the_log_prob_of_high_advantage_samples(tmp_path, monkeypatch, per_prompt):
+    """Rewards 0, 1, 2, 3 by sample; after main()'s one optimizer step (seen by the second inner epoch),
+    each trajectory's log-probability sum_t log p(x_{t-1} | x_t) moved in the direction of its advantage."""
+    sampled = []
+    real_sample = ddpo.sample_with_logprob
+
+    def sample_spy(*a, **k):
+        out = real_sample(*a, **k)
+        sampled.append(out[2])
+        return out
+    monkeypatch.setattr(ddpo, "sample_with_logprob", sample_spy)
+    monkeypatch.setattr(ddpo, "make_reward", lambda args, device: lambda images, prompts: np.arange(len(images), dtype=float))
+    calls = spy_on_the_loss(monkeypatch)
+    args = ddpo.Args(model="tiny", tiny_pretrain_steps=0, sample_num_steps=4, num_epochs=1, sample_batch_size=4,
+                     sample_num_batches_per_epoch=1, train_batch_size=2, gradient_accumulation_steps=2,
+                     num_inner_epochs=2, use_lora=False, learning_rate=1e-5, per_prompt_stat_tracking=per_prompt,
+                     eval_images=2, run_dir=str(tmp_path / "run"), device="cpu")
+    assert ddpo.main(args)["updates"] == 2
+    old_log_probs = sampled[1]  # sampled[0] is the evaluation before training
+    assert len(calls) == 16 and old_log_probs.shape == (4, 4)
+    expected_advantages = (np.arange(4) - 1.5) / np.std(np.arange(4))  # the batch's statistics (per prompt: < min_count)
+    moved = torch.zeros(4)
+    for log_prob, old, advantages, _ in calls[8:]:  # the second inner epoch: after exactly one update
+        for lp, o, a in zip(log_prob, old, advantages):
+            sample = (old_log_probs == o).any(dim=1).nonzero().item()  # which trajectory this row is
+            assert a.item() == pytest.approx(expected_advantages[sample], abs=1e-5)  # its own advantage
+            moved[sample] += lp - o
+    assert moved[0] < 0 and moved[1] < 0 and moved[2] > 0 and moved[3] > 0, moved
 
 
 def test_ddpo_loss_by_hand():
