@@ -4,12 +4,15 @@ target subset, the batched ensemble, download from a mirror, bad input."""
 import copy
 import os
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
+import datasets
 import rlpd
 from conftest import assert_finite_losses, compiled_matches_eager, run_script, tensorboard_events
+from test_sac_20min import WiringEnv, assert_same_training_state, checkpoint  # noqa: F401  (registers Wiring-v0)
 
 TINY = dict(env="hopper-medium-v2", total_timesteps=300, learning_starts=100, utd_ratio=2, batch_size=32,
             hidden_dim=32, num_qs=4, eval_interval=150, eval_episodes=1, log_interval=100, device="cpu")
@@ -102,8 +105,8 @@ def make_agent(utd=2):
     return rlpd.RLPD(3, 1, rlpd.Args(hidden_dim=32, num_qs=4, utd_ratio=utd), torch.device("cpu"))
 
 
-def batch(n):
-    g = torch.Generator().manual_seed(0)
+def batch(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
     return [torch.randn(n, 3, generator=g), torch.rand(n, 1, generator=g) * 2 - 1, torch.randn(n, generator=g),
             torch.ones(n), torch.randn(n, 3, generator=g)]
 
@@ -120,21 +123,199 @@ def test_compiled_update_matches_eager():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_replay_equals_eager_update():
+def test_cuda_graph_replays_equal_eager_blocks():
+    """The training step as main() runs it (half offline, half online rows drawn on the device, then one
+    UTD block): 3 eager warm-up calls, the capture, 5 replays, with new online transitions added before
+    each call; a copy steps eagerly from the same RNG state and must match at every call."""
     device = torch.device("cuda")
     torch.manual_seed(0)
-    agent = rlpd.RLPD(11, 3, rlpd.Args(), device)
-    data = [torch.randn(20 * 256, 11, device=device), torch.rand(20 * 256, 3, device=device) * 2 - 1,
-            torch.randn(20 * 256, device=device), torch.ones(20 * 256, device=device),
-            torch.randn(20 * 256, 11, device=device)]
-    replay = rlpd.cuda_graph(lambda: agent.update(*data))
+    args = rlpd.Args(utd_ratio=4, batch_size=64, hidden_dim=64)
+    agent = rlpd.RLPD(3, 1, args, device)
+    offline, online = rlpd.ReplayBuffer(500, 3, 1, device), rlpd.ReplayBuffer(1000, 3, 1, device)
+    rng = np.random.default_rng(0)
+
+    def add(buffers, n):
+        for _ in range(n):
+            row = rng.normal(size=3), rng.uniform(-1, 1, 1), rng.normal(), float(rng.random() > 0.1), rng.normal(size=3)
+            for b in buffers:
+                b.add(*row)
+    add([offline], 500)
+    add([online], 100)
+    twin, twin_online = copy.deepcopy(agent), copy.deepcopy(online)
+    step = rlpd.cuda_graph(lambda: agent.update(*rlpd.symmetric_sample(offline, online, 4, 64, 0.5)))
+    for call in range(1, 9):
+        add([online, twin_online], 7)  # the graph must read the new rows and the new size
+        state = torch.cuda.get_rng_state()
+        out = {k: v.clone() for k, v in step().items()}
+        torch.cuda.synchronize()
+        after = torch.cuda.get_rng_state()
+        torch.cuda.set_rng_state(state)  # the same indices, target subsets and actor noise
+        twin_out = twin.update(*rlpd.symmetric_sample(offline, twin_online, 4, 64, 0.5))
+        assert torch.equal(torch.cuda.get_rng_state(), after), call  # a replay advances the RNG as an eager call
+        assert_same_training_state(agent, twin, out, twin_out, call)
+    steps = [int(next(iter(opt.state.values()))["step"]) for opt in agent.optimizers().values()]
+    assert steps == [8, 8 * 4, 8]  # every call is one real block, the warm-ups too (actor, critic, temperature)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_run_does_the_updates_of_a_cpu_run_and_resumes_across_devices(tmp_path, hopper_files):
+    runs = {}
+    for name, device, resume in (("cpu", "cpu", None), ("cuda", "cuda", None),
+                                 ("cpu_to_cuda", "cuda", "cpu"), ("cuda_to_cpu", "cpu", "cuda")):
+        args = tiny(tmp_path, dataset=hopper_files["next"], run_dir=str(tmp_path / name), device=device,
+                    save_model=True, eval_episodes=0,
+                    **({} if resume is None else {"resume": str(tmp_path / resume / "checkpoint.pt"),
+                                                  "total_timesteps": 350}))
+        runs[name] = rlpd.main(args)
+        assert_finite_losses(runs[name])
+        critic_steps = int(next(iter(checkpoint(args.run_dir)["critic_opt"]["state"].values()))["step"])
+        assert critic_steps == (300 - 100 + (0 if resume is None else 50)) * 2, name
+    assert runs["cuda"]["updates"] == runs["cpu"]["updates"] == 400
+    assert runs["cpu_to_cuda"]["updates"] == runs["cuda_to_cpu"]["updates"] == 100
+
+
+# ----------------------------------------------------------------------------- wiring: what a right formula wired wrong breaks
+@pytest.fixture
+def marked_wiring_data(tmp_path):
+    """Prior data for Wiring-v0 (2-dim observations, 1-dim actions) whose every reward is 123."""
+    rng = np.random.default_rng(0)
+    n = 500
+    return datasets.write_d4rl(str(tmp_path / "marked.hdf5"), rng.normal(size=(n, 2)), rng.uniform(-0.9, 0.9, (n, 1)),
+                               np.full(n, 123.0), np.zeros(n, bool), np.arange(n) % 10 == 9, rng.normal(size=(n, 2)))
+
+
+def test_every_batch_in_main_holds_its_offline_half(tmp_path, marked_wiring_data, monkeypatch):
+    blocks, update = [], rlpd.RLPD.update
+
+    def recording_update(self, obs, act, rew, mask, next_obs):
+        blocks.append(rew.clone())
+        return update(self, obs, act, rew, mask, next_obs)
+    monkeypatch.setattr(rlpd.RLPD, "update", recording_update)
+    rlpd.main(tiny(tmp_path, env="Wiring-v0", dataset=marked_wiring_data, total_timesteps=120, eval_episodes=0,
+                   batch_size=16, offline_ratio=0.25))
+    assert len(blocks) == 20
+    for rew in blocks:  # G = 2 critic batches of 16 per block, each with 4 offline rows (reward 123)
+        assert [(b == 123).sum().item() for b in rew.view(2, 16)] == [4, 4]
+
+
+def test_replay_masks_termination_not_truncation(tmp_path):
+    """m = 0 exactly on terminal transitions; a time-limit cut keeps m = 1 and its true s'."""
+    args = tiny(tmp_path, env="Wiring-v0", offline_ratio=0.0, total_timesteps=300, learning_starts=300,
+                eval_episodes=0, save_model=True)
+    rlpd.main(args)
+    buffer = rlpd.ReplayBuffer(300, 2, 1, torch.device("cpu"))
+    buffer.load_state_dict(checkpoint(args.run_dir)["online"])
+    obs, act, rew, mask, next_obs = buffer.split(buffer.rows)
+    terminal = next_obs[:, 1].abs() > 1.5
+    cut = (next_obs[:, 0] == 1.0) & ~terminal  # the 10th step of an episode that did not end by itself
+    assert terminal.sum() > 5 and cut.sum() > 5
+    torch.testing.assert_close(mask, (~terminal).float())
+    torch.testing.assert_close(next_obs[:, 1], obs[:, 1] + act[:, 0])  # s' is the step's own, never a reset's
+
+
+def test_critic_loss_of_a_block_by_hand():
+    """Q(s, a) against r + gamma m (min_{k in Z} Qtarget_k(s', a') - alpha log pi(a'|s')): the update must
+    pass s' (not s) and m to the backup, and use the target critics' random subset Z."""
+    torch.manual_seed(0)
+    agent = rlpd.RLPD(3, 1, rlpd.Args(hidden_dim=32, num_qs=6, num_min_qs=2, utd_ratio=1), torch.device("cpu"))
+    with torch.no_grad():
+        for p in agent.critic_target.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # the target differs from the online critics
+    obs, act, rew, _, next_obs = batch(16)
+    mask = (torch.arange(16) % 3 != 0).float()  # some terminal transitions
     twin = copy.deepcopy(agent)
-    state = torch.cuda.get_rng_state()
-    replay()
-    torch.cuda.set_rng_state(state)  # the same actor noise and target subsets in both
-    twin.update(*data)
-    for (name, p), q in zip(agent.state_dict().items(), twin.state_dict().values()):
-        assert torch.allclose(p.float(), q.float(), atol=1e-5), name
+    torch.manual_seed(5)
+    loss = agent.update(obs, act, rew, mask, next_obs)["losses/critic_loss"]
+    torch.manual_seed(5)  # the same draws in the same order: a' ~ pi(.|s'), then Z
+    with torch.no_grad():
+        next_act, next_log_prob = twin.actor.sample(next_obs)
+        subset = torch.rand(6).argsort()[:2]
+        next_q = twin.critic_target(next_obs, next_act)[subset].min(0).values - 1.0 * next_log_prob
+        expected = (twin.critic(obs, act) - (rew + 0.99 * mask * next_q)).pow(2).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_polyak_step_after_every_critic_step():
+    """Qtarget <- (1 - tau) Qtarget + tau Q after each of the G critic steps, and never recorded by autograd."""
+    torch.manual_seed(0)
+    agent = make_agent(utd=4)
+    with torch.no_grad():
+        for p in agent.critic_target.parameters():
+            p.add_(torch.randn_like(p))
+    expected = [p.detach().clone() for p in agent.critic_target.parameters()]
+    critic_step = agent.critic_opt.step
+
+    def step_and_follow(*a, **kw):  # the target the Polyak rule gives from the critics after this step
+        critic_step(*a, **kw)
+        for t, p in zip(expected, agent.critic.parameters()):
+            t.add_(0.005 * (p.detach() - t))
+    agent.critic_opt.step = step_and_follow
+    for i in range(3):
+        agent.update(*batch(4 * 16, seed=i))
+    for t, p in zip(expected, agent.critic_target.parameters()):
+        torch.testing.assert_close(p, t, rtol=0, atol=1e-6)
+        assert p.grad_fn is None  # lerp_ under no_grad: no autograd graph growing with every step
+
+
+def test_batch_indices_are_uniform_integers():
+    """float32 rand * size reaches only 2^24 values: over 2^25 + 1 rows it would draw (almost) only even ones."""
+    buffer = rlpd.ReplayBuffer(4, 1, 1, torch.device("cpu"))
+    buffer.size_t.fill_(2**25 + 1)  # as if it held that many rows
+    idx = buffer.indices(20_000)
+    assert idx.dtype == torch.long and 0.45 < (idx % 2).float().mean().item() < 0.55
+    assert 0 <= idx.min() and idx.max() <= 2**25
+
+
+def test_ant_matches_d4rl_ant_data():
+    """ant-*: D4RL's 111-dim observation with the contact forces (27:) at zero, and no contact cost, i.e.
+    Gymnasium's Ant-v4 without contact forces, zero-padded, step for step."""
+    env, plain = rlpd.make_env("ant-medium-v2"), gym.make("Ant-v4")
+    obs, plain_obs = env.reset(seed=0)[0], plain.reset(seed=0)[0]
+    assert obs.shape == (111,) == env.observation_space.shape
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        np.testing.assert_array_equal(obs, np.concatenate([plain_obs, np.zeros(84)]))
+        act = rng.uniform(-1, 1, 8).astype(np.float32)
+        (obs, rew, term, trunc, _), (plain_obs, plain_rew, *_) = env.step(act), plain.step(act)
+        assert rew == plain_rew
+        if term or trunc:
+            break
+
+
+# ----------------------------------------------------------------------------- resume
+def test_stopped_and_resumed_run_ends_as_the_uninterrupted_run(tmp_path, marked_wiring_data):
+    """CPU, one process: 300 steps in one go, or 150 (a checkpoint at an episode's end, the replay full at
+    the stop's capacity) then resumed to 300: the same weights, optimizer states, replay and scores."""
+    common = dict(env="WiringNoEnd-v0", dataset=marked_wiring_data, eval_interval=150, save_model=True, seed=3)
+    whole = rlpd.main(tiny(tmp_path, run_dir=str(tmp_path / "whole"), **common))
+    rlpd.main(tiny(tmp_path, run_dir=str(tmp_path / "first"), total_timesteps=150, **common))
+    resumed = rlpd.main(tiny(tmp_path, run_dir=str(tmp_path / "second"), **common,
+                             resume=str(tmp_path / "first" / "checkpoint.pt")))
+    assert [e[:3] for e in resumed["evaluations"]] == [e[:3] for e in whole["evaluations"]]  # (no normalized score)
+    assert resumed["updates"] == 150 * 2
+    a, b = checkpoint(tmp_path / "whole"), checkpoint(tmp_path / "second")
+    assert a["step"] == b["step"] == 300
+    for k in a["agent"]:
+        assert torch.equal(a["agent"][k], b["agent"][k]), k
+    for name in ("actor_opt", "critic_opt", "temp_opt"):
+        for s, t in zip(a[name]["state"].values(), b[name]["state"].values()):
+            assert all(torch.equal(s[k], t[k]) for k in s), name
+    assert a["online"]["size"] == b["online"]["size"] and torch.equal(a["online"]["rows"], b["online"]["rows"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and a["rng"]["python"] == b["rng"]["python"]
+
+
+def test_resume_with_a_checkpoint_from_cuda(tmp_path, marked_wiring_data):
+    """A checkpoint from a CUDA run (capturable Adam) resumes and trains on CPU."""
+    args = tiny(tmp_path, env="Wiring-v0", dataset=marked_wiring_data, save_model=True, eval_episodes=0)
+    rlpd.main(args)
+    state = checkpoint(args.run_dir)
+    for name in ("actor_opt", "critic_opt", "temp_opt"):
+        for group in state[name]["param_groups"]:
+            group["capturable"] = True
+    torch.save(state, tmp_path / "from_cuda.pt")
+    results = rlpd.main(tiny(tmp_path, env="Wiring-v0", dataset=marked_wiring_data, run_dir=str(tmp_path / "resumed"),
+                             total_timesteps=350, eval_episodes=0, resume=str(tmp_path / "from_cuda.pt")))
+    assert results["updates"] == 100 and np.isfinite(results["losses/critic_loss"])
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -157,23 +157,235 @@ def test_compiled_update_matches_eager():
     compiled_matches_eager(lambda: make_agent(critic_dropout=0.0), batch(2 * 32))
 
 
+# ----------------------------------------------------------------------------- wiring: what a right formula wired wrong breaks
+class WiringEnv(gym.Env):
+    """A walk x <- x + a from x = 0, obs (t / 10, x), reward x: terminates when |x| > bound, truncated by a
+    TimeLimit at 10 steps. Reset draws nothing, so episodes of a run resumed at an episode end replay exactly."""
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,))
+    action_space = gym.spaces.Box(-1, 1, (1,))
+
+    def __init__(self, bound: float = 1.5):
+        self.bound = bound
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.x = 0, 0.0
+        return np.array([0.0, 0.0], dtype=np.float32), {}
+
+    def step(self, action):
+        self.t, self.x = self.t + 1, self.x + float(action[0])
+        return np.array([self.t / 10, self.x], dtype=np.float32), self.x, abs(self.x) > self.bound, False, {}
+
+
+gym.register("Wiring-v0", entry_point=WiringEnv, max_episode_steps=10)
+gym.register("WiringNoEnd-v0", entry_point=WiringEnv, max_episode_steps=10, kwargs={"bound": math.inf})
+
+
+def checkpoint(run_dir):
+    return torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+
+
+def test_replay_masks_termination_not_truncation(tmp_path):
+    """m = 0 exactly on terminal transitions; a time-limit cut keeps m = 1 and its true s'."""
+    args = tiny(tmp_path, env="Wiring-v0", total_timesteps=300, learning_starts=300, validation_fraction=0.0,
+                eval_episodes=0, save_model=True)
+    sac_20min.main(args)
+    buffer = sac_20min.ReplayBuffer(300, 2, 1, torch.device("cpu"))
+    buffer.load_state_dict(checkpoint(args.run_dir)["buffers"]["train"])
+    obs, act, rew, mask, next_obs = buffer.split(buffer.rows)
+    terminal = next_obs[:, 1].abs() > 1.5
+    cut = (next_obs[:, 0] == 1.0) & ~terminal  # the 10th step of an episode that did not end by itself
+    assert terminal.sum() > 5 and cut.sum() > 5
+    torch.testing.assert_close(mask, (~terminal).float())
+    torch.testing.assert_close(next_obs[:, 1], obs[:, 1] + act[:, 0])  # s' is the step's own, never a reset's
+
+
+def test_critic_loss_of_a_block_by_hand():
+    """Q(s, a) against r + gamma m (min_k Qtarget_k(s', a') - alpha log pi(a'|s')), a' ~ pi(.|s'): the
+    update must pass s' (not s) and m to the backup and use the target critics (not the online ones)."""
+    torch.manual_seed(0)
+    agent = make_agent(utd=1, critic_dropout=0.0)
+    with torch.no_grad():
+        for p in agent.critic_target.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # the target differs from the online critics
+    obs, act, rew, _, next_obs = batch(16)
+    mask = (torch.arange(16) % 3 != 0).float()  # some terminal transitions
+    twin = copy.deepcopy(agent)
+    torch.manual_seed(5)
+    loss = agent.update(obs, act, rew, mask, next_obs)["losses/critic_loss"]
+    torch.manual_seed(5)  # the same draws: a' ~ pi(.|s') is the block's first
+    with torch.no_grad():
+        next_act, next_log_prob = twin.actor.sample(next_obs)
+        next_q = twin.critic_target(next_obs, next_act).min(0).values - 0.1 * next_log_prob
+        expected = (twin.critic(obs, act) - (rew + 0.99 * mask * next_q)).pow(2).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_polyak_step_after_every_critic_step():
+    """Qtarget <- (1 - tau) Qtarget + tau Q after each of the G critic steps, and never recorded by autograd."""
+    torch.manual_seed(0)
+    agent = make_agent(utd=4)
+    with torch.no_grad():
+        for p in agent.critic_target.parameters():
+            p.add_(torch.randn_like(p))
+    expected = [p.detach().clone() for p in agent.critic_target.parameters()]
+    critic_step = agent.critic_opt.step
+
+    def step_and_follow(*a, **kw):  # the target the Polyak rule gives from the critics after this step
+        critic_step(*a, **kw)
+        for t, p in zip(expected, agent.critic.parameters()):
+            t.add_(0.005 * (p.detach() - t))
+    agent.critic_opt.step = step_and_follow
+    for i in range(3):
+        agent.update(*batch(4 * 16, seed=i))
+    for t, p in zip(expected, agent.critic_target.parameters()):
+        torch.testing.assert_close(p, t, rtol=0, atol=1e-6)
+        assert p.grad_fn is None  # lerp_ under no_grad: no autograd graph growing with every step
+
+
+def test_log_interval_does_not_change_the_run(tmp_path):
+    """The TD-error logging draws from a forked RNG: logging every 50 steps or once gives the same run."""
+    states = []
+    for interval in (50, 1000):
+        args = tiny(tmp_path, run_dir=str(tmp_path / f"log{interval}"), log_interval=interval, validation_fraction=0.2,
+                    eval_episodes=0, save_model=True)
+        sac_20min.main(args)
+        states.append(checkpoint(args.run_dir)["agent"])
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
+# ----------------------------------------------------------------------------- resume
+def test_stopped_and_resumed_run_ends_as_the_uninterrupted_run(tmp_path):
+    """CPU, one process: 300 steps in one go, or 150 (a checkpoint at an episode's end, the buffer full
+    at the stop's capacity) then resumed to 300: the same weights, optimizer states, replay and scores."""
+    common = dict(env="WiringNoEnd-v0", eval_interval=150, save_model=True, validation_fraction=0.2, seed=3)
+    whole = sac_20min.main(tiny(tmp_path, run_dir=str(tmp_path / "whole"), **common))
+    sac_20min.main(tiny(tmp_path, run_dir=str(tmp_path / "first"), total_timesteps=150, **common))
+    resumed = sac_20min.main(tiny(tmp_path, run_dir=str(tmp_path / "second"), **common,
+                                  resume=str(tmp_path / "first" / "checkpoint.pt")))
+    assert resumed["evaluations"] == whole["evaluations"] and resumed["updates"] == 150 * 2
+    a, b = checkpoint(tmp_path / "whole"), checkpoint(tmp_path / "second")
+    assert a["step"] == b["step"] == 300
+    for k in a["agent"]:
+        assert torch.equal(a["agent"][k], b["agent"][k]), k
+    for name in ("actor_opt", "critic_opt", "temp_opt"):
+        for s, t in zip(a[name]["state"].values(), b[name]["state"].values()):
+            assert all(torch.equal(s[k], t[k]) for k in s), name
+    for k in ("train", "validation"):
+        assert a["buffers"][k]["size"] == b["buffers"][k]["size"] and torch.equal(a["buffers"][k]["rows"],
+                                                                                 b["buffers"][k]["rows"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and a["rng"]["python"] == b["rng"]["python"]
+
+
+def test_full_replay_resumes_in_order_into_a_larger_capacity():
+    def filled(capacity, n):  # rewards 1..n mark the order of the rows
+        buffer = sac_20min.ReplayBuffer(capacity, 1, 1, torch.device("cpu"))
+        for i in range(1, n + 1):
+            buffer.add(np.zeros(1), np.zeros(1), float(i), 1.0, np.zeros(1))
+        return buffer
+    state = filled(10, 25).state_dict()  # a full ring: rows 21..25 then 16..20 in memory
+    assert state["rows"][:, 2].tolist() == list(range(16, 26))  # saved oldest first
+    bigger = sac_20min.ReplayBuffer(20, 1, 1, torch.device("cpu"))
+    bigger.load_state_dict(state)
+    assert (bigger.size, bigger.ptr, int(bigger.size_t)) == (10, 10, 10)
+    assert bigger.rows[:10, 2].tolist() == list(range(16, 26))
+    assert set(bigger.sample(2000)[2].tolist()) == set(range(16, 26))  # no all-zero row is ever drawn
+    bigger.add(np.zeros(1), np.zeros(1), 26.0, 1.0, np.zeros(1))
+    assert bigger.rows[10, 2] == 26  # after the newest, not over row 0
+    same = sac_20min.ReplayBuffer(10, 1, 1, torch.device("cpu"))
+    same.load_state_dict(state)
+    same.add(np.zeros(1), np.zeros(1), 26.0, 1.0, np.zeros(1))
+    assert same.rows[:, 2].tolist() == [26.0] + list(range(17, 26))  # full: the oldest row goes first
+    smaller = sac_20min.ReplayBuffer(4, 1, 1, torch.device("cpu"))
+    smaller.load_state_dict(state)
+    assert smaller.rows[:, 2].tolist() == [22, 23, 24, 25] and smaller.ptr == 0
+
+
+def test_batch_indices_are_uniform_integers():
+    """float32 rand * size reaches only 2^24 values: over 2^25 + 1 rows it would draw (almost) only even ones."""
+    buffer = sac_20min.ReplayBuffer(4, 1, 1, torch.device("cpu"))
+    buffer.size_t.fill_(2**25 + 1)  # as if it held that many rows
+    idx = buffer.indices(20_000)
+    assert idx.dtype == torch.long and 0.45 < (idx % 2).float().mean().item() < 0.55
+    assert 0 <= idx.min() and idx.max() <= 2**25
+
+
+def test_resume_with_a_checkpoint_from_cuda(tmp_path):
+    """A checkpoint from a CUDA run (capturable Adam) resumes and trains on CPU."""
+    args = tiny(tmp_path, save_model=True, eval_episodes=0)
+    sac_20min.main(args)
+    state = checkpoint(args.run_dir)
+    for name in ("actor_opt", "critic_opt", "temp_opt"):
+        for group in state[name]["param_groups"]:
+            group["capturable"] = True
+    torch.save(state, tmp_path / "from_cuda.pt")
+    results = sac_20min.main(tiny(tmp_path, run_dir=str(tmp_path / "resumed"), total_timesteps=350, eval_episodes=0,
+                                  resume=str(tmp_path / "from_cuda.pt")))
+    assert results["updates"] == 100 and np.isfinite(results["losses/critic_loss"])
+
+
+# ----------------------------------------------------------------------------- CUDA graphs (skipped without CUDA)
+def assert_same_training_state(agent, twin, out, twin_out, call):
+    """Outputs, parameters and optimizer states (Adam's moments and step counts) agree."""
+    for k in out:
+        torch.testing.assert_close(out[k], twin_out[k], rtol=1e-4, atol=1e-5, msg=f"call {call}: {k}")
+    for (name, p), q in zip(agent.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=f"call {call}: {name}")
+    for opt, twin_opt in zip(agent.optimizers().values(), twin.optimizers().values()):
+        for state, twin_state in zip(opt.state.values(), twin_opt.state.values()):
+            for k in state:
+                torch.testing.assert_close(state[k], twin_state[k], rtol=1e-4, atol=1e-5, msg=f"call {call}: {k}")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_replay_equals_eager_update():
+def test_cuda_graph_replays_equal_eager_blocks():
+    """The training step as main() runs it (indices drawn on the device, then one UTD block): 3 eager
+    warm-up calls, the capture, 5 replays, with new transitions added before each call; a copy steps
+    eagerly from the same RNG state and must match at every call."""
     device = torch.device("cuda")
     torch.manual_seed(0)
-    agent = sac_20min.SAC(3, 1, sac_20min.Args(), device)
+    args = sac_20min.Args(utd_ratio=4, batch_size=64, hidden_dim=64)
+    agent = sac_20min.SAC(3, 1, args, device)
     buffer = sac_20min.ReplayBuffer(1000, 3, 1, device)
-    for i in range(1000):
-        buffer.add(np.random.randn(3), np.random.uniform(-1, 1, 1), np.random.randn(), 1.0, np.random.randn(3))
-    data = [t.clone() for t in buffer.sample(20 * 256)]  # one fixed batch for both: the graph reads it
-    replay = sac_20min.cuda_graph(lambda: agent.update(*data))
-    twin = copy.deepcopy(agent)
-    state = torch.cuda.get_rng_state()
-    replay()
-    torch.cuda.set_rng_state(state)  # the same dropout masks and actor noise in both
-    twin.update(*data)
-    for (name, p), q in zip(agent.state_dict().items(), twin.state_dict().values()):
-        assert torch.allclose(p.float(), q.float(), atol=1e-5), name
+    rng = np.random.default_rng(0)
+
+    def add(buffers, n):
+        for _ in range(n):
+            row = rng.normal(size=3), rng.uniform(-1, 1, 1), rng.normal(), float(rng.random() > 0.1), rng.normal(size=3)
+            for b in buffers:
+                b.add(*row)
+    add([buffer], 100)
+    twin, twin_buffer = copy.deepcopy(agent), copy.deepcopy(buffer)
+    step = sac_20min.cuda_graph(lambda: agent.update(*buffer.sample(args.utd_ratio * args.batch_size)))
+    for call in range(1, 9):
+        add([buffer, twin_buffer], 7)  # the graph must read the new rows and the new size
+        state = torch.cuda.get_rng_state()
+        out = {k: v.clone() for k, v in step().items()}
+        torch.cuda.synchronize()
+        after = torch.cuda.get_rng_state()
+        torch.cuda.set_rng_state(state)  # the same indices, dropout masks and actor noise
+        twin_out = twin.update(*twin_buffer.sample(args.utd_ratio * args.batch_size))
+        assert torch.equal(torch.cuda.get_rng_state(), after), call  # a replay advances the RNG as an eager call
+        assert_same_training_state(agent, twin, out, twin_out, call)
+    steps = [int(next(iter(opt.state.values()))["step"]) for opt in agent.optimizers().values()]
+    assert steps == [8, 8 * 4, 8]  # every call is one real block, the warm-ups too (actor, critic, temperature)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_run_does_the_updates_of_a_cpu_run_and_resumes_across_devices(tmp_path):
+    runs = {}
+    for name, device, resume in (("cpu", "cpu", None), ("cuda", "cuda", None),
+                                 ("cpu_to_cuda", "cuda", "cpu"), ("cuda_to_cpu", "cpu", "cuda")):
+        args = tiny(tmp_path, run_dir=str(tmp_path / name), device=device, save_model=True, eval_episodes=0,
+                    **({} if resume is None else {"resume": str(tmp_path / resume / "checkpoint.pt"),
+                                                  "total_timesteps": 350}))
+        runs[name] = sac_20min.main(args)
+        assert_finite_losses(runs[name])
+        critic_steps = int(next(iter(checkpoint(args.run_dir)["critic_opt"]["state"].values()))["step"])
+        assert critic_steps == (300 - 100 + (0 if resume is None else 50)) * 2, name
+    assert runs["cuda"]["updates"] == runs["cpu"]["updates"] == 400
+    assert runs["cpu_to_cuda"]["updates"] == runs["cuda_to_cpu"]["updates"] == 100
 
 
 # ----------------------------------------------------------------------------- learning
