@@ -106,7 +106,7 @@ def test_rescoring_a_low_precision_trajectory_gives_ratio_one(dtype):
 
 
 def test_the_tiny_sampler_in_bf16_rescores_its_trajectory_at_ratio_one():
-    args = ddpo.Args(model="tiny", sample_num_steps=8)
+    args = ddpo.Args(model="tiny", sample_num_steps=4)
     model = ddpo.build_tiny(pretrain_steps=0)
     unet, text_encoder, tokenizer, scheduler, _ = model
     unet.to(torch.bfloat16).eval()
@@ -116,7 +116,7 @@ def test_the_tiny_sampler_in_bf16_rescores_its_trajectory_at_ratio_one():
         embeds, neg = e[:2], e[2:].expand(2, -1, -1)
         _, latents, old_log_probs, timesteps = ddpo.sample_with_logprob(model, embeds, neg, args, 16)
         assert latents.dtype == torch.bfloat16
-        for j in range(8):
+        for j in range(4):
             eps = ddpo.guided_eps(unet, latents[:, j], timesteps[j].repeat(2), embeds, neg, args.guidance_scale)
             _, log_prob = ddpo.ddim_step_with_logprob(scheduler, eps, timesteps[j].repeat(2), latents[:, j], 1.0,
                                                       prev_sample=latents[:, j + 1])
