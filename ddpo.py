@@ -179,12 +179,350 @@ class Args:
     """output folder (default runs/{model}__{exp_name}__{seed}__{time}); never overwritten"""
 
 
+# ==================================================================================================
+# The policy: one DDIM step is a Gaussian p_theta(x_{t-1} | x_t, c) with an exact log-density
+# ==================================================================================================
+
+def encode_prompts(model, prompts) -> tuple:
+    """The text encoder's embeddings c of the prompts (B, 77, D), and their token ids."""
+    _, text_encoder, tokenizer, _, _ = model
+    ids = tokenizer(list(prompts), return_tensors="pt", padding="max_length", truncation=True,
+                    max_length=tokenizer.model_max_length).input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0], ids
+
+
+def guided_eps(unet, x, t, embeds, neg_embeds, guidance_scale: float, cfg: bool = True) -> torch.Tensor:
+    """eps_theta with classifier-free guidance: eps_u + w (eps_c - eps_u), both from one batched call."""
+    t = t.expand(x.shape[0]) if t.ndim == 0 else t
+    if not cfg:
+        return unet(x, t, encoder_hidden_states=embeds).sample
+    eps_u, eps_c = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([neg_embeds, embeds])).sample.chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+def ddim_step_with_logprob(scheduler, model_output, t, x_t, eta: float, prev_sample=None, generator=None):
+    """One DDIM step x_t -> x_{t-1} ~ N(mu, sigma_t^2 I) (DDIM paper eqs. 12 and 16) and the log-density
+    of x_{t-1}, averaged over all but the batch dimension. t may be a scalar or one timestep per sample.
+    With prev_sample given, that x_{t-1} is scored instead of drawing one."""
+    t = t.to(x_t.device).long()
+    t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+    shape = (-1,) + (1,) * (x_t.ndim - 1)
+    alphas = scheduler.alphas_cumprod.to(x_t.device)
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    a_t = alphas[t].view(shape)
+    a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], scheduler.final_alpha_cumprod.to(x_t.device)).view(shape)
+
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        x0, eps = (x_t - (1 - a_t).sqrt() * model_output) / a_t.sqrt(), model_output
+    elif kind == "v_prediction":
+        x0, eps = a_t.sqrt() * x_t - (1 - a_t).sqrt() * model_output, a_t.sqrt() * model_output + (1 - a_t).sqrt() * x_t
+    else:  # "sample"
+        x0, eps = model_output, (x_t - a_t.sqrt() * model_output) / (1 - a_t).sqrt()
+    if scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()  # sigma_t(eta)
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
+    if prev_sample is None:
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        prev_sample = (mean + sigma * noise).to(x_t.dtype)  # the x_{t-1} that is stored (fp16/bf16) is the one scored
+    log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * sigma**2) - sigma.log() - math.log(math.sqrt(2 * math.pi))
+    return prev_sample, log_prob.mean(dim=tuple(range(1, x_t.ndim)))
+
+
+def latent_scale(vae) -> int:
+    """Image pixels per latent pixel: the VAE halves the side once per extra block; pixel space is 1."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+
+@torch.no_grad()
+def sample_with_logprob(model, embeds, neg_embeds, args: Args, image_size: int, generator=None):
+    """Run the sampler, keeping the trajectory: images in [0, 1], latents (B, T + 1, ...), log-probs (B, T),
+    timesteps (T,)."""
+    unet, _, _, scheduler, vae = model
+    scale = latent_scale(vae)
+    scheduler.set_timesteps(args.sample_num_steps, device=embeds.device)
+    x = torch.randn((embeds.shape[0], unet.config.in_channels, image_size // scale, image_size // scale),
+                    generator=generator, device=embeds.device, dtype=embeds.dtype) * scheduler.init_noise_sigma
+    latents, log_probs = [x], []
+    for t in scheduler.timesteps:
+        eps = guided_eps(unet, x, t, embeds, neg_embeds, args.guidance_scale, cfg=args.guidance_scale > 1.0)
+        x, log_prob = ddim_step_with_logprob(scheduler, eps, t, x, args.sample_eta, generator=generator)
+        latents.append(x)
+        log_probs.append(log_prob)
+    images = vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample if vae is not None else x
+    return ((images.float() / 2 + 0.5).clamp(0, 1), torch.stack(latents, 1), torch.stack(log_probs, 1),
+            scheduler.timesteps.clone())
+
+
+# ==================================================================================================
+# The method: DDPO's loss and advantages, and one epoch of sampling and of training
+# ==================================================================================================
+
+def ddpo_loss(log_prob, old_log_prob, advantages, args: Args):
+    """DDPO_IS: PPO's pessimistic clipped surrogate on the per-step ratio; DDPO_SF: the score function.
+    Returns (loss, ratio)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    advantages = advantages.clamp(-args.adv_clip_max, args.adv_clip_max)
+    if args.objective == "sf":
+        return -(advantages * log_prob).mean(), ratio
+    clipped = ratio.clamp(1.0 - args.clip_range, 1.0 + args.clip_range)
+    return torch.maximum(-advantages * ratio, -advantages * clipped).mean(), ratio
+
+
+class PerPromptStatTracker:
+    """Advantage (r - mean) / std with each prompt's statistics over its last `buffer_size` rewards
+    (across epochs); the whole batch's statistics while a prompt has fewer than `min_count`."""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count, self.stats = buffer_size, min_count, {}
+
+    def update(self, prompts: np.ndarray, rewards: np.ndarray) -> np.ndarray:
+        advantages = np.empty_like(rewards)
+        for prompt in np.unique(prompts):
+            mine = rewards[prompts == prompt]
+            buffer = self.stats.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(mine)
+            ref = rewards if len(buffer) < self.min_count else np.array(buffer)
+            advantages[prompts == prompt] = (mine - ref.mean()) / (ref.std() + 1e-6)
+        return advantages
+
+
+def sample_epoch(args: Args, accelerator, model, neg_embed, prompts_all: list, reward_fn, image_size: int):
+    """Sample the epoch's trajectories with the current policy (sample_num_batches_per_epoch batches of
+    sample_batch_size random prompts) and score their images. Returns the samples (prompt embeddings c,
+    timesteps, x_t, x_{t-1}, log p_old(x_{t-1} | x_t, c), one row per trajectory), their rewards and prompt ids."""
+    unet = model[0]
+    unet.eval()
+    batches = []
+    for _ in range(args.sample_num_batches_per_epoch):
+        prompts = [random.choice(prompts_all) for _ in range(args.sample_batch_size)]
+        embeds, ids = encode_prompts(model, prompts)
+        with accelerator.autocast():
+            images, latents, log_probs, timesteps = sample_with_logprob(
+                model, embeds, neg_embed.expand(len(prompts), -1, -1), args, image_size)
+        batches.append({"ids": ids, "embeds": embeds, "timesteps": timesteps.repeat(len(prompts), 1),
+                        "latents": latents[:, :-1], "next_latents": latents[:, 1:], "log_probs": log_probs,
+                        "rewards": torch.as_tensor(reward_fn(images, prompts), device=accelerator.device,
+                                                   dtype=torch.float32)})
+    samples = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    return samples, samples.pop("rewards"), samples.pop("ids")
+
+
+def compute_advantages(args: Args, accelerator, tracker: PerPromptStatTracker, tokenizer, rewards, ids):
+    """A = (r - mean) / std over the rewards of all processes: each prompt's statistics (the tracker) or the
+    batch's. Returns this process's advantages (a tensor) and all rewards (numpy)."""
+    rewards = accelerator.gather(rewards).cpu().numpy()
+    if args.per_prompt_stat_tracking:
+        prompts = np.array(tokenizer.batch_decode(accelerator.gather(ids).cpu(), skip_special_tokens=True))
+        advantages = tracker.update(prompts, rewards)
+    else:
+        advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-8)
+    per_process = torch.as_tensor(advantages, dtype=torch.float32).reshape(accelerator.num_processes, -1)
+    return per_process[accelerator.process_index].to(accelerator.device), rewards
+
+
+def train_epoch(args: Args, accelerator, unet, optimizer, scheduler, samples: dict, neg_embed):
+    """num_inner_epochs passes over the samples: shuffle the trajectories and each one's timesteps, re-score
+    x_{t-1} under the current policy, and minimize ddpo_loss. Gradients accumulate over every trained
+    timestep of gradient_accumulation_steps train batches, then one AdamW step (accelerate counts the
+    backward passes). Returns the mean loss, approx. KL and clip fraction over all processes, the number of
+    optimizer steps and of backward passes."""
+    num_train_timesteps = max(1, int(args.sample_num_steps * args.timestep_fraction))
+    device = accelerator.device
+    unet.train()
+    n, steps = samples["timesteps"].shape
+    stats, updates, backward_passes = defaultdict(list), 0, 0
+    for _ in range(args.num_inner_epochs):
+        perm = torch.randperm(n, device=device)
+        order = {k: v[perm] for k, v in samples.items()}
+        perms = torch.stack([torch.randperm(steps, device=device) for _ in range(n)])
+        for k in ("timesteps", "latents", "next_latents", "log_probs"):
+            order[k] = order[k][torch.arange(n, device=device)[:, None], perms]
+        for i in range(0, n, args.train_batch_size):
+            batch = {k: v[i:i + args.train_batch_size] for k, v in order.items()}
+            neg = neg_embed.expand(len(batch["embeds"]), -1, -1)
+            for j in range(num_train_timesteps):
+                with accelerator.accumulate(unet):
+                    with accelerator.autocast():
+                        eps = guided_eps(unet, batch["latents"][:, j], batch["timesteps"][:, j], batch["embeds"],
+                                         neg, args.guidance_scale, cfg=args.train_cfg)
+                        _, log_prob = ddim_step_with_logprob(scheduler, eps, batch["timesteps"][:, j],
+                                                             batch["latents"][:, j], args.sample_eta,
+                                                             prev_sample=batch["next_latents"][:, j])
+                    loss, ratio = ddpo_loss(log_prob.float(), batch["log_probs"][:, j], batch["advantages"], args)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                        updates += 1
+                    optimizer.step()  # accelerate skips it until the accumulation is complete
+                    optimizer.zero_grad()
+                backward_passes += 1
+                stats["loss"].append(loss.detach())
+                stats["approx_kl"].append(0.5 * ((log_prob.float() - batch["log_probs"][:, j]) ** 2).mean().detach())
+                stats["clipfrac"].append(((ratio - 1).abs() > args.clip_range).float().mean().detach())
+    info = {k: accelerator.reduce(torch.stack(v).mean(), reduction="mean").item() for k, v in stats.items()}
+    return info, updates, backward_passes
+
+
+# ==================================================================================================
+# The loop: sample -> advantages -> train -> log / evaluate / checkpoint, every epoch
+# ==================================================================================================
+
+def main(args: Args) -> dict:
+    from accelerate.utils import set_seed
+    check_args(args)
+    prompts_all = load_prompts(args.prompts)
+    accelerator, precision = make_accelerator(args)
+    device, main_process = accelerator.device, accelerator.is_main_process
+    resume = read_checkpoint(args.resume)
+    run_dir = new_run_dir(args, resume, main_process)
+
+    set_seed(args.seed, device_specific=True)  # seed + process index: every process samples different images
+    model = load_model(args)
+    unet, _, tokenizer, scheduler, vae = model
+    image_size = args.image_size or unet.config.sample_size * latent_scale(vae)
+    reward_fn = make_reward(args, device)
+    trainable = prepare_model(model, args, device, precision)  # LoRA adapters or the whole UNet
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
+    first_epoch, history = restore_checkpoint(resume, args, accelerator, unet, optimizer, tracker)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    neg_embed = encode_prompts(model, [""])[0]  # the unconditional branch of guidance: the empty prompt
+    writer = open_run(args, run_dir, accelerator, precision, image_size) if main_process else None
+    samples_per_epoch = args.sample_batch_size * args.sample_num_batches_per_epoch
+    steps_per_epoch = samples_per_epoch // (args.train_batch_size * args.gradient_accumulation_steps) * args.num_inner_epochs
+    accelerator.print(f"{samples_per_epoch * accelerator.num_processes} samples per epoch, {steps_per_epoch} optimizer "
+                      f"steps per epoch, {sum(p.numel() for p in trainable):,} trainable parameters")
+
+    def evaluate(epoch: int) -> dict:  # the fixed grid: the same prompts and noise every time
+        return evaluate_grid(args, accelerator, model, neg_embed, prompts_all, reward_fn, image_size, run_dir, epoch)
+
+    if first_epoch == 0 and main_process:
+        history["eval"].append(evaluate(0))
+    updates, backward_passes, info, t0 = 0, 0, {}, time.time()
+    for epoch in tqdm(range(first_epoch, args.num_epochs), disable=not sys.stdout.isatty(), desc="ddpo"):
+        # 1. sample trajectories with the current policy, 2. advantages from the rewards of all processes
+        samples, rewards, ids = sample_epoch(args, accelerator, model, neg_embed, prompts_all, reward_fn, image_size)
+        samples["advantages"], rewards = compute_advantages(args, accelerator, tracker, tokenizer, rewards, ids)
+        # 3. train on them
+        info, n_updates, n_passes = train_epoch(args, accelerator, unet, optimizer, scheduler, samples, neg_embed)
+        updates, backward_passes = updates + n_updates, backward_passes + n_passes
+
+        # 4. log, evaluate, checkpoint
+        if not math.isfinite(info["loss"]):  # checked once per epoch: no host sync per backward pass
+            fail(f"the DDPO loss became {info['loss']} in epoch {epoch + 1}; lower --learning-rate")
+        info.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
+        history["train"].append({"epoch": epoch + 1, **info})
+        if main_process:
+            log_train(writer, epoch + 1, info)
+            last = epoch + 1 == args.num_epochs
+            if last or (args.eval_interval > 0 and (epoch + 1) % args.eval_interval == 0):
+                history["eval"].append(evaluate(epoch + 1))
+                log_eval(writer, history["eval"][-1])
+            write_csvs(run_dir, history)
+            if last or (epoch + 1) % args.save_freq == 0:
+                save_checkpoint(run_dir, args, accelerator, unet, optimizer, tracker, history, epoch)
+        accelerator.wait_for_everyone()
+
+    if main_process and args.save_model:
+        save_model(run_dir, args, accelerator, unet)
+    if main_process:
+        writer.close()
+    elapsed = time.time() - t0
+    evals = history["eval"]
+    return {"updates": updates, "backward_passes": backward_passes, "updates_per_second": updates / max(elapsed, 1e-9),
+            "losses/ddpo": info.get("loss"), **{k: v for k, v in info.items() if k != "loss"},
+            "eval/reward": evals[-1]["reward_mean"] if evals else None,
+            "eval/reward_before": evals[0]["reward_mean"] if evals else None, "run_dir": run_dir}
+
+
+# ==================================================================================================
+# Plumbing: everything below runs the experiment; none of it is the method
+# ==================================================================================================
+
 def fail(message: str):
     """Bad input: one clear sentence on stderr and exit status 1."""
     raise SystemExit(f"ddpo.py: error: {message}")
 
 
+# ----------------------------------------------------------------------------- setup and evaluation
+
+def check_args(args: Args):
+    """Fail early, with one sentence, on settings the loop cannot run."""
+    if min(args.num_epochs, args.sample_num_steps, args.sample_batch_size, args.sample_num_batches_per_epoch,
+           args.train_batch_size, args.gradient_accumulation_steps, args.num_inner_epochs) < 1:
+        fail("epochs, steps, batch sizes and accumulation steps must be positive")
+    if not 0 < args.timestep_fraction <= 1:
+        fail(f"--timestep-fraction must be in (0, 1], got {args.timestep_fraction}")
+    if args.sample_eta <= 0:
+        fail("--sample-eta must be > 0: with eta = 0 DDIM is deterministic and has no log-density to train")
+    if args.sample_batch_size % args.train_batch_size:
+        fail(f"--sample-batch-size {args.sample_batch_size} must be a multiple of --train-batch-size {args.train_batch_size}")
+    samples_per_epoch = args.sample_batch_size * args.sample_num_batches_per_epoch
+    if samples_per_epoch % (args.train_batch_size * args.gradient_accumulation_steps):
+        fail(f"the {samples_per_epoch} samples per epoch must split into optimizer steps of --train-batch-size "
+             f"x --gradient-accumulation-steps = {args.train_batch_size * args.gradient_accumulation_steps}")
+    if args.objective == "sf" and (args.num_inner_epochs != 1 or
+                                   samples_per_epoch != args.train_batch_size * args.gradient_accumulation_steps):
+        fail(f"DDPO_SF is on-policy: one gradient step per epoch, so --num-inner-epochs 1 and --gradient-accumulation-steps "
+             f"{samples_per_epoch // args.train_batch_size}")
+
+
+def make_accelerator(args: Args):
+    """accelerate's Accelerator (device, processes, mixed precision) with gradient accumulation over
+    gradient_accumulation_steps x the trained timesteps backward passes. Returns it and the precision."""
+    from accelerate import Accelerator
+    cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    precision = ("no" if cpu else "fp16") if args.mixed_precision == "auto" else args.mixed_precision
+    if cpu and precision == "fp16":
+        fail("--mixed-precision fp16 needs a GPU; use no or bf16 on a CPU")
+    num_train_timesteps = max(1, int(args.sample_num_steps * args.timestep_fraction))
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu,
+                              gradient_accumulation_steps=args.gradient_accumulation_steps * num_train_timesteps)
+    if args.allow_tf32 and accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator, precision
+
+
+def prepare_model(model, args: Args, device, precision: str) -> list:
+    """Move the model to the device: the DDIM schedule once (no host copy per step), the frozen parts in
+    the inference dtype, the trainable weights (LoRA adapters or the whole UNet) in float32. Returns them."""
+    unet, text_encoder, _, scheduler, vae = model
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(device)
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    text_encoder.requires_grad_(False).to(device, dtype=dtype)
+    if vae is not None:
+        vae.requires_grad_(False).to(device, dtype=dtype)
+    unet.requires_grad_(not args.use_lora).to(device, dtype=dtype if args.use_lora else torch.float32)
+    if args.use_lora:
+        from peft import LoraConfig
+        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def evaluate_grid(args: Args, accelerator, model, neg_embed, prompts_all: list, reward_fn, image_size: int,
+                  run_dir: str, epoch: int) -> dict:
+    """A fixed grid: the first prompts, the same noise at every evaluation; saved as images/epoch_XXXX.png."""
+    prompts = [prompts_all[i % len(prompts_all)] for i in range(args.eval_images)]
+    generator = torch.Generator(accelerator.device).manual_seed(args.seed)
+    with accelerator.autocast():
+        images = sample_with_logprob(model, encode_prompts(model, prompts)[0], neg_embed.expand(len(prompts), -1, -1),
+                                     args, image_size, generator)[0]
+    rewards = reward_fn(images, prompts)
+    save_grid(images, os.path.join(run_dir, "images", f"epoch_{epoch:04d}.png"))
+    return {"epoch": epoch, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())}
+
+
 # ----------------------------------------------------------------------------- prompts
+
 SIMPLE_ANIMALS = """cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox
 wolf lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake turtle frog chicken duck goose
 bee pig turkey fly llama camel bat gorilla hedgehog kangaroo""".split()
@@ -203,6 +541,7 @@ def load_prompts(spec: str) -> list:
 
 
 # ----------------------------------------------------------------------------- rewards
+
 def jpeg_size_kb(images: torch.Tensor) -> np.ndarray:
     """Size in kB of each image saved as JPEG (quality 95), images in [0, 1], (B, 3, H, W)."""
     pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -271,25 +610,23 @@ def make_reward(args: Args, device: torch.device):
     return clip_score
 
 
-class PerPromptStatTracker:
-    """Advantage (r - mean) / std with each prompt's statistics over its last `buffer_size` rewards
-    (across epochs); the whole batch's statistics while a prompt has fewer than `min_count`."""
+# ------------------------------------------------------------------ models: diffusers, or the tiny one built here
 
-    def __init__(self, buffer_size: int, min_count: int):
-        self.buffer_size, self.min_count, self.stats = buffer_size, min_count, {}
+def load_model(args: Args):
+    """(unet, text_encoder, tokenizer, DDIM scheduler, vae or None for pixel space)."""
+    if args.model == "tiny":
+        return build_tiny(args.tiny_pretrain_steps)
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    if os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, "model_index.json")):
+        fail(f"--model {args.model} is a folder without model_index.json, so not a diffusers pipeline")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(args.model, revision=args.revision, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        fail(f"--model {args.model} could not be loaded as a diffusers Stable Diffusion pipeline ({e})")
+    return pipe.unet, pipe.text_encoder, pipe.tokenizer, DDIMScheduler.from_config(pipe.scheduler.config), pipe.vae
 
-    def update(self, prompts: np.ndarray, rewards: np.ndarray) -> np.ndarray:
-        advantages = np.empty_like(rewards)
-        for prompt in np.unique(prompts):
-            mine = rewards[prompts == prompt]
-            buffer = self.stats.setdefault(prompt, deque(maxlen=self.buffer_size))
-            buffer.extend(mine)
-            ref = rewards if len(buffer) < self.min_count else np.array(buffer)
-            advantages[prompts == prompt] = (mine - ref.mean()) / (ref.std() + 1e-6)
-        return advantages
 
-
-# ----------------------------------------------------------------------------- model
 def byte_level_chars() -> list:
     """The 256 printable characters GPT-2/CLIP byte-level BPE maps the bytes to."""
     printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
@@ -366,107 +703,28 @@ def build_tiny(pretrain_steps: int, seed: int = 0):
     return unet, text_encoder, tokenizer, scheduler, None
 
 
-def load_model(args: Args):
-    """(unet, text_encoder, tokenizer, DDIM scheduler, vae or None for pixel space)."""
-    if args.model == "tiny":
-        return build_tiny(args.tiny_pretrain_steps)
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    if os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, "model_index.json")):
-        fail(f"--model {args.model} is a folder without model_index.json, so not a diffusers pipeline")
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(args.model, revision=args.revision, safety_checker=None,
-                                                       requires_safety_checker=False)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        fail(f"--model {args.model} could not be loaded as a diffusers Stable Diffusion pipeline ({e})")
-    return pipe.unet, pipe.text_encoder, pipe.tokenizer, DDIMScheduler.from_config(pipe.scheduler.config), pipe.vae
+# ----------------------------------------------------------------------------- checkpoint and resume
+
+def read_checkpoint(path: Optional[str]) -> Optional[dict]:
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
-# ----------------------------------------------------------------------------- the policy
-def guided_eps(unet, x, t, embeds, neg_embeds, guidance_scale: float, cfg: bool = True) -> torch.Tensor:
-    """eps_theta with classifier-free guidance: eps_u + w (eps_c - eps_u), both from one batched call."""
-    t = t.expand(x.shape[0]) if t.ndim == 0 else t
-    if not cfg:
-        return unet(x, t, encoder_hidden_states=embeds).sample
-    eps_u, eps_c = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([neg_embeds, embeds])).sample.chunk(2)
-    return eps_u + guidance_scale * (eps_c - eps_u)
-
-
-def ddim_step_with_logprob(scheduler, model_output, t, x_t, eta: float, prev_sample=None, generator=None):
-    """One DDIM step x_t -> x_{t-1} ~ N(mu, sigma_t^2 I) (DDIM paper eqs. 12 and 16) and the log-density
-    of x_{t-1}, averaged over all but the batch dimension. t may be a scalar or one timestep per sample.
-    With prev_sample given, that x_{t-1} is scored instead of drawing one."""
-    t = t.to(x_t.device).long()
-    t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-    shape = (-1,) + (1,) * (x_t.ndim - 1)
-    alphas = scheduler.alphas_cumprod.to(x_t.device)
-    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    a_t = alphas[t].view(shape)
-    a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], scheduler.final_alpha_cumprod.to(x_t.device)).view(shape)
-
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        x0, eps = (x_t - (1 - a_t).sqrt() * model_output) / a_t.sqrt(), model_output
-    elif kind == "v_prediction":
-        x0, eps = a_t.sqrt() * x_t - (1 - a_t).sqrt() * model_output, a_t.sqrt() * model_output + (1 - a_t).sqrt() * x_t
-    else:  # "sample"
-        x0, eps = model_output, (x_t - a_t.sqrt() * model_output) / (1 - a_t).sqrt()
-    if scheduler.config.clip_sample:
-        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
-
-    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()  # sigma_t(eta)
-    mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
-    if prev_sample is None:
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        prev_sample = (mean + sigma * noise).to(x_t.dtype)  # the x_{t-1} that is stored (fp16/bf16) is the one scored
-    log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * sigma**2) - sigma.log() - math.log(math.sqrt(2 * math.pi))
-    return prev_sample, log_prob.mean(dim=tuple(range(1, x_t.ndim)))
-
-
-def latent_scale(vae) -> int:
-    """Image pixels per latent pixel: the VAE halves the side once per extra block; pixel space is 1."""
-    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-
-
-@torch.no_grad()
-def sample_with_logprob(model, embeds, neg_embeds, args: Args, image_size: int, generator=None):
-    """Run the sampler, keeping the trajectory: images in [0, 1], latents (B, T + 1, ...), log-probs (B, T),
-    timesteps (T,)."""
-    unet, _, _, scheduler, vae = model
-    scale = latent_scale(vae)
-    scheduler.set_timesteps(args.sample_num_steps, device=embeds.device)
-    x = torch.randn((embeds.shape[0], unet.config.in_channels, image_size // scale, image_size // scale),
-                    generator=generator, device=embeds.device, dtype=embeds.dtype) * scheduler.init_noise_sigma
-    latents, log_probs = [x], []
-    for t in scheduler.timesteps:
-        eps = guided_eps(unet, x, t, embeds, neg_embeds, args.guidance_scale, cfg=args.guidance_scale > 1.0)
-        x, log_prob = ddim_step_with_logprob(scheduler, eps, t, x, args.sample_eta, generator=generator)
-        latents.append(x)
-        log_probs.append(log_prob)
-    images = vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample if vae is not None else x
-    return ((images.float() / 2 + 0.5).clamp(0, 1), torch.stack(latents, 1), torch.stack(log_probs, 1),
-            scheduler.timesteps.clone())
-
-
-def ddpo_loss(log_prob, old_log_prob, advantages, args: Args):
-    """DDPO_IS: PPO's pessimistic clipped surrogate on the per-step ratio; DDPO_SF: the score function.
-    Returns (loss, ratio)."""
-    ratio = torch.exp(log_prob - old_log_prob)
-    advantages = advantages.clamp(-args.adv_clip_max, args.adv_clip_max)
-    if args.objective == "sf":
-        return -(advantages * log_prob).mean(), ratio
-    clipped = ratio.clamp(1.0 - args.clip_range, 1.0 + args.clip_range)
-    return torch.maximum(-advantages * ratio, -advantages * clipped).mean(), ratio
-
-
-# ----------------------------------------------------------------------------- outputs
-def save_grid(images: torch.Tensor, path: str, columns: int = 8):
-    """Images (B, 3, H, W) in [0, 1] side by side in rows of `columns`, as one PNG."""
-    b, _, h, w = images.shape
-    rows = math.ceil(b / columns)
-    grid = torch.ones(3, rows * h, min(b, columns) * w)
-    for i, im in enumerate(images.float().cpu()):
-        grid[:, (i // columns) * h:(i // columns + 1) * h, (i % columns) * w:(i % columns + 1) * w] = im
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+def restore_checkpoint(resume: Optional[dict], args: Args, accelerator, unet, optimizer, tracker) -> tuple:
+    """The trainable weights, optimizer and per-prompt statistics of a checkpoint. Returns the first epoch
+    to run and the run's history (0 and an empty one without a checkpoint)."""
+    if resume is None:
+        return 0, {"train": [], "eval": []}
+    if resume["use_lora"] != args.use_lora or resume["model"] != args.model:
+        fail(f"{args.resume} was trained with --model {resume['model']} --use-lora {resume['use_lora']}")
+    load_trainable(unet, resume["trainable"], args.resume)
+    optimizer.load_state_dict(resume["optimizer"])
+    tracker.stats = {k: deque(v, maxlen=args.stat_buffer_size) for k, v in resume["stats"].items()}
+    accelerator.print(f"resumed from {args.resume} after epoch {resume['epoch']}")
+    return resume["epoch"] + 1, resume["history"]
 
 
 def load_trainable(unet, state: dict, path: str):
@@ -482,234 +740,88 @@ def load_trainable(unet, state: dict, path: str):
     unet.load_state_dict(state, strict=False)  # strict=False only because the frozen weights are not in it
 
 
-def main(args: Args) -> dict:
-    if min(args.num_epochs, args.sample_num_steps, args.sample_batch_size, args.sample_num_batches_per_epoch,
-           args.train_batch_size, args.gradient_accumulation_steps, args.num_inner_epochs) < 1:
-        fail("epochs, steps, batch sizes and accumulation steps must be positive")
-    if not 0 < args.timestep_fraction <= 1:
-        fail(f"--timestep-fraction must be in (0, 1], got {args.timestep_fraction}")
-    if args.sample_eta <= 0:
-        fail("--sample-eta must be > 0: with eta = 0 DDIM is deterministic and has no log-density to train")
-    if args.sample_batch_size % args.train_batch_size:
-        fail(f"--sample-batch-size {args.sample_batch_size} must be a multiple of --train-batch-size {args.train_batch_size}")
-    samples_per_epoch = args.sample_batch_size * args.sample_num_batches_per_epoch
-    if samples_per_epoch % (args.train_batch_size * args.gradient_accumulation_steps):
-        fail(f"the {samples_per_epoch} samples per epoch must split into optimizer steps of --train-batch-size "
-             f"x --gradient-accumulation-steps = {args.train_batch_size * args.gradient_accumulation_steps}")
-    if args.objective == "sf" and (args.num_inner_epochs != 1 or
-                                   samples_per_epoch != args.train_batch_size * args.gradient_accumulation_steps):
-        fail(f"DDPO_SF is on-policy: one gradient step per epoch, so --num-inner-epochs 1 and --gradient-accumulation-steps "
-             f"{samples_per_epoch // args.train_batch_size}")
-    prompts_all = load_prompts(args.prompts)
+def save_checkpoint(run_dir: str, args: Args, accelerator, unet, optimizer, tracker, history: dict, epoch: int):
+    """checkpoint.pt: the trainable weights, optimizer, per-prompt statistics and history, for --resume."""
+    unwrapped = accelerator.unwrap_model(unet)
+    trainable_names = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+    state = {n: p for n, p in unwrapped.state_dict().items() if n in trainable_names}
+    path = os.path.join(run_dir, "checkpoint.pt")
+    torch.save({"trainable": state, "optimizer": optimizer.state_dict(), "epoch": epoch, "model": args.model,
+                "use_lora": args.use_lora, "history": history, "stats": {k: list(v) for k, v in tracker.stats.items()}},
+               path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a checkpoint
 
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    precision = ("no" if cpu else "fp16") if args.mixed_precision == "auto" else args.mixed_precision
-    if cpu and precision == "fp16":
-        fail("--mixed-precision fp16 needs a GPU; use no or bf16 on a CPU")
-    num_train_timesteps = max(1, int(args.sample_num_steps * args.timestep_fraction))
-    accelerator = Accelerator(mixed_precision=precision, cpu=cpu,
-                              gradient_accumulation_steps=args.gradient_accumulation_steps * num_train_timesteps)
-    device, main_process = accelerator.device, accelerator.is_main_process
 
-    resume = None
-    if args.resume is not None:
-        if not os.path.isfile(args.resume):
-            fail(f"checkpoint {args.resume} does not exist")
-        resume = torch.load(args.resume, map_location="cpu", weights_only=False)
+def save_model(run_dir: str, args: Args, accelerator, unet):
+    """--save-model: the LoRA weights (lora/, for pipe.load_lora_weights) or the UNet (unet/), diffusers' format."""
+    final = accelerator.unwrap_model(unet)
+    if args.use_lora:
+        from diffusers import StableDiffusionPipeline
+        from peft.utils import get_peft_model_state_dict
+        StableDiffusionPipeline.save_lora_weights(os.path.join(run_dir, "lora"),
+                                                  unet_lora_layers=get_peft_model_state_dict(final))
+    else:
+        final.save_pretrained(os.path.join(run_dir, "unet"))
+
+
+# ----------------------------------------------------------------------------- run folder and logging
+
+def new_run_dir(args: Args, resume: Optional[dict], main_process: bool) -> str:
+    """--run-dir, or the checkpoint's folder when resuming, or runs/{model}__{exp_name}__{seed}__{time};
+    an existing folder is never overwritten (except the one a run resumes in)."""
     model_name = os.path.basename(os.path.normpath(args.model)).replace("/", "_")
     run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
                                f"runs/{model_name}__{args.exp_name}__{args.seed}__{int(time.time())}")
     if main_process and os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
         fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
+    return run_dir
 
-    set_seed(args.seed, device_specific=True)  # seed + process index: every process samples different images
-    if args.allow_tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    unet, text_encoder, tokenizer, scheduler, vae = model = load_model(args)
-    image_size = args.image_size or unet.config.sample_size * latent_scale(vae)
-    reward_fn = make_reward(args, device)
 
-    # The schedule lives on the device once, so no DDIM step copies it from the host.
-    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(device)
-    # Frozen parts in the inference dtype; trainable weights (LoRA or the whole UNet) stay float32.
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    text_encoder.requires_grad_(False).to(device, dtype=dtype)
-    if vae is not None:
-        vae.requires_grad_(False).to(device, dtype=dtype)
-    unet.requires_grad_(not args.use_lora).to(device, dtype=dtype if args.use_lora else torch.float32)
-    if args.use_lora:
-        from peft import LoraConfig
-        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-        for p in unet.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
-    first_epoch, history = 0, {"train": [], "eval": []}
-    if resume:
-        if resume["use_lora"] != args.use_lora or resume["model"] != args.model:
-            fail(f"{args.resume} was trained with --model {resume['model']} --use-lora {resume['use_lora']}")
-        load_trainable(unet, resume["trainable"], args.resume)
-        optimizer.load_state_dict(resume["optimizer"])
-        tracker.stats = {k: deque(v, maxlen=args.stat_buffer_size) for k, v in resume["stats"].items()}
-        first_epoch, history = resume["epoch"] + 1, resume["history"]
-        accelerator.print(f"resumed from {args.resume} after epoch {resume['epoch']}")
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    autocast = accelerator.autocast
+def open_run(args: Args, run_dir: str, accelerator, precision: str, image_size: int):
+    """Create the run folder: images/, args.json (with the resolved settings), TensorBoard, optional W&B.
+    Returns the TensorBoard writer."""
+    os.makedirs(os.path.join(run_dir, "images"), exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({**asdict(args), "resolved": dict(device=str(accelerator.device), mixed_precision=precision,
+                   image_size=image_size, processes=accelerator.num_processes)}, f, indent=2)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
+                   dir=run_dir, sync_tensorboard=True)
+    return writer
 
-    def embed(prompts):
-        ids = tokenizer(list(prompts), return_tensors="pt", padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length).input_ids.to(device)
-        return text_encoder(ids)[0], ids
 
-    neg_embed = embed([""])[0]  # the unconditional branch of guidance: the empty prompt
+def log_train(writer, epoch: int, info: dict):
+    for k, v in info.items():
+        writer.add_scalar(f"train/{k}", v, epoch)
+    print(f"epoch={epoch} reward={info['reward_mean']:.4g}+-{info['reward_std']:.3g} "
+          f"loss={info['loss']:.3g} approx_kl={info['approx_kl']:.2e} clipfrac={info['clipfrac']:.3f}")
 
-    def evaluate(epoch: int) -> dict:
-        """A fixed grid: the first prompts, the same noise at every evaluation."""
-        prompts = [prompts_all[i % len(prompts_all)] for i in range(args.eval_images)]
-        generator = torch.Generator(device).manual_seed(args.seed)
-        with autocast():
-            images = sample_with_logprob(model, embed(prompts)[0], neg_embed.expand(len(prompts), -1, -1), args,
-                                         image_size, generator)[0]
-        rewards = reward_fn(images, prompts)
-        save_grid(images, os.path.join(run_dir, "images", f"epoch_{epoch:04d}.png"))
-        return {"epoch": epoch, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())}
 
-    if main_process:
-        os.makedirs(os.path.join(run_dir, "images"), exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump({**asdict(args), "resolved": dict(device=str(device), mixed_precision=precision,
-                       image_size=image_size, processes=accelerator.num_processes)}, f, indent=2)
-        writer = SummaryWriter(run_dir)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-        if args.track:
-            import wandb
-            wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
-                       dir=run_dir, sync_tensorboard=True)
-    accelerator.print(f"{samples_per_epoch * accelerator.num_processes} samples per epoch, "
-          f"{samples_per_epoch // (args.train_batch_size * args.gradient_accumulation_steps) * args.num_inner_epochs} "
-          f"optimizer steps per epoch, {sum(p.numel() for p in trainable):,} trainable parameters")
+def log_eval(writer, result: dict):
+    writer.add_scalar("eval/reward_mean", result["reward_mean"], result["epoch"])
+    print(f"eval epoch={result['epoch']} reward={result['reward_mean']:.4g}")
 
-    trainable_names = {n for n, p in accelerator.unwrap_model(unet).named_parameters() if p.requires_grad}
 
-    def save_checkpoint(epoch: int):
-        state = {n: p for n, p in accelerator.unwrap_model(unet).state_dict().items() if n in trainable_names}
-        path = os.path.join(run_dir, "checkpoint.pt")
-        torch.save({"trainable": state, "optimizer": optimizer.state_dict(), "epoch": epoch, "model": args.model,
-                    "use_lora": args.use_lora, "history": history, "stats": {k: list(v) for k, v in tracker.stats.items()}},
-                   path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a checkpoint
+def write_csvs(run_dir: str, history: dict):
+    """train.csv and eval.csv, rewritten whole each epoch."""
+    for name in ("train", "eval"):
+        with open(os.path.join(run_dir, f"{name}.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(history[name][-1]))
+            w.writeheader()
+            w.writerows(history[name])
 
-    if first_epoch == 0 and main_process:
-        history["eval"].append(evaluate(0))
-    updates, backward_passes, info, t0 = 0, 0, {}, time.time()
-    for epoch in tqdm(range(first_epoch, args.num_epochs), disable=not sys.stdout.isatty(), desc="ddpo"):
-        # 1. sample trajectories with the current policy
-        unet.eval()
-        batches = []
-        for _ in range(args.sample_num_batches_per_epoch):
-            prompts = [random.choice(prompts_all) for _ in range(args.sample_batch_size)]
-            embeds, ids = embed(prompts)
-            with autocast():
-                images, latents, log_probs, timesteps = sample_with_logprob(
-                    model, embeds, neg_embed.expand(len(prompts), -1, -1), args, image_size)
-            batches.append({"ids": ids, "embeds": embeds, "timesteps": timesteps.repeat(len(prompts), 1),
-                            "latents": latents[:, :-1], "next_latents": latents[:, 1:], "log_probs": log_probs,
-                            "rewards": torch.as_tensor(reward_fn(images, prompts), device=device, dtype=torch.float32)})
-        samples = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
-        # 2. advantages from the rewards of all processes
-        rewards = accelerator.gather(samples.pop("rewards")).cpu().numpy()
-        if args.per_prompt_stat_tracking:
-            prompts = np.array(tokenizer.batch_decode(accelerator.gather(samples["ids"]).cpu(), skip_special_tokens=True))
-            advantages = tracker.update(prompts, rewards)
-        else:
-            advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-8)
-        samples["advantages"] = torch.as_tensor(advantages, dtype=torch.float32).reshape(
-            accelerator.num_processes, -1)[accelerator.process_index].to(device)
-        del samples["ids"]
-
-        # 3. train: shuffle samples, shuffle each trajectory's timesteps, accumulate over a batch's timesteps
-        unet.train()
-        n, steps = samples["timesteps"].shape
-        stats = defaultdict(list)
-        for _ in range(args.num_inner_epochs):
-            perm = torch.randperm(n, device=device)
-            order = {k: v[perm] for k, v in samples.items()}
-            perms = torch.stack([torch.randperm(steps, device=device) for _ in range(n)])
-            for k in ("timesteps", "latents", "next_latents", "log_probs"):
-                order[k] = order[k][torch.arange(n, device=device)[:, None], perms]
-            for i in range(0, n, args.train_batch_size):
-                batch = {k: v[i:i + args.train_batch_size] for k, v in order.items()}
-                neg = neg_embed.expand(len(batch["embeds"]), -1, -1)
-                for j in range(num_train_timesteps):
-                    with accelerator.accumulate(unet):
-                        with autocast():
-                            eps = guided_eps(unet, batch["latents"][:, j], batch["timesteps"][:, j], batch["embeds"],
-                                             neg, args.guidance_scale, cfg=args.train_cfg)
-                            _, log_prob = ddim_step_with_logprob(scheduler, eps, batch["timesteps"][:, j],
-                                                                 batch["latents"][:, j], args.sample_eta,
-                                                                 prev_sample=batch["next_latents"][:, j])
-                        loss, ratio = ddpo_loss(log_prob.float(), batch["log_probs"][:, j], batch["advantages"], args)
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                            updates += 1
-                        optimizer.step()  # accelerate skips it until the accumulation is complete
-                        optimizer.zero_grad()
-                    backward_passes += 1
-                    stats["loss"].append(loss.detach())
-                    stats["approx_kl"].append(0.5 * ((log_prob.float() - batch["log_probs"][:, j]) ** 2).mean().detach())
-                    stats["clipfrac"].append(((ratio - 1).abs() > args.clip_range).float().mean().detach())
-
-        # 4. log
-        info = {k: accelerator.reduce(torch.stack(v).mean(), reduction="mean").item() for k, v in stats.items()}
-        if not math.isfinite(info["loss"]):  # checked once per epoch: no host sync per backward pass
-            fail(f"the DDPO loss became {info['loss']} in epoch {epoch + 1}; lower --learning-rate")
-        info.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
-        history["train"].append({"epoch": epoch + 1, **info})
-        if main_process:
-            for k, v in info.items():
-                writer.add_scalar(f"train/{k}", v, epoch + 1)
-            print(f"epoch={epoch + 1} reward={info['reward_mean']:.4g}+-{info['reward_std']:.3g} "
-                  f"loss={info['loss']:.3g} approx_kl={info['approx_kl']:.2e} clipfrac={info['clipfrac']:.3f}")
-            last = epoch + 1 == args.num_epochs
-            if last or (args.eval_interval > 0 and (epoch + 1) % args.eval_interval == 0):
-                history["eval"].append(evaluate(epoch + 1))
-                writer.add_scalar("eval/reward_mean", history["eval"][-1]["reward_mean"], epoch + 1)
-                print(f"eval epoch={epoch + 1} reward={history['eval'][-1]['reward_mean']:.4g}")
-            for name in ("train", "eval"):
-                with open(os.path.join(run_dir, f"{name}.csv"), "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=list(history[name][-1]))
-                    w.writeheader()
-                    w.writerows(history[name])
-            if last or (epoch + 1) % args.save_freq == 0:
-                save_checkpoint(epoch)
-        accelerator.wait_for_everyone()
-
-    if main_process and args.save_model:
-        final = accelerator.unwrap_model(unet)
-        if args.use_lora:
-            from diffusers import StableDiffusionPipeline
-            from peft.utils import get_peft_model_state_dict
-            StableDiffusionPipeline.save_lora_weights(os.path.join(run_dir, "lora"),
-                                                      unet_lora_layers=get_peft_model_state_dict(final))
-        else:
-            final.save_pretrained(os.path.join(run_dir, "unet"))
-    if main_process:
-        writer.close()
-    elapsed = time.time() - t0
-    evals = history["eval"]
-    return {"updates": updates, "backward_passes": backward_passes, "updates_per_second": updates / max(elapsed, 1e-9),
-            "losses/ddpo": info.get("loss"), **{k: v for k, v in info.items() if k != "loss"},
-            "eval/reward": evals[-1]["reward_mean"] if evals else None,
-            "eval/reward_before": evals[0]["reward_mean"] if evals else None, "run_dir": run_dir}
+def save_grid(images: torch.Tensor, path: str, columns: int = 8):
+    """Images (B, 3, H, W) in [0, 1] side by side in rows of `columns`, as one PNG."""
+    b, _, h, w = images.shape
+    rows = math.ceil(b / columns)
+    grid = torch.ones(3, rows * h, min(b, columns) * w)
+    for i, im in enumerate(images.float().cpu()):
+        grid[:, (i // columns) * h:(i // columns + 1) * h, (i % columns) * w:(i % columns + 1) * w] = im
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
 
 
 if __name__ == "__main__":
