@@ -29,6 +29,9 @@ Usage:
 Differences from the official code:
 - PyTorch; the twin Q is one batched module (stacked weights, bmm). The data layer, the
   Gymnasium evaluation envs and the bad-input checks are iql.py's (see its docstring).
+- The diffusion model's cosine lr decay runs over a fixed 3M steps (`--lr-decay-steps`), as the
+  official code (decay_steps=int(3e6) in its launcher, whatever max_steps is); iql.py's official
+  code decays over max_steps instead.
 - Trains on the whole dataset; the official launcher holds out a random 5% it never uses.
 - Evaluation episodes run side by side as one batch (one sampler call per env step).
 - The official launcher crashes (it reads variant['T'] and variant['beta_schedule'], which live
@@ -100,7 +103,7 @@ class Args:
     actor_weight_decay: float = 1e-4
     """AdamW weight decay of the diffusion model (optax.adamw's default, as the official code)"""
     lr_decay_steps: int = 3_000_000
-    """horizon of the actor's cosine lr decay (official: 3M)"""
+    """horizon of the actor's cosine lr decay (official: 3M, fixed whatever --max-steps is)"""
     actor_ema: float = 0.001
     """EMA rate of the sampling copy of the diffusion model"""
     actor_dropout: float = 0.1
@@ -472,9 +475,10 @@ class IDQL(nn.Module):
         self.critic_opt.zero_grad()
         critic_loss.backward()
         self.critic_opt.step()
-        # 4) targets: EMA of mu (the sampler's copy) and Polyak of Q
-        torch._foreach_lerp_(self.ema_params, self.actor_params, self.ema)
-        torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
+        # 4) targets: EMA of mu (the sampler's copy) and Polyak of Q; no_grad, or autograd records every step
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema_params, self.actor_params, self.ema)
+            torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
         self.num_updates += 1
         # (actor_lr is returned as a copy: torch.compile mishandles returning a buffer it mutated)
         return {"losses/actor_loss": actor_loss.detach(), "losses/value_loss": value_loss.detach(),
@@ -549,6 +553,12 @@ def evaluate(select, obs_buf: torch.Tensor, envs: list, seed: int) -> np.ndarray
     return returns
 
 
+def forked_rng(device: torch.device):
+    """torch's RNG (CPU and this CUDA device) forked: draws inside leave the training stream as it was."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)
+
+
 def normalized_score(env: str, ret: float) -> float:
     task = env.split("-")[0].lower()  # hopper-medium-v2 and Hopper-v4 alike
     if task not in REF_SCORES:
@@ -565,6 +575,24 @@ def save_checkpoint(path: str, agent: IDQL, step: int, args: Args, evals: list):
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint intact
+
+
+def load_checkpoint(agent: IDQL, state: dict, device: torch.device):
+    """Agent, optimizers and RNG as saved, on this run's device (the checkpoint may come from another)."""
+    agent.load_state_dict(state["agent"])
+    for k, opt in agent.optimizers().items():
+        for group in state[k]["param_groups"]:  # capturable Adam on CUDA only (CPU Adam refuses it)
+            group["capturable"] = device.type == "cuda"
+        opt.load_state_dict(state[k])
+    # load_state_dict put the checkpoint's lr tensor into the actor's param group: link the agent's
+    # lr tensor back in (with the saved value), or the cosine schedule no longer reaches Adam
+    agent.actor_lr.copy_(torch.as_tensor(agent.actor_opt.param_groups[0]["lr"]))
+    agent.actor_opt.param_groups[0]["lr"] = agent.actor_lr
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
 
 
 
@@ -636,14 +664,7 @@ def main(args: Args) -> dict:
     agent = IDQL(obs_dim, act_dim, args, expectile, device)
     start, evals = 0, []
     if resume:
-        agent.load_state_dict(resume["agent"])
-        for k, opt in agent.optimizers().items():
-            opt.load_state_dict(resume[k])
-        torch.set_rng_state(resume["rng"]["torch"])
-        np.random.set_state(resume["rng"]["numpy"])
-        random.setstate(resume["rng"]["python"])
-        if resume["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+        load_checkpoint(agent, resume, device)
         start, evals = resume["step"], ([] if args.eval_only else resume["evaluations"])
         print(f"{'evaluating' if args.eval_only else 'resumed from'} {args.resume} at step {start}")
 
@@ -671,7 +692,7 @@ def main(args: Args) -> dict:
 
     def evaluate_and_log(step: int):
         # the sampler's noise comes from a forked RNG, so evaluation settings never shift training's stream
-        with torch.random.fork_rng(devices=[torch.device(device).index or 0] if device.type == "cuda" else []):
+        with forked_rng(device):
             returns = evaluate(select, obs_buf, envs, args.seed + step)
         ret, score = float(returns.mean()), normalized_score(args.env, float(returns.mean()))
         evals.append((step, ret, float(returns.std()), score))

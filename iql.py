@@ -484,6 +484,24 @@ def save_checkpoint(path: str, agent: IQL, step: int, args: Args, evals: list):
     os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint intact
 
 
+def load_checkpoint(agent: IQL, state: dict, device: torch.device):
+    """Agent, optimizers and RNG as saved, on this run's device (the checkpoint may come from another)."""
+    agent.load_state_dict(state["agent"])
+    for k, opt in agent.optimizers().items():
+        for group in state[k]["param_groups"]:  # capturable Adam on CUDA only (CPU Adam refuses it)
+            group["capturable"] = device.type == "cuda"
+        opt.load_state_dict(state[k])
+    # load_state_dict put the checkpoint's lr tensor into the actor's param group: link the agent's
+    # lr tensor back in (with the saved value), or the cosine schedule no longer reaches Adam
+    agent.actor_lr.copy_(torch.as_tensor(agent.actor_opt.param_groups[0]["lr"]))
+    agent.actor_opt.param_groups[0]["lr"] = agent.actor_lr
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+
+
 # ----------------------------------------------------------------------------- main
 def main(args: Args) -> dict:
     family = family_of(args.env)
@@ -543,14 +561,7 @@ def main(args: Args) -> dict:
     agent = IQL(obs_dim, act_dim, args, expectile, beta, dropout, device)
     start, evals = 0, []
     if resume:
-        agent.load_state_dict(resume["agent"])
-        for k, opt in agent.optimizers().items():
-            opt.load_state_dict(resume[k])
-        torch.set_rng_state(resume["rng"]["torch"])
-        np.random.set_state(resume["rng"]["numpy"])
-        random.setstate(resume["rng"]["python"])
-        if resume["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+        load_checkpoint(agent, resume, device)
         start, evals = resume["step"], resume["evaluations"]
         print(f"resumed from {args.resume} at step {start}")
 

@@ -11,6 +11,7 @@ import torch
 import datasets
 import idql
 from conftest import assert_finite_losses, compiled_matches_eager, run_script, tensorboard_events, tiny_args
+from test_iql import same  # (shared helpers of the two offline scripts' tests)
 
 TINY = dict(actor_hidden=32, num_samples=8, eval_episodes=3)
 
@@ -61,6 +62,62 @@ def test_evaluation_does_not_change_training(hopper_files, tmp_path):
         params.append(torch.load(os.path.join(args.run_dir, "checkpoint.pt"), weights_only=False)["agent"])
     for k in params[0]:
         assert torch.equal(params[0][k], params[1][k]), k
+
+
+def test_resume_equals_the_uninterrupted_run(hopper_files, tmp_path):
+    """Stopped at step 100 and resumed to 200 = 200 in one go: losses, evaluations, parameters,
+    optimizer states. The lr decays to 0 at step 150, so a schedule frozen at resume shows."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU results are reproducible per thread count
+    try:
+        run = lambda name, **kw: idql.main(tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"],  # noqa: E731
+                                                     save_model=True, eval_interval=100, lr_decay_steps=150,
+                                                     run_dir=str(tmp_path / name), **{**TINY, **kw}))
+        whole = run("whole", max_steps=200)
+        run("part", max_steps=100)
+        resumed = run("part", max_steps=200, resume=str(tmp_path / "part" / "checkpoint.pt"))
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed["updates"] == 100
+    for k, v in whole.items():
+        if k.startswith(("losses/", "values/", "eval/")) or k == "evaluations":
+            assert resumed[k] == v, k
+    assert whole["values/actor_lr"] == 0.0  # the schedule ran out at step 150
+    a, b = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=False) for name in ("whole", "part"))
+    for k in a["agent"]:
+        assert torch.equal(a["agent"][k], b["agent"][k]), k
+    for opt in ("actor_opt", "critic_opt", "value_opt"):
+        assert same(a[opt], b[opt]), opt  # moments, step counts and the lr
+
+
+def test_resume_keeps_the_lr_schedule_linked_and_takes_a_cuda_checkpoint(hopper_files, tmp_path):
+    args = tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"], save_model=True,
+                     max_steps=20, eval_interval=0, **{**TINY, "eval_episodes": 0})
+    idql.main(args)
+    ckpt = os.path.join(args.run_dir, "checkpoint.pt")
+    state = torch.load(ckpt, weights_only=False)
+    agent = idql.IDQL(11, 3, args, expectile=0.7, device=torch.device("cpu"))
+    idql.load_checkpoint(agent, state, torch.device("cpu"))
+    assert agent.actor_opt.param_groups[0]["lr"] is agent.actor_lr  # the schedule writes into AdamW's lr
+    assert agent.actor_lr.item() == state["actor_opt"]["param_groups"][0]["lr"].item()
+    for opt in ("actor_opt", "critic_opt", "value_opt"):  # as a run on CUDA saves them; CPU Adam refuses those
+        for group in state[opt]["param_groups"]:
+            group["capturable"] = True
+    torch.save(state, ckpt)
+    resumed = idql.main(tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"], max_steps=30,
+                                  eval_interval=0, resume=ckpt, run_dir=None, **{**TINY, "eval_episodes": 0}))
+    assert resumed["updates"] == 10
+    assert_finite_losses(resumed)
+
+
+def test_timeouts_are_not_terminal():
+    """A time-limit step bootstraps (m = 1); without next_observations it is dropped, not made terminal."""
+    obs = np.arange(5, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)
+    data = dict(observations=obs, actions=np.zeros((5, 1), np.float32), rewards=np.arange(5, dtype=np.float32),
+                terminals=np.array([0, 0, 0, 0, 1], bool), timeouts=np.array([0, 0, 1, 0, 0], bool))
+    assert idql.qlearning_transitions(data)["masks"].tolist() == [1, 1, 1, 0]  # row 2 dropped
+    data["next_observations"] = obs + 1
+    assert idql.qlearning_transitions(data)["masks"].tolist() == [1, 1, 1, 1, 0]
 
 
 def test_vp_schedule_by_hand():

@@ -45,6 +45,71 @@ def test_resume_continues_the_run(hopper_files, tmp_path):
     assert int(torch.load(ckpt, weights_only=False)["agent"]["num_updates"]) == 300
 
 
+def same(a, b) -> bool:
+    """Exactly equal nested checkpoint content (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_resume_equals_the_uninterrupted_run(hopper_files, tmp_path):
+    """Stopped at step 100 and resumed to 200 = 200 in one go: losses, evaluations, parameters,
+    optimizer states. The lr decays to 0 at step 150, so a schedule frozen at resume shows."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU results are reproducible per thread count
+    try:
+        run = lambda name, **kw: iql.main(tiny_args(iql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"],  # noqa: E731
+                                                    save_model=True, eval_interval=100, lr_decay_steps=150,
+                                                    run_dir=str(tmp_path / name), **kw))
+        whole = run("whole", max_steps=200)
+        run("part", max_steps=100)
+        resumed = run("part", max_steps=200, resume=str(tmp_path / "part" / "checkpoint.pt"))
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed["updates"] == 100
+    for k, v in whole.items():
+        if k.startswith(("losses/", "values/", "eval/")) or k == "evaluations":
+            assert resumed[k] == v, k
+    assert whole["values/actor_lr"] == 0.0  # the schedule ran out at step 150
+    a, b = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=False) for name in ("whole", "part"))
+    for k in a["agent"]:
+        assert torch.equal(a["agent"][k], b["agent"][k]), k
+    for opt in ("actor_opt", "critic_opt", "value_opt"):
+        assert same(a[opt], b[opt]), opt  # moments, step counts and the lr
+
+
+def test_resume_keeps_the_lr_schedule_linked(hopper_files, tmp_path):
+    args = tiny_args(iql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"], save_model=True,
+                     max_steps=20, eval_interval=0, eval_episodes=0)
+    iql.main(args)
+    state = torch.load(os.path.join(args.run_dir, "checkpoint.pt"), weights_only=False)
+    agent = iql.IQL(11, 3, args, expectile=0.7, beta=3.0, dropout=None, device=torch.device("cpu"))
+    iql.load_checkpoint(agent, state, torch.device("cpu"))
+    assert agent.actor_opt.param_groups[0]["lr"] is agent.actor_lr  # the schedule writes into Adam's lr
+    assert agent.actor_lr.item() == state["actor_opt"]["param_groups"][0]["lr"].item()
+
+
+def test_a_cuda_checkpoint_resumes_on_cpu(hopper_files, tmp_path):
+    """A checkpoint written on CUDA has capturable Adam param groups; CPU Adam refuses those."""
+    args = tiny_args(iql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"], save_model=True,
+                     max_steps=20, eval_interval=0, eval_episodes=0)
+    iql.main(args)
+    ckpt = os.path.join(args.run_dir, "checkpoint.pt")
+    state = torch.load(ckpt, weights_only=False)
+    for opt in ("actor_opt", "critic_opt", "value_opt"):
+        for group in state[opt]["param_groups"]:
+            group["capturable"] = True  # as saved by a run on CUDA (map_location put the tensors on the CPU)
+    torch.save(state, ckpt)
+    resumed = iql.main(tiny_args(iql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"], save_model=True,
+                                 max_steps=30, eval_interval=0, eval_episodes=0, resume=ckpt, run_dir=None))
+    assert resumed["updates"] == 10
+    assert_finite_losses(resumed)
+
+
 def test_antmaze_trains_offline_without_evaluation(tmp_path):
     rng = np.random.default_rng(0)
     n = 400
@@ -55,6 +120,60 @@ def test_antmaze_trains_offline_without_evaluation(tmp_path):
     results = iql.main(tiny_args(iql, tmp_path, env="antmaze-umaze-v2", dataset=path, eval_episodes=0, max_steps=100))
     assert results["updates"] == 100 and "eval/return" not in results
     assert_finite_losses(results)
+
+
+
+
+# ----------------------------------------------------------------------------- wiring of one update
+def _batch(n=64, obs_dim=11, act_dim=3, seed=1):
+    """s and s' unrelated, half the transitions terminal: a wrong wiring changes the losses."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, obs_dim, generator=g), torch.rand(n, act_dim, generator=g) * 2 - 1,
+            torch.randn(n, generator=g), (torch.rand(n, generator=g) < 0.5).float(), torch.randn(n, obs_dim, generator=g)]
+
+
+def test_one_update_is_wired_as_the_paper():
+    torch.manual_seed(0)
+    args = iql.Args(hidden_dim=32, tau=0.1, lr_decay_steps=100)
+    agent = iql.IQL(11, 3, args, expectile=0.7, beta=3.0, dropout=None, device=torch.device("cpu"))
+    with torch.no_grad():  # the online Q moves away from the target Q, as after some training
+        for p in agent.critic.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    agent.num_updates.fill_(50)  # halfway through the cosine schedule: lr = lr0 / 2
+    before = copy.deepcopy(agent)
+    obs, act, rew, mask, next_obs = batch = _batch()
+    out = agent.update(*batch)
+    with torch.no_grad():
+        q_target = before.critic_target(obs, act).min(0).values  # the target twin Q, not the online one
+        value_loss = iql.expectile_loss(q_target - before.value(obs).squeeze(-1), 0.7).mean()
+        assert out["losses/value_loss"].item() == pytest.approx(value_loss.item(), rel=1e-5)
+        # AWR weights from the V just updated
+        weight = torch.exp(3.0 * (q_target - agent.value(obs).squeeze(-1))).clamp(max=100.0)
+        actor_loss = -(weight * before.actor.log_prob(obs, act)).mean()
+        assert out["losses/actor_loss"].item() == pytest.approx(actor_loss.item(), rel=1e-5)
+        # Q's backup: r + gamma * m * V(s') with the new V (not V(s), not without the terminal mask)
+        backup = rew + 0.99 * mask * agent.value(next_obs).squeeze(-1)
+        critic_loss = (before.critic(obs, act) - backup).pow(2).sum(0).mean()
+        assert out["losses/critic_loss"].item() == pytest.approx(critic_loss.item(), rel=1e-5)
+    # Polyak: target <- target + tau (Q_new - target), once per update
+    for new, old, online in zip(agent.critic_target.parameters(), before.critic_target.parameters(),
+                                agent.critic.parameters()):
+        assert torch.allclose(new, old + 0.1 * (online - old), atol=1e-6)
+    # the actor's step used the scheduled lr: Adam's first step moves a weight by at most lr, the
+    # ones with clear gradients by lr itself
+    lr = 3e-4 * 0.5 * (1 + math.cos(math.pi * 50 / 100))
+    assert agent.actor_opt.param_groups[0]["lr"].item() == pytest.approx(lr, rel=1e-6)
+    moved = max((p - q).abs().max().item() for p, q in zip(agent.actor.parameters(), before.actor.parameters()))
+    assert moved == pytest.approx(lr, rel=1e-3)
+    assert out["values/actor_lr"].item() == pytest.approx(lr, rel=1e-6)
+
+
+def test_target_updates_record_no_autograd():
+    """A Polyak step recorded by autograd chains every target tensor to all past steps (memory grows)."""
+    agent = iql.IQL(11, 3, iql.Args(hidden_dim=32), expectile=0.7, beta=3.0, dropout=None, device=torch.device("cpu"))
+    for _ in range(3):
+        agent.update(*_batch())
+    assert all(p.grad_fn is None for p in agent.critic_target.parameters())
 
 
 # ----------------------------------------------------------------------------- the math by hand
