@@ -28,7 +28,9 @@ Usage:
 
 Differences from the official code:
 - PyTorch; the twin Q is one batched module (stacked weights, bmm). The data layer, the
-  Gymnasium evaluation envs and the bad-input checks are iql.py's (see its docstring).
+  Gymnasium evaluation envs and the bad-input checks are iql.py's (see its docstring); as
+  there, ant-*-v2 evaluates in Ant-v4 with observation dims 27: zeroed and no contact cost,
+  as D4RL's ant files were recorded.
 - The diffusion model's cosine lr decay runs over a fixed 3M steps (`--lr-decay-steps`), as the
   official code (decay_steps=int(3e6) in its launcher, whatever max_steps is); iql.py's official
   code decays over max_steps instead.
@@ -296,8 +298,8 @@ def make_env(env_id: str, render: bool = False) -> gym.Env:
     task = env_id.split("-")[0]
     if task in LOCOMOTION:
         env_id = LOCOMOTION[task]
-        if task == "ant":
-            kwargs["use_contact_forces"] = True  # D4RL's Ant observation has 111 dims
+        if task == "ant":  # D4RL's ant: 111 dims with the contact forces (27:) all zero, no contact cost
+            kwargs.update(use_contact_forces=True, contact_cost_weight=0.0)
     elif family_of(env_id) != "locomotion":
         fail(f"{env_id}: D4RL's {family_of(env_id)} environments are not in Gymnasium, so they cannot be "
              f"evaluated here; pass --eval-episodes 0 to train offline without evaluation")
@@ -309,7 +311,19 @@ def make_env(env_id: str, render: bool = False) -> gym.Env:
         fail(f"{env_id} has a {type(env.action_space).__name__} action space; IDQL needs continuous actions")
     if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
         env = gym.wrappers.RescaleAction(env, -1.0, 1.0)  # the sampler works in [-1, 1]
+    if task == "ant":
+        env = ZeroContactForces(env)
     return env
+
+
+class ZeroContactForces(gym.ObservationWrapper):
+    """Ant-v4's observation with dims 27: (external contact forces) zeroed, as in D4RL's ant-v2 files:
+    mujoco-py with MuJoCo 2 left cfrc_ext at zero when they were collected."""
+
+    def observation(self, obs: np.ndarray) -> np.ndarray:
+        obs = obs.copy()
+        obs[27:] = 0.0
+        return obs
 
 # ----------------------------------------------------------------------------- networks
 def xavier(layer: nn.Linear) -> nn.Linear:

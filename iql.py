@@ -28,9 +28,12 @@ Per-family defaults (from the official configs; each is overridable):
 
 Differences from the official code:
 - PyTorch instead of JAX; the twin Q is one batched module (stacked weights, bmm).
-- Evaluation runs in Gymnasium's MuJoCo port (hopper-*-v2 -> Hopper-v4, ant -> Ant-v4
-  with contact forces, 111 dims) instead of gym + mujoco-py; the D4RL files are read
-  with h5py, not `import d4rl`.
+- Evaluation runs in Gymnasium's MuJoCo port (hopper-*-v2 -> Hopper-v4) instead of gym +
+  mujoco-py; the D4RL files are read with h5py, not `import d4rl`.
+- ant-*-v2: D4RL's files have 111 observation dims of which 27: (contact forces) are all
+  zero, and rewards without a contact cost (mujoco-py under MuJoCo 2 left the forces at
+  zero). Ant-v4 fills both, so evaluation uses Ant-v4 with contact_cost_weight=0 and
+  observation dims 27: zeroed, which is the env the data came from.
 - If the file has `next_observations` they are used and timeout steps are kept as
   non-terminal transitions (m = 1). d4rl.qlearning_dataset, which the official code
   uses, rebuilds s' from the next row and drops every timeout step; we do that only
@@ -282,8 +285,8 @@ def make_env(env_id: str, render: bool = False) -> gym.Env:
     task = env_id.split("-")[0]
     if task in LOCOMOTION:
         env_id = LOCOMOTION[task]
-        if task == "ant":
-            kwargs["use_contact_forces"] = True  # D4RL's Ant observation has 111 dims
+        if task == "ant":  # D4RL's ant: 111 dims with the contact forces (27:) all zero, no contact cost
+            kwargs.update(use_contact_forces=True, contact_cost_weight=0.0)
     elif family_of(env_id) != "locomotion":
         fail(f"{env_id}: D4RL's {family_of(env_id)} environments are not in Gymnasium, so they cannot be "
              f"evaluated here; pass --eval-episodes 0 to train offline without evaluation")
@@ -295,7 +298,19 @@ def make_env(env_id: str, render: bool = False) -> gym.Env:
         fail(f"{env_id} has a {type(env.action_space).__name__} action space; IQL needs continuous actions")
     if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
         env = gym.wrappers.RescaleAction(env, -1.0, 1.0)  # the actor's mean is a tanh
+    if task == "ant":
+        env = ZeroContactForces(env)
     return env
+
+
+class ZeroContactForces(gym.ObservationWrapper):
+    """Ant-v4's observation with dims 27: (external contact forces) zeroed, as in D4RL's ant-v2 files:
+    mujoco-py with MuJoCo 2 left cfrc_ext at zero when they were collected."""
+
+    def observation(self, obs: np.ndarray) -> np.ndarray:
+        obs = obs.copy()
+        obs[27:] = 0.0
+        return obs
 
 
 # ----------------------------------------------------------------------------- networks

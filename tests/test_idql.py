@@ -110,6 +110,18 @@ def test_resume_keeps_the_lr_schedule_linked_and_takes_a_cuda_checkpoint(hopper_
     assert_finite_losses(resumed)
 
 
+def test_ant_evaluates_in_the_env_d4rl_recorded():
+    """D4RL's ant-v2 files: observation dims 27: all zero, rewards without the contact cost."""
+    env = idql.make_env("ant-medium-v2")
+    obs, _ = env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        act = rng.uniform(-1, 1, 8).astype(np.float32)
+        assert obs.shape == (111,) and not obs[27:].any()
+        obs, reward, _, _, info = env.step(act)
+        assert reward == pytest.approx(info["x_velocity"] + 1.0 - 0.5 * np.square(act).sum(), abs=1e-9)
+
+
 def test_timeouts_are_not_terminal():
     """A time-limit step bootstraps (m = 1); without next_observations it is dropped, not made terminal."""
     obs = np.arange(5, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)

@@ -122,6 +122,23 @@ def test_antmaze_trains_offline_without_evaluation(tmp_path):
     assert_finite_losses(results)
 
 
+def test_ant_evaluates_in_the_env_d4rl_recorded():
+    """D4RL's ant-v2 files: observation dims 27: all zero, rewards without the contact cost."""
+    env = iql.make_env("ant-medium-v2")
+    raw = iql.gym.make("Ant-v4", use_contact_forces=True)  # what Gymnasium gives: forces and their cost
+    obs, _ = env.reset(seed=0)
+    raw_obs, _ = raw.reset(seed=0)
+    rng = np.random.default_rng(0)
+    forces = 0.0
+    for _ in range(30):
+        act = rng.uniform(-1, 1, 8).astype(np.float32)
+        assert obs.shape == (111,) and not obs[27:].any()
+        obs, reward, _, _, info = env.step(act)
+        raw_obs, *_ = raw.step(act)
+        forces += np.abs(raw_obs[27:]).sum()
+        # forward velocity + healthy reward - control cost (weight 0.5), and no contact cost term
+        assert reward == pytest.approx(info["x_velocity"] + 1.0 - 0.5 * np.square(act).sum(), abs=1e-9)
+    assert forces > 0  # the ant touched the ground: the raw env's dims 27: are not zero
 
 
 # ----------------------------------------------------------------------------- wiring of one update
