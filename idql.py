@@ -532,23 +532,29 @@ class IDQL(nn.Module):
 
 
 def cuda_graph(fn, warmup: int = 3):
-    """Capture fn() (no inputs: it reads static tensors) as a CUDA graph; return a replay
-    function giving fn's static outputs. The warm-up calls are real calls of fn."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):  # allocates optimizer state, autograd buffers, cuBLAS workspaces
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    """fn() (no inputs: it reads static tensors) as a CUDA graph. The first `warmup` calls run fn
+    eagerly on a side stream (they allocate optimizer state, autograd buffers, cuBLAS workspaces),
+    the next one captures fn and replays it, every later one replays it. Each call is exactly one
+    call of fn, so a run does the same updates with or without the graph."""
+    graph, out, calls = None, None, 0
 
-    def replay():
+    def call():
+        nonlocal graph, out, calls
+        calls += 1
+        if calls <= warmup:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                result = fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            return result
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records fn's kernels without running them
+                out = fn()
         graph.replay()
         return out
-    return replay
-
+    return call
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -721,10 +727,12 @@ def main(args: Args) -> dict:
     results, step = {}, start
     select = lambda: select_fn(obs_buf)  # noqa: E731
     if use_graph and not args.eval_only:  # (of the compiled functions with --compile, as LeanRL does)
-        step_fn = cuda_graph(step_fn)  # its 3 warm-up calls are real updates
-        step += 3
+        step_fn = cuda_graph(step_fn)  # its first 3 calls (eager warm-ups) are the loop's first 3 updates
     if use_graph and args.eval_episodes > 0:
         select = cuda_graph(select)  # the T denoising steps of all N x episodes samples, one replay
+        with forked_rng(device):  # warm up and capture now, with draws that never touch training's stream,
+            for _ in range(4):  # so every evaluation replays the graph (--eval-only too)
+                select()
     end = step if args.eval_only else args.max_steps  # --eval-only: no update, one evaluation
     if args.eval_only:
         evaluate_and_log(step)

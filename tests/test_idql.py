@@ -2,6 +2,7 @@
 hand-computed numbers, a two-mode action distribution, critic-based selection, bad input."""
 
 import copy
+import math
 import os
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 import datasets
 import idql
 from conftest import assert_finite_losses, compiled_matches_eager, run_script, tensorboard_events, tiny_args
-from test_iql import same  # (shared helpers of the two offline scripts' tests)
+from test_iql import graph_replays_match_eager_steps, same  # (shared helpers of the two offline scripts' tests)
 
 TINY = dict(actor_hidden=32, num_samples=8, eval_episodes=3)
 
@@ -272,20 +273,43 @@ def test_compiled_update_matches_eager():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_replay_equals_eager_update():
-    device = torch.device("cuda")
+def test_cuda_graph_replays_equal_eager_steps():
     torch.manual_seed(0)
-    agent = idql.IDQL(11, 3, idql.Args(actor_dropout=0.0), expectile=0.7, device=device)
-    batch = [torch.randn(512, 11, device=device), torch.rand(512, 3, device=device) * 2 - 1,
-             torch.randn(512, device=device), torch.ones(512, device=device), torch.randn(512, 11, device=device)]
-    replay = idql.cuda_graph(lambda: agent.update(*batch))
-    twin = copy.deepcopy(agent)
-    state = torch.cuda.get_rng_state()
-    replay()  # the update draws t and eps: give both paths the same generator state
-    torch.cuda.set_rng_state(state)
-    twin.update(*batch)
-    for (name, p), q in zip(agent.state_dict().items(), twin.state_dict().values()):
-        assert torch.allclose(p.float(), q.float(), atol=1e-5), name
+    args = idql.Args(lr_decay_steps=6)  # the lr changes at every step and reaches 0 within the test
+    agent = idql.IDQL(11, 3, args, expectile=0.7, device=torch.device("cuda"))
+    graph_replays_match_eager_steps(idql, agent, batch_size=512)  # t, eps and dropout from the same RNG state
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_resume_then_capture_keeps_the_lr_schedule(hopper_files, tmp_path):
+    """Resumed on CUDA, then captured: the schedule must still reach the optimizer the graph steps."""
+    run = lambda **kw: idql.main(tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"],  # noqa: E731
+                                           device="cuda", save_model=True, eval_interval=0, lr_decay_steps=40,
+                                           **{**TINY, "eval_episodes": 0, **kw}))
+    run(max_steps=10)
+    ckpt = os.path.join(str(tmp_path / "run"), "checkpoint.pt")
+    resumed = run(max_steps=30, resume=ckpt)
+    assert resumed["updates"] == 20
+    lr = torch.load(ckpt, weights_only=False)["actor_opt"]["param_groups"][0]["lr"]  # what AdamW used last
+    assert lr.item() == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * 29 / 40)), rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_selection_graph_leaves_training_alone_and_eval_only_replays(hopper_files, tmp_path):
+    """The N-sample selection graph is warmed up and captured under a forked RNG: N does not change
+    the training run, and --eval-only (which captures again) replays the run's own evaluation."""
+    runs = {}
+    for n in (8, 16):
+        args = tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"], device="cuda",
+                         max_steps=40, eval_interval=20, save_model=True, run_dir=str(tmp_path / f"n{n}"),
+                         **{**TINY, "num_samples": n})
+        runs[n] = (idql.main(args), torch.load(os.path.join(args.run_dir, "checkpoint.pt"), weights_only=False))
+    for k, v in runs[8][1]["agent"].items():
+        assert torch.allclose(v.float(), runs[16][1]["agent"][k].float(), atol=1e-6), k
+    again = idql.main(tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"], device="cuda",
+                                resume=str(tmp_path / "n16" / "checkpoint.pt"), eval_only=True, run_dir=str(tmp_path / "again"),
+                                **{**TINY, "num_samples": 16}))
+    assert again["evaluations"] == runs[16][0]["evaluations"][-1:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

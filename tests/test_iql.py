@@ -3,6 +3,7 @@ a toy task only IQL solves, learning on Pendulum, and every bad input."""
 
 import copy
 import glob
+import math
 import os
 
 import numpy as np
@@ -372,16 +373,59 @@ def test_compiled_update_matches_eager():
     compiled_matches_eager(lambda: iql.IQL(11, 3, iql.Args(hidden_dim=32), expectile=0.7, beta=3.0, dropout=None, device=torch.device("cpu")), batch)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_replay_equals_eager_update():
+def graph_replays_match_eager_steps(module, agent, batch_size, steps=5, n=1000, obs_dim=11, act_dim=3):
+    """The real training step (batch indices drawn on the device, agent.update) through the script's
+    cuda_graph: after its eager warm-ups, capture and replay it `steps` times; a copy of the agent runs
+    the same steps eagerly from the same RNG state. Outputs, parameters, optimizer state and the lr
+    tensor must agree after every step."""
     device = torch.device("cuda")
-    torch.manual_seed(0)
-    agent = iql.IQL(11, 3, iql.Args(), expectile=0.7, beta=3.0, dropout=None, device=device)
-    batch = [torch.randn(256, 11, device=device), torch.rand(256, 3, device=device) * 2 - 1,
-             torch.randn(256, device=device), torch.ones(256, device=device), torch.randn(256, 11, device=device)]
-    replay = iql.cuda_graph(lambda: agent.update(*batch))
+    buffer = [torch.randn(n, obs_dim, device=device), torch.rand(n, act_dim, device=device) * 2 - 1,
+              torch.randn(n, device=device), (torch.rand(n, device=device) < 0.9).float(), torch.randn(n, obs_dim, device=device)]
+
+    def train_step(a):
+        idx = torch.randint(0, n, (batch_size,), device=device)
+        return a.update(*(x[idx] for x in buffer))
+    graphed = module.cuda_graph(lambda: train_step(agent))
+    for _ in range(3):  # the eager warm-ups (real updates)
+        graphed()
     twin = copy.deepcopy(agent)
-    replay()
-    twin.update(*batch)
-    for (name, p), q in zip(agent.state_dict().items(), twin.state_dict().values()):
-        assert torch.allclose(p.float(), q.float(), atol=1e-5), name
+    close = lambda x, y: torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5)  # noqa: E731
+    for i in range(steps):
+        state = torch.cuda.get_rng_state()
+        out = {k: v.clone() for k, v in graphed().items()}  # i = 0 captures, then replays
+        torch.cuda.set_rng_state(state)
+        ref = train_step(twin)
+        for k in ref:
+            assert close(out[k], ref[k]), (i, k)
+        for (name, p), q in zip(agent.state_dict().items(), twin.state_dict().values()):
+            assert close(p, q), (i, name)
+        for name, opt in agent.optimizers().items():
+            twin_opt = twin.optimizers()[name]
+            for p, q in zip(opt.param_groups[0]["params"], twin_opt.param_groups[0]["params"]):
+                for k in ("exp_avg", "exp_avg_sq", "step"):
+                    assert close(opt.state[p][k], twin_opt.state[q][k]), (i, name, k)
+        assert agent.actor_opt.param_groups[0]["lr"] is agent.actor_lr
+        assert close(agent.actor_lr, twin.actor_lr) and close(agent.actor_lr, out["values/actor_lr"]), i
+    assert int(agent.num_updates) == 3 + steps
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_equal_eager_steps():
+    torch.manual_seed(0)
+    args = iql.Args(lr_decay_steps=6)  # the lr changes at every step and reaches 0 within the test
+    agent = iql.IQL(11, 3, args, expectile=0.7, beta=3.0, dropout=None, device=torch.device("cuda"))
+    graph_replays_match_eager_steps(iql, agent, batch_size=256)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_resume_then_capture_keeps_the_lr_schedule(hopper_files, tmp_path):
+    """Resumed on CUDA, then captured: the schedule must still reach the optimizer the graph steps."""
+    run = lambda **kw: iql.main(tiny_args(iql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"],  # noqa: E731
+                                          device="cuda", save_model=True, eval_interval=0, eval_episodes=0,
+                                          lr_decay_steps=40, **kw))
+    run(max_steps=10)
+    ckpt = os.path.join(str(tmp_path / "run"), "checkpoint.pt")
+    resumed = run(max_steps=30, resume=ckpt)
+    assert resumed["updates"] == 20
+    lr = torch.load(ckpt, weights_only=False)["actor_opt"]["param_groups"][0]["lr"]  # what Adam used last
+    assert lr.item() == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * 29 / 40)), rel=1e-5)
