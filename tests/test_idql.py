@@ -133,6 +133,60 @@ def test_timeouts_are_not_terminal():
     assert idql.qlearning_transitions(data)["masks"].tolist() == [1, 1, 1, 1, 0]
 
 
+# ----------------------------------------------------------------------------- wiring of one update
+def _batch(n=64, obs_dim=11, act_dim=3, seed=1):
+    """s and s' unrelated, half the transitions terminal: a wrong wiring changes the losses."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, obs_dim, generator=g), torch.rand(n, act_dim, generator=g) * 2 - 1,
+            torch.randn(n, generator=g), (torch.rand(n, generator=g) < 0.5).float(), torch.randn(n, obs_dim, generator=g)]
+
+
+def test_one_update_is_wired_as_the_paper():
+    torch.manual_seed(0)
+    agent = _agent(11, 3, tau=0.1, actor_ema=0.05, lr_decay_steps=100)
+    with torch.no_grad():  # online Q and mu move away from their target / EMA copies, as after some training
+        for p in [*agent.critic.parameters(), *agent.actor.parameters()]:
+            p.add_(0.1 * torch.randn_like(p))
+    agent.num_updates.fill_(50)  # halfway through the cosine schedule: lr = lr0 / 2
+    before = copy.deepcopy(agent)
+    obs, act, rew, mask, next_obs = batch = _batch()
+    torch.manual_seed(5)
+    out = agent.update(*batch)
+    torch.manual_seed(5)  # the same t, eps and dropout masks, in the update's order
+    t = torch.randint(0, 5, (64,))
+    eps = torch.randn_like(act)
+    ah = torch.cumprod(1 - idql.vp_beta_schedule(5), 0).float()[t, None]
+    with torch.no_grad():
+        actor_loss = (before.actor(ah.sqrt() * act + (1 - ah).sqrt() * eps, obs, t) - eps).pow(2).sum(-1).mean()
+        assert out["losses/actor_loss"].item() == pytest.approx(actor_loss.item(), rel=1e-5)
+        q_target = before.critic_target(obs, act).min(0).values  # the target twin Q, not the online one
+        value_loss = idql.critic_loss_fn(q_target - before.value(obs).squeeze(-1), 0.7, "expectile").mean()
+        assert out["losses/value_loss"].item() == pytest.approx(value_loss.item(), rel=1e-5)
+        # Q's backup: r + gamma * m * V(s') with the new V (not V(s), not without the terminal mask)
+        backup = rew + 0.99 * mask * agent.value(next_obs).squeeze(-1)
+        critic_loss = (before.critic(obs, act) - backup).pow(2).mean()
+        assert out["losses/critic_loss"].item() == pytest.approx(critic_loss.item(), rel=1e-5)
+    # Polyak of Q and EMA of mu: target <- target + rate (new - target), once per update
+    for target, online, rate in ((agent.critic_target, agent.critic, 0.1), (agent.actor_ema, agent.actor, 0.05)):
+        old_target = dict(before.named_parameters())
+        for (name, new), now in zip(target.named_parameters(), online.parameters()):
+            old = old_target[("critic_target." if target is agent.critic_target else "actor_ema.") + name]
+            assert torch.allclose(new, old + rate * (now - old), atol=1e-6), name
+    # the actor's step used the scheduled lr: AdamW's first step moves a weight by about lr (+ lr * wd * w)
+    lr = 3e-4 * 0.5 * (1 + math.cos(math.pi * 50 / 100))
+    assert agent.actor_opt.param_groups[0]["lr"].item() == pytest.approx(lr, rel=1e-6)
+    moved = max((p - q).abs().max().item() for p, q in zip(agent.actor.parameters(), before.actor.parameters()))
+    assert moved == pytest.approx(lr, rel=2e-3)
+
+
+def test_target_and_ema_updates_record_no_autograd():
+    """A Polyak/EMA step recorded by autograd chains every copy's tensor to all past steps (memory grows)."""
+    agent = _agent(11, 3)
+    for _ in range(3):
+        agent.update(*_batch())
+    assert all(p.grad_fn is None for p in [*agent.critic_target.parameters(), *agent.actor_ema.parameters()])
+
+
 def test_vp_schedule_by_hand():
     betas = idql.vp_beta_schedule(5)
     # beta_1 = 1 - exp(-0.1/5 - 0.5 * 9.9 * 1/25) = 1 - exp(-0.218)
@@ -164,6 +218,38 @@ def test_sampler_recovers_a_point_mass_with_the_exact_denoiser():
     agent.actor_ema = MixtureOracle([0.3], [1.0], agent.alpha_hats)
     # with the exact eps, the last DDPM step lands on a0 whatever the noise before it
     assert torch.allclose(agent.sample(torch.zeros(100, 2)), torch.full((100, 1), 0.3), atol=1e-5)
+
+
+class AffineEps(torch.nn.Module):
+    """A stand-in noise predictor with a known output: eps = 0.7 a_t / sqrt(1 - ah_t) + 0.1 s_0 - 0.05 t."""
+
+    def __init__(self, alpha_hats):
+        super().__init__()
+        self.ah = torch.tensor(alpha_hats)
+
+    def forward(self, a_t, obs, t):
+        return 0.7 * a_t / (1 - self.ah[t, None]).sqrt() + 0.1 * obs[:, :1] - 0.05 * t[:, None].float()
+
+
+def test_sampler_is_ddpm_algorithm_2_by_hand():
+    """Ho et al. 2020, Algorithm 2 with sigma_t^2 = beta_t, computed here in float64 from the same noise:
+    a_{t-1} = (a_t - (1 - alpha_t) / sqrt(1 - ah_t) eps(a_t, s, t)) / sqrt(alpha_t) + [t > 0] sqrt(beta_t) z."""
+    agent = _agent(clip_sampler=False)
+    agent.actor_ema = AffineEps(agent.alpha_hats)
+    obs = torch.randn(200, 2)
+    torch.manual_seed(3)
+    sampled = agent.sample(obs)
+    betas = idql.vp_beta_schedule(5)
+    alphas, ah = 1 - betas, torch.cumprod(1 - betas, 0)
+    torch.manual_seed(3)
+    a = torch.randn(200, 1).double()
+    for t in reversed(range(5)):
+        eps = 0.7 * a / (1 - ah[t]).sqrt() + 0.1 * obs[:, :1].double() - 0.05 * t
+        a = (a - (1 - alphas[t]) / (1 - ah[t]).sqrt() * eps) / alphas[t].sqrt()
+        if t > 0:
+            a = a + betas[t].sqrt() * torch.randn(200, 1).double()
+    assert (a.abs() < 1).float().mean() > 0.9  # the final clip to [-1, 1] leaves most samples as they are
+    assert torch.allclose(sampled, a.clamp(-1, 1).float(), atol=1e-5)
 
 
 def test_training_noise_matches_the_schedule():
