@@ -17,6 +17,9 @@ ratio G. Per env step, after `learning_starts` uniformly random steps:
         L_pi    = E[alpha log pi(a~|s) - mean_k Q_k(s, a~)]
         L_alpha = alpha (H - H_target),  H_target = -|A| / 2
 
+sac_20min.py is the same agent without prior data (and with DroQ's dropout critics):
+`diff sac_20min.py rlpd.py` shows the differences.
+
 Usage:
     python rlpd.py --env hopper-medium-v2                # downloads the D4RL file, runs Hopper-v4
     python rlpd.py --env hopper-medium-v2 --dataset hopper-medium-local.hdf5
@@ -27,11 +30,13 @@ Usage:
 Differences from the official code:
 - PyTorch instead of JAX; the ensemble is one batched module (stacked weights, bmm), and the
   target's random subset indexes the stacked weights.
-- Evaluation runs in Gymnasium's MuJoCo port (hopper-*-v2 -> Hopper-v4) and the D4RL files are
-  read with h5py. ant-* runs Ant-v4 made to match D4RL's ant-v2 data, which was recorded with
-  MuJoCo 2 where the contact forces read zero: 111-dim observations with dims 27: zeroed, and
-  no contact cost in the reward (Gymnasium's Ant-v4 with contact forces fills both). AntMaze, Kitchen and Adroit are
-  refused: RLPD needs their environments online, and they are not in Gymnasium.
+- Evaluation runs in Gymnasium's MuJoCo port (hopper-*-v2 -> Hopper-v4: the v4 envs on purpose,
+  they port the models of D4RL's data; Gymnasium's "out of date" warning about them is silenced)
+  and the D4RL files are read with h5py. ant-* runs Ant-v4 made to match D4RL's ant-v2 data,
+  which was recorded with MuJoCo 2 where the contact forces read zero: 111-dim observations with
+  dims 27: zeroed, and no contact cost in the reward (Gymnasium's Ant-v4 with contact forces
+  fills both). AntMaze, Kitchen and Adroit are refused: RLPD needs their environments online,
+  and they are not in Gymnasium.
 - With `next_observations` in the file, timeout steps are kept as non-terminal transitions
   (d4rl.qlearning_dataset drops them); without it, s' is rebuilt as the official code does.
 - AntMaze's official settings are not a family default here (AntMaze cannot run online here):
@@ -40,6 +45,7 @@ Differences from the official code:
   interleaves one G x B/2 draw from each, which only works for a ratio of 0.5).
 """
 
+import contextlib
 import json
 import math
 import os
@@ -49,6 +55,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -135,12 +142,376 @@ class Args:
     """output folder (default: runs/{env}__{exp_name}__{seed}__{time}); must not exist"""
 
 
+# ----------------------------------------------------------------------------- networks
+class EnsembleLinear(nn.Module):
+    """k independent linear layers applied as one batched matmul: (k, B, in) -> (k, B, out);
+    `members` (indices) applies only those layers."""
+
+    def __init__(self, k: int, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(k, n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(k, 1, n_out))
+        for w in self.weight.data:
+            nn.init.xavier_uniform_(w)  # the official default_init (flax xavier_uniform; fans of a (in, out) matrix)
+
+    def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if members is None:
+            return torch.baddbmm(self.bias, x, self.weight)
+        return torch.baddbmm(self.bias[members], x, self.weight[members])
+
+
+class EnsembleLayerNorm(nn.Module):
+    """LayerNorm with its own scale and shift per ensemble member."""
+
+    def __init__(self, k: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(k, 1, dim))
+        self.bias = nn.Parameter(torch.zeros(k, 1, dim))
+
+    def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w, b = (self.weight, self.bias) if members is None else (self.weight[members], self.bias[members])
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * w + b  # flax's eps
+
+
+class Critics(nn.Module):
+    """k Q-functions, each Dense -> [Dropout] -> [LayerNorm] -> ReLU (x2) -> Dense(1): (k, B), or
+    (len(members), B) for a subset of them."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, k: int, dropout: float = 0.0, layer_norm: bool = True):
+        super().__init__()
+        self.k, self.dropout = k, dropout
+        self.linears = nn.ModuleList([EnsembleLinear(k, obs_dim + act_dim, hidden), EnsembleLinear(k, hidden, hidden),
+                                      EnsembleLinear(k, hidden, 1)])
+        self.norms = nn.ModuleList([EnsembleLayerNorm(k, hidden) for _ in range(2)]) if layer_norm else None
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = torch.cat([obs, act], -1).expand(self.k if members is None else len(members), -1, -1)
+        for i in range(2):
+            x = self.linears[i](x, members)
+            if self.dropout > 0:
+                x = F.dropout(x, self.dropout, self.training)  # DroQ: on in train mode, for the target too
+            if self.norms is not None:
+                x = self.norms[i](x, members)
+            x = F.relu(x)
+        return self.linears[2](x, members).squeeze(-1)
+
+
+class TanhGaussianActor(nn.Module):
+    """a = tanh(u), u ~ N(mu(s), sigma(s)), log sigma clipped to [-20, 2]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.mu, self.log_std = nn.Linear(hidden, act_dim), nn.Linear(hidden, act_dim)
+        for layer in (*self.trunk[::2], self.mu, self.log_std):
+            nn.init.xavier_uniform_(layer.weight)  # the official default_init
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.mu(self.trunk(obs)))  # the deterministic (evaluation) action
+
+    def sample(self, obs: torch.Tensor) -> tuple:
+        """a ~ pi(.|s) by reparameterisation, and log pi(a|s) with the tanh change of variables."""
+        h = self.trunk(obs)
+        mu, log_std = self.mu(h), self.log_std(h).clamp(-20.0, 2.0)
+        u = mu + log_std.exp() * torch.randn_like(mu)
+        log_prob = (-0.5 * ((u - mu) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        # log |d tanh(u)/du| = log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), stable for large |u|
+        log_prob = log_prob - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+        return torch.tanh(u), log_prob
+
+
+# ----------------------------------------------------------------------------- the method: losses and the UTD block
+class RLPD(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
+        super().__init__()
+        self.utd, self.gamma, self.tau, self.backup_entropy = args.utd_ratio, args.gamma, args.tau, args.backup_entropy
+        self.num_qs, self.num_min_qs = args.num_qs, args.num_min_qs
+        self.target_entropy = -act_dim / 2 if args.target_entropy is None else args.target_entropy
+        self.actor = TanhGaussianActor(obs_dim, act_dim, args.hidden_dim)
+        self.critic = Critics(obs_dim, act_dim, args.hidden_dim, args.num_qs, 0.0,  # no dropout
+                              args.critic_layer_norm)
+        self.critic_target = Critics(obs_dim, act_dim, args.hidden_dim, args.num_qs, 0.0,
+                                     args.critic_layer_norm)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.critic_target.requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(args.init_temperature)))
+        self.to(device)
+        capturable = device.type == "cuda"  # CUDA graphs: Adam's step count on the GPU, so a graph can replay it
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
+        self.temp_opt = torch.optim.Adam([self.log_alpha], lr=args.temp_lr, capturable=capturable)
+        self.target_params, self.online_params = list(self.critic_target.parameters()), list(self.critic.parameters())
+
+    def critic_target_value(self, rew, mask, next_obs) -> torch.Tensor:
+        """y = r + gamma m (min_{k in Z} Qtarget_k(s', a') - alpha log pi(a'|s')), Z a random subset."""
+        with torch.no_grad():
+            next_act, next_log_prob = self.actor.sample(next_obs)
+            subset = torch.rand(self.num_qs, device=rew.device).argsort()[:self.num_min_qs]  # no host sync
+            next_q = self.critic_target(next_obs, next_act, members=subset).min(0).values
+            if self.backup_entropy:
+                next_q = next_q - self.log_alpha.exp() * next_log_prob
+            return rew + self.gamma * mask * next_q
+
+    def update(self, obs, act, rew, mask, next_obs) -> dict:
+        """One UTD block on G x B transitions: G critic steps, one per slice, then one actor
+        and one temperature step on the last slice."""
+        B = obs.shape[0] // self.utd
+        for g in range(self.utd):
+            s = slice(g * B, (g + 1) * B)
+            target = self.critic_target_value(rew[s], mask[s], next_obs[s])
+            q = self.critic(obs[s], act[s])
+            critic_loss = (q - target).pow(2).mean()
+            self.critic_opt.zero_grad()
+            critic_loss.backward()
+            self.critic_opt.step()
+            with torch.no_grad():  # or autograd records every Polyak step (a graph growing without end)
+                torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
+
+        # actor on the mean of all critics
+        last = slice((self.utd - 1) * B, self.utd * B)
+        alpha = self.log_alpha.exp().detach()
+        new_act, log_prob = self.actor.sample(obs[last])
+        actor_loss = (alpha * log_prob - self.critic(obs[last], new_act).mean(0)).mean()
+        self.actor_opt.zero_grad()
+        actor_loss.backward(inputs=list(self.actor.parameters()))  # no gradient into the critics
+        self.actor_opt.step()
+
+        # temperature: raise alpha when the entropy is below its target
+        entropy = -log_prob.detach().mean()
+        temp_loss = self.log_alpha.exp() * (entropy - self.target_entropy)
+        self.temp_opt.zero_grad()
+        temp_loss.backward()
+        self.temp_opt.step()
+        return {"losses/critic_loss": critic_loss.detach(), "losses/actor_loss": actor_loss.detach(),
+                "losses/temperature_loss": temp_loss.detach(), "values/q": q.detach().mean(),
+                "values/entropy": entropy, "values/alpha": alpha}
+
+    def optimizers(self) -> dict:
+        return {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "temp_opt": self.temp_opt}
+
+
+def symmetric_sample(offline: "ReplayBuffer", online: "ReplayBuffer", utd: int, batch: int, ratio: float) -> tuple:
+    """G batches of B rows, each with round(B * ratio) offline rows and the rest online,
+    laid end to end (G x B rows) so that slice g is batch g."""
+    n_off = round(batch * ratio)
+    rows_off = offline.sample_rows(utd * n_off).view(utd, n_off, -1)
+    rows_on = online.sample_rows(utd * (batch - n_off)).view(utd, batch - n_off, -1)
+    return online.split(torch.cat([rows_off, rows_on], 1).view(utd * batch, -1))
+
+
+# ----------------------------------------------------------------------------- main: the training loop
+def main(args: Args) -> dict:
+    device = check_args(args)
+    resume = load_resume(args, device)
+    run_dir = choose_run_dir(args, resume)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    env, eval_env = make_env(args), make_env(args, render=args.capture_video)
+    env.action_space.seed(args.seed)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    offline = load_prior_data(args, env, device) if args.offline_ratio > 0 else None  # D, all of it on the device
+
+    agent = RLPD(obs_dim, act_dim, args, device)
+    online = ReplayBuffer(args.buffer_size or args.total_timesteps, obs_dim, act_dim, device)  # R
+    start, evals = restore(resume, agent, online, args, device)
+
+    def train_step():  # the UTD block: indices drawn on the device, then G critic + 1 actor + 1 temperature step
+        if offline is None:
+            return agent.update(*online.sample(args.utd_ratio * args.batch_size))
+        return agent.update(*symmetric_sample(offline, online, args.utd_ratio, args.batch_size, args.offline_ratio))
+
+    step_fn = torch.compile(train_step) if args.compile else train_step
+    if args.cuda_graph and device.type == "cuda":
+        step_fn = cuda_graph(step_fn)  # CUDA graphs: 3 eager warm-up calls, then replays; each call is one block
+    run = Run(run_dir, args, start, evals, device, resolved=dict(
+        target_entropy=agent.target_entropy, device=str(device),
+        cuda_graph=args.cuda_graph and device.type == "cuda", offline_transitions=offline.size if offline else 0))
+    if args.eval_episodes > 0 and args.capture_video:
+        eval_env = gym.wrappers.RecordVideo(eval_env, os.path.join(run_dir, "videos"),
+                                            episode_trigger=lambda e: e % args.eval_episodes == 0)
+
+    info, updates = None, 0
+    obs, _ = env.reset(seed=args.seed + start)
+    for step in range(start + 1, args.total_timesteps + 1):
+        # act: uniformly at random for the first learning_starts steps, then a ~ pi(.|s)
+        if step <= args.learning_starts:
+            action = env.action_space.sample()
+        else:
+            with torch.no_grad():
+                action = agent.actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0][0]
+            action = action.cpu().numpy()
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+
+        # store (s, a, r, m, s'), m = 1 - terminated: a time-limit cut is no terminal state, its s' bootstraps
+        online.add(obs, action, reward, 1.0 - terminated, next_obs)
+        run.env_step(step, reward, terminated or truncated)
+        obs = env.reset()[0] if terminated or truncated else next_obs
+
+        # update: one UTD block per env step
+        if step > args.learning_starts:
+            info = step_fn()
+            updates += args.utd_ratio
+            run.updated(step, updates)
+
+        last = step == args.total_timesteps
+        if info is not None and (step % args.log_interval == 0 or last):
+            run.log(step, {k: v.item() for k, v in info.items()})  # the only host sync of the update path
+        if args.eval_episodes > 0 and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+            with run.untimed():
+                returns = evaluate(agent.actor, eval_env, args.eval_episodes, device, args.seed + 10_000 + step)
+            run.evaluation(step, returns)
+        if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, online, step, args, run.evals)
+    run.close()
+    env.close()
+    eval_env.close()
+    return run.results(updates=updates, env_steps=args.total_timesteps - start)
+
+
+# ============================================================================= plumbing
+# Everything below serves the loop above: input checks, resume, the run folder and logging, the
+# D4RL data, the environment, the replay buffer, evaluation, checkpoints and the CUDA-graph helper.
 def fail(message: str):
     """Bad input: one clear sentence on stderr and exit status 1."""
     raise SystemExit(f"rlpd.py: error: {message}")
 
 
-# ----------------------------------------------------------------------------- data
+def check_args(args: Args) -> torch.device:
+    """Bad flags fail here, before anything is written; returns the device to run on."""
+    if min(args.total_timesteps, args.utd_ratio, args.batch_size, args.log_interval) < 1:
+        fail("--total-timesteps, --utd-ratio, --batch-size and --log-interval must be positive")
+    if not 0 <= args.offline_ratio < 1:
+        fail(f"--offline-ratio must be in [0, 1), got {args.offline_ratio}")
+    if not 1 <= args.num_min_qs <= args.num_qs:
+        fail(f"--num-min-qs must be between 1 and --num-qs ({args.num_qs}), got {args.num_min_qs}")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but CUDA is not available")
+    return device
+
+
+# ----------------------------------------------------------------------------- resume and the run folder
+def load_resume(args: Args, device: torch.device) -> Optional[dict]:
+    if args.resume is None:
+        return None
+    if not os.path.isfile(args.resume):
+        fail(f"checkpoint {args.resume} does not exist")
+    return torch.load(args.resume, map_location=device, weights_only=False)
+
+
+def choose_run_dir(args: Args, resume: Optional[dict]) -> str:
+    """--run-dir, the resumed checkpoint's folder, or a new runs/{env}__{exp_name}__{seed}__{time}; never
+    another run's folder."""
+    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
+                               f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
+        fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
+    return run_dir
+
+
+def restore(resume: Optional[dict], agent: RLPD, online: "ReplayBuffer", args: Args, device: torch.device) -> tuple:
+    """(first step, evaluations): a fresh run's, or the checkpoint's with the agent, optimizers,
+    online replay and RNG states put back as they were when it was written."""
+    if resume is None:
+        return 0, []
+    agent.load_state_dict(resume["agent"])
+    for k, opt in agent.optimizers().items():
+        load_optimizer(opt, resume[k], device)
+    online.load_state_dict(resume["online"])
+    torch.set_rng_state(resume["rng"]["torch"].cpu())  # map_location moved it to the device
+    np.random.set_state(resume["rng"]["numpy"])
+    random.setstate(resume["rng"]["python"])
+    if resume["rng"]["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state_all([state.cpu() for state in resume["rng"]["cuda"]])
+    print(f"resumed from {args.resume} at step {resume['step']} (a new episode starts)")
+    return resume["step"], resume["evaluations"]
+
+
+class Run:
+    """A run's outputs: its folder (args.json, TensorBoard, W&B), the progress bar and stdout lines,
+    evaluations.csv, updates/s (from the 50th UTD block on, after compile/capture warm-up, without the
+    evaluations' time) and the results main() returns."""
+
+    def __init__(self, run_dir: str, args: Args, start: int, evals: list, device: torch.device, resolved: dict):
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump({**asdict(args), "resolved": resolved}, f, indent=2)
+        self.writer = SummaryWriter(run_dir)
+        self.writer.add_text("hyperparameters",
+                             "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
+                       dir=run_dir, sync_tensorboard=True)
+        self.dir, self.args, self.evals, self.device, self.metrics = run_dir, args, evals, device, {}
+        self.bar = tqdm(total=args.total_timesteps, initial=start, disable=not sys.stdout.isatty(), desc="rlpd")
+        self.episode_return, self.episode_length = 0.0, 0
+        self.t0, self.n0, self.t_eval = None, 0, 0.0
+
+    def env_step(self, step: int, reward: float, done: bool):
+        self.episode_return, self.episode_length = self.episode_return + float(reward), self.episode_length + 1
+        if done:
+            self.writer.add_scalar("charts/episodic_return", self.episode_return, step)
+            self.writer.add_scalar("charts/episodic_length", self.episode_length, step)
+            self.metrics["train/episodic_return"] = self.episode_return
+            self.episode_return, self.episode_length = 0.0, 0
+        self.bar.update(1)
+
+    def updated(self, step: int, updates: int):
+        if self.t0 is None and updates >= 50 * self.args.utd_ratio:  # measured after compile/capture warm-up
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.t0, self.n0 = time.perf_counter(), step
+
+    @contextlib.contextmanager
+    def untimed(self):
+        """Time spent inside (evaluation) does not count against updates/s."""
+        te = time.perf_counter()
+        yield
+        if self.t0 is not None:
+            self.t_eval += time.perf_counter() - te
+
+    def log(self, step: int, metrics: dict):
+        for k, v in metrics.items():
+            if not math.isfinite(v):
+                fail(f"{k} became {v} at step {step}; lower the learning rates or check the dataset")
+            self.writer.add_scalar(k, v, step)
+        self.metrics.update(metrics)
+        if self.t0 is not None and step > self.n0:
+            elapsed = time.perf_counter() - self.t0 - self.t_eval
+            self.metrics["env_steps_per_second"] = (step - self.n0) / elapsed
+            self.metrics["updates_per_second"] = (step - self.n0) * self.args.utd_ratio / elapsed
+            self.writer.add_scalar("charts/updates_per_second", self.metrics["updates_per_second"], step)
+            self.writer.add_scalar("charts/SPS", self.metrics["env_steps_per_second"], step)
+        line = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("losses"))
+        print(f"step={step} {line} ups={self.metrics.get('updates_per_second', float('nan')):.0f}", flush=True)
+
+    def evaluation(self, step: int, returns: np.ndarray):
+        ret, score = float(returns.mean()), normalized_score(self.args.env, float(returns.mean()))
+        self.evals.append((step, ret, float(returns.std()), score))
+        self.writer.add_scalar("eval/return", ret, step)
+        self.writer.add_scalar("eval/normalized_score", score, step)
+        with open(os.path.join(self.dir, "evaluations.csv"), "w") as f:
+            f.write("step,return,return_std,normalized_score\n")
+            f.writelines(f"{s},{r:.2f},{sd:.2f},{sc:.2f}\n" for s, r, sd, sc in self.evals)
+        normalized = "" if math.isnan(score) else f" normalized={score:.1f}"  # none without d4rl reference returns
+        print(f"step={step} eval/return={ret:.1f} +- {returns.std():.1f}{normalized}", flush=True)
+        self.metrics.update({"eval/return": ret, "eval/normalized_score": score})
+
+    def close(self):
+        self.bar.close()
+        self.writer.close()
+
+    def results(self, **counts) -> dict:
+        results = {**self.metrics, **counts, "run_dir": self.dir, "evaluations": self.evals}
+        results.setdefault("updates_per_second", float("nan"))
+        return results
+
+
+# ----------------------------------------------------------------------------- D4RL data
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"  # D4RL_BASE_URL overrides it (a mirror)
 LOCOMOTION = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "ant": "Ant-v4"}
 LEVELS = ("random", "medium", "expert", "medium-replay", "medium-expert", "full-replay")
@@ -232,8 +603,29 @@ def qlearning_transitions(data: dict) -> dict:
     return {k: v.astype(np.float32) for k, v in t.items()}
 
 
-def make_env(env_id: str, render: bool = False) -> gym.Env:
-    kwargs = {"render_mode": "rgb_array"} if render else {}
+def load_prior_data(args: Args, env: gym.Env, device: torch.device) -> "ReplayBuffer":
+    """D: the dataset's transitions, checked against the env, actions mapped to [-1, 1], all on the device."""
+    data = qlearning_transitions(read_d4rl(dataset_path(args)))
+    obs_dim, act_dim, space = env.observation_space.shape[0], env.action_space.shape[0], env.unwrapped.action_space
+    if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
+        fail(f"the dataset's observations/actions have {data['observations'].shape[1]}/"
+             f"{data['actions'].shape[1]} dims but {args.env} has {obs_dim}/{act_dim}")
+    if np.any(data["actions"] < space.low - 1e-3) or np.any(data["actions"] > space.high + 1e-3):
+        fail(f"the dataset's actions leave {args.env}'s bounds [{space.low}, {space.high}]")
+    actions = 2 * (data["actions"] - space.low) / (space.high - space.low) - 1
+    data["actions"] = np.clip(actions, -1 + 1e-5, 1 - 1e-5).astype(np.float32)  # official clip
+    n = len(data["observations"])
+    offline = ReplayBuffer(n, obs_dim, act_dim, device)
+    offline.rows.copy_(torch.as_tensor(np.concatenate([data[k].reshape(n, -1) for k in (
+        "observations", "actions", "rewards", "masks", "next_observations")], 1)))
+    offline.size = n
+    offline.size_t.fill_(n)
+    return offline
+
+
+# ----------------------------------------------------------------------------- environment
+def make_env(args: Args, render: bool = False) -> gym.Env:
+    env_id, kwargs = args.env, ({"render_mode": "rgb_array"} if render else {})
     task = env_id.split("-")[0]
     if task in LOCOMOTION:
         env_id = LOCOMOTION[task]
@@ -242,7 +634,9 @@ def make_env(env_id: str, render: bool = False) -> gym.Env:
     elif task.lower() in ("antmaze", "kitchen", "pen", "hammer", "door", "relocate"):
         fail(f"{env_id}: RLPD runs the environment online, and D4RL's {task} environments are not in Gymnasium")
     try:
-        env = gym.make(env_id, **kwargs)
+        with warnings.catch_warnings():  # v4 on purpose (D4RL's models, see the docstring): not "out of date" here
+            warnings.filterwarnings("ignore", message=r".*is out of date", category=DeprecationWarning)
+            env = gym.make(env_id, **kwargs)
     except gym.error.Error as e:
         fail(f"unknown env '{env_id}' ({e})")
     if task == "ant":
@@ -261,6 +655,7 @@ def zero_contact_forces(obs: np.ndarray) -> np.ndarray:
     return obs
 
 
+# ----------------------------------------------------------------------------- replay buffer
 class ReplayBuffer:
     """Transitions as rows [s, a, r, m, s'] of one device tensor: one host-to-device copy per
     step, and batch indices drawn on the device (graph-safe: the size is a device tensor)."""
@@ -268,7 +663,7 @@ class ReplayBuffer:
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
         self.capacity, self.dims = capacity, (obs_dim, act_dim, 1, 1, obs_dim)
         self.rows = torch.zeros(capacity, sum(self.dims), device=device)
-        self.size_t = torch.zeros((), dtype=torch.long, device=device)
+        self.size_t = torch.zeros((), dtype=torch.long, device=device)  # CUDA graphs: the size, read on the device
         self.ptr, self.size = 0, 0
 
     def add(self, obs, act, rew, mask, next_obs):
@@ -276,7 +671,7 @@ class ReplayBuffer:
         self.rows[self.ptr].copy_(torch.from_numpy(row))
         self.ptr = (self.ptr + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
-        self.size_t.fill_(self.size)
+        self.size_t.fill_(self.size)  # CUDA graphs: a captured block samples from the new size
 
     def indices(self, n: int) -> torch.Tensor:
         """n uniform row indices (with replacement): integers mod size, as float32 `rand * size` is not
@@ -307,185 +702,7 @@ class ReplayBuffer:
         self.size_t.fill_(self.size)
 
 
-def symmetric_sample(offline: ReplayBuffer, online: ReplayBuffer, utd: int, batch: int, ratio: float) -> tuple:
-    """G batches of B rows, each with round(B * ratio) offline rows and the rest online,
-    laid end to end (G x B rows) so that slice g is batch g."""
-    n_off = round(batch * ratio)
-    rows_off = offline.sample_rows(utd * n_off).view(utd, n_off, -1)
-    rows_on = online.sample_rows(utd * (batch - n_off)).view(utd, batch - n_off, -1)
-    return online.split(torch.cat([rows_off, rows_on], 1).view(utd * batch, -1))
-
-
-# ----------------------------------------------------------------------------- networks
-class EnsembleLinear(nn.Module):
-    """k independent linear layers applied as one batched matmul: (k, B, in) -> (k, B, out);
-    `members` (indices) applies only those layers."""
-
-    def __init__(self, k: int, n_in: int, n_out: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(k, n_in, n_out))
-        self.bias = nn.Parameter(torch.zeros(k, 1, n_out))
-        for w in self.weight.data:
-            nn.init.xavier_uniform_(w)  # the official default_init (flax xavier_uniform; fans of a (in, out) matrix)
-
-    def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if members is None:
-            return torch.baddbmm(self.bias, x, self.weight)
-        return torch.baddbmm(self.bias[members], x, self.weight[members])
-
-
-class EnsembleLayerNorm(nn.Module):
-    """LayerNorm with its own scale and shift per ensemble member."""
-
-    def __init__(self, k: int, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(k, 1, dim))
-        self.bias = nn.Parameter(torch.zeros(k, 1, dim))
-
-    def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
-        w, b = (self.weight, self.bias) if members is None else (self.weight[members], self.bias[members])
-        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * w + b  # flax's eps
-
-
-class Critics(nn.Module):
-    """k Q-functions, each Dense -> LayerNorm -> ReLU (x2) -> Dense(1): (k, B), or (len(members), B)."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, k: int, layer_norm: bool):
-        super().__init__()
-        self.k = k
-        self.linears = nn.ModuleList([EnsembleLinear(k, obs_dim + act_dim, hidden), EnsembleLinear(k, hidden, hidden),
-                                      EnsembleLinear(k, hidden, 1)])
-        self.norms = nn.ModuleList([EnsembleLayerNorm(k, hidden) for _ in range(2)]) if layer_norm else None
-
-    def forward(self, obs: torch.Tensor, act: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = torch.cat([obs, act], -1).expand(self.k if members is None else len(members), -1, -1)
-        for i in range(2):
-            x = self.linears[i](x, members)
-            if self.norms is not None:
-                x = self.norms[i](x, members)
-            x = F.relu(x)
-        return self.linears[2](x, members).squeeze(-1)
-
-
-class TanhGaussianActor(nn.Module):
-    """a = tanh(u), u ~ N(mu(s), sigma(s)), log sigma clipped to [-20, 2]."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-        self.mu, self.log_std = nn.Linear(hidden, act_dim), nn.Linear(hidden, act_dim)
-        for layer in (*self.trunk[::2], self.mu, self.log_std):
-            nn.init.xavier_uniform_(layer.weight)  # the official default_init
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.mu(self.trunk(obs)))  # the deterministic (evaluation) action
-
-    def sample(self, obs: torch.Tensor) -> tuple:
-        """a ~ pi(.|s) by reparameterisation, and log pi(a|s) with the tanh change of variables."""
-        h = self.trunk(obs)
-        mu, log_std = self.mu(h), self.log_std(h).clamp(-20.0, 2.0)
-        u = mu + log_std.exp() * torch.randn_like(mu)
-        log_prob = (-0.5 * ((u - mu) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        # log |d tanh(u)/du| = log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), stable for large |u|
-        log_prob = log_prob - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
-        return torch.tanh(u), log_prob
-
-
-# ----------------------------------------------------------------------------- the update
-class RLPD(nn.Module):
-    def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
-        super().__init__()
-        self.utd, self.gamma, self.tau, self.backup_entropy = args.utd_ratio, args.gamma, args.tau, args.backup_entropy
-        self.num_qs, self.num_min_qs = args.num_qs, args.num_min_qs
-        self.target_entropy = -act_dim / 2 if args.target_entropy is None else args.target_entropy
-        self.actor = TanhGaussianActor(obs_dim, act_dim, args.hidden_dim)
-        self.critic = Critics(obs_dim, act_dim, args.hidden_dim, args.num_qs, args.critic_layer_norm)
-        self.critic_target = Critics(obs_dim, act_dim, args.hidden_dim, args.num_qs, args.critic_layer_norm)
-        self.critic_target.load_state_dict(self.critic.state_dict())
-        self.critic_target.requires_grad_(False)
-        self.log_alpha = nn.Parameter(torch.tensor(math.log(args.init_temperature)))
-        self.to(device)
-        capturable = device.type == "cuda"  # Adam's step count on the GPU, so a CUDA graph can replay it
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
-        self.temp_opt = torch.optim.Adam([self.log_alpha], lr=args.temp_lr, capturable=capturable)
-        self.target_params, self.online_params = list(self.critic_target.parameters()), list(self.critic.parameters())
-
-    def critic_target_value(self, rew, mask, next_obs) -> torch.Tensor:
-        """y = r + gamma m (min_{k in Z} Qtarget_k(s', a') - alpha log pi(a'|s')), Z a random subset."""
-        with torch.no_grad():
-            next_act, next_log_prob = self.actor.sample(next_obs)
-            subset = torch.rand(self.num_qs, device=rew.device).argsort()[:self.num_min_qs]  # no host sync
-            next_q = self.critic_target(next_obs, next_act, members=subset).min(0).values
-            if self.backup_entropy:
-                next_q = next_q - self.log_alpha.exp() * next_log_prob
-            return rew + self.gamma * mask * next_q
-
-    def update(self, obs, act, rew, mask, next_obs) -> dict:
-        """One UTD block on G x B transitions: G critic steps, one per slice, then one actor
-        and one temperature step on the last slice."""
-        B = obs.shape[0] // self.utd
-        for g in range(self.utd):
-            s = slice(g * B, (g + 1) * B)
-            target = self.critic_target_value(rew[s], mask[s], next_obs[s])
-            q = self.critic(obs[s], act[s])
-            critic_loss = (q - target).pow(2).mean()
-            self.critic_opt.zero_grad()
-            critic_loss.backward()
-            self.critic_opt.step()
-            with torch.no_grad():  # or autograd records every Polyak step (a graph growing without end)
-                torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
-
-        # actor on the mean of all critics
-        alpha = self.log_alpha.exp().detach()
-        new_act, log_prob = self.actor.sample(obs[s])
-        actor_loss = (alpha * log_prob - self.critic(obs[s], new_act).mean(0)).mean()
-        self.actor_opt.zero_grad()
-        actor_loss.backward(inputs=list(self.actor.parameters()))  # no gradient into the critics
-        self.actor_opt.step()
-
-        # temperature: raise alpha when the entropy is below its target
-        entropy = -log_prob.detach().mean()
-        temp_loss = self.log_alpha.exp() * (entropy - self.target_entropy)
-        self.temp_opt.zero_grad()
-        temp_loss.backward()
-        self.temp_opt.step()
-        return {"losses/critic_loss": critic_loss.detach(), "losses/actor_loss": actor_loss.detach(),
-                "losses/temperature_loss": temp_loss.detach(), "values/q": q.detach().mean(),
-                "values/entropy": entropy, "values/alpha": alpha}
-
-    def optimizers(self) -> dict:
-        return {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "temp_opt": self.temp_opt}
-
-
-def cuda_graph(fn, warmup: int = 3):
-    """fn() (no inputs: it reads static tensors) as a CUDA graph. The first `warmup` calls run fn
-    eagerly on a side stream (they allocate optimizer state, autograd buffers, cuBLAS workspaces),
-    the next one captures and replays it; every call is one real call of fn, so a GPU run does
-    exactly the updates of a CPU run (the capture itself runs nothing)."""
-    graph, out, calls = None, None, 0
-
-    def call():
-        nonlocal graph, out, calls
-        calls += 1
-        if calls <= warmup:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                result = fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            return result
-        if graph is None:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = fn()
-        graph.replay()
-        return out
-    return call
-
-
-# ----------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------- evaluation and checkpoints
 @torch.no_grad()
 def evaluate(actor: TanhGaussianActor, env: gym.Env, episodes: int, device: torch.device, seed: int) -> np.ndarray:
     """Returns of `episodes` episodes of the deterministic policy tanh(mu(s))."""
@@ -528,169 +745,31 @@ def save_checkpoint(path: str, agent: RLPD, online: ReplayBuffer, step: int, arg
     os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint intact
 
 
-# ----------------------------------------------------------------------------- main
-def main(args: Args) -> dict:
-    if min(args.total_timesteps, args.utd_ratio, args.batch_size, args.log_interval) < 1:
-        fail("--total-timesteps, --utd-ratio, --batch-size and --log-interval must be positive")
-    if not 0 <= args.offline_ratio < 1:
-        fail(f"--offline-ratio must be in [0, 1), got {args.offline_ratio}")
-    if not 1 <= args.num_min_qs <= args.num_qs:
-        fail(f"--num-min-qs must be between 1 and --num-qs ({args.num_qs}), got {args.num_min_qs}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but CUDA is not available")
-    use_graph = args.cuda_graph and device.type == "cuda"
+# ----------------------------------------------------------------------------- CUDA graphs
+def cuda_graph(fn, warmup: int = 3):
+    """fn() (no inputs: it reads static tensors) as a CUDA graph. The first `warmup` calls run fn
+    eagerly on a side stream (they allocate optimizer state, autograd buffers, cuBLAS workspaces),
+    the next one captures and replays it; every call is one real call of fn, so a GPU run does
+    exactly the updates of a CPU run (the capture itself runs nothing)."""
+    graph, out, calls = None, None, 0
 
-    resume = None
-    if args.resume is not None:
-        if not os.path.isfile(args.resume):
-            fail(f"checkpoint {args.resume} does not exist")
-        resume = torch.load(args.resume, map_location=device, weights_only=False)
-    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
-                               f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
-        fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    env = make_env(args.env)
-    eval_env = make_env(args.env, render=args.capture_video)
-    env.action_space.seed(args.seed)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-
-    # prior data: checked against the env, actions mapped to [-1, 1], the whole set on the device
-    offline = None
-    if args.offline_ratio > 0:
-        data = qlearning_transitions(read_d4rl(dataset_path(args)))
-        space = env.unwrapped.action_space
-        if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
-            fail(f"the dataset's observations/actions have {data['observations'].shape[1]}/"
-                 f"{data['actions'].shape[1]} dims but {args.env} has {obs_dim}/{act_dim}")
-        if np.any(data["actions"] < space.low - 1e-3) or np.any(data["actions"] > space.high + 1e-3):
-            fail(f"the dataset's actions leave {args.env}'s bounds [{space.low}, {space.high}]")
-        actions = 2 * (data["actions"] - space.low) / (space.high - space.low) - 1
-        data["actions"] = np.clip(actions, -1 + 1e-5, 1 - 1e-5).astype(np.float32)  # official clip
-        n = len(data["observations"])
-        offline = ReplayBuffer(n, obs_dim, act_dim, device)
-        offline.rows.copy_(torch.as_tensor(np.concatenate([data[k].reshape(n, -1) for k in (
-            "observations", "actions", "rewards", "masks", "next_observations")], 1)))
-        offline.size = n
-        offline.size_t.fill_(n)
-
-    agent = RLPD(obs_dim, act_dim, args, device)
-    online = ReplayBuffer(args.buffer_size or args.total_timesteps, obs_dim, act_dim, device)
-    start, evals = 0, []
-    if resume:
-        agent.load_state_dict(resume["agent"])
-        for k, opt in agent.optimizers().items():
-            load_optimizer(opt, resume[k], device)
-        online.load_state_dict(resume["online"])
-        torch.set_rng_state(resume["rng"]["torch"].cpu())  # map_location moved it to the device
-        np.random.set_state(resume["rng"]["numpy"])
-        random.setstate(resume["rng"]["python"])
-        if resume["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all([state.cpu() for state in resume["rng"]["cuda"]])
-        start, evals = resume["step"], resume["evaluations"]
-        print(f"resumed from {args.resume} at step {start} (a new episode starts)")
-
-    def train_step():  # the UTD block: indices drawn on the device, then G critic + 1 actor + 1 temperature step
-        if offline is None:
-            return agent.update(*online.sample(args.utd_ratio * args.batch_size))
-        return agent.update(*symmetric_sample(offline, online, args.utd_ratio, args.batch_size, args.offline_ratio))
-
-    step_fn = torch.compile(train_step) if args.compile else train_step
-    if use_graph:
-        step_fn = cuda_graph(step_fn)  # 3 eager warm-up calls, then replays; each call is one UTD block
-
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump({**asdict(args), "resolved": dict(target_entropy=agent.target_entropy, device=str(device),
-                   cuda_graph=use_graph, offline_transitions=offline.size if offline else 0)}, f, indent=2)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
-                   dir=run_dir, sync_tensorboard=True)
-    if args.eval_episodes > 0 and args.capture_video:
-        eval_env = gym.wrappers.RecordVideo(eval_env, os.path.join(run_dir, "videos"),
-                                            episode_trigger=lambda e: e % args.eval_episodes == 0)
-
-    results, info, updates = {}, None, 0
-    obs, _ = env.reset(seed=args.seed + start)
-    episode_return, episode_length = 0.0, 0
-    t0, t_eval, n0 = None, 0.0, 0
-    bar = tqdm(total=args.total_timesteps, initial=start, disable=not sys.stdout.isatty(), desc="rlpd")
-    for step in range(start + 1, args.total_timesteps + 1):
-        if step <= args.learning_starts:
-            action = env.action_space.sample()
-        else:
-            with torch.no_grad():
-                action = agent.actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0][0]
-            action = action.cpu().numpy()
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        online.add(obs, action, reward, 1.0 - terminated, next_obs)
-        episode_return, episode_length = episode_return + float(reward), episode_length + 1
-        obs = next_obs
-        if terminated or truncated:
-            writer.add_scalar("charts/episodic_return", episode_return, step)
-            writer.add_scalar("charts/episodic_length", episode_length, step)
-            results["train/episodic_return"] = episode_return
-            obs, _ = env.reset()
-            episode_return, episode_length = 0.0, 0
-
-        if step > args.learning_starts:
-            info = step_fn()
-            updates += args.utd_ratio
-            if t0 is None and updates >= 50 * args.utd_ratio:  # measured after compile/capture warm-up
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0, n0 = time.perf_counter(), step
-        bar.update(1)
-
-        if info is not None and (step % args.log_interval == 0 or step == args.total_timesteps):
-            metrics = {k: v.item() for k, v in info.items()}  # the only host sync of the update path
-            for k, v in metrics.items():
-                if not math.isfinite(v):
-                    fail(f"{k} became {v} at step {step}; lower the learning rates or check the dataset")
-                writer.add_scalar(k, v, step)
-            results.update(metrics)
-            if t0 is not None and step > n0:
-                elapsed = time.perf_counter() - t0 - t_eval
-                results["env_steps_per_second"] = (step - n0) / elapsed
-                results["updates_per_second"] = (step - n0) * args.utd_ratio / elapsed
-                writer.add_scalar("charts/updates_per_second", results["updates_per_second"], step)
-                writer.add_scalar("charts/SPS", results["env_steps_per_second"], step)
-            line = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("losses"))
-            print(f"step={step} {line} ups={results.get('updates_per_second', float('nan')):.0f}", flush=True)
-
-        last = step == args.total_timesteps
-        if args.eval_episodes > 0 and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
-            te = time.perf_counter()
-            returns = evaluate(agent.actor, eval_env, args.eval_episodes, device, args.seed + 10_000 + step)
-            ret, score = float(returns.mean()), normalized_score(args.env, float(returns.mean()))
-            evals.append((step, ret, float(returns.std()), score))
-            writer.add_scalar("eval/return", ret, step)
-            writer.add_scalar("eval/normalized_score", score, step)
-            with open(os.path.join(run_dir, "evaluations.csv"), "w") as f:
-                f.write("step,return,return_std,normalized_score\n")
-                f.writelines(f"{s},{r:.2f},{sd:.2f},{sc:.2f}\n" for s, r, sd, sc in evals)
-            print(f"step={step} eval/return={ret:.1f} +- {returns.std():.1f} normalized={score:.1f}", flush=True)
-            results.update({"eval/return": ret, "eval/normalized_score": score})
-            if t0 is not None:
-                t_eval += time.perf_counter() - te
-        if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, online, step, args, evals)
-    bar.close()
-    writer.close()
-    env.close()
-    eval_env.close()
-    results.update({"updates": updates, "env_steps": args.total_timesteps - start, "run_dir": run_dir,
-                    "evaluations": evals})
-    results.setdefault("updates_per_second", float("nan"))
-    return results
+    def call():
+        nonlocal graph, out, calls
+        calls += 1
+        if calls <= warmup:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                result = fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            return result
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fn()
+        graph.replay()
+        return out
+    return call
 
 
 if __name__ == "__main__":

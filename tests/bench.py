@@ -69,7 +69,7 @@ def utd_block(module, agent_cls, device, mode, with_env=False):
     block = speedup(lambda: agent.update(*buffer.sample(args.utd_ratio * args.batch_size)), mode, module.cuda_graph)
     if not with_env:
         return block, args.utd_ratio, "critic updates"
-    env = module.make_env(module.Args(env="Hopper-v4") if module.__name__ == "sac_20min" else "Hopper-v4")
+    env = module.make_env(module.Args(env="Hopper-v4"))
     state = {"obs": env.reset(seed=0)[0]}
 
     def env_step():

@@ -269,7 +269,7 @@ def test_batch_indices_are_uniform_integers():
 def test_ant_matches_d4rl_ant_data():
     """ant-*: D4RL's 111-dim observation with the contact forces (27:) at zero, and no contact cost, i.e.
     Gymnasium's Ant-v4 without contact forces, zero-padded, step for step."""
-    env, plain = rlpd.make_env("ant-medium-v2"), gym.make("Ant-v4")
+    env, plain = rlpd.make_env(rlpd.Args(env="ant-medium-v2")), gym.make("Ant-v4")
     obs, plain_obs = env.reset(seed=0)[0], plain.reset(seed=0)[0]
     assert obs.shape == (111,) == env.observation_space.shape
     rng = np.random.default_rng(0)
