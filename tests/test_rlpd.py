@@ -12,7 +12,8 @@ import torch
 import datasets
 import rlpd
 from conftest import assert_finite_losses, compiled_matches_eager, run_script, tensorboard_events
-from test_sac_20min import WiringEnv, assert_same_training_state, checkpoint  # noqa: F401  (registers Wiring-v0)
+from test_sac_20min import (WiringEnv, assert_same_training_state, check_full_replay_resumes_in_order,  # noqa: F401
+                            checkpoint)  # (importing it registers Wiring-v0 and WiringNoEnd-v0)
 
 TINY = dict(env="hopper-medium-v2", total_timesteps=300, learning_starts=100, utd_ratio=2, batch_size=32,
             hidden_dim=32, num_qs=4, eval_interval=150, eval_episodes=1, log_interval=100, device="cpu")
@@ -302,6 +303,10 @@ def test_stopped_and_resumed_run_ends_as_the_uninterrupted_run(tmp_path, marked_
             assert all(torch.equal(s[k], t[k]) for k in s), name
     assert a["online"]["size"] == b["online"]["size"] and torch.equal(a["online"]["rows"], b["online"]["rows"])
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and a["rng"]["python"] == b["rng"]["python"]
+
+
+def test_full_replay_resumes_in_order_into_a_larger_capacity():
+    check_full_replay_resumes_in_order(rlpd)
 
 
 def test_resume_with_a_checkpoint_from_cuda(tmp_path, marked_wiring_data):

@@ -279,25 +279,31 @@ def test_stopped_and_resumed_run_ends_as_the_uninterrupted_run(tmp_path):
 
 
 def test_full_replay_resumes_in_order_into_a_larger_capacity():
+    check_full_replay_resumes_in_order(sac_20min)
+
+
+def check_full_replay_resumes_in_order(module):
+    """A ring that has wrapped is saved oldest first and resumes into a larger, the same and a smaller capacity
+    with ptr = size % capacity (the module's ReplayBuffer: sac_20min's and rlpd's are the same class)."""
     def filled(capacity, n):  # rewards 1..n mark the order of the rows
-        buffer = sac_20min.ReplayBuffer(capacity, 1, 1, torch.device("cpu"))
+        buffer = module.ReplayBuffer(capacity, 1, 1, torch.device("cpu"))
         for i in range(1, n + 1):
             buffer.add(np.zeros(1), np.zeros(1), float(i), 1.0, np.zeros(1))
         return buffer
     state = filled(10, 25).state_dict()  # a full ring: rows 21..25 then 16..20 in memory
     assert state["rows"][:, 2].tolist() == list(range(16, 26))  # saved oldest first
-    bigger = sac_20min.ReplayBuffer(20, 1, 1, torch.device("cpu"))
+    bigger = module.ReplayBuffer(20, 1, 1, torch.device("cpu"))
     bigger.load_state_dict(state)
     assert (bigger.size, bigger.ptr, int(bigger.size_t)) == (10, 10, 10)
     assert bigger.rows[:10, 2].tolist() == list(range(16, 26))
     assert set(bigger.sample(2000)[2].tolist()) == set(range(16, 26))  # no all-zero row is ever drawn
     bigger.add(np.zeros(1), np.zeros(1), 26.0, 1.0, np.zeros(1))
     assert bigger.rows[10, 2] == 26  # after the newest, not over row 0
-    same = sac_20min.ReplayBuffer(10, 1, 1, torch.device("cpu"))
+    same = module.ReplayBuffer(10, 1, 1, torch.device("cpu"))
     same.load_state_dict(state)
     same.add(np.zeros(1), np.zeros(1), 26.0, 1.0, np.zeros(1))
     assert same.rows[:, 2].tolist() == [26.0] + list(range(17, 26))  # full: the oldest row goes first
-    smaller = sac_20min.ReplayBuffer(4, 1, 1, torch.device("cpu"))
+    smaller = module.ReplayBuffer(4, 1, 1, torch.device("cpu"))
     smaller.load_state_dict(state)
     assert smaller.rows[:, 2].tolist() == [22, 23, 24, 25] and smaller.ptr == 0
 
