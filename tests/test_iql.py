@@ -282,7 +282,9 @@ def test_pendulum_iql_beats_the_data(pendulum_file, tmp_path):
                      max_steps=10_000, log_interval=2000, eval_interval=0, eval_episodes=10, seed=0)
     results = iql.main(args)
     print(f"pendulum: data {data_returns.mean():.1f}, IQL {results['eval/return']:.1f}")
-    assert results["eval/return"] > data_returns.mean() + 200  # measured: data -838, IQL about -230
+    # measured (lr decay over --max-steps, as the official code): data -838; IQL -281.7 with 1 thread,
+    # -270.9 with 2 (the untrained policy scores about -1200)
+    assert results["eval/return"] > data_returns.mean() + 350
 
 
 # ----------------------------------------------------------------------------- bad input
