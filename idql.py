@@ -26,6 +26,11 @@ Usage:
     python idql.py --env Pendulum-v1 --dataset my_pendulum.hdf5 --selection implicit
     python idql.py --env hopper-medium-v2 --resume runs/X/checkpoint.pt --eval-only --num-samples 256  # N sweep
 
+The file reads top to bottom: Args, the networks, the method (losses, the update, the sampler
+and the selection), main() (the training loop); the plumbing (D4RL data, envs, evaluation,
+checkpoints, logging, the CUDA-graph helper) comes last. `diff iql.py idql.py` shows what
+IDQL changes.
+
 Differences from the official code:
 - PyTorch; the twin Q is one batched module (stacked weights, bmm). The data layer, the
   Gymnasium evaluation envs and the bad-input checks are iql.py's (see its docstring); as
@@ -41,8 +46,12 @@ Differences from the official code:
 - 'implicit' selection follows the paper; the official code only takes the argmax (its older
   weighted sampler, no longer called, had sign bugs in the quantile and exponential weights).
 - Only the VP beta schedule of the official code is offered (it is the one the paper uses).
+- `--cuda-graph`: the update's first 3 calls run eagerly (warm-up), the 4th is captured and
+  every later one replays it; each counts as one step, so CPU and GPU runs take the same updates.
+  The selection graph is warmed up and captured under a forked RNG, as evaluation runs.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -53,6 +62,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
@@ -151,12 +161,316 @@ class Args:
     """output folder (default: runs/{env}__{exp_name}__{seed}__{time}); must not exist"""
 
 
+# ----------------------------------------------------------------------------- networks
+def xavier(layer: nn.Linear) -> nn.Linear:
+    nn.init.xavier_uniform_(layer.weight)  # jaxrl5's default_init
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def lecun(layer: nn.Linear) -> nn.Linear:
+    std = math.sqrt(1.0 / layer.in_features) / 0.87962566103423978  # flax lecun_normal: truncated at 2 std
+    nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class EnsembleLinear(nn.Module):
+    """k independent linear layers applied as one batched matmul: (k, B, in) -> (k, B, out)."""
+
+    def __init__(self, k: int, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(k, n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(k, 1, n_out))
+        for w in self.weight.data:
+            nn.init.xavier_uniform_(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class TwinQ(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, k: int = 2):
+        super().__init__()
+        self.k = k
+        self.net = nn.Sequential(EnsembleLinear(k, obs_dim + act_dim, hidden), nn.ReLU(),
+                                 EnsembleLinear(k, hidden, hidden), nn.ReLU(), EnsembleLinear(k, hidden, 1))
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, act], -1).expand(self.k, -1, -1)
+        return self.net(x).squeeze(-1)  # (k, B)
+
+
+def value_net(obs_dim: int, hidden: int) -> nn.Sequential:
+    """V(s): a LayerNorm on the input, then a 2-layer ReLU MLP (jaxrl5 MLP with use_layer_norm)."""
+    return nn.Sequential(nn.LayerNorm(obs_dim, eps=1e-6), xavier(nn.Linear(obs_dim, hidden)), nn.ReLU(),
+                         xavier(nn.Linear(hidden, hidden)), nn.ReLU(), xavier(nn.Linear(hidden, 1)))
+
+
+class FourierFeatures(nn.Module):
+    """Learnable Fourier embedding of the integer step t: [cos 2 pi t W, sin 2 pi t W]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(0.2 * torch.randn(dim // 2, 1))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        f = 2 * math.pi * t[:, None].float() @ self.weight.T
+        return torch.cat([f.cos(), f.sin()], -1)
+
+
+class ResidualBlock(nn.Module):
+    """x + Dense(swish(Dense_4h(LayerNorm(Dropout(x)))))"""
+
+    def __init__(self, hidden: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.LayerNorm(hidden, eps=1e-6), lecun(nn.Linear(hidden, 4 * hidden)),
+                                 nn.SiLU(), lecun(nn.Linear(4 * hidden, hidden)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+class Denoiser(nn.Module):
+    """eps_theta(a_t, s, t): an MLP-ResNet on [a_t, s, MLP(Fourier(t))] (the official LN_Resnet)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, blocks: int, time_dim: int, dropout: float):
+        super().__init__()
+        self.time = nn.Sequential(FourierFeatures(time_dim), xavier(nn.Linear(time_dim, 2 * time_dim)), nn.SiLU(),
+                                  xavier(nn.Linear(2 * time_dim, 2 * time_dim)))
+        self.net = nn.Sequential(xavier(nn.Linear(act_dim + obs_dim + 2 * time_dim, hidden)),
+                                 *[ResidualBlock(hidden, dropout) for _ in range(blocks)],
+                                 nn.SiLU(), xavier(nn.Linear(hidden, act_dim)))
+
+    def forward(self, a_t: torch.Tensor, obs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([a_t, obs, self.time(t)], -1))
+
+
+# ----------------------------------------------------------------------------- the method: losses and the update
+def vp_beta_schedule(T: int) -> torch.Tensor:
+    """The variance-preserving schedule of the official code: beta_t = 1 - exp(-b_min/T - (b_max - b_min)(2t - 1)/(2T^2))."""
+    t = torch.arange(1, T + 1, dtype=torch.float64)
+    b_min, b_max = 0.1, 10.0
+    return 1 - torch.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * t - 1) / T ** 2)
+
+
+def critic_loss_fn(u: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
+    """|tau - 1(u < 0)| u^2 (expectile) or |tau - 1(u < 0)| |u| (quantile), u = Q - V."""
+    weight = torch.where(u > 0, tau, 1 - tau)
+    return weight * (u.pow(2) if objective == "expectile" else u.abs())
+
+
+def implicit_weights(adv: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
+    """w(s, a) of IQL's implicit policy pi ~ mu w: |tau - 1(A<0)| (expectile) or that / |A| (quantile)."""
+    weight = torch.where(adv > 0, tau, 1 - tau)
+    return weight if objective == "expectile" else weight / adv.abs().clamp(min=1e-6)
+
+
+class IDQL(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, expectile: float, device: torch.device):
+        super().__init__()
+        self.expectile, self.objective, self.gamma, self.tau = expectile, args.critic_objective, args.gamma, args.tau
+        self.T, self.N, self.selection, self.clip = args.diffusion_steps, args.num_samples, args.selection, args.clip_sampler
+        self.act_dim, self.ema, self.lr_decay_steps, self.actor_lr0 = act_dim, args.actor_ema, args.lr_decay_steps, args.actor_lr
+        self.actor = Denoiser(obs_dim, act_dim, args.actor_hidden, args.actor_blocks, args.time_dim, args.actor_dropout)
+        self.actor_ema = Denoiser(obs_dim, act_dim, args.actor_hidden, args.actor_blocks, args.time_dim, args.actor_dropout)
+        self.actor_ema.load_state_dict(self.actor.state_dict())
+        self.actor_ema.requires_grad_(False).eval()  # samples come from the EMA copy, dropout off
+        self.critic = TwinQ(obs_dim, act_dim, args.hidden_dim)
+        self.critic_target = TwinQ(obs_dim, act_dim, args.hidden_dim)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.critic_target.requires_grad_(False)
+        self.value = value_net(obs_dim, args.hidden_dim)
+        betas = vp_beta_schedule(self.T)
+        self.betas, self.alphas = betas.tolist(), (1 - betas).tolist()
+        self.alpha_hats = torch.cumprod(1 - betas, 0).tolist()
+        self.register_buffer("sqrt_ah", torch.tensor(self.alpha_hats).sqrt().float())
+        self.register_buffer("sqrt_1m_ah", (1 - torch.tensor(self.alpha_hats)).sqrt().float())
+        self.to(device)
+        capturable = device.type == "cuda"  # (CUDA graph) Adam keeps its step count on the GPU, replayable
+        self.actor_lr = torch.tensor(args.actor_lr, device=device)  # (CUDA graph) the schedule writes a tensor
+        self.actor_opt = torch.optim.AdamW(self.actor.parameters(), lr=self.actor_lr,
+                                           weight_decay=args.actor_weight_decay, capturable=capturable)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
+        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
+        # (CUDA graph) the step count is a device tensor, so the schedule is computed inside the graph
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
+        # parameter lists for the target updates (one _foreach_lerp_ each), built once instead of on every step
+        self.target_params, self.online_params = list(self.critic_target.parameters()), list(self.critic.parameters())
+        self.ema_params, self.actor_params = list(self.actor_ema.parameters()), list(self.actor.parameters())
+
+    def update(self, obs, act, rew, mask, next_obs) -> dict:
+        # 1) mu: DDPM noise prediction on the dataset's actions at a random step t
+        t = torch.randint(0, self.T, (obs.shape[0],), device=obs.device)
+        eps = torch.randn_like(act)
+        a_t = self.sqrt_ah[t, None] * act + self.sqrt_1m_ah[t, None] * eps
+        actor_loss = (self.actor(a_t, obs, t) - eps).pow(2).sum(-1).mean()
+        self.actor_opt.zero_grad()
+        actor_loss.backward()
+        progress = self.num_updates.clamp(max=self.lr_decay_steps) / self.lr_decay_steps
+        self.actor_lr.copy_(self.actor_lr0 * 0.5 * (1 + torch.cos(math.pi * progress)))  # cosine decay
+        self.actor_opt.step()
+
+        # 2) V: expectile (or quantile) regression onto the min of the target twin Q
+        with torch.no_grad():
+            q_target = self.critic_target(obs, act).min(0).values
+        value_loss = critic_loss_fn(q_target - self.value(obs).squeeze(-1), self.expectile, self.objective).mean()
+        self.value_opt.zero_grad()
+        value_loss.backward()
+        self.value_opt.step()
+
+        # 3) Q: regress both heads onto r + gamma * m * V(s') with the V just updated
+        with torch.no_grad():
+            q_backup = rew + self.gamma * mask * self.value(next_obs).squeeze(-1)
+        critic_loss = (self.critic(obs, act) - q_backup).pow(2).mean()
+        self.critic_opt.zero_grad()
+        critic_loss.backward()
+        self.critic_opt.step()
+        # 4) targets: EMA of mu (the sampler's copy) and Polyak of Q; no_grad, or autograd records every step
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema_params, self.actor_params, self.ema)
+            torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
+        self.num_updates += 1
+        # (actor_lr is returned as a copy: torch.compile mishandles returning a buffer it mutated)
+        return {"losses/actor_loss": actor_loss.detach(), "losses/value_loss": value_loss.detach(),
+                "losses/critic_loss": critic_loss.detach(), "values/q": q_target.mean(),
+                "values/actor_lr": self.actor_lr.clone()}
+
+    @torch.no_grad()
+    def sample(self, obs: torch.Tensor) -> torch.Tensor:
+        """DDPM ancestral sampling from the EMA model: a_T ~ N(0, I), then for t = T-1 .. 0
+        a <- (a - beta_t / sqrt(1 - ah_t) eps(a, s, t)) / sqrt(alpha_t) + [t > 0] sqrt(beta_t) z."""
+        a = torch.randn(obs.shape[0], self.act_dim, device=obs.device)
+        for t in reversed(range(self.T)):
+            eps = self.actor_ema(a, obs, torch.full((obs.shape[0],), t, device=obs.device))
+            a = (a - self.betas[t] / math.sqrt(1 - self.alpha_hats[t]) * eps) / math.sqrt(self.alphas[t])
+            if t > 0:
+                a = a + math.sqrt(self.betas[t]) * torch.randn_like(a)
+            if self.clip:
+                a = a.clamp(-1, 1)
+        return a.clamp(-1, 1)
+
+    @torch.no_grad()
+    def select(self, obs: torch.Tensor) -> torch.Tensor:
+        """One action per state out of N samples of mu, chosen by the critic."""
+        B = obs.shape[0]
+        obs_n = obs.repeat_interleave(self.N, 0)
+        actions = self.sample(obs_n)
+        q = self.critic_target(obs_n, actions).min(0).values.view(B, self.N)
+        if self.selection == "argmax":
+            idx = q.argmax(1)
+        else:  # a ~ Categorical(w): Gumbel-max, no host sync
+            w = implicit_weights(q - self.value(obs), self.expectile, self.objective)
+            idx = (w.log() - torch.log(-torch.log(torch.rand_like(w)))).argmax(1)
+        return actions.view(B, self.N, -1)[torch.arange(B, device=obs.device), idx]
+
+    def optimizers(self) -> dict:
+        return {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "value_opt": self.value_opt}
+
+
+# ----------------------------------------------------------------------------- main: the training loop
+def main(args: Args) -> dict:
+    hp = resolve_args(args)  # the family's expectile and reward scaling; the device
+    device = hp["device"]
+    resume, run_dir = open_run(args, device)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # data: the whole dataset lives on the device; batches are sampled there. The envs give the
+    # evaluation and the action bounds; D4RL's other families have none here
+    envs = [make_env(args.env, render=args.capture_video and i == 0) for i in range(max(args.eval_episodes, 1))
+            ] if hp["family"] == "locomotion" or args.eval_episodes > 0 else []
+    buffer = load_dataset(args, hp, envs[0] if envs else None, device)
+    n, obs_dim, act_dim = *buffer["observations"].shape, buffer["actions"].shape[1]
+
+    agent = IDQL(obs_dim, act_dim, args, hp["expectile"], device)
+    start, evals = 0, []
+    if resume:
+        load_checkpoint(agent, resume, device)
+        start, evals = resume["step"], ([] if args.eval_only else resume["evaluations"])
+        print(f"{'evaluating' if args.eval_only else 'resumed from'} {args.resume} at step {start}")
+
+    def train_step():
+        idx = torch.randint(0, n, (args.batch_size,), device=device)  # integer indices, drawn on the device
+        return agent.update(*(buffer[k][idx] for k in BATCH_KEYS))
+
+    step_fn = torch.compile(train_step) if args.compile else train_step
+    if hp["cuda_graph"] and not args.eval_only:  # (of the compiled functions with --compile, as LeanRL does)
+        step_fn = cuda_graph(step_fn)  # its first 3 calls (eager warm-ups) are the loop's first 3 updates
+    obs_buf = torch.zeros(max(args.eval_episodes, 1), obs_dim, device=device)  # select()'s static input (CUDA graph)
+    select_fn = torch.compile(agent.select) if args.compile else agent.select
+    select = lambda: select_fn(obs_buf)  # noqa: E731
+    if hp["cuda_graph"] and args.eval_episodes > 0:
+        select = cuda_graph(select)  # the T denoising steps of all N x episodes samples, one replay
+        with forked_rng(device):  # warm up and capture now, with draws that never touch training's stream,
+            for _ in range(4):  # so every evaluation replays the graph (--eval-only too)
+                select()
+
+    end = start if args.eval_only else args.max_steps  # --eval-only: no update, one evaluation
+    log = Logger(run_dir, args, hp, n, start, end)
+    if args.eval_episodes > 0 and args.capture_video:
+        envs[0] = gym.wrappers.RecordVideo(envs[0], os.path.join(run_dir, "videos"), episode_trigger=lambda e: True)
+
+    def evaluate_and_log(step: int) -> dict:
+        with log.paused(), forked_rng(device):  # the sampler's noise never shifts training's RNG stream
+            returns = evaluate(select, obs_buf, envs, args.seed + step)
+            return log.evaluation(step, returns, evals)
+
+    results, step = {}, start
+    if args.eval_only:
+        results.update(evaluate_and_log(step))
+    while step < end:
+        info = step_fn()  # one gradient step: mu (and its EMA), then V, then Q, then the target Q
+        step += 1
+        log.tick(step)
+        last = step == end
+        if step % args.log_interval == 0 or last:
+            results.update(log.losses(step, info))
+        if args.eval_episodes > 0 and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+            results.update(evaluate_and_log(step))
+        if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, step, args, evals)
+            if args.keep_checkpoints:
+                shutil.copyfile(os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, f"checkpoint_{step}.pt"))
+    log.close()
+    for env in envs:
+        env.close()
+    return {"updates_per_second": float("nan"), **results, "updates": step - start, "run_dir": run_dir,
+            "evaluations": evals}
+
+
+# =============================================================================
+# Plumbing: arguments, D4RL data, environments, evaluation, checkpoints, run folder,
+# logging, the CUDA-graph helper. Nothing below changes what the algorithm does.
+# =============================================================================
 def fail(message: str):
     """Bad input: one clear sentence on stderr and exit status 1."""
     raise SystemExit(f"idql.py: error: {message}")
 
 
-# ----------------------------------------------------------------------------- data
+def resolve_args(args: Args) -> dict:
+    """The family's defaults (FAMILY_DEFAULTS) for the flags left unset, checked, and the device."""
+    family = family_of(args.env)
+    d_expectile, d_normalize = FAMILY_DEFAULTS[family]
+    hp = dict(family=family, expectile=d_expectile if args.expectile is None else args.expectile,
+              normalize_rewards=d_normalize if args.normalize_rewards is None else args.normalize_rewards)
+    if not 0 < hp["expectile"] < 1:
+        fail(f"--expectile must be in (0, 1), got {hp['expectile']}")
+    if min(args.max_steps, args.batch_size, args.log_interval, args.num_samples, args.diffusion_steps) < 1:
+        fail("--max-steps, --batch-size, --log-interval, --num-samples and --diffusion-steps must be positive")
+    if args.eval_only and (args.resume is None or args.eval_episodes < 1):
+        fail("--eval-only evaluates a trained agent: give it --resume PATH/checkpoint.pt and --eval-episodes >= 1")
+    if args.keep_checkpoints and not args.save_model:
+        fail("--keep-checkpoints keeps the checkpoints that --save-model writes; add --save-model")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but CUDA is not available")
+    return {**hp, "device": device, "cuda_graph": args.cuda_graph and device.type == "cuda"}
+
+
+# ----------------------------------------------------------------------------- data: D4RL names, download, validation
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"  # D4RL_BASE_URL overrides it (a mirror)
 LOCOMOTION = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "ant": "Ant-v4"}
 ADROIT = ("pen", "hammer", "door", "relocate")
@@ -293,6 +607,31 @@ def normalize_rewards(rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return rewards * (1000.0 / (returns.max() - returns.min()))
 
 
+BATCH_KEYS = ("observations", "actions", "rewards", "masks", "next_observations")  # update()'s arguments
+
+
+def load_dataset(args: Args, hp: dict, env: Optional[gym.Env], device: torch.device) -> dict:
+    """The D4RL file as (s, a, r, m, s') tensors on the device: checked against the env's spaces,
+    actions scaled to [-1, 1], rewards transformed as the family's official config does."""
+    data = qlearning_transitions(read_d4rl(dataset_path(args)))
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    if env is not None:
+        space = env.unwrapped.action_space
+        if env.observation_space.shape != (obs_dim,) or space.shape != (act_dim,):
+            fail(f"the dataset's observations/actions have {obs_dim}/{act_dim} dims but {args.env} has "
+                 f"{env.observation_space.shape}/{space.shape}")
+        if np.any(data["actions"] < space.low - 1e-3) or np.any(data["actions"] > space.high + 1e-3):
+            fail(f"the dataset's actions leave {args.env}'s bounds [{space.low}, {space.high}]")
+        data["actions"] = (2 * (data["actions"] - space.low) / (space.high - space.low) - 1).astype(np.float32)
+    data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)  # as the official code's D4RL loader
+    if hp["family"] == "antmaze":
+        data["rewards"] = data["rewards"] - 1.0
+    if hp["normalize_rewards"]:
+        data["rewards"] = normalize_rewards(data["rewards"], data["ends"])
+    return {k: torch.as_tensor(data[k], device=device) for k in BATCH_KEYS}
+
+
+# ----------------------------------------------------------------------------- environments
 def make_env(env_id: str, render: bool = False) -> gym.Env:
     kwargs = {"render_mode": "rgb_array"} if render else {}
     task = env_id.split("-")[0]
@@ -304,13 +643,15 @@ def make_env(env_id: str, render: bool = False) -> gym.Env:
         fail(f"{env_id}: D4RL's {family_of(env_id)} environments are not in Gymnasium, so they cannot be "
              f"evaluated here; pass --eval-episodes 0 to train offline without evaluation")
     try:
-        env = gym.make(env_id, **kwargs)
+        with warnings.catch_warnings():  # v4 is deliberate (D4RL's models; v5 changed them): no "out of date" warning
+            warnings.filterwarnings("ignore", ".*The environment .*-v4 is out of date")
+            env = gym.make(env_id, **kwargs)
     except gym.error.Error as e:
         fail(f"unknown env '{env_id}' ({e})")
     if not isinstance(env.action_space, gym.spaces.Box):
-        fail(f"{env_id} has a {type(env.action_space).__name__} action space; IDQL needs continuous actions")
+        fail(f"{env_id} has a {type(env.action_space).__name__} action space; the policy needs continuous actions")
     if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
-        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)  # the sampler works in [-1, 1]
+        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)  # the policy acts in [-1, 1]
     if task == "ant":
         env = ZeroContactForces(env)
     return env
@@ -324,237 +665,6 @@ class ZeroContactForces(gym.ObservationWrapper):
         obs = obs.copy()
         obs[27:] = 0.0
         return obs
-
-# ----------------------------------------------------------------------------- networks
-def xavier(layer: nn.Linear) -> nn.Linear:
-    nn.init.xavier_uniform_(layer.weight)  # jaxrl5's default_init
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
-def lecun(layer: nn.Linear) -> nn.Linear:
-    std = math.sqrt(1.0 / layer.in_features) / 0.87962566103423978  # flax lecun_normal: truncated at 2 std
-    nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
-class EnsembleLinear(nn.Module):
-    """k independent linear layers applied as one batched matmul: (k, B, in) -> (k, B, out)."""
-
-    def __init__(self, k: int, n_in: int, n_out: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(k, n_in, n_out))
-        self.bias = nn.Parameter(torch.zeros(k, 1, n_out))
-        for w in self.weight.data:
-            nn.init.xavier_uniform_(w)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-class TwinQ(nn.Module):
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, k: int = 2):
-        super().__init__()
-        self.k = k
-        self.net = nn.Sequential(EnsembleLinear(k, obs_dim + act_dim, hidden), nn.ReLU(),
-                                 EnsembleLinear(k, hidden, hidden), nn.ReLU(), EnsembleLinear(k, hidden, 1))
-
-    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([obs, act], -1).expand(self.k, -1, -1)
-        return self.net(x).squeeze(-1)  # (k, B)
-
-
-def value_net(obs_dim: int, hidden: int) -> nn.Sequential:
-    """V(s): a LayerNorm on the input, then a 2-layer ReLU MLP (jaxrl5 MLP with use_layer_norm)."""
-    return nn.Sequential(nn.LayerNorm(obs_dim, eps=1e-6), xavier(nn.Linear(obs_dim, hidden)), nn.ReLU(),
-                         xavier(nn.Linear(hidden, hidden)), nn.ReLU(), xavier(nn.Linear(hidden, 1)))
-
-
-class FourierFeatures(nn.Module):
-    """Learnable Fourier embedding of the integer step t: [cos 2 pi t W, sin 2 pi t W]."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(0.2 * torch.randn(dim // 2, 1))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        f = 2 * math.pi * t[:, None].float() @ self.weight.T
-        return torch.cat([f.cos(), f.sin()], -1)
-
-
-class ResidualBlock(nn.Module):
-    """x + Dense(swish(Dense_4h(LayerNorm(Dropout(x)))))"""
-
-    def __init__(self, hidden: int, dropout: float):
-        super().__init__()
-        self.net = nn.Sequential(nn.Dropout(dropout), nn.LayerNorm(hidden, eps=1e-6), lecun(nn.Linear(hidden, 4 * hidden)),
-                                 nn.SiLU(), lecun(nn.Linear(4 * hidden, hidden)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.net(x)
-
-
-class Denoiser(nn.Module):
-    """eps_theta(a_t, s, t): an MLP-ResNet on [a_t, s, MLP(Fourier(t))] (the official LN_Resnet)."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, blocks: int, time_dim: int, dropout: float):
-        super().__init__()
-        self.time = nn.Sequential(FourierFeatures(time_dim), xavier(nn.Linear(time_dim, 2 * time_dim)), nn.SiLU(),
-                                  xavier(nn.Linear(2 * time_dim, 2 * time_dim)))
-        self.net = nn.Sequential(xavier(nn.Linear(act_dim + obs_dim + 2 * time_dim, hidden)),
-                                 *[ResidualBlock(hidden, dropout) for _ in range(blocks)],
-                                 nn.SiLU(), xavier(nn.Linear(hidden, act_dim)))
-
-    def forward(self, a_t: torch.Tensor, obs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([a_t, obs, self.time(t)], -1))
-
-
-def vp_beta_schedule(T: int) -> torch.Tensor:
-    """The variance-preserving schedule of the official code: beta_t = 1 - exp(-b_min/T - (b_max - b_min)(2t - 1)/(2T^2))."""
-    t = torch.arange(1, T + 1, dtype=torch.float64)
-    b_min, b_max = 0.1, 10.0
-    return 1 - torch.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * t - 1) / T ** 2)
-
-
-def critic_loss_fn(u: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
-    """|tau - 1(u < 0)| u^2 (expectile) or |tau - 1(u < 0)| |u| (quantile), u = Q - V."""
-    weight = torch.where(u > 0, tau, 1 - tau)
-    return weight * (u.pow(2) if objective == "expectile" else u.abs())
-
-
-def implicit_weights(adv: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
-    """w(s, a) of IQL's implicit policy pi ~ mu w: |tau - 1(A<0)| (expectile) or that / |A| (quantile)."""
-    weight = torch.where(adv > 0, tau, 1 - tau)
-    return weight if objective == "expectile" else weight / adv.abs().clamp(min=1e-6)
-
-
-# ----------------------------------------------------------------------------- the update
-class IDQL(nn.Module):
-    def __init__(self, obs_dim: int, act_dim: int, args: Args, expectile: float, device: torch.device):
-        super().__init__()
-        self.expectile, self.objective, self.gamma, self.tau = expectile, args.critic_objective, args.gamma, args.tau
-        self.T, self.N, self.selection, self.clip = args.diffusion_steps, args.num_samples, args.selection, args.clip_sampler
-        self.act_dim, self.ema, self.lr_decay_steps, self.actor_lr0 = act_dim, args.actor_ema, args.lr_decay_steps, args.actor_lr
-        self.actor = Denoiser(obs_dim, act_dim, args.actor_hidden, args.actor_blocks, args.time_dim, args.actor_dropout)
-        self.actor_ema = Denoiser(obs_dim, act_dim, args.actor_hidden, args.actor_blocks, args.time_dim, args.actor_dropout)
-        self.actor_ema.load_state_dict(self.actor.state_dict())
-        self.actor_ema.requires_grad_(False).eval()  # samples come from the EMA copy, dropout off
-        self.critic = TwinQ(obs_dim, act_dim, args.hidden_dim)
-        self.critic_target = TwinQ(obs_dim, act_dim, args.hidden_dim)
-        self.critic_target.load_state_dict(self.critic.state_dict())
-        self.critic_target.requires_grad_(False)
-        self.value = value_net(obs_dim, args.hidden_dim)
-        betas = vp_beta_schedule(self.T)
-        self.betas, self.alphas = betas.tolist(), (1 - betas).tolist()
-        self.alpha_hats = torch.cumprod(1 - betas, 0).tolist()
-        self.register_buffer("sqrt_ah", torch.tensor(self.alpha_hats).sqrt().float())
-        self.register_buffer("sqrt_1m_ah", (1 - torch.tensor(self.alpha_hats)).sqrt().float())
-        self.to(device)
-        capturable = device.type == "cuda"  # optimizer state on the GPU, replayable in a CUDA graph
-        self.actor_lr = torch.tensor(args.actor_lr, device=device)  # a tensor: the schedule runs inside the graph
-        self.actor_opt = torch.optim.AdamW(self.actor.parameters(), lr=self.actor_lr,
-                                           weight_decay=args.actor_weight_decay, capturable=capturable)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
-        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
-        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
-        # parameter lists for the target updates, built once instead of on every step
-        self.target_params, self.online_params = list(self.critic_target.parameters()), list(self.critic.parameters())
-        self.ema_params, self.actor_params = list(self.actor_ema.parameters()), list(self.actor.parameters())
-
-    def update(self, obs, act, rew, mask, next_obs) -> dict:
-        # 1) mu: DDPM noise prediction on the dataset's actions at a random step t
-        t = torch.randint(0, self.T, (obs.shape[0],), device=obs.device)
-        eps = torch.randn_like(act)
-        a_t = self.sqrt_ah[t, None] * act + self.sqrt_1m_ah[t, None] * eps
-        actor_loss = (self.actor(a_t, obs, t) - eps).pow(2).sum(-1).mean()
-        self.actor_opt.zero_grad()
-        actor_loss.backward()
-        progress = self.num_updates.clamp(max=self.lr_decay_steps) / self.lr_decay_steps
-        self.actor_lr.copy_(self.actor_lr0 * 0.5 * (1 + torch.cos(math.pi * progress)))  # cosine decay
-        self.actor_opt.step()
-
-        # 2) V: expectile (or quantile) regression onto the min of the target twin Q
-        with torch.no_grad():
-            q_target = self.critic_target(obs, act).min(0).values
-        value_loss = critic_loss_fn(q_target - self.value(obs).squeeze(-1), self.expectile, self.objective).mean()
-        self.value_opt.zero_grad()
-        value_loss.backward()
-        self.value_opt.step()
-
-        # 3) Q: regress both heads onto r + gamma * m * V(s') with the V just updated
-        with torch.no_grad():
-            q_backup = rew + self.gamma * mask * self.value(next_obs).squeeze(-1)
-        critic_loss = (self.critic(obs, act) - q_backup).pow(2).mean()
-        self.critic_opt.zero_grad()
-        critic_loss.backward()
-        self.critic_opt.step()
-        # 4) targets: EMA of mu (the sampler's copy) and Polyak of Q; no_grad, or autograd records every step
-        with torch.no_grad():
-            torch._foreach_lerp_(self.ema_params, self.actor_params, self.ema)
-            torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
-        self.num_updates += 1
-        # (actor_lr is returned as a copy: torch.compile mishandles returning a buffer it mutated)
-        return {"losses/actor_loss": actor_loss.detach(), "losses/value_loss": value_loss.detach(),
-                "losses/critic_loss": critic_loss.detach(), "values/q": q_target.mean(),
-                "values/actor_lr": self.actor_lr.clone()}
-
-    @torch.no_grad()
-    def sample(self, obs: torch.Tensor) -> torch.Tensor:
-        """DDPM ancestral sampling from the EMA model: a_T ~ N(0, I), then for t = T-1 .. 0
-        a <- (a - beta_t / sqrt(1 - ah_t) eps(a, s, t)) / sqrt(alpha_t) + [t > 0] sqrt(beta_t) z."""
-        a = torch.randn(obs.shape[0], self.act_dim, device=obs.device)
-        for t in reversed(range(self.T)):
-            eps = self.actor_ema(a, obs, torch.full((obs.shape[0],), t, device=obs.device))
-            a = (a - self.betas[t] / math.sqrt(1 - self.alpha_hats[t]) * eps) / math.sqrt(self.alphas[t])
-            if t > 0:
-                a = a + math.sqrt(self.betas[t]) * torch.randn_like(a)
-            if self.clip:
-                a = a.clamp(-1, 1)
-        return a.clamp(-1, 1)
-
-    @torch.no_grad()
-    def select(self, obs: torch.Tensor) -> torch.Tensor:
-        """One action per state out of N samples of mu, chosen by the critic."""
-        B = obs.shape[0]
-        obs_n = obs.repeat_interleave(self.N, 0)
-        actions = self.sample(obs_n)
-        q = self.critic_target(obs_n, actions).min(0).values.view(B, self.N)
-        if self.selection == "argmax":
-            idx = q.argmax(1)
-        else:  # a ~ Categorical(w): Gumbel-max, no host sync
-            w = implicit_weights(q - self.value(obs), self.expectile, self.objective)
-            idx = (w.log() - torch.log(-torch.log(torch.rand_like(w)))).argmax(1)
-        return actions.view(B, self.N, -1)[torch.arange(B, device=obs.device), idx]
-
-    def optimizers(self) -> dict:
-        return {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "value_opt": self.value_opt}
-
-
-def cuda_graph(fn, warmup: int = 3):
-    """fn() (no inputs: it reads static tensors) as a CUDA graph. The first `warmup` calls run fn
-    eagerly on a side stream (they allocate optimizer state, autograd buffers, cuBLAS workspaces),
-    the next one captures fn and replays it, every later one replays it. Each call is exactly one
-    call of fn, so a run does the same updates with or without the graph."""
-    graph, out, calls = None, None, 0
-
-    def call():
-        nonlocal graph, out, calls
-        calls += 1
-        if calls <= warmup:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                result = fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            return result
-        if graph is None:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # records fn's kernels without running them
-                out = fn()
-        graph.replay()
-        return out
-    return call
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -587,6 +697,27 @@ def normalized_score(env: str, ret: float) -> float:
     return 100 * (ret - lo) / (hi - lo)
 
 
+# ----------------------------------------------------------------------------- checkpoint and run folder
+def open_run(args: Args, device: torch.device) -> tuple:
+    """The --resume checkpoint (or None) and the run folder, which must not exist (or be the resumed run's)."""
+    resume = None
+    if args.resume is not None:
+        if not os.path.isfile(args.resume):
+            fail(f"checkpoint {args.resume} does not exist")
+        resume = torch.load(args.resume, map_location=device, weights_only=False)
+    if args.eval_only:  # a new folder per evaluation: the training run's outputs are never touched
+        run_dir = args.run_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume)),
+                                               f"eval__{args.selection}_N{args.num_samples}__{int(time.time())}")
+        if os.path.exists(run_dir):
+            fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
+        return resume, run_dir
+    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
+                               f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
+        fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
+    return resume, run_dir
+
+
 def save_checkpoint(path: str, agent: IDQL, step: int, args: Args, evals: list):
     state = {"agent": agent.state_dict(), "step": step, "args": asdict(args), "evaluations": evals,
              **{k: opt.state_dict() for k, opt in agent.optimizers().items()},
@@ -615,167 +746,98 @@ def load_checkpoint(agent: IDQL, state: dict, device: torch.device):
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
 
 
+# ----------------------------------------------------------------------------- logging
+class Logger:
+    """The run's outputs: args.json, TensorBoard (and W&B with --track), one stdout line per log,
+    evaluations.csv; updates/s measured after the compile/capture warm-up, evaluations excluded."""
 
-# ----------------------------------------------------------------------------- main
-def main(args: Args) -> dict:
-    family = family_of(args.env)
-    d_expectile, d_normalize = FAMILY_DEFAULTS[family]
-    expectile = d_expectile if args.expectile is None else args.expectile
-    normalize = d_normalize if args.normalize_rewards is None else args.normalize_rewards
-    if not 0 < expectile < 1:
-        fail(f"--expectile must be in (0, 1), got {expectile}")
-    if min(args.max_steps, args.batch_size, args.log_interval, args.num_samples, args.diffusion_steps) < 1:
-        fail("--max-steps, --batch-size, --log-interval, --num-samples and --diffusion-steps must be positive")
-    if args.eval_only and (args.resume is None or args.eval_episodes < 1):
-        fail("--eval-only evaluates a trained agent: give it --resume PATH/checkpoint.pt and --eval-episodes >= 1")
-    if args.keep_checkpoints and not args.save_model:
-        fail("--keep-checkpoints keeps the checkpoints that --save-model writes; add --save-model")
+    def __init__(self, run_dir: str, args: Args, hp: dict, transitions: int, start: int, end: int):
+        os.makedirs(run_dir, exist_ok=True)
+        resolved = {**{k: v for k, v in hp.items() if k != "family"}, "device": str(hp["device"]),
+                    "dataset_transitions": transitions}
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump({**asdict(args), "resolved": resolved}, f, indent=2)
+        self.run_dir, self.env, self.device = run_dir, args.env, hp["device"]
+        self.writer = SummaryWriter(run_dir)
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
+                       dir=run_dir, sync_tensorboard=True)
+        self.warmup = min(start + 50, end)  # updates/s is measured after compile/capture warm-up
+        self.t0, self.n0, self.t_eval = None, 0, 0.0
+        self.bar = tqdm(total=end, initial=start, disable=not sys.stdout.isatty(), desc="idql")
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but CUDA is not available")
-    use_graph = args.cuda_graph and device.type == "cuda"
+    def tick(self, step: int):
+        self.bar.update(1)
+        if step == self.warmup:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.t0, self.n0 = time.perf_counter(), step
 
-    resume = None
-    if args.resume is not None:
-        if not os.path.isfile(args.resume):
-            fail(f"checkpoint {args.resume} does not exist")
-        resume = torch.load(args.resume, map_location=device, weights_only=False)
-    if args.eval_only:  # a new folder per evaluation: the training run's outputs are never touched
-        run_dir = args.run_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume)),
-                                               f"eval__{args.selection}_N{args.num_samples}__{int(time.time())}")
-        if os.path.exists(run_dir):
-            fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
-    else:
-        run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
-                                   f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
-        if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
-            fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
+    def losses(self, step: int, info: dict) -> dict:
+        metrics = {k: v.item() for k, v in info.items()}  # the only host sync of the loop
+        for k, v in metrics.items():
+            if not math.isfinite(v):
+                fail(f"{k} became {v} at step {step}; lower the learning rates or check the dataset")
+            self.writer.add_scalar(k, v, step)
+        line = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("losses"))
+        if self.t0 is not None and step > self.n0:
+            metrics["updates_per_second"] = (step - self.n0) / (time.perf_counter() - self.t0 - self.t_eval)
+            self.writer.add_scalar("charts/updates_per_second", metrics["updates_per_second"], step)
+        print(f"step={step} {line} ups={metrics.get('updates_per_second', float('nan')):.0f}", flush=True)
+        return metrics
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluation) is not counted in updates/s."""
+        t = time.perf_counter()
+        yield
+        if self.t0 is not None:
+            self.t_eval += time.perf_counter() - t
 
-    # data: the whole dataset lives on the device; batches are sampled there
-    data = qlearning_transitions(read_d4rl(dataset_path(args)))
-    # the envs give the evaluation and the action bounds; D4RL's other families have none here
-    envs = []
-    if family == "locomotion" or args.eval_episodes > 0:
-        envs = [make_env(args.env, render=args.capture_video and i == 0) for i in range(max(args.eval_episodes, 1))]
-    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
-    if envs:
-        space = envs[0].unwrapped.action_space
-        if envs[0].observation_space.shape != (obs_dim,) or space.shape != (act_dim,):
-            fail(f"the dataset's observations/actions have {obs_dim}/{act_dim} dims but {args.env} has "
-                 f"{envs[0].observation_space.shape}/{space.shape}")
-        if np.any(data["actions"] < space.low - 1e-3) or np.any(data["actions"] > space.high + 1e-3):
-            fail(f"the dataset's actions leave {args.env}'s bounds [{space.low}, {space.high}]")
-        data["actions"] = (2 * (data["actions"] - space.low) / (space.high - space.low) - 1).astype(np.float32)
-    data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)  # official: as d4rl datasets in jaxrl5
-    if family == "antmaze":
-        data["rewards"] = data["rewards"] - 1.0
-    if normalize:
-        data["rewards"] = normalize_rewards(data["rewards"], data["ends"])
-    buffer = {k: torch.as_tensor(data[k], device=device) for k in
-              ("observations", "actions", "rewards", "masks", "next_observations")}
-    n = len(buffer["observations"])
-
-    agent = IDQL(obs_dim, act_dim, args, expectile, device)
-    start, evals = 0, []
-    if resume:
-        load_checkpoint(agent, resume, device)
-        start, evals = resume["step"], ([] if args.eval_only else resume["evaluations"])
-        print(f"{'evaluating' if args.eval_only else 'resumed from'} {args.resume} at step {start}")
-
-    def train_step():
-        idx = torch.randint(0, n, (args.batch_size,), device=device)  # sampled on the device
-        return agent.update(*(buffer[k][idx] for k in
-                              ("observations", "actions", "rewards", "masks", "next_observations")))
-
-    obs_buf = torch.zeros(max(args.eval_episodes, 1), obs_dim, device=device)  # static input of select()
-    step_fn = torch.compile(train_step) if args.compile else train_step
-    select_fn = torch.compile(agent.select) if args.compile else agent.select
-
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump({**asdict(args), "resolved": dict(expectile=expectile, normalize_rewards=normalize,
-                   device=str(device), cuda_graph=use_graph, dataset_transitions=n)}, f, indent=2)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
-                   dir=run_dir, sync_tensorboard=True)
-    if args.eval_episodes > 0 and args.capture_video:
-        envs[0] = gym.wrappers.RecordVideo(envs[0], os.path.join(run_dir, "videos"), episode_trigger=lambda e: True)
-
-    def evaluate_and_log(step: int):
-        # the sampler's noise comes from a forked RNG, so evaluation settings never shift training's stream
-        with forked_rng(device):
-            returns = evaluate(select, obs_buf, envs, args.seed + step)
-        ret, score = float(returns.mean()), normalized_score(args.env, float(returns.mean()))
+    def evaluation(self, step: int, returns: np.ndarray, evals: list) -> dict:
+        ret, score = float(returns.mean()), normalized_score(self.env, float(returns.mean()))
         evals.append((step, ret, float(returns.std()), score))
-        writer.add_scalar("eval/return", ret, step)
-        writer.add_scalar("eval/normalized_score", score, step)
-        with open(os.path.join(run_dir, "evaluations.csv"), "w") as f:
+        self.writer.add_scalar("eval/return", ret, step)
+        self.writer.add_scalar("eval/normalized_score", score, step)
+        with open(os.path.join(self.run_dir, "evaluations.csv"), "w") as f:
             f.write("step,return,return_std,normalized_score\n")
             f.writelines(f"{s},{r:.2f},{sd:.2f},{sc:.2f}\n" for s, r, sd, sc in evals)
-        print(f"step={step} eval/return={ret:.1f} +- {returns.std():.1f} normalized={score:.1f}", flush=True)
-        results.update({"eval/return": ret, "eval/normalized_score": score})
+        normalized = f" normalized={score:.1f}" if math.isfinite(score) else ""  # D4RL tasks only
+        print(f"step={step} eval/return={ret:.1f} +- {returns.std():.1f}{normalized}", flush=True)
+        return {"eval/return": ret, "eval/normalized_score": score}
 
-    results, step = {}, start
-    select = lambda: select_fn(obs_buf)  # noqa: E731
-    if use_graph and not args.eval_only:  # (of the compiled functions with --compile, as LeanRL does)
-        step_fn = cuda_graph(step_fn)  # its first 3 calls (eager warm-ups) are the loop's first 3 updates
-    if use_graph and args.eval_episodes > 0:
-        select = cuda_graph(select)  # the T denoising steps of all N x episodes samples, one replay
-        with forked_rng(device):  # warm up and capture now, with draws that never touch training's stream,
-            for _ in range(4):  # so every evaluation replays the graph (--eval-only too)
-                select()
-    end = step if args.eval_only else args.max_steps  # --eval-only: no update, one evaluation
-    if args.eval_only:
-        evaluate_and_log(step)
-    warmup = min(step + 50, end)  # updates/s is measured after compile/capture warm-up
-    t0, t_eval, n0 = None, 0.0, 0
-    bar = tqdm(total=end, initial=step, disable=not sys.stdout.isatty(), desc="idql")
-    while step < end:
-        info = step_fn()
-        step += 1
-        bar.update(1)
-        if step == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0, n0 = time.perf_counter(), step
-        if step % args.log_interval == 0 or step == end:
-            metrics = {k: v.item() for k, v in info.items()}  # the only host sync of the loop
-            for k, v in metrics.items():
-                if not math.isfinite(v):
-                    fail(f"{k} became {v} at step {step}; lower the learning rates or check the dataset")
-                writer.add_scalar(k, v, step)
-            results.update(metrics)
-            if t0 is not None and step > n0:
-                results["updates_per_second"] = (step - n0) / (time.perf_counter() - t0 - t_eval)
-                writer.add_scalar("charts/updates_per_second", results["updates_per_second"], step)
-            line = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("losses"))
-            print(f"step={step} {line} ups={results.get('updates_per_second', float('nan')):.0f}", flush=True)
-        last = step == end
-        if args.eval_episodes > 0 and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
-            te = time.perf_counter()
-            evaluate_and_log(step)
-            if t0 is not None:
-                t_eval += time.perf_counter() - te
-        if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, step, args, evals)
-            if args.keep_checkpoints:
-                shutil.copyfile(os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, f"checkpoint_{step}.pt"))
-    bar.close()
-    writer.close()
-    for env in envs:
-        env.close()
-    results.update({"updates": step - start, "run_dir": run_dir, "evaluations": evals})
-    results.setdefault("updates_per_second", float("nan"))
-    return results
+    def close(self):
+        self.bar.close()
+        self.writer.close()
+
+
+# ----------------------------------------------------------------------------- CUDA graph
+def cuda_graph(fn, warmup: int = 3):
+    """fn() (no inputs: it reads static tensors) as a CUDA graph. The first `warmup` calls run fn
+    eagerly on a side stream (they allocate optimizer state, autograd buffers, cuBLAS workspaces),
+    the next one captures fn and replays it, every later one replays it. Each call is exactly one
+    call of fn, so a run does the same updates with or without the graph."""
+    graph, out, calls = None, None, 0
+
+    def call():
+        nonlocal graph, out, calls
+        calls += 1
+        if calls <= warmup:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                result = fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            return result
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records fn's kernels without running them
+                out = fn()
+        graph.replay()
+        return out
+    return call
 
 
 if __name__ == "__main__":

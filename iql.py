@@ -20,6 +20,10 @@ Usage:
     python iql.py --env Pendulum-v1 --dataset my_pendulum.hdf5   # any Gymnasium id
     python iql.py --help
 
+The file reads top to bottom: Args, the networks, the method (losses and the update), main()
+(the training loop); the plumbing (D4RL data, envs, evaluation, checkpoints, logging, the
+CUDA-graph helper) comes last. `diff iql.py idql.py` shows what IDQL changes.
+
 Per-family defaults (from the official configs; each is overridable):
     locomotion (halfcheetah/hopper/walker2d/ant, or any Gymnasium id):
         expectile 0.7, beta 3.0, rewards * 1000 / (max return - min return)
@@ -28,7 +32,8 @@ Per-family defaults (from the official configs; each is overridable):
 
 Differences from the official code:
 - PyTorch instead of JAX; the twin Q is one batched module (stacked weights, bmm).
-- Evaluation runs in Gymnasium's MuJoCo port (hopper-*-v2 -> Hopper-v4) instead of gym +
+- Evaluation runs in Gymnasium's MuJoCo port (hopper-*-v2 -> Hopper-v4, D4RL's model on the
+  new bindings: v4 on purpose, so its "out of date" warning is silenced) instead of gym +
   mujoco-py; the D4RL files are read with h5py, not `import d4rl`.
 - ant-*-v2: D4RL's files have 111 observation dims of which 27: (contact forces) are all
   zero, and rewards without a contact cost (mujoco-py under MuJoCo 2 left the forces at
@@ -46,8 +51,11 @@ Differences from the official code:
   code scales halfcheetah/hopper/walker2d only); `--no-normalize-rewards` turns it off.
 - A Gymnasium env whose action bounds are not [-1, 1] (e.g. Pendulum) is rescaled to
   [-1, 1], and so are the dataset's actions, because the actor's mean is a tanh.
+- `--cuda-graph`: the first 3 updates run eagerly (warm-up), the 4th is captured and every
+  later one replays it; each counts as one step, so CPU and GPU runs take the same updates.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -57,6 +65,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -134,12 +143,225 @@ class Args:
     """output folder (default: runs/{env}__{exp_name}__{seed}__{time}); must not exist"""
 
 
+# ----------------------------------------------------------------------------- networks
+class EnsembleLinear(nn.Module):
+    """k independent linear layers applied as one batched matmul: (k, B, in) -> (k, B, out)."""
+
+    def __init__(self, k: int, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(k, n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(k, 1, n_out))
+        for w in self.weight.data:
+            nn.init.orthogonal_(w, gain=math.sqrt(2))  # flax orthogonal(sqrt 2), as the official MLPs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class TwinQ(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, k: int = 2):
+        super().__init__()
+        self.k = k
+        self.net = nn.Sequential(EnsembleLinear(k, obs_dim + act_dim, hidden), nn.ReLU(),
+                                 EnsembleLinear(k, hidden, hidden), nn.ReLU(), EnsembleLinear(k, hidden, 1))
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, act], -1).expand(self.k, -1, -1)
+        return self.net(x).squeeze(-1)  # (k, B)
+
+
+def mlp(n_in: int, hidden: int, n_out: int, dropout: Optional[float] = None) -> nn.Sequential:
+    layers = []
+    for a, b in ((n_in, hidden), (hidden, hidden)):
+        layers += [nn.Linear(a, b), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
+    layers.append(nn.Linear(hidden, n_out))
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
+            nn.init.zeros_(layer.bias)
+    return nn.Sequential(*layers)
+
+
+class GaussianActor(nn.Module):
+    """N(tanh(mu(s)), exp(log_std)): tanh on the mean only, state-independent log-std in [-5, 2]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, dropout: Optional[float]):
+        super().__init__()
+        self.mu = mlp(obs_dim, hidden, act_dim, dropout)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.mu(obs))  # the deterministic evaluation action
+
+    def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        log_std = self.log_std.clamp(-5.0, 2.0)
+        z = (act - self(obs)) / log_std.exp()
+        return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+# ----------------------------------------------------------------------------- the method: losses and the update
+def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
+    """|tau - 1(u < 0)| u^2: an asymmetric square whose minimiser is the tau-expectile."""
+    weight = torch.where(diff > 0, expectile, 1 - expectile)
+    return weight * diff.pow(2)
+
+
+class IQL(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, expectile: float, beta: float,
+                 dropout: Optional[float], device: torch.device):
+        super().__init__()
+        self.expectile, self.beta, self.gamma, self.tau = expectile, beta, args.gamma, args.tau
+        self.exp_adv_max = args.exp_adv_max
+        self.lr_decay_steps = args.max_steps if args.lr_decay_steps is None else args.lr_decay_steps
+        self.actor = GaussianActor(obs_dim, act_dim, args.hidden_dim, dropout)
+        self.critic = TwinQ(obs_dim, act_dim, args.hidden_dim)
+        self.critic_target = TwinQ(obs_dim, act_dim, args.hidden_dim)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.critic_target.requires_grad_(False)
+        self.value = mlp(obs_dim, args.hidden_dim, 1)
+        self.to(device)
+        capturable = device.type == "cuda"  # (CUDA graph) Adam keeps its step count on the GPU, replayable
+        self.actor_lr = torch.tensor(args.actor_lr, device=device)  # (CUDA graph) the schedule writes a tensor
+        self.actor_lr0 = args.actor_lr
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.actor_lr, capturable=capturable)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
+        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
+        # (CUDA graph) the step count is a device tensor, so the schedule is computed inside the graph
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
+        # parameter lists for the target updates (one _foreach_lerp_ each), built once instead of on every step
+        self.target_params, self.online_params = list(self.critic_target.parameters()), list(self.critic.parameters())
+
+    def update(self, obs, act, rew, mask, next_obs) -> dict:
+        # 1) V: expectile regression onto the min of the target twin Q (no max over actions)
+        with torch.no_grad():
+            q_target = self.critic_target(obs, act).min(0).values
+        value_loss = expectile_loss(q_target - self.value(obs).squeeze(-1), self.expectile).mean()
+        self.value_opt.zero_grad()
+        value_loss.backward()
+        self.value_opt.step()
+
+        # 2) pi: advantage-weighted regression, advantages from the V just updated
+        with torch.no_grad():
+            adv = q_target - self.value(obs).squeeze(-1)
+            weight = torch.exp(self.beta * adv).clamp(max=self.exp_adv_max)
+        actor_loss = -(weight * self.actor.log_prob(obs, act)).mean()
+        self.actor_opt.zero_grad()
+        actor_loss.backward()
+        progress = self.num_updates.clamp(max=self.lr_decay_steps) / self.lr_decay_steps
+        self.actor_lr.copy_(self.actor_lr0 * 0.5 * (1 + torch.cos(math.pi * progress)))  # cosine decay
+        self.actor_opt.step()
+
+        # 3) Q: regress both heads onto r + gamma * m * V(s'), with the same new V
+        with torch.no_grad():
+            q_backup = rew + self.gamma * mask * self.value(next_obs).squeeze(-1)
+        critic_loss = (self.critic(obs, act) - q_backup).pow(2).sum(0).mean()
+        self.critic_opt.zero_grad()
+        critic_loss.backward()
+        self.critic_opt.step()
+
+        # 4) Polyak average of Q only (IQL has no target V); no_grad, or autograd records every step
+        with torch.no_grad():
+            torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
+        self.num_updates += 1
+        # (actor_lr is returned as a copy: torch.compile mishandles returning a buffer it mutated)
+        return {"losses/value_loss": value_loss.detach(), "losses/actor_loss": actor_loss.detach(),
+                "losses/critic_loss": critic_loss.detach(), "values/adv_mean": adv.mean(),
+                "values/q": q_target.mean(), "values/actor_lr": self.actor_lr.clone()}
+
+    def optimizers(self) -> dict:
+        return {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "value_opt": self.value_opt}
+
+
+# ----------------------------------------------------------------------------- main: the training loop
+def main(args: Args) -> dict:
+    hp = resolve_args(args)  # the family's expectile, beta, dropout, episodes, reward scaling; the device
+    device = hp["device"]
+    resume, run_dir = open_run(args, device)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # data: the whole dataset lives on the device; batches are sampled there. The env gives the
+    # evaluation and the action bounds; D4RL's other families have none here
+    env = make_env(args.env, args.capture_video) if hp["family"] == "locomotion" or hp["eval_episodes"] > 0 else None
+    buffer = load_dataset(args, hp, env, device)
+    n, obs_dim, act_dim = *buffer["observations"].shape, buffer["actions"].shape[1]
+
+    agent = IQL(obs_dim, act_dim, args, hp["expectile"], hp["beta"], hp["actor_dropout"], device)
+    start, evals = 0, []
+    if resume:
+        load_checkpoint(agent, resume, device)
+        start, evals = resume["step"], resume["evaluations"]
+        print(f"resumed from {args.resume} at step {start}")
+
+    def train_step():
+        idx = torch.randint(0, n, (args.batch_size,), device=device)  # integer indices, drawn on the device
+        return agent.update(*(buffer[k][idx] for k in BATCH_KEYS))
+
+    step_fn = torch.compile(train_step) if args.compile else train_step
+    if hp["cuda_graph"]:  # (of the compiled step with --compile, as LeanRL does)
+        step_fn = cuda_graph(step_fn)  # its first 3 calls (eager warm-ups) are the loop's first 3 updates
+
+    end = args.max_steps
+    log = Logger(run_dir, args, hp, n, start, end)
+    if hp["eval_episodes"] > 0 and args.capture_video:
+        env = gym.wrappers.RecordVideo(env, os.path.join(run_dir, "videos"),
+                                       episode_trigger=lambda e: e % hp["eval_episodes"] == 0)
+
+    def evaluate_and_log(step: int) -> dict:
+        with log.paused():  # the deterministic policy tanh(mu(s)); no random draws
+            returns = evaluate(agent.actor, env, hp["eval_episodes"], device, args.seed + step)
+            return log.evaluation(step, returns, evals)
+
+    results, step = {}, start
+    while step < end:
+        info = step_fn()  # one gradient step: V, then pi, then Q, then the target Q
+        step += 1
+        log.tick(step)
+        last = step == end
+        if step % args.log_interval == 0 or last:
+            results.update(log.losses(step, info))
+        if hp["eval_episodes"] > 0 and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+            results.update(evaluate_and_log(step))
+        if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, step, args, evals)
+    log.close()
+    if env is not None:
+        env.close()
+    return {"updates_per_second": float("nan"), **results, "updates": step - start, "run_dir": run_dir,
+            "evaluations": evals}
+
+
+# =============================================================================
+# Plumbing: arguments, D4RL data, environments, evaluation, checkpoints, run folder,
+# logging, the CUDA-graph helper. Nothing below changes what the algorithm does.
+# =============================================================================
 def fail(message: str):
     """Bad input: one clear sentence on stderr and exit status 1."""
     raise SystemExit(f"iql.py: error: {message}")
 
 
-# ----------------------------------------------------------------------------- data
+def resolve_args(args: Args) -> dict:
+    """The family's defaults (FAMILY_DEFAULTS) for the flags left unset, checked, and the device."""
+    family = family_of(args.env)
+    d_expectile, d_beta, d_dropout, d_episodes, d_normalize = FAMILY_DEFAULTS[family]
+    hp = dict(family=family, expectile=d_expectile if args.expectile is None else args.expectile,
+              beta=d_beta if args.beta is None else args.beta,
+              actor_dropout=d_dropout if args.actor_dropout is None else args.actor_dropout,
+              eval_episodes=d_episodes if args.eval_episodes is None else args.eval_episodes,
+              normalize_rewards=d_normalize if args.normalize_rewards is None else args.normalize_rewards)
+    if not 0 < hp["expectile"] < 1:
+        fail(f"--expectile must be in (0, 1), got {hp['expectile']}")
+    if args.max_steps < 1 or args.batch_size < 1 or args.log_interval < 1:
+        fail("--max-steps, --batch-size and --log-interval must be positive")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but CUDA is not available")
+    return {**hp, "device": device, "cuda_graph": args.cuda_graph and device.type == "cuda"}
+
+
+# ----------------------------------------------------------------------------- data: D4RL names, download, validation
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"  # D4RL_BASE_URL overrides it (a mirror)
 LOCOMOTION = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "ant": "Ant-v4"}
 ADROIT = ("pen", "hammer", "door", "relocate")
@@ -280,6 +502,31 @@ def normalize_rewards(rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return rewards * (1000.0 / (returns.max() - returns.min()))
 
 
+BATCH_KEYS = ("observations", "actions", "rewards", "masks", "next_observations")  # update()'s arguments
+
+
+def load_dataset(args: Args, hp: dict, env: Optional[gym.Env], device: torch.device) -> dict:
+    """The D4RL file as (s, a, r, m, s') tensors on the device: checked against the env's spaces,
+    actions scaled to [-1, 1], rewards transformed as the family's official config does."""
+    data = qlearning_transitions(read_d4rl(dataset_path(args)))
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    if env is not None:
+        space = env.unwrapped.action_space
+        if env.observation_space.shape != (obs_dim,) or space.shape != (act_dim,):
+            fail(f"the dataset's observations/actions have {obs_dim}/{act_dim} dims but {args.env} has "
+                 f"{env.observation_space.shape}/{space.shape}")
+        if np.any(data["actions"] < space.low - 1e-3) or np.any(data["actions"] > space.high + 1e-3):
+            fail(f"the dataset's actions leave {args.env}'s bounds [{space.low}, {space.high}]")
+        data["actions"] = (2 * (data["actions"] - space.low) / (space.high - space.low) - 1).astype(np.float32)
+    data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)  # as the official code's D4RL loader
+    if hp["family"] == "antmaze":
+        data["rewards"] = data["rewards"] - 1.0
+    if hp["normalize_rewards"]:
+        data["rewards"] = normalize_rewards(data["rewards"], data["ends"])
+    return {k: torch.as_tensor(data[k], device=device) for k in BATCH_KEYS}
+
+
+# ----------------------------------------------------------------------------- environments
 def make_env(env_id: str, render: bool = False) -> gym.Env:
     kwargs = {"render_mode": "rgb_array"} if render else {}
     task = env_id.split("-")[0]
@@ -291,13 +538,15 @@ def make_env(env_id: str, render: bool = False) -> gym.Env:
         fail(f"{env_id}: D4RL's {family_of(env_id)} environments are not in Gymnasium, so they cannot be "
              f"evaluated here; pass --eval-episodes 0 to train offline without evaluation")
     try:
-        env = gym.make(env_id, **kwargs)
+        with warnings.catch_warnings():  # v4 is deliberate (D4RL's models; v5 changed them): no "out of date" warning
+            warnings.filterwarnings("ignore", ".*The environment .*-v4 is out of date")
+            env = gym.make(env_id, **kwargs)
     except gym.error.Error as e:
         fail(f"unknown env '{env_id}' ({e})")
     if not isinstance(env.action_space, gym.spaces.Box):
-        fail(f"{env_id} has a {type(env.action_space).__name__} action space; IQL needs continuous actions")
+        fail(f"{env_id} has a {type(env.action_space).__name__} action space; the policy needs continuous actions")
     if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
-        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)  # the actor's mean is a tanh
+        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)  # the policy acts in [-1, 1]
     if task == "ant":
         env = ZeroContactForces(env)
     return env
@@ -311,162 +560,6 @@ class ZeroContactForces(gym.ObservationWrapper):
         obs = obs.copy()
         obs[27:] = 0.0
         return obs
-
-
-# ----------------------------------------------------------------------------- networks
-class EnsembleLinear(nn.Module):
-    """k independent linear layers applied as one batched matmul: (k, B, in) -> (k, B, out)."""
-
-    def __init__(self, k: int, n_in: int, n_out: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(k, n_in, n_out))
-        self.bias = nn.Parameter(torch.zeros(k, 1, n_out))
-        for w in self.weight.data:
-            nn.init.orthogonal_(w, gain=math.sqrt(2))  # flax orthogonal(sqrt 2), as the official MLPs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-class TwinQ(nn.Module):
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, k: int = 2):
-        super().__init__()
-        self.k = k
-        self.net = nn.Sequential(EnsembleLinear(k, obs_dim + act_dim, hidden), nn.ReLU(),
-                                 EnsembleLinear(k, hidden, hidden), nn.ReLU(), EnsembleLinear(k, hidden, 1))
-
-    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([obs, act], -1).expand(self.k, -1, -1)
-        return self.net(x).squeeze(-1)  # (k, B)
-
-
-def mlp(n_in: int, hidden: int, n_out: int, dropout: Optional[float] = None) -> nn.Sequential:
-    layers = []
-    for a, b in ((n_in, hidden), (hidden, hidden)):
-        layers += [nn.Linear(a, b), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
-    layers.append(nn.Linear(hidden, n_out))
-    for layer in layers:
-        if isinstance(layer, nn.Linear):
-            nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
-            nn.init.zeros_(layer.bias)
-    return nn.Sequential(*layers)
-
-
-class GaussianActor(nn.Module):
-    """N(tanh(mu(s)), exp(log_std)): tanh on the mean only, state-independent log-std in [-5, 2]."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, dropout: Optional[float]):
-        super().__init__()
-        self.mu = mlp(obs_dim, hidden, act_dim, dropout)
-        self.log_std = nn.Parameter(torch.zeros(act_dim))
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.mu(obs))  # the deterministic evaluation action
-
-    def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        log_std = self.log_std.clamp(-5.0, 2.0)
-        z = (act - self(obs)) / log_std.exp()
-        return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-
-
-def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
-    """|tau - 1(u < 0)| u^2: an asymmetric square whose minimiser is the tau-expectile."""
-    weight = torch.where(diff > 0, expectile, 1 - expectile)
-    return weight * diff.pow(2)
-
-
-# ----------------------------------------------------------------------------- the update
-class IQL(nn.Module):
-    def __init__(self, obs_dim: int, act_dim: int, args: Args, expectile: float, beta: float,
-                 dropout: Optional[float], device: torch.device):
-        super().__init__()
-        self.expectile, self.beta, self.gamma, self.tau = expectile, beta, args.gamma, args.tau
-        self.exp_adv_max = args.exp_adv_max
-        self.lr_decay_steps = args.max_steps if args.lr_decay_steps is None else args.lr_decay_steps
-        self.actor = GaussianActor(obs_dim, act_dim, args.hidden_dim, dropout)
-        self.critic = TwinQ(obs_dim, act_dim, args.hidden_dim)
-        self.critic_target = TwinQ(obs_dim, act_dim, args.hidden_dim)
-        self.critic_target.load_state_dict(self.critic.state_dict())
-        self.critic_target.requires_grad_(False)
-        self.value = mlp(obs_dim, args.hidden_dim, 1)
-        self.to(device)
-        # capturable Adam keeps its step count on the GPU so a CUDA graph can replay it;
-        # the actor's lr is a tensor so the cosine schedule can be written inside the graph.
-        capturable = device.type == "cuda"
-        self.actor_lr = torch.tensor(args.actor_lr, device=device)
-        self.actor_lr0 = args.actor_lr
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.actor_lr, capturable=capturable)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
-        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
-        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
-        # parameter lists for the target updates, built once instead of on every step
-        self.target_params, self.online_params = list(self.critic_target.parameters()), list(self.critic.parameters())
-
-    def update(self, obs, act, rew, mask, next_obs) -> dict:
-        # 1) V: expectile regression onto the min of the target twin Q (no max over actions)
-        with torch.no_grad():
-            q_target = self.critic_target(obs, act).min(0).values
-        value_loss = expectile_loss(q_target - self.value(obs).squeeze(-1), self.expectile).mean()
-        self.value_opt.zero_grad()
-        value_loss.backward()
-        self.value_opt.step()
-
-        # 2) pi: advantage-weighted regression, advantages from the V just updated
-        with torch.no_grad():
-            adv = q_target - self.value(obs).squeeze(-1)
-            weight = torch.exp(self.beta * adv).clamp(max=self.exp_adv_max)
-        actor_loss = -(weight * self.actor.log_prob(obs, act)).mean()
-        self.actor_opt.zero_grad()
-        actor_loss.backward()
-        progress = self.num_updates.clamp(max=self.lr_decay_steps) / self.lr_decay_steps
-        self.actor_lr.copy_(self.actor_lr0 * 0.5 * (1 + torch.cos(math.pi * progress)))  # cosine decay
-        self.actor_opt.step()
-
-        # 3) Q: regress both heads onto r + gamma * m * V(s'), with the same new V
-        with torch.no_grad():
-            q_backup = rew + self.gamma * mask * self.value(next_obs).squeeze(-1)
-        critic_loss = (self.critic(obs, act) - q_backup).pow(2).sum(0).mean()
-        self.critic_opt.zero_grad()
-        critic_loss.backward()
-        self.critic_opt.step()
-
-        # 4) Polyak average of Q only (IQL has no target V); no_grad, or autograd records every step
-        with torch.no_grad():
-            torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
-        self.num_updates += 1
-        # (actor_lr is returned as a copy: torch.compile mishandles returning a buffer it mutated)
-        return {"losses/value_loss": value_loss.detach(), "losses/actor_loss": actor_loss.detach(),
-                "losses/critic_loss": critic_loss.detach(), "values/adv_mean": adv.mean(),
-                "values/q": q_target.mean(), "values/actor_lr": self.actor_lr.clone()}
-
-    def optimizers(self) -> dict:
-        return {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "value_opt": self.value_opt}
-
-
-def cuda_graph(fn, warmup: int = 3):
-    """fn() (no inputs: it reads static tensors) as a CUDA graph. The first `warmup` calls run fn
-    eagerly on a side stream (they allocate optimizer state, autograd buffers, cuBLAS workspaces),
-    the next one captures fn and replays it, every later one replays it. Each call is exactly one
-    call of fn, so a run does the same updates with or without the graph."""
-    graph, out, calls = None, None, 0
-
-    def call():
-        nonlocal graph, out, calls
-        calls += 1
-        if calls <= warmup:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                result = fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            return result
-        if graph is None:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # records fn's kernels without running them
-                out = fn()
-        graph.replay()
-        return out
-    return call
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -494,6 +587,21 @@ def normalized_score(env: str, ret: float) -> float:
         return float("nan")  # no d4rl reference returns for this env
     lo, hi = REF_SCORES[task]
     return 100 * (ret - lo) / (hi - lo)
+
+
+# ----------------------------------------------------------------------------- checkpoint and run folder
+def open_run(args: Args, device: torch.device) -> tuple:
+    """The --resume checkpoint (or None) and the run folder, which must not exist (or be the resumed run's)."""
+    resume = None
+    if args.resume is not None:
+        if not os.path.isfile(args.resume):
+            fail(f"checkpoint {args.resume} does not exist")
+        resume = torch.load(args.resume, map_location=device, weights_only=False)
+    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
+                               f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
+        fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
+    return resume, run_dir
 
 
 def save_checkpoint(path: str, agent: IQL, step: int, args: Args, evals: list):
@@ -524,141 +632,98 @@ def load_checkpoint(agent: IQL, state: dict, device: torch.device):
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
 
 
-# ----------------------------------------------------------------------------- main
-def main(args: Args) -> dict:
-    family = family_of(args.env)
-    d_expectile, d_beta, d_dropout, d_episodes, d_normalize = FAMILY_DEFAULTS[family]
-    expectile = d_expectile if args.expectile is None else args.expectile
-    beta = d_beta if args.beta is None else args.beta
-    dropout = d_dropout if args.actor_dropout is None else args.actor_dropout
-    eval_episodes = d_episodes if args.eval_episodes is None else args.eval_episodes
-    normalize = d_normalize if args.normalize_rewards is None else args.normalize_rewards
-    if not 0 < expectile < 1:
-        fail(f"--expectile must be in (0, 1), got {expectile}")
-    if args.max_steps < 1 or args.batch_size < 1 or args.log_interval < 1:
-        fail("--max-steps, --batch-size and --log-interval must be positive")
+# ----------------------------------------------------------------------------- logging
+class Logger:
+    """The run's outputs: args.json, TensorBoard (and W&B with --track), one stdout line per log,
+    evaluations.csv; updates/s measured after the compile/capture warm-up, evaluations excluded."""
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but CUDA is not available")
-    use_graph = args.cuda_graph and device.type == "cuda"
+    def __init__(self, run_dir: str, args: Args, hp: dict, transitions: int, start: int, end: int):
+        os.makedirs(run_dir, exist_ok=True)
+        resolved = {**{k: v for k, v in hp.items() if k != "family"}, "device": str(hp["device"]),
+                    "dataset_transitions": transitions}
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump({**asdict(args), "resolved": resolved}, f, indent=2)
+        self.run_dir, self.env, self.device = run_dir, args.env, hp["device"]
+        self.writer = SummaryWriter(run_dir)
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
+                       dir=run_dir, sync_tensorboard=True)
+        self.warmup = min(start + 50, end)  # updates/s is measured after compile/capture warm-up
+        self.t0, self.n0, self.t_eval = None, 0, 0.0
+        self.bar = tqdm(total=end, initial=start, disable=not sys.stdout.isatty(), desc="iql")
 
-    resume = None
-    if args.resume is not None:
-        if not os.path.isfile(args.resume):
-            fail(f"checkpoint {args.resume} does not exist")
-        resume = torch.load(args.resume, map_location=device, weights_only=False)
-    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
-                               f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
-        fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-
-    # data: the whole dataset lives on the device; batches are sampled there
-    data = qlearning_transitions(read_d4rl(dataset_path(args)))
-    # the env gives the evaluation and the action bounds; D4RL's other families have none here
-    env = make_env(args.env, render=args.capture_video) if family == "locomotion" or eval_episodes > 0 else None
-    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
-    if env is not None:
-        space = env.unwrapped.action_space
-        if env.observation_space.shape != (obs_dim,) or space.shape != (act_dim,):
-            fail(f"the dataset's observations/actions have {obs_dim}/{act_dim} dims but {args.env} has "
-                 f"{env.observation_space.shape}/{space.shape}")
-        if np.any(data["actions"] < space.low - 1e-3) or np.any(data["actions"] > space.high + 1e-3):
-            fail(f"the dataset's actions leave {args.env}'s bounds [{space.low}, {space.high}]")
-        data["actions"] = (2 * (data["actions"] - space.low) / (space.high - space.low) - 1).astype(np.float32)
-    data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)  # official: keeps log-probs finite
-    if family == "antmaze":
-        data["rewards"] = data["rewards"] - 1.0
-    if normalize:
-        data["rewards"] = normalize_rewards(data["rewards"], data["ends"])
-    buffer = {k: torch.as_tensor(data[k], device=device) for k in
-              ("observations", "actions", "rewards", "masks", "next_observations")}
-    n = len(buffer["observations"])
-
-    agent = IQL(obs_dim, act_dim, args, expectile, beta, dropout, device)
-    start, evals = 0, []
-    if resume:
-        load_checkpoint(agent, resume, device)
-        start, evals = resume["step"], resume["evaluations"]
-        print(f"resumed from {args.resume} at step {start}")
-
-    def train_step():
-        idx = torch.randint(0, n, (args.batch_size,), device=device)  # sampled on the device
-        return agent.update(*(buffer[k][idx] for k in
-                              ("observations", "actions", "rewards", "masks", "next_observations")))
-
-    step_fn = torch.compile(train_step) if args.compile else train_step
-
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump({**asdict(args), "resolved": dict(expectile=expectile, beta=beta, actor_dropout=dropout,
-                   eval_episodes=eval_episodes, normalize_rewards=normalize, device=str(device),
-                   cuda_graph=use_graph, dataset_transitions=n)}, f, indent=2)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
-                   dir=run_dir, sync_tensorboard=True)
-    if eval_episodes > 0 and args.capture_video:
-        env = gym.wrappers.RecordVideo(env, os.path.join(run_dir, "videos"),
-                                       episode_trigger=lambda e: e % eval_episodes == 0)
-
-    results, step = {}, start
-    if use_graph:  # (of the compiled step with --compile, as LeanRL does)
-        step_fn = cuda_graph(step_fn)  # its first 3 calls (eager warm-ups) are the loop's first 3 updates
-    warmup = min(step + 50, args.max_steps)  # updates/s is measured after compile/capture warm-up
-    t0, t_eval, n0 = None, 0.0, 0
-    bar = tqdm(total=args.max_steps, initial=step, disable=not sys.stdout.isatty(), desc="iql")
-    while step < args.max_steps:
-        info = step_fn()
-        step += 1
-        bar.update(1)
-        if step == warmup:
-            if device.type == "cuda":
+    def tick(self, step: int):
+        self.bar.update(1)
+        if step == self.warmup:
+            if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            t0, n0 = time.perf_counter(), step
-        if step % args.log_interval == 0 or step == args.max_steps:
-            metrics = {k: v.item() for k, v in info.items()}  # the only host sync of the loop
-            for k, v in metrics.items():
-                if not math.isfinite(v):
-                    fail(f"{k} became {v} at step {step}; lower the learning rates or check the dataset")
-                writer.add_scalar(k, v, step)
-            results.update(metrics)
-            if t0 is not None and step > n0:
-                results["updates_per_second"] = (step - n0) / (time.perf_counter() - t0 - t_eval)
-                writer.add_scalar("charts/updates_per_second", results["updates_per_second"], step)
-            line = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("losses"))
-            print(f"step={step} {line} ups={results.get('updates_per_second', float('nan')):.0f}", flush=True)
-        last = step == args.max_steps
-        if eval_episodes > 0 and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
-            te = time.perf_counter()
-            returns = evaluate(agent.actor, env, eval_episodes, device, args.seed + step)
-            ret, score = float(returns.mean()), normalized_score(args.env, float(returns.mean()))
-            evals.append((step, ret, float(returns.std()), score))
-            writer.add_scalar("eval/return", ret, step)
-            writer.add_scalar("eval/normalized_score", score, step)
-            with open(os.path.join(run_dir, "evaluations.csv"), "w") as f:
-                f.write("step,return,return_std,normalized_score\n")
-                f.writelines(f"{s},{r:.2f},{sd:.2f},{sc:.2f}\n" for s, r, sd, sc in evals)
-            print(f"step={step} eval/return={ret:.1f} +- {returns.std():.1f} normalized={score:.1f}", flush=True)
-            results.update({"eval/return": ret, "eval/normalized_score": score})
-            if t0 is not None:
-                t_eval += time.perf_counter() - te
-        if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, step, args, evals)
-    bar.close()
-    writer.close()
-    if env is not None:
-        env.close()
-    results.update({"updates": step - start, "run_dir": run_dir, "evaluations": evals})
-    results.setdefault("updates_per_second", float("nan"))
-    return results
+            self.t0, self.n0 = time.perf_counter(), step
+
+    def losses(self, step: int, info: dict) -> dict:
+        metrics = {k: v.item() for k, v in info.items()}  # the only host sync of the loop
+        for k, v in metrics.items():
+            if not math.isfinite(v):
+                fail(f"{k} became {v} at step {step}; lower the learning rates or check the dataset")
+            self.writer.add_scalar(k, v, step)
+        line = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("losses"))
+        if self.t0 is not None and step > self.n0:
+            metrics["updates_per_second"] = (step - self.n0) / (time.perf_counter() - self.t0 - self.t_eval)
+            self.writer.add_scalar("charts/updates_per_second", metrics["updates_per_second"], step)
+        print(f"step={step} {line} ups={metrics.get('updates_per_second', float('nan')):.0f}", flush=True)
+        return metrics
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluation) is not counted in updates/s."""
+        t = time.perf_counter()
+        yield
+        if self.t0 is not None:
+            self.t_eval += time.perf_counter() - t
+
+    def evaluation(self, step: int, returns: np.ndarray, evals: list) -> dict:
+        ret, score = float(returns.mean()), normalized_score(self.env, float(returns.mean()))
+        evals.append((step, ret, float(returns.std()), score))
+        self.writer.add_scalar("eval/return", ret, step)
+        self.writer.add_scalar("eval/normalized_score", score, step)
+        with open(os.path.join(self.run_dir, "evaluations.csv"), "w") as f:
+            f.write("step,return,return_std,normalized_score\n")
+            f.writelines(f"{s},{r:.2f},{sd:.2f},{sc:.2f}\n" for s, r, sd, sc in evals)
+        normalized = f" normalized={score:.1f}" if math.isfinite(score) else ""  # D4RL tasks only
+        print(f"step={step} eval/return={ret:.1f} +- {returns.std():.1f}{normalized}", flush=True)
+        return {"eval/return": ret, "eval/normalized_score": score}
+
+    def close(self):
+        self.bar.close()
+        self.writer.close()
+
+
+# ----------------------------------------------------------------------------- CUDA graph
+def cuda_graph(fn, warmup: int = 3):
+    """fn() (no inputs: it reads static tensors) as a CUDA graph. The first `warmup` calls run fn
+    eagerly on a side stream (they allocate optimizer state, autograd buffers, cuBLAS workspaces),
+    the next one captures fn and replays it, every later one replays it. Each call is exactly one
+    call of fn, so a run does the same updates with or without the graph."""
+    graph, out, calls = None, None, 0
+
+    def call():
+        nonlocal graph, out, calls
+        calls += 1
+        if calls <= warmup:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                result = fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            return result
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records fn's kernels without running them
+                out = fn()
+        graph.replay()
+        return out
+    return call
 
 
 if __name__ == "__main__":
