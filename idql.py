@@ -651,7 +651,7 @@ def make_env(env_id: str, render: bool = False) -> gym.Env:
     if not isinstance(env.action_space, gym.spaces.Box):
         fail(f"{env_id} has a {type(env.action_space).__name__} action space; the policy needs continuous actions")
     if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
-        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)  # the policy acts in [-1, 1]
+        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))  # the policy acts in [-1, 1]; float32 bounds, as the spaces
     if task == "ant":
         env = ZeroContactForces(env)
     return env

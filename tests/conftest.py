@@ -1,5 +1,6 @@
 """Shared tiny harness: D4RL-format files from real rollouts, tiny Args, helpers."""
 
+import copy
 import functools
 import glob
 import http.server
@@ -9,7 +10,11 @@ import subprocess
 import sys
 import threading
 
+import gymnasium as gym
+import numpy as np
+
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the scripts live at the repo root
@@ -94,3 +99,117 @@ def compiled_matches_eager(make_agent, batch, steps=2):
         outs.append({k: v.item() for k, v in out.items()})
     for k in outs[0]:
         assert abs(outs[0][k] - outs[1][k]) <= 1e-4 * max(1.0, abs(outs[0][k])), (k, outs)
+
+
+# ----------------------------------------------------------------------------- resume and CUDA-graph checks
+def same(a, b) -> bool:
+    """Exactly equal nested checkpoint content (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def assert_same_training_state(agent, twin, out, twin_out, call):
+    """Outputs, parameters and optimizer states (Adam's moments and step counts) agree."""
+    for k in out:
+        torch.testing.assert_close(out[k], twin_out[k], rtol=1e-4, atol=1e-5, msg=f"call {call}: {k}")
+    for (name, p), q in zip(agent.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=f"call {call}: {name}")
+    for opt, twin_opt in zip(agent.optimizers().values(), twin.optimizers().values()):
+        for state, twin_state in zip(opt.state.values(), twin_opt.state.values()):
+            for k in state:
+                torch.testing.assert_close(state[k], twin_state[k], rtol=1e-4, atol=1e-5, msg=f"call {call}: {k}")
+
+
+def graph_replays_match_eager_steps(module, agent, batch_size, steps=5, n=1000, obs_dim=11, act_dim=3):
+    """The real training step (batch indices drawn on the device, agent.update) through the script's
+    cuda_graph: after its eager warm-ups, capture and replay it `steps` times; a copy of the agent runs
+    the same steps eagerly from the same RNG state. Outputs, parameters, optimizer state and the lr
+    tensor must agree after every step."""
+    device = torch.device("cuda")
+    buffer = [torch.randn(n, obs_dim, device=device), torch.rand(n, act_dim, device=device) * 2 - 1,
+              torch.randn(n, device=device), (torch.rand(n, device=device) < 0.9).float(), torch.randn(n, obs_dim, device=device)]
+
+    def train_step(a):
+        idx = torch.randint(0, n, (batch_size,), device=device)
+        return a.update(*(x[idx] for x in buffer))
+    graphed = module.cuda_graph(lambda: train_step(agent))
+    for _ in range(3):  # the eager warm-ups (real updates)
+        graphed()
+    twin = copy.deepcopy(agent)
+    close = lambda x, y: torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5)  # noqa: E731
+    for i in range(steps):
+        state = torch.cuda.get_rng_state()
+        out = {k: v.clone() for k, v in graphed().items()}  # i = 0 captures, then replays
+        torch.cuda.set_rng_state(state)
+        ref = train_step(twin)
+        for k in ref:
+            assert close(out[k], ref[k]), (i, k)
+        for (name, p), q in zip(agent.state_dict().items(), twin.state_dict().values()):
+            assert close(p, q), (i, name)
+        for name, opt in agent.optimizers().items():
+            twin_opt = twin.optimizers()[name]
+            for p, q in zip(opt.param_groups[0]["params"], twin_opt.param_groups[0]["params"]):
+                for k in ("exp_avg", "exp_avg_sq", "step"):
+                    assert close(opt.state[p][k], twin_opt.state[q][k]), (i, name, k)
+        assert agent.actor_opt.param_groups[0]["lr"] is agent.actor_lr
+        assert close(agent.actor_lr, twin.actor_lr) and close(agent.actor_lr, out["values/actor_lr"]), i
+    assert int(agent.num_updates) == 3 + steps
+
+
+# ----------------------------------------------------------------------------- online scripts (sac_20min, rlpd)
+class WiringEnv(gym.Env):
+    """A walk x <- x + a from x = 0, obs (t / 10, x), reward x: terminates when |x| > bound, truncated by a
+    TimeLimit at 10 steps. Reset draws nothing, so episodes of a run resumed at an episode end replay exactly."""
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,))
+    action_space = gym.spaces.Box(-1, 1, (1,))
+
+    def __init__(self, bound: float = 1.5):
+        self.bound = bound
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.x = 0, 0.0
+        return np.array([0.0, 0.0], dtype=np.float32), {}
+
+    def step(self, action):
+        self.t, self.x = self.t + 1, self.x + float(action[0])
+        return np.array([self.t / 10, self.x], dtype=np.float32), self.x, abs(self.x) > self.bound, False, {}
+
+
+gym.register("Wiring-v0", entry_point=WiringEnv, max_episode_steps=10)
+gym.register("WiringNoEnd-v0", entry_point=WiringEnv, max_episode_steps=10, kwargs={"bound": math.inf})
+
+
+def checkpoint(run_dir):
+    return torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+
+
+def check_full_replay_resumes_in_order(module):
+    """A ring that has wrapped is saved oldest first and resumes into a larger, the same and a smaller capacity
+    with ptr = size % capacity (the module's ReplayBuffer: sac_20min's and rlpd's are the same class)."""
+    def filled(capacity, n):  # rewards 1..n mark the order of the rows
+        buffer = module.ReplayBuffer(capacity, 1, 1, torch.device("cpu"))
+        for i in range(1, n + 1):
+            buffer.add(np.zeros(1), np.zeros(1), float(i), 1.0, np.zeros(1))
+        return buffer
+    state = filled(10, 25).state_dict()  # a full ring: rows 21..25 then 16..20 in memory
+    assert state["rows"][:, 2].tolist() == list(range(16, 26))  # saved oldest first
+    bigger = module.ReplayBuffer(20, 1, 1, torch.device("cpu"))
+    bigger.load_state_dict(state)
+    assert (bigger.size, bigger.ptr, int(bigger.size_t)) == (10, 10, 10)
+    assert bigger.rows[:10, 2].tolist() == list(range(16, 26))
+    assert set(bigger.sample(2000)[2].tolist()) == set(range(16, 26))  # no all-zero row is ever drawn
+    bigger.add(np.zeros(1), np.zeros(1), 26.0, 1.0, np.zeros(1))
+    assert bigger.rows[10, 2] == 26  # after the newest, not over row 0
+    same = module.ReplayBuffer(10, 1, 1, torch.device("cpu"))
+    same.load_state_dict(state)
+    same.add(np.zeros(1), np.zeros(1), 26.0, 1.0, np.zeros(1))
+    assert same.rows[:, 2].tolist() == [26.0] + list(range(17, 26))  # full: the oldest row goes first
+    smaller = module.ReplayBuffer(4, 1, 1, torch.device("cpu"))
+    smaller.load_state_dict(state)
+    assert smaller.rows[:, 2].tolist() == [22, 23, 24, 25] and smaller.ptr == 0

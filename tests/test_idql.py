@@ -11,8 +11,8 @@ import torch
 
 import datasets
 import idql
-from conftest import assert_finite_losses, compiled_matches_eager, run_script, tensorboard_events, tiny_args
-from test_iql import graph_replays_match_eager_steps, same  # (shared helpers of the two offline scripts' tests)
+from conftest import (assert_finite_losses, compiled_matches_eager, graph_replays_match_eager_steps, run_script, same,
+                      tensorboard_events, tiny_args)
 
 TINY = dict(actor_hidden=32, num_samples=8, eval_episodes=3)
 

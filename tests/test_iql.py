@@ -12,7 +12,8 @@ import torch
 
 import datasets
 import iql
-from conftest import assert_finite_losses, compiled_matches_eager, run_script, tensorboard_events, tiny_args
+from conftest import (assert_finite_losses, compiled_matches_eager, graph_replays_match_eager_steps, run_script, same,
+                      tensorboard_events, tiny_args)
 
 
 # ----------------------------------------------------------------------------- main() end to end
@@ -44,17 +45,6 @@ def test_resume_continues_the_run(hopper_files, tmp_path):
     assert resumed["updates"] == 100 and resumed["run_dir"] == args.run_dir
     assert [e[0] for e in resumed["evaluations"]] == [200, 300]  # the first part's evaluations are kept
     assert int(torch.load(ckpt, weights_only=False)["agent"]["num_updates"]) == 300
-
-
-def same(a, b) -> bool:
-    """Exactly equal nested checkpoint content (tensors bit for bit)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def test_resume_equals_the_uninterrupted_run(hopper_files, tmp_path):
@@ -389,42 +379,6 @@ def test_compiled_update_matches_eager():
     batch = [torch.randn(64, 11, generator=g), torch.rand(64, 3, generator=g) * 2 - 1, torch.randn(64, generator=g),
              torch.ones(64), torch.randn(64, 11, generator=g)]
     compiled_matches_eager(lambda: iql.IQL(11, 3, iql.Args(hidden_dim=32), expectile=0.7, beta=3.0, dropout=None, device=torch.device("cpu")), batch)
-
-
-def graph_replays_match_eager_steps(module, agent, batch_size, steps=5, n=1000, obs_dim=11, act_dim=3):
-    """The real training step (batch indices drawn on the device, agent.update) through the script's
-    cuda_graph: after its eager warm-ups, capture and replay it `steps` times; a copy of the agent runs
-    the same steps eagerly from the same RNG state. Outputs, parameters, optimizer state and the lr
-    tensor must agree after every step."""
-    device = torch.device("cuda")
-    buffer = [torch.randn(n, obs_dim, device=device), torch.rand(n, act_dim, device=device) * 2 - 1,
-              torch.randn(n, device=device), (torch.rand(n, device=device) < 0.9).float(), torch.randn(n, obs_dim, device=device)]
-
-    def train_step(a):
-        idx = torch.randint(0, n, (batch_size,), device=device)
-        return a.update(*(x[idx] for x in buffer))
-    graphed = module.cuda_graph(lambda: train_step(agent))
-    for _ in range(3):  # the eager warm-ups (real updates)
-        graphed()
-    twin = copy.deepcopy(agent)
-    close = lambda x, y: torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5)  # noqa: E731
-    for i in range(steps):
-        state = torch.cuda.get_rng_state()
-        out = {k: v.clone() for k, v in graphed().items()}  # i = 0 captures, then replays
-        torch.cuda.set_rng_state(state)
-        ref = train_step(twin)
-        for k in ref:
-            assert close(out[k], ref[k]), (i, k)
-        for (name, p), q in zip(agent.state_dict().items(), twin.state_dict().values()):
-            assert close(p, q), (i, name)
-        for name, opt in agent.optimizers().items():
-            twin_opt = twin.optimizers()[name]
-            for p, q in zip(opt.param_groups[0]["params"], twin_opt.param_groups[0]["params"]):
-                for k in ("exp_avg", "exp_avg_sq", "step"):
-                    assert close(opt.state[p][k], twin_opt.state[q][k]), (i, name, k)
-        assert agent.actor_opt.param_groups[0]["lr"] is agent.actor_lr
-        assert close(agent.actor_lr, twin.actor_lr) and close(agent.actor_lr, out["values/actor_lr"]), i
-    assert int(agent.num_updates) == 3 + steps
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

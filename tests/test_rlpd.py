@@ -11,9 +11,8 @@ import torch
 
 import datasets
 import rlpd
-from conftest import assert_finite_losses, compiled_matches_eager, run_script, tensorboard_events
-from test_sac_20min import (WiringEnv, assert_same_training_state, check_full_replay_resumes_in_order,  # noqa: F401
-                            checkpoint)  # (importing it registers Wiring-v0 and WiringNoEnd-v0)
+from conftest import (assert_finite_losses, assert_same_training_state, check_full_replay_resumes_in_order, checkpoint,
+                      compiled_matches_eager, run_script, tensorboard_events)  # (conftest registers Wiring-v0)
 
 TINY = dict(env="hopper-medium-v2", total_timesteps=300, learning_starts=100, utd_ratio=2, batch_size=32,
             hidden_dim=32, num_qs=4, eval_interval=150, eval_episodes=1, log_interval=100, device="cpu")

@@ -14,7 +14,8 @@ import torch
 
 import iql
 import sac_20min
-from conftest import assert_finite_losses, compiled_matches_eager, run_script, tensorboard_events
+from conftest import (assert_finite_losses, assert_same_training_state, check_full_replay_resumes_in_order, checkpoint,
+                      compiled_matches_eager, run_script, tensorboard_events)  # (conftest registers Wiring-v0)
 
 TINY = dict(env="Pendulum-v1", total_timesteps=300, learning_starts=100, utd_ratio=2, batch_size=32, hidden_dim=32,
             eval_interval=150, eval_episodes=1, log_interval=100, device="cpu")
@@ -158,33 +159,6 @@ def test_compiled_update_matches_eager():
 
 
 # ----------------------------------------------------------------------------- wiring: what a right formula wired wrong breaks
-class WiringEnv(gym.Env):
-    """A walk x <- x + a from x = 0, obs (t / 10, x), reward x: terminates when |x| > bound, truncated by a
-    TimeLimit at 10 steps. Reset draws nothing, so episodes of a run resumed at an episode end replay exactly."""
-    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,))
-    action_space = gym.spaces.Box(-1, 1, (1,))
-
-    def __init__(self, bound: float = 1.5):
-        self.bound = bound
-
-    def reset(self, seed=None, options=None):
-        super().reset(seed=seed)
-        self.t, self.x = 0, 0.0
-        return np.array([0.0, 0.0], dtype=np.float32), {}
-
-    def step(self, action):
-        self.t, self.x = self.t + 1, self.x + float(action[0])
-        return np.array([self.t / 10, self.x], dtype=np.float32), self.x, abs(self.x) > self.bound, False, {}
-
-
-gym.register("Wiring-v0", entry_point=WiringEnv, max_episode_steps=10)
-gym.register("WiringNoEnd-v0", entry_point=WiringEnv, max_episode_steps=10, kwargs={"bound": math.inf})
-
-
-def checkpoint(run_dir):
-    return torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
-
-
 def test_replay_masks_termination_not_truncation(tmp_path):
     """m = 0 exactly on terminal transitions; a time-limit cut keeps m = 1 and its true s'."""
     args = tiny(tmp_path, env="Wiring-v0", total_timesteps=300, learning_starts=300, validation_fraction=0.0,
@@ -282,32 +256,6 @@ def test_full_replay_resumes_in_order_into_a_larger_capacity():
     check_full_replay_resumes_in_order(sac_20min)
 
 
-def check_full_replay_resumes_in_order(module):
-    """A ring that has wrapped is saved oldest first and resumes into a larger, the same and a smaller capacity
-    with ptr = size % capacity (the module's ReplayBuffer: sac_20min's and rlpd's are the same class)."""
-    def filled(capacity, n):  # rewards 1..n mark the order of the rows
-        buffer = module.ReplayBuffer(capacity, 1, 1, torch.device("cpu"))
-        for i in range(1, n + 1):
-            buffer.add(np.zeros(1), np.zeros(1), float(i), 1.0, np.zeros(1))
-        return buffer
-    state = filled(10, 25).state_dict()  # a full ring: rows 21..25 then 16..20 in memory
-    assert state["rows"][:, 2].tolist() == list(range(16, 26))  # saved oldest first
-    bigger = module.ReplayBuffer(20, 1, 1, torch.device("cpu"))
-    bigger.load_state_dict(state)
-    assert (bigger.size, bigger.ptr, int(bigger.size_t)) == (10, 10, 10)
-    assert bigger.rows[:10, 2].tolist() == list(range(16, 26))
-    assert set(bigger.sample(2000)[2].tolist()) == set(range(16, 26))  # no all-zero row is ever drawn
-    bigger.add(np.zeros(1), np.zeros(1), 26.0, 1.0, np.zeros(1))
-    assert bigger.rows[10, 2] == 26  # after the newest, not over row 0
-    same = module.ReplayBuffer(10, 1, 1, torch.device("cpu"))
-    same.load_state_dict(state)
-    same.add(np.zeros(1), np.zeros(1), 26.0, 1.0, np.zeros(1))
-    assert same.rows[:, 2].tolist() == [26.0] + list(range(17, 26))  # full: the oldest row goes first
-    smaller = module.ReplayBuffer(4, 1, 1, torch.device("cpu"))
-    smaller.load_state_dict(state)
-    assert smaller.rows[:, 2].tolist() == [22, 23, 24, 25] and smaller.ptr == 0
-
-
 def test_batch_indices_are_uniform_integers():
     """float32 rand * size reaches only 2^24 values: over 2^25 + 1 rows it would draw (almost) only even ones."""
     buffer = sac_20min.ReplayBuffer(4, 1, 1, torch.device("cpu"))
@@ -332,18 +280,6 @@ def test_resume_with_a_checkpoint_from_cuda(tmp_path):
 
 
 # ----------------------------------------------------------------------------- CUDA graphs (skipped without CUDA)
-def assert_same_training_state(agent, twin, out, twin_out, call):
-    """Outputs, parameters and optimizer states (Adam's moments and step counts) agree."""
-    for k in out:
-        torch.testing.assert_close(out[k], twin_out[k], rtol=1e-4, atol=1e-5, msg=f"call {call}: {k}")
-    for (name, p), q in zip(agent.state_dict().items(), twin.state_dict().values()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=f"call {call}: {name}")
-    for opt, twin_opt in zip(agent.optimizers().values(), twin.optimizers().values()):
-        for state, twin_state in zip(opt.state.values(), twin_opt.state.values()):
-            for k in state:
-                torch.testing.assert_close(state[k], twin_state[k], rtol=1e-4, atol=1e-5, msg=f"call {call}: {k}")
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replays_equal_eager_blocks():
     """The training step as main() runs it (indices drawn on the device, then one UTD block): 3 eager
