@@ -161,7 +161,53 @@ def graph_replays_match_eager_steps(module, agent, batch_size, steps=5, n=1000, 
     assert int(agent.num_updates) == 3 + steps
 
 
+def check_resume_equals_the_uninterrupted_run(module, tmp_path, optimizers, **overrides):
+    """Stopped at step 100 and resumed to 200 = 200 in one go (offline scripts): losses, evaluations,
+    parameters, optimizer states. The lr decays to 0 at step 150, so a schedule frozen at resume shows."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU results are reproducible per thread count
+    try:
+        def run(name, **kw):
+            return module.main(tiny_args(module, tmp_path, save_model=True, eval_interval=100, lr_decay_steps=150,
+                                         run_dir=str(tmp_path / name), **{**overrides, **kw}))
+        whole = run("whole", max_steps=200)
+        run("part", max_steps=100)
+        resumed = run("part", max_steps=200, resume=str(tmp_path / "part" / "checkpoint.pt"))
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed["updates"] == 100
+    for k, v in whole.items():
+        if k.startswith(("losses/", "values/", "eval/")) or k == "evaluations":
+            assert resumed[k] == v, k
+    assert whole["values/actor_lr"] == 0.0  # the schedule ran out at step 150
+    a, b = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=False) for name in ("whole", "part"))
+    for k in a["agent"]:
+        assert torch.equal(a["agent"][k], b["agent"][k]), k
+    for opt in optimizers:
+        assert same(a[opt], b[opt]), opt  # moments, step counts and the lr
+
+
 # ----------------------------------------------------------------------------- online scripts (sac_20min, rlpd)
+def check_polyak_after_every_critic_step(agent, batches, tau=0.005):
+    """Qtarget <- (1 - tau) Qtarget + tau Q after each of the G critic steps, and never recorded by autograd."""
+    with torch.no_grad():
+        for p in agent.critic_target.parameters():
+            p.add_(torch.randn_like(p))
+    expected = [p.detach().clone() for p in agent.critic_target.parameters()]
+    critic_step = agent.critic_opt.step
+
+    def step_and_follow(*a, **kw):  # the target the Polyak rule gives from the critics after this step
+        critic_step(*a, **kw)
+        for t, p in zip(expected, agent.critic.parameters()):
+            t.add_(tau * (p.detach() - t))
+    agent.critic_opt.step = step_and_follow
+    for b in batches:
+        agent.update(*b)
+    for t, p in zip(expected, agent.critic_target.parameters()):
+        torch.testing.assert_close(p, t, rtol=0, atol=1e-6)
+        assert p.grad_fn is None  # lerp_ under no_grad: no autograd graph growing with every step
+
+
 class WiringEnv(gym.Env):
     """A walk x <- x + a from x = 0, obs (t / 10, x), reward x: terminates when |x| > bound, truncated by a
     TimeLimit at 10 steps. Reset draws nothing, so episodes of a run resumed at an episode end replay exactly."""

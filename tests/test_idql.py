@@ -11,8 +11,8 @@ import torch
 
 import datasets
 import idql
-from conftest import (assert_finite_losses, compiled_matches_eager, graph_replays_match_eager_steps, run_script, same,
-                      tensorboard_events, tiny_args)
+from conftest import (assert_finite_losses, check_resume_equals_the_uninterrupted_run, compiled_matches_eager,
+                      graph_replays_match_eager_steps, run_script, tensorboard_events, tiny_args)
 
 TINY = dict(actor_hidden=32, num_samples=8, eval_episodes=3)
 
@@ -66,29 +66,8 @@ def test_evaluation_does_not_change_training(hopper_files, tmp_path):
 
 
 def test_resume_equals_the_uninterrupted_run(hopper_files, tmp_path):
-    """Stopped at step 100 and resumed to 200 = 200 in one go: losses, evaluations, parameters,
-    optimizer states. The lr decays to 0 at step 150, so a schedule frozen at resume shows."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # CPU results are reproducible per thread count
-    try:
-        run = lambda name, **kw: idql.main(tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"],  # noqa: E731
-                                                     save_model=True, eval_interval=100, lr_decay_steps=150,
-                                                     run_dir=str(tmp_path / name), **{**TINY, **kw}))
-        whole = run("whole", max_steps=200)
-        run("part", max_steps=100)
-        resumed = run("part", max_steps=200, resume=str(tmp_path / "part" / "checkpoint.pt"))
-    finally:
-        torch.set_num_threads(threads)
-    assert resumed["updates"] == 100
-    for k, v in whole.items():
-        if k.startswith(("losses/", "values/", "eval/")) or k == "evaluations":
-            assert resumed[k] == v, k
-    assert whole["values/actor_lr"] == 0.0  # the schedule ran out at step 150
-    a, b = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=False) for name in ("whole", "part"))
-    for k in a["agent"]:
-        assert torch.equal(a["agent"][k], b["agent"][k]), k
-    for opt in ("actor_opt", "critic_opt", "value_opt"):
-        assert same(a[opt], b[opt]), opt  # moments, step counts and the lr
+    check_resume_equals_the_uninterrupted_run(idql, tmp_path, ("actor_opt", "critic_opt", "value_opt"),
+                                              env="hopper-medium-v2", dataset=hopper_files["next"], **TINY)
 
 
 def test_resume_keeps_the_lr_schedule_linked_and_takes_a_cuda_checkpoint(hopper_files, tmp_path):

@@ -14,7 +14,8 @@ import torch
 
 import iql
 import sac_20min
-from conftest import (assert_finite_losses, assert_same_training_state, check_full_replay_resumes_in_order, checkpoint,
+from conftest import (assert_finite_losses, assert_same_training_state, check_full_replay_resumes_in_order,
+                      check_polyak_after_every_critic_step, checkpoint,
                       compiled_matches_eager, run_script, tensorboard_events)  # (conftest registers Wiring-v0)
 
 TINY = dict(env="Pendulum-v1", total_timesteps=300, learning_starts=100, utd_ratio=2, batch_size=32, hidden_dim=32,
@@ -196,25 +197,8 @@ def test_critic_loss_of_a_block_by_hand():
 
 
 def test_polyak_step_after_every_critic_step():
-    """Qtarget <- (1 - tau) Qtarget + tau Q after each of the G critic steps, and never recorded by autograd."""
     torch.manual_seed(0)
-    agent = make_agent(utd=4)
-    with torch.no_grad():
-        for p in agent.critic_target.parameters():
-            p.add_(torch.randn_like(p))
-    expected = [p.detach().clone() for p in agent.critic_target.parameters()]
-    critic_step = agent.critic_opt.step
-
-    def step_and_follow(*a, **kw):  # the target the Polyak rule gives from the critics after this step
-        critic_step(*a, **kw)
-        for t, p in zip(expected, agent.critic.parameters()):
-            t.add_(0.005 * (p.detach() - t))
-    agent.critic_opt.step = step_and_follow
-    for i in range(3):
-        agent.update(*batch(4 * 16, seed=i))
-    for t, p in zip(expected, agent.critic_target.parameters()):
-        torch.testing.assert_close(p, t, rtol=0, atol=1e-6)
-        assert p.grad_fn is None  # lerp_ under no_grad: no autograd graph growing with every step
+    check_polyak_after_every_critic_step(make_agent(utd=4), [batch(4 * 16, seed=i) for i in range(3)])
 
 
 def test_log_interval_does_not_change_the_run(tmp_path):
