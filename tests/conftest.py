@@ -101,6 +101,13 @@ def compiled_matches_eager(make_agent, batch, steps=2):
         assert abs(outs[0][k] - outs[1][k]) <= 1e-4 * max(1.0, abs(outs[0][k])), (k, outs)
 
 
+def random_batch(n=64, obs_dim=11, act_dim=3, seed=1):
+    """(s, a, r, m, s') with s and s' unrelated and half the transitions terminal: a wrong wiring changes the losses."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, obs_dim, generator=g), torch.rand(n, act_dim, generator=g) * 2 - 1,
+            torch.randn(n, generator=g), (torch.rand(n, generator=g) < 0.5).float(), torch.randn(n, obs_dim, generator=g)]
+
+
 # ----------------------------------------------------------------------------- resume and CUDA-graph checks
 def same(a, b) -> bool:
     """Exactly equal nested checkpoint content (tensors bit for bit)."""
@@ -233,6 +240,17 @@ gym.register("WiringNoEnd-v0", entry_point=WiringEnv, max_episode_steps=10, kwar
 
 def checkpoint(run_dir):
     return torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+
+
+def check_replay_masks_termination_not_truncation(buffer):
+    """A replay filled by main() on Wiring-v0: m = 0 exactly on terminal transitions; a time-limit cut keeps
+    m = 1 and its true s'."""
+    obs, act, rew, mask, next_obs = buffer.split(buffer.rows)
+    terminal = next_obs[:, 1].abs() > 1.5
+    cut = (next_obs[:, 0] == 1.0) & ~terminal  # the 10th step of an episode that did not end by itself
+    assert terminal.sum() > 5 and cut.sum() > 5
+    torch.testing.assert_close(mask, (~terminal).float())
+    torch.testing.assert_close(next_obs[:, 1], obs[:, 1] + act[:, 0])  # s' is the step's own, never a reset's
 
 
 def check_full_replay_resumes_in_order(module):

@@ -12,7 +12,7 @@ import torch
 import datasets
 import idql
 from conftest import (assert_finite_losses, check_resume_equals_the_uninterrupted_run, compiled_matches_eager,
-                      graph_replays_match_eager_steps, run_script, tensorboard_events, tiny_args)
+                      graph_replays_match_eager_steps, random_batch, run_script, tensorboard_events, tiny_args)
 
 TINY = dict(actor_hidden=32, num_samples=8, eval_episodes=3)
 
@@ -113,13 +113,6 @@ def test_timeouts_are_not_terminal():
 
 
 # ----------------------------------------------------------------------------- wiring of one update
-def _batch(n=64, obs_dim=11, act_dim=3, seed=1):
-    """s and s' unrelated, half the transitions terminal: a wrong wiring changes the losses."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, obs_dim, generator=g), torch.rand(n, act_dim, generator=g) * 2 - 1,
-            torch.randn(n, generator=g), (torch.rand(n, generator=g) < 0.5).float(), torch.randn(n, obs_dim, generator=g)]
-
-
 def test_one_update_is_wired_as_the_paper():
     torch.manual_seed(0)
     agent = _agent(11, 3, tau=0.1, actor_ema=0.05, lr_decay_steps=100)
@@ -128,7 +121,7 @@ def test_one_update_is_wired_as_the_paper():
             p.add_(0.1 * torch.randn_like(p))
     agent.num_updates.fill_(50)  # halfway through the cosine schedule: lr = lr0 / 2
     before = copy.deepcopy(agent)
-    obs, act, rew, mask, next_obs = batch = _batch()
+    obs, act, rew, mask, next_obs = batch = random_batch()
     torch.manual_seed(5)
     out = agent.update(*batch)
     torch.manual_seed(5)  # the same t, eps and dropout masks, in the update's order
@@ -162,7 +155,7 @@ def test_target_and_ema_updates_record_no_autograd():
     """A Polyak/EMA step recorded by autograd chains every copy's tensor to all past steps (memory grows)."""
     agent = _agent(11, 3)
     for _ in range(3):
-        agent.update(*_batch())
+        agent.update(*random_batch())
     assert all(p.grad_fn is None for p in [*agent.critic_target.parameters(), *agent.actor_ema.parameters()])
 
 

@@ -13,7 +13,7 @@ import torch
 import datasets
 import iql
 from conftest import (assert_finite_losses, check_resume_equals_the_uninterrupted_run, compiled_matches_eager,
-                      graph_replays_match_eager_steps, run_script, tensorboard_events, tiny_args)
+                      graph_replays_match_eager_steps, random_batch, run_script, tensorboard_events, tiny_args)
 
 
 # ----------------------------------------------------------------------------- main() end to end
@@ -128,13 +128,6 @@ def test_ant_evaluates_in_the_env_d4rl_recorded():
 
 
 # ----------------------------------------------------------------------------- wiring of one update
-def _batch(n=64, obs_dim=11, act_dim=3, seed=1):
-    """s and s' unrelated, half the transitions terminal: a wrong wiring changes the losses."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, obs_dim, generator=g), torch.rand(n, act_dim, generator=g) * 2 - 1,
-            torch.randn(n, generator=g), (torch.rand(n, generator=g) < 0.5).float(), torch.randn(n, obs_dim, generator=g)]
-
-
 def test_one_update_is_wired_as_the_paper():
     torch.manual_seed(0)
     args = iql.Args(hidden_dim=32, tau=0.1, lr_decay_steps=100)
@@ -144,7 +137,7 @@ def test_one_update_is_wired_as_the_paper():
             p.add_(0.1 * torch.randn_like(p))
     agent.num_updates.fill_(50)  # halfway through the cosine schedule: lr = lr0 / 2
     before = copy.deepcopy(agent)
-    obs, act, rew, mask, next_obs = batch = _batch()
+    obs, act, rew, mask, next_obs = batch = random_batch()
     out = agent.update(*batch)
     with torch.no_grad():
         q_target = before.critic_target(obs, act).min(0).values  # the target twin Q, not the online one
@@ -175,7 +168,7 @@ def test_target_updates_record_no_autograd():
     """A Polyak step recorded by autograd chains every target tensor to all past steps (memory grows)."""
     agent = iql.IQL(11, 3, iql.Args(hidden_dim=32), expectile=0.7, beta=3.0, dropout=None, device=torch.device("cpu"))
     for _ in range(3):
-        agent.update(*_batch())
+        agent.update(*random_batch())
     assert all(p.grad_fn is None for p in agent.critic_target.parameters())
 
 

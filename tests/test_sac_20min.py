@@ -15,6 +15,7 @@ import torch
 import iql
 import sac_20min
 from conftest import (assert_finite_losses, assert_same_training_state, check_full_replay_resumes_in_order,
+                      check_replay_masks_termination_not_truncation,
                       check_polyak_after_every_critic_step, checkpoint,
                       compiled_matches_eager, run_script, tensorboard_events)  # (conftest registers Wiring-v0)
 
@@ -161,18 +162,12 @@ def test_compiled_update_matches_eager():
 
 # ----------------------------------------------------------------------------- wiring: what a right formula wired wrong breaks
 def test_replay_masks_termination_not_truncation(tmp_path):
-    """m = 0 exactly on terminal transitions; a time-limit cut keeps m = 1 and its true s'."""
     args = tiny(tmp_path, env="Wiring-v0", total_timesteps=300, learning_starts=300, validation_fraction=0.0,
                 eval_episodes=0, save_model=True)
     sac_20min.main(args)
     buffer = sac_20min.ReplayBuffer(300, 2, 1, torch.device("cpu"))
     buffer.load_state_dict(checkpoint(args.run_dir)["buffers"]["train"])
-    obs, act, rew, mask, next_obs = buffer.split(buffer.rows)
-    terminal = next_obs[:, 1].abs() > 1.5
-    cut = (next_obs[:, 0] == 1.0) & ~terminal  # the 10th step of an episode that did not end by itself
-    assert terminal.sum() > 5 and cut.sum() > 5
-    torch.testing.assert_close(mask, (~terminal).float())
-    torch.testing.assert_close(next_obs[:, 1], obs[:, 1] + act[:, 0])  # s' is the step's own, never a reset's
+    check_replay_masks_termination_not_truncation(buffer)
 
 
 def test_critic_loss_of_a_block_by_hand():
