@@ -899,8 +899,8 @@ def load_mnist(folder: str) -> tuple:
 def make_envs(args: Args) -> list:
     """One env per task; the observation ends with the task's one-hot."""
     if args.env == "metaworld-mt10":
-        fail("metaworld-mt10 needs the metaworld package, which pins mujoco<3 and does not install beside this "
-             "project's MuJoCo (see docs/mtl_scalarization.md); use --env cheetah-vel-dir")
+        fail("metaworld-mt10 does not run with this project's MuJoCo: metaworld 3.1.1 pins mujoco 3.3.0, and on "
+             "mujoco 4.0.0 its Sawyer envs fail while building (see docs/mtl_scalarization.md); use --env cheetah-vel-dir")
     import gymnasium as gym
     envs = []
     for t, task in enumerate(args.tasks):
