@@ -52,8 +52,18 @@ Differences from the official code:
   The whole dataset is one device tensor, batches from one permutation per epoch.
 - CAGrad is not in the paper. It follows CAGrad's own code (mean gradient, rescaled by 1 / (1 + c^2),
   weights by scipy's SLSQP) and is applied to the shared parameters' gradients, like PCGrad.
-- RL: the official runs are Meta-World MT10 in the mtrl library; here HalfCheetah tasks on Gymnasium's
-  MuJoCo, one temperature for all tasks (mtrl learns one per task).
+- RL: the official runs are Meta-World MT10 in the mtrl library (metaworld does not run with this
+  project's MuJoCo 4: `--env metaworld-mt10` says so); here HalfCheetah velocity/direction tasks with
+  the task one-hot in the observation (Meta-World's tasks differ by their observations, mtrl adds no id).
+  Kept from the official MT10 scripts: 3 x 400 networks, Adam 3e-4, one shared temperature starting at 1,
+  target entropy -|A|, tau 0.005, per-task reward std normalisation at sampling, learning_starts updates
+  in a row when learning starts, per-method actor L2 (3e-4 unitary/IMTL/RLW, 1e-4 PCGrad/GradDrop, 0
+  MGDA), every method on the flattened parameter gradients (no representation in RL): plain MGDA on
+  l2-normalised gradients, IMTL-G without IMTL-L, unitary and PCGrad as means over tasks. Changed: the
+  batch has B transitions of every task (mtrl draws 1280 uniformly over all tasks); the temperature
+  loss is a plain mean for every method (mtrl's PCGrad run projects it too); no target clipping (mtrl's
+  IMTL run); the tanh log-det is computed stably (mtrl: log(relu(1 - a^2) + 1e-6)); 200-step episodes,
+  evaluation of 2 episodes per task every 10k steps (mtrl: 150 steps, 1 episode, every 30k).
 """
 
 import contextlib
@@ -107,8 +117,8 @@ class Args:
     """MultiLeNet's dropout masks (one channel mask per batch in the encoder, one per unit in the heads)"""
     data_seed: int = 0
     """seed of the digit pairs and the split (the same data for every run)"""
-    digits_pairs: tuple[int, int, int] = (10_000, 2_000, 2_000)
-    """multi-digits: train / validation / test pairs (MNIST's are 50k / 10k / 10k)"""
+    digits_pairs: tuple[int, int, int] = (5_000, 1_000, 2_000)
+    """multi-digits: train / validation / test pairs (from 1,078 / 359 / 360 source images; MNIST: 50k / 10k / 10k)"""
     data_dir: str = "~/.cache/mtl_scalarization"
     """where MNIST is downloaded and cached"""
 
@@ -203,9 +213,14 @@ class MultiLeNet(nn.Module):
 
 
 def mlp(inp: int, out: int, hidden: int, layers: int = 3) -> nn.Sequential:
+    """`layers` hidden ReLU layers; Xavier-uniform weights and zero biases (mtrl's init)."""
     dims = [inp] + [hidden] * layers
-    return nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())],
-                         nn.Linear(hidden, out))
+    net = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())],
+                        nn.Linear(hidden, out))
+    for layer in net[::2]:
+        nn.init.xavier_uniform_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    return net
 
 
 class Critics(nn.Module):
