@@ -277,8 +277,9 @@ def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
     for _ in range(250 if T > 2 else 0):
         g = -(M @ a)
         g = g - g.mean()  # the descent direction, projected on sum(a) = const
-        t = torch.cat([-a[g < 0] / g[g < 0], (1 - a[g > 0]) / g[g > 0]])
-        t = t[t > 1e-7].min().clamp(max=1.0) if (t > 1e-7).any() else torch.tensor(1.0, dtype=M.dtype)
+        t1, t2 = -a[g < 0] / g[g < 0], (1 - a[g > 0]) / g[g > 0]  # steps to the simplex's faces
+        t = t1[t1 > 1e-7].min().item() if (t1 > 1e-7).any() else 1.0
+        t = min(t, t2[t2 > 1e-7].min().item()) if (t2 > 1e-7).any() else t
         new = project_to_simplex(a + t * g)
         c, _ = pair(a @ M @ a, a @ M @ new, new @ M @ new)
         step = c * a + (1 - c) * new
