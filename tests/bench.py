@@ -125,9 +125,31 @@ def ddpo_step(device, mode):
     return step, 1, "backward passes"
 
 
+def mtl_step(method):
+    def make(device, mode):
+        """mtl_scalarization.py: one MultiLeNet step (batch 256, 2 tasks) with the method's backward pass and
+        Adam; eager only (per-task backward passes and host-side solvers: the cost the study compares)."""
+        if mode != "eager":
+            return None
+        import mtl_scalarization as mtl
+        args = mtl.Args(mtl=method, cagrad_c=0.4)
+        model = mtl.MultiLeNet(2).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        state = mtl.imtl_scales(2, args.lr, device) if method == "imtl" else {}
+        x, y = torch.randn(5000, 1, 28, 28, device=device), torch.randint(0, 10, (5000, 2), device=device)
+
+        def step():
+            idx = torch.randint(0, 5000, (args.batch_size,), device=device)
+            return mtl.supervised_step(model, opt, x[idx], y[idx], args, state)
+        return step, 1, "updates"
+    return make
+
+
+MTL_METHODS = ("unitary", "mgda-ub", "imtl", "pcgrad", "graddrop", "rlw-dirichlet", "rlw-normal", "cagrad")
 SCRIPTS = {"iql": iql_step, "idql": idql_step, "idql-select": idql_select,
            "sac_20min": sac_20min_block, "sac_20min-env": lambda d, m: sac_20min_block(d, m, with_env=True),
-           "rlpd": rlpd_block, "rlpd-env": lambda d, m: rlpd_block(d, m, with_env=True), "ddpo": ddpo_step}
+           "rlpd": rlpd_block, "rlpd-env": lambda d, m: rlpd_block(d, m, with_env=True), "ddpo": ddpo_step,
+           **{f"mtl-{m}": mtl_step(m) for m in MTL_METHODS}}
 
 
 def measure(step, steps, device):
