@@ -100,7 +100,7 @@ class Args:
     seed: int = 1
     """seed of python, numpy and torch (official: --random_seed 1, then 2, 3, ... per run)"""
     cagrad_c: Optional[float] = None
-    """CAGrad's c (default: 0.4 supervised, 0.9 RL, as CAGrad's own code for Multi-MNIST-like and MT10)"""
+    """CAGrad's c (default: 0.4 supervised, 0.9 RL; CAGrad's own code: 0.4 for its image benchmarks, 0.9 for MT10)"""
 
     # supervised (official scripts/mnist.sh and train_multi_task.py)
     epochs: int = 100
