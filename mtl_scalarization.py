@@ -117,7 +117,7 @@ class Args:
     """MultiLeNet's dropout masks (one channel mask per batch in the encoder, one per unit in the heads)"""
     data_seed: int = 0
     """seed of the digit pairs and the split (the same data for every run)"""
-    digits_pairs: tuple[int, int, int] = (5_000, 1_000, 2_000)
+    digits_pairs: tuple[int, int, int] = (2_500, 1_000, 2_000)
     """multi-digits: train / validation / test pairs (from 1,078 / 359 / 360 source images; MNIST: 50k / 10k / 10k)"""
     data_dir: str = "~/.cache/mtl_scalarization"
     """where MNIST is downloaded and cached"""
