@@ -844,8 +844,8 @@ def load_supervised(args: Args, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(args.data_seed)
     if args.dataset == "multi-mnist":
         train_x, train_y, test_x, test_y = load_mnist(os.path.expanduser(args.data_dir))
-        pools = {"train": (train_x[:50_000], train_y[:50_000]), "validation": (train_x[50_000:], train_y[50_000:]),
-                 "test": (test_x, test_y)}
+        n = len(train_y) * 5 // 6  # MNIST's first 50,000 training images train, the last 10,000 validate
+        pools = {"train": (train_x[:n], train_y[:n]), "validation": (train_x[n:], train_y[n:]), "test": (test_x, test_y)}
         sizes = {k: len(v[1]) for k, v in pools.items()}
     else:
         from sklearn.datasets import load_digits
@@ -907,6 +907,8 @@ def load_mnist(folder: str) -> tuple:
             fail(f"{path} is corrupt; delete it to download it again")
         ndim = raw[3]
         shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        if len(raw) != 4 + 4 * ndim + math.prod(shape):
+            fail(f"{path} is corrupt (its size does not match its header); delete it to download it again")
         arrays.append(torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).view(shape))
     return arrays[0], arrays[1], arrays[2], arrays[3]
 
