@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import mtl_scalarization as mtl
 from conftest import assert_finite_losses, tensorboard_events
