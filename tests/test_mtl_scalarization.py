@@ -351,6 +351,26 @@ def test_main_tiny_cheetah(tmp_path):
     assert os.path.isfile(os.path.join(a.run_dir, "results.json"))
 
 
+def test_cheetah_replay_holds_aligned_transitions(tmp_path):
+    """The replay main() filled (read from its checkpoint): per task, s' of a step is s of the next step
+    inside an episode and not across a reset, the one-hot names the task, and a time-limit end (the
+    only way HalfCheetah episodes end) is stored as no terminal (m = 1)."""
+    a = mtl.Args(**{**CHEETAH, "total_timesteps": 120, "learning_starts": 100, "eval_interval": 0}, mtl="unitary",
+                 save_model=True, run_dir=str(tmp_path / "run"))
+    mtl.main(a)
+    rows = torch.load(os.path.join(a.run_dir, "checkpoint.pt"), weights_only=False)["buffer"]["rows"]
+    obs_dim = 17 + 2
+    obs, mask, next_obs = rows[..., :obs_dim], rows[..., obs_dim + 6 + 1], rows[..., -obs_dim:]
+    assert rows.shape[:2] == (2, 120) and (mask == 1).all()
+    for t in range(2):
+        assert (obs[t, :, 17:] == torch.eye(2)[t]).all() and (next_obs[t, :, 17:] == torch.eye(2)[t]).all()
+        inside = [i for i in range(119) if (i + 1) % a.episode_length != 0]
+        torch.testing.assert_close(next_obs[t, inside], obs[t, [i + 1 for i in inside]])
+        ends = [i for i in range(119) if (i + 1) % a.episode_length == 0]  # steps 50 and 100 end episodes
+        assert ends and all(not torch.allclose(next_obs[t, i], obs[t, i + 1]) for i in ends)
+    assert not torch.allclose(obs[0, :, :17], obs[1, :, :17])  # each task its own env
+
+
 def test_multi_digits_unitary_learns(tmp_path):
     """Chance is 10% per digit; measured 0.56 mean test accuracy (1 thread, seed 1) after 4 epochs."""
     results = mtl.main(args(tmp_path, epochs=4, digits_pairs=(2000, 300, 300), batch_size=64))
