@@ -258,8 +258,9 @@ class TanhGaussianActor(nn.Module):
 def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
     """a = argmin_{a in simplex} |sum_t a_t g_t|^2 from the Gram matrix G_ij = g_i.g_j, by the official
     MinNormSolver (from Sener & Koltun's code): start at the best pair (closed form), then up to 250
-    projected-gradient steps with exact line search, stopping once a step moves a by < 1e-5 (L1)."""
-    M = gram.detach().double().cpu()
+    projected-gradient steps with exact line search, stopping once a step moves a by < 1e-5 (L1).
+    In float64 numpy on the host, as the official: T x T numbers, and a loop that stops on their values."""
+    M = gram.detach().double().cpu().numpy()
     T = M.shape[0]
 
     def pair(v11, v12, v22) -> tuple:  # min_c |c x1 + (1 - c) x2|^2 (the official clips c to [0.001, 0.999])
@@ -272,30 +273,30 @@ def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
 
     best = min(((i, j) + pair(M[i, i], M[i, j], M[j, j]) for i in range(T) for j in range(i + 1, T)),
                key=lambda s: s[3])
-    a = torch.zeros(T, dtype=torch.float64)
+    a = np.zeros(T)
     a[best[0]], a[best[1]] = best[2], 1 - best[2]
     for _ in range(250 if T > 2 else 0):
         g = -(M @ a)
         g = g - g.mean()  # the descent direction, projected on sum(a) = const
         t1, t2 = -a[g < 0] / g[g < 0], (1 - a[g > 0]) / g[g > 0]  # steps to the simplex's faces
-        t = t1[t1 > 1e-7].min().item() if (t1 > 1e-7).any() else 1.0
-        t = min(t, t2[t2 > 1e-7].min().item()) if (t2 > 1e-7).any() else t
+        t = t1[t1 > 1e-7].min() if (t1 > 1e-7).any() else 1.0
+        t = min(t, t2[t2 > 1e-7].min()) if (t2 > 1e-7).any() else t
         new = project_to_simplex(a + t * g)
         c, _ = pair(a @ M @ a, a @ M @ new, new @ M @ new)
         step = c * a + (1 - c) * new
-        if (step - a).abs().sum() < 1e-5:
+        if np.abs(step - a).sum() < 1e-5:
             break
         a = step
-    return a.to(gram)
+    return torch.as_tensor(a).to(gram)
 
 
-def project_to_simplex(y: torch.Tensor) -> torch.Tensor:
+def project_to_simplex(y: np.ndarray) -> np.ndarray:
     """argmin_{z in simplex} |y - z| (sort-based, as the official _projection2simplex)."""
-    s = y.sort(descending=True).values
-    cssv = (s.cumsum(0) - 1) / torch.arange(1, len(y) + 1, dtype=y.dtype)
-    above = (cssv[:-1] > s[1:]).nonzero()
-    theta = cssv[above[0, 0]] if len(above) else (y.sum() - 1) / len(y)
-    return (y - theta).clamp(min=0)
+    s = np.sort(y)[::-1]
+    cssv = (np.cumsum(s) - 1) / np.arange(1, len(y) + 1)
+    above = np.nonzero(cssv[:-1] > s[1:])[0]
+    theta = cssv[above[0]] if len(above) else (y.sum() - 1) / len(y)
+    return np.maximum(y - theta, 0)
 
 
 def mgda_ub(G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
@@ -607,7 +608,8 @@ def study(args: Args) -> dict:
             fail(f"{j.run_dir} exists without results.json (an interrupted run); remove it to rerun it")
     threads = max(1, torch.get_num_threads() // args.workers)
     print(f"study in {folder}: {len(jobs)} runs, {len(jobs) - len(todo)} already done, {args.workers} at a time")
-    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                max_tasks_per_child=1) as pool:  # a fresh process: its own peak memory
         for j, _ in zip(todo, pool.map(study_run, todo, [threads] * len(todo))):
             print(f"done: {j.mtl} seed {j.seed}", flush=True)
     results = [json.load(open(os.path.join(j.run_dir, "results.json"))) for j in jobs]
