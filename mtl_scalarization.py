@@ -628,27 +628,31 @@ def study_run(args: Args, threads: int):
 
 
 def study_table(args: Args, results: list) -> str:
-    """The markdown table: per method, task metrics and their average (mean +- 95% CI), cost vs unitary."""
+    """The markdown table: per method, task metrics and their average (mean +- 95% CI), the average's
+    difference to unitary paired by seed (same data, same initial network), cost relative to unitary."""
     names = list(args.tasks) if args.env else ["left", "right"]
     key = "eval/return_{}" if args.env else "test/accuracy_task_{}"
-    scale = 1.0 if args.env else 100.0  # accuracies in %
-    by_method = {m: [r for r in results if r["mtl"] == m] for m in args.methods}
+    average, scale = ("eval/return", 1.0) if args.env else ("test/accuracy", 100.0)  # accuracies in %
+    by_method = {m: sorted([r for r in results if r["mtl"] == m], key=lambda r: r["seed"]) for m in args.methods}
     cost = {m: (np.mean([r["seconds_per_update"] for r in rs]), np.mean([r["peak_memory_mb"] for r in rs]))
             for m, rs in by_method.items()}
     base = cost.get("unitary", (float("nan"), float("nan")))
-    header = ["method"] + names + ["average", "time / update", "memory"]
+    unitary = {r["seed"]: r[average] * scale for r in by_method.get("unitary", [])}
+    header = ["method"] + names + ["average", "average - unitary (paired)", "time / update", "memory"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m, rs in by_method.items():
         cols = [m]
         for i in list(range(len(names))) + [None]:
-            v = np.array([r[key.format(names[i] if args.env else i)] if i is not None else
-                          r["eval/return" if args.env else "test/accuracy"] for r in rs]) * scale
+            v = np.array([r[key.format(names[i] if args.env else i)] if i is not None else r[average] for r in rs]) * scale
             cols.append(f"{v.mean():.2f} +- {ci95(v):.2f}")
+        diff = np.array([r[average] * scale - unitary[r["seed"]] for r in rs if r["seed"] in unitary])
+        cols.append("" if m == "unitary" or len(diff) == 0 else f"{diff.mean():+.2f} +- {ci95(diff):.2f}")
         cols += [f"{cost[m][0] / base[0]:.2f}x ({1000 * cost[m][0]:.1f} ms)",
                  f"{cost[m][1] / base[1]:.2f}x ({cost[m][1]:.0f} MiB)" if base[1] > 0 else f"{cost[m][1]:.0f} MiB"]
         lines.append("| " + " | ".join(cols) + " |")
     seeds = sorted({r["seed"] for r in results})
-    return "\n".join(lines) + f"\n\n{len(seeds)} seeds ({seeds[0]}-{seeds[-1]}); +- is the 95% CI of the mean (Student t)."
+    return "\n".join(lines) + (f"\n\n{len(seeds)} seeds ({seeds[0]}-{seeds[-1]}); +- is the 95% CI of the mean "
+                               "(Student t); time and memory are means over the runs.")
 
 
 def ci95(v: np.ndarray) -> float:
