@@ -406,7 +406,11 @@ def test_study_writes_the_table_and_reuses_finished_runs(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
     assert set(rows) == {"method", "unitary", "pcgrad"}
     assert "average" in rows["method"] and "time / update" in rows["method"]
-    assert rows["unitary"].count("+-") == 3 and rows["pcgrad"].count("+-") == 3  # left, right, average with CI
+    assert rows["unitary"].count("+-") == 3  # left, right, average with CI
+    assert rows["pcgrad"].count("+-") == 4  # and its average minus unitary's, paired by seed
+    acc = {(r["mtl"], r["seed"]): 100 * r["test/accuracy"] for r in out["runs"]}
+    paired = np.mean([acc["pcgrad", s] - acc["unitary", s] for s in (1, 2)])
+    assert rows["pcgrad"].split("|")[5].strip().startswith(f"{paired:+.2f} +- ")
     assert "2 seeds (1-2)" in table and "95% CI" in table
     done = sorted(p for p in os.listdir(tmp_path / "study") if "__" in p)
     assert done == ["pcgrad__1", "pcgrad__2", "unitary__1", "unitary__2"]
