@@ -637,15 +637,16 @@ def study_table(args: Args, results: list) -> str:
     cost = {m: (np.mean([r["seconds_per_update"] for r in rs]), np.mean([r["peak_memory_mb"] for r in rs]))
             for m, rs in by_method.items()}
     base = cost.get("unitary", (float("nan"), float("nan")))
-    unitary = {r["seed"]: r[average] * scale for r in by_method.get("unitary", [])}
+    unitary = {r["seed"]: r.get(average, math.nan) * scale for r in by_method.get("unitary", [])}
     header = ["method"] + names + ["average", "average - unitary (paired)", "time / update", "memory"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m, rs in by_method.items():
         cols = [m]
         for i in list(range(len(names))) + [None]:
-            v = np.array([r[key.format(names[i] if args.env else i)] if i is not None else r[average] for r in rs]) * scale
+            k = key.format(names[i] if args.env else i) if i is not None else average
+            v = np.array([r.get(k, math.nan) for r in rs]) * scale  # NaN: a run without evaluation
             cols.append(f"{v.mean():.2f} +- {ci95(v):.2f}")
-        diff = np.array([r[average] * scale - unitary[r["seed"]] for r in rs if r["seed"] in unitary])
+        diff = np.array([r.get(average, math.nan) * scale - unitary[r["seed"]] for r in rs if r["seed"] in unitary])
         cols.append("" if m == "unitary" or len(diff) == 0 else f"{diff.mean():+.2f} +- {ci95(diff):.2f}")
         cols += [f"{cost[m][0] / base[0]:.2f}x ({1000 * cost[m][0]:.1f} ms)",
                  f"{cost[m][1] / base[1]:.2f}x ({cost[m][1]:.0f} MiB)" if base[1] > 0 else f"{cost[m][1]:.0f} MiB"]
@@ -671,7 +672,10 @@ def plot_study(args: Args, results: list, path: str):
         print("matplotlib is not installed: no study.png (pip install matplotlib)")
         return
     key, scale = ("eval/return", 1.0) if args.env else ("test/accuracy", 100.0)
-    vals = [np.array([r[key] for r in results if r["mtl"] == m]) * scale for m in args.methods]
+    vals = [np.array([r.get(key, math.nan) for r in results if r["mtl"] == m]) * scale for m in args.methods]
+    if not all(np.isfinite(v).all() for v in vals):
+        print("runs without evaluations: no study.png")
+        return
     fig, ax = plt.subplots(figsize=(1.1 * len(vals) + 2, 3.2))
     ax.bar(range(len(vals)), [v.mean() for v in vals], yerr=[ci95(v) for v in vals], capsize=4, color="tab:blue")
     for i, v in enumerate(vals):
