@@ -589,3 +589,12 @@ def test_existing_run_dir_and_unknown_study_method(tmp_path):
         mtl.main(args(tmp_path))
     with pytest.raises(SystemExit, match="unknown method 'sgd' in --methods"):
         mtl.study(args(tmp_path, name="study", methods=("unitary", "sgd")))
+
+
+def test_study_table_of_runs_without_evaluation():
+    """RL runs timed with --eval-episodes 0 have no returns: the table shows NaN there and still the cost."""
+    a = mtl.Args(**CHEETAH, methods=("unitary", "pcgrad"))
+    runs = [{"mtl": m, "seed": 1, "seconds_per_update": t, "peak_memory_mb": 10.0} for m, t in (("unitary", 0.01),
+                                                                                               ("pcgrad", 0.03))]
+    rows = {line.split("|")[1].strip(): line for line in mtl.study_table(a, runs).splitlines() if line.startswith("| ")}
+    assert "nan +- nan" in rows["unitary"] and "3.00x (30.0 ms)" in rows["pcgrad"]
