@@ -277,3 +277,19 @@ def check_full_replay_resumes_in_order(module):
     smaller = module.ReplayBuffer(4, 1, 1, torch.device("cpu"))
     smaller.load_state_dict(state)
     assert smaller.rows[:, 2].tolist() == [22, 23, 24, 25] and smaller.ptr == 0
+
+
+def check_main_feeds_update_aligned_transitions(module, agent_cls, dataset, tmp_path, monkeypatch, **overrides):
+    """Every row main() hands to update() is one transition of the file: s, a, r, m, s' of the same row."""
+    seen, update = [], agent_cls.update
+    monkeypatch.setattr(agent_cls, "update", lambda self, *batch: seen.append(batch) or update(self, *batch))
+    module.main(tiny_args(module, tmp_path, env="hopper-medium-v2", dataset=dataset, max_steps=3,
+                          normalize_rewards=False, **overrides))
+    t = {k: torch.as_tensor(v) for k, v in module.qlearning_transitions(module.read_d4rl(dataset)).items()}
+    assert len(seen) == 3
+    for obs, act, rew, mask, next_obs in seen:
+        rows = (obs[:, None] == t["observations"][None]).all(-1).float().argmax(1)  # each state's row in the file
+        assert torch.equal(t["observations"][rows], obs)
+        assert torch.allclose(t["actions"][rows].clamp(-1 + 1e-5, 1 - 1e-5), act, atol=1e-6)  # Hopper's bounds are [-1, 1]
+        assert torch.equal(t["rewards"][rows], rew) and torch.equal(t["masks"][rows], mask)
+        assert torch.equal(t["next_observations"][rows], next_obs)

@@ -11,7 +11,8 @@ import torch
 
 import datasets
 import idql
-from conftest import (assert_finite_losses, check_resume_equals_the_uninterrupted_run, compiled_matches_eager,
+from conftest import (assert_finite_losses, check_main_feeds_update_aligned_transitions,
+                      check_resume_equals_the_uninterrupted_run, compiled_matches_eager,
                       graph_replays_match_eager_steps, random_batch, run_script, tensorboard_events, tiny_args)
 
 TINY = dict(actor_hidden=32, num_samples=8, eval_episodes=3)
@@ -160,19 +161,8 @@ def test_target_and_ema_updates_record_no_autograd():
 
 
 def test_main_feeds_update_aligned_transitions(hopper_files, tmp_path, monkeypatch):
-    """Every row main() hands to update() is one transition of the file: s, a, r, m, s' of the same row."""
-    seen, update = [], idql.IDQL.update
-    monkeypatch.setattr(idql.IDQL, "update", lambda self, *batch: seen.append(batch) or update(self, *batch))
-    idql.main(tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"], max_steps=3,
-                        normalize_rewards=False, **{**TINY, "eval_episodes": 0}))
-    t = {k: torch.as_tensor(v) for k, v in idql.qlearning_transitions(idql.read_d4rl(hopper_files["next"])).items()}
-    assert len(seen) == 3
-    for obs, act, rew, mask, next_obs in seen:
-        rows = (obs[:, None] == t["observations"][None]).all(-1).float().argmax(1)  # each state's row in the file
-        assert torch.equal(t["observations"][rows], obs)
-        assert torch.allclose(t["actions"][rows].clamp(-1 + 1e-5, 1 - 1e-5), act, atol=1e-6)  # Hopper's bounds are [-1, 1]
-        assert torch.equal(t["rewards"][rows], rew) and torch.equal(t["masks"][rows], mask)
-        assert torch.equal(t["next_observations"][rows], next_obs)
+    check_main_feeds_update_aligned_transitions(idql, idql.IDQL, hopper_files["next"], tmp_path, monkeypatch,
+                                                **{**TINY, "eval_episodes": 0})
 
 
 def test_vp_schedule_by_hand():
