@@ -34,6 +34,11 @@ Benchmarks:
   observation, shared actor and critic (3 x 400), one transition per task and one update per step;
   the per-task critic and actor losses go through the chosen method.
 
+Reading order (top to bottom): Args; the networks; the methods, each a function from per-task
+gradients to one direction; mtl_backward, which applies one of them (the whole of the paper's
+comparison); one supervised step and one multi-task SAC update that call it; main's two training loops;
+the study; then the plumbing (checks, run folder, data, environments, replay, evaluation, checkpoints).
+
 Usage:
     python mtl_scalarization.py --mtl pcgrad                          # multi-digits, 100 epochs
     python mtl_scalarization.py --dataset multi-mnist --mtl mgda-ub   # downloads MNIST once
@@ -302,7 +307,8 @@ def project_to_simplex(y: np.ndarray) -> np.ndarray:
 def mgda_ub(G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
     """MGDA-UB weights: min-norm point of the "loss+"-normalised gradients g_t / (L_t |g_t|)."""
     norm = losses.detach()[:, None] * G.norm(dim=1, keepdim=True)
-    return min_norm_weights(torch.where(norm > 0, G / norm, G) @ torch.where(norm > 0, G / norm, G).T)
+    Gn = torch.where(norm > 0, G / norm, G)
+    return min_norm_weights(Gn @ Gn.T)
 
 
 def imtl_g(G: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -421,7 +427,7 @@ def unflat(vec: torch.Tensor, params) -> list:
 
 def assign(params, grads):
     for p, g in zip(params, grads):
-        p.grad = None if g is None else g.view_as(p).detach().clone()
+        p.grad = None if g is None else g.view_as(p).detach()  # fresh from autograd.grad, or a slice of d: no copy
 
 
 # ----------------------------------------------------------------------------- supervised: one step, one evaluation
@@ -466,7 +472,7 @@ class MultiTaskSAC(nn.Module):
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
         self.temp_opt = torch.optim.Adam([self.log_alpha], lr=args.temp_lr)
 
-    def update(self, obs, act, rew, mask, next_obs, args: Args, state: dict) -> dict:
+    def update(self, obs, act, rew, mask, next_obs, args: Args) -> dict:
         """One update on a (T, B, ...) batch: per-task critic losses through the method, then per-task
         actor losses through the method, then the temperature and the Polyak step."""
         alpha = self.log_alpha.exp().detach()
@@ -476,19 +482,14 @@ class MultiTaskSAC(nn.Module):
             target = rew + self.gamma * mask * next_q
         critic_losses = (self.critic(obs, act) - target).pow(2).mean(-1).sum(0)  # (T,): sum over the twins
         self.critic_opt.zero_grad(set_to_none=True)
-        mtl_backward(args.mtl, critic_losses, list(self.critic.parameters()), [], None, state["critic"], args.cagrad_c)
+        mtl_backward(args.mtl, critic_losses, list(self.critic.parameters()), [], None, {}, args.cagrad_c)
         self.critic_opt.step()
 
         new_act, log_prob = self.actor.sample(obs)
         actor_losses = (alpha * log_prob - self.critic(obs, new_act).min(0).values).mean(-1)  # (T,)
         self.actor_opt.zero_grad(set_to_none=True)
-        mtl_backward(args.mtl, actor_losses, list(self.actor.parameters()), [], None, state["actor"], args.cagrad_c)
+        mtl_backward(args.mtl, actor_losses, list(self.actor.parameters()), [], None, {}, args.cagrad_c)
         self.actor_opt.step()
-        for k in ("critic", "actor"):
-            if "s_opt" in state[k]:
-                state[k]["s_opt"].step()
-                state[k]["s_opt"].zero_grad()
-
         temp_loss = self.log_alpha.exp() * (-log_prob.detach() - self.target_entropy).mean()  # plain mean (mtrl)
         self.temp_opt.zero_grad()
         temp_loss.backward()
@@ -514,7 +515,8 @@ def train_supervised(args: Args) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     state = imtl_scales(T, args.lr, device) if args.mtl == "imtl" else {}
     run = Run(run_dir, args, device, total=args.epochs)
-    start = restore(resume, run, {"model": model, "opt": opt, **state})
+    saved = {"model": model, "opt": opt, **state}  # what a checkpoint holds
+    start = restore(resume, run, saved)
     for epoch in range(start, args.epochs):
         for group in opt.param_groups:  # ExponentialLR stepped after each epoch
             group["lr"] = args.lr * args.lr_decay ** epoch
@@ -531,7 +533,7 @@ def train_supervised(args: Args) -> dict:
                             **{f"val/accuracy_task_{t}": v for t, v in enumerate(val.tolist())},
                             "val/accuracy": val.mean().item()})
         if args.save_model:
-            save_checkpoint(run, epoch + 1, {"model": model, "opt": opt, **state})
+            save_checkpoint(run, epoch + 1, saved)
     run.finish({f"test/accuracy_task_{t}": a for t, a in enumerate(run.best["test"])} |
                {"test/accuracy": float(np.mean(run.best["test"])), "best_epoch": run.best["epoch"]})
     return run.results()
@@ -543,10 +545,10 @@ def train_rl(args: Args) -> dict:
     T, obs_dim, act_dim = len(envs), envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
     agent = MultiTaskSAC(obs_dim, act_dim, args).to(device)
     buffer = MultiTaskReplay(T, args.total_timesteps, obs_dim, act_dim, device)
-    state = {"critic": {}, "actor": {}}
+    saved = {"agent": agent, "actor_opt": agent.actor_opt, "critic_opt": agent.critic_opt, "temp_opt": agent.temp_opt,
+             "buffer": buffer}  # what a checkpoint holds
     run = Run(run_dir, args, device, total=args.total_timesteps)
-    start = restore(resume, run, {"agent": agent, "actor_opt": agent.actor_opt, "critic_opt": agent.critic_opt,
-                                  "temp_opt": agent.temp_opt, "buffer": buffer})
+    start = restore(resume, run, saved)
     obs = np.stack([env.reset(seed=args.seed + 1000 * t + start)[0] for t, env in enumerate(envs)])
     info = None
     for step in range(start + 1, args.total_timesteps + 1):
@@ -565,7 +567,7 @@ def train_rl(args: Args) -> dict:
         # update: once per step; when learning starts, learning_starts updates in a row (as mtrl)
         if step >= args.learning_starts:
             for _ in range(args.learning_starts if step == args.learning_starts else 1):
-                info = agent.update(*buffer.sample(args.rl_batch_size), args, state)
+                info = agent.update(*buffer.sample(args.rl_batch_size), args)
                 run.updated()
         last = step == args.total_timesteps
         if info is not None and (step % (1000 * args.log_interval) == 0 or last):
@@ -575,9 +577,7 @@ def train_rl(args: Args) -> dict:
                 returns = evaluate(agent.actor, eval_envs, args.eval_episodes, device, args.seed + 10_000 + step)
             run.evaluation(step, returns)
             if args.save_model:
-                save_checkpoint(run, step, {"agent": agent, "actor_opt": agent.actor_opt,
-                                            "critic_opt": agent.critic_opt, "temp_opt": agent.temp_opt,
-                                            "buffer": buffer})
+                save_checkpoint(run, step, saved)
     for env in envs + eval_envs:
         env.close()
     final = run.evals[-1][1] if run.evals else []
@@ -993,8 +993,12 @@ class MultiTaskReplay:
         if t == len(self.rows) - 1:  # every task added this step's transition
             self.ptr = (self.ptr + 1) % self.capacity
             self.size = min(self.size + 1, self.capacity)
-            var = self.moments[:, 2] - self.moments[:, 1] ** 2
-            self.std.copy_(torch.from_numpy(np.sqrt(np.maximum(var, 0) + 1e-8)[:, None]))
+            self.refresh_std()
+
+    def refresh_std(self):
+        """std_t = sqrt(E[r^2] - E[r]^2 + 1e-8) per task, as mtrl (no centring of the rewards)."""
+        var = self.moments[:, 2] - self.moments[:, 1] ** 2
+        self.std.copy_(torch.from_numpy(np.sqrt(np.maximum(var, 0) + 1e-8)[:, None]))
 
     def sample(self, n: int) -> tuple:
         """(s, a, r / std, m, s') of n uniform draws per task, each (T, n, .)."""
@@ -1010,8 +1014,7 @@ class MultiTaskReplay:
         self.size = state["rows"].shape[1]
         self.rows[:, :self.size] = state["rows"].to(self.rows.device)
         self.ptr, self.moments = state["ptr"], state["moments"]
-        var = self.moments[:, 2] - self.moments[:, 1] ** 2
-        self.std.copy_(torch.from_numpy(np.sqrt(np.maximum(var, 0) + 1e-8)[:, None]))
+        self.refresh_std()
 
 
 @torch.no_grad()
