@@ -598,3 +598,50 @@ def test_study_table_of_runs_without_evaluation():
                                                                                                ("pcgrad", 0.03))]
     rows = {line.split("|")[1].strip(): line for line in mtl.study_table(a, runs).splitlines() if line.startswith("| ")}
     assert "nan +- nan" in rows["unitary"] and "3.00x (30.0 ms)" in rows["pcgrad"]
+
+
+def test_rl_update_bootstraps_from_the_target_critics_and_polyak_averages_them():
+    """The TD target comes from the target critics (made constant C here, alpha ~ 0: y = r + gamma m C), and
+    after the update each target parameter is (1 - tau) old + tau new online. Red on the online critics in
+    the target, and on a skipped or reversed Polyak step."""
+    torch.manual_seed(0)
+    a = mtl.Args(**CHEETAH, init_temperature=1e-8)
+    agent = mtl.MultiTaskSAC(5, 2, a)
+    C = 3.0
+    with torch.no_grad():
+        for net in (agent.critic_target.q1, agent.critic_target.q2):
+            net[-1].weight.zero_()
+            net[-1].bias.fill_(C)
+    T, B = 2, 16
+    obs, act, next_obs = torch.randn(T, B, 5), torch.rand(T, B, 2) * 2 - 1, torch.randn(T, B, 5)
+    rew, mask = torch.randn(T, B), torch.ones(T, B)
+    with torch.no_grad():
+        expected = (agent.critic(obs, act) - (rew + a.gamma * mask * C)).pow(2).mean(-1).sum(0).mean()
+    old_target = [p.clone() for p in agent.critic_target.parameters()]
+    info = agent.update(obs, act, rew, mask, next_obs, a)
+    torch.testing.assert_close(info["losses/critic_loss"], expected, rtol=1e-4, atol=1e-4)
+    for old, new, online in zip(old_target, agent.critic_target.parameters(), agent.critic.parameters()):
+        torch.testing.assert_close(new, (1 - a.tau) * old + a.tau * online)
+
+
+def test_rl_td_target_bootstraps_from_next_states():
+    """y = r + gamma m (min_k Qtarget_k(s', a') - alpha log pi(a'|s')), a' ~ pi(.|s') with the update's own
+    first draw (same seed): red on s in place of s'."""
+    torch.manual_seed(0)
+    a = mtl.Args(**CHEETAH)
+    agent = mtl.MultiTaskSAC(5, 2, a)
+    with torch.no_grad():
+        for p in agent.critic_target.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # the target critics differ from the online ones
+    T, B = 2, 16
+    obs, act, next_obs = torch.randn(T, B, 5), torch.rand(T, B, 2) * 2 - 1, torch.randn(T, B, 5)
+    rew, mask = torch.randn(T, B), (torch.rand(T, B) > 0.2).float()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        next_act, next_logp = agent.actor.sample(next_obs)
+        alpha = agent.log_alpha.exp()
+        y = rew + a.gamma * mask * (agent.critic_target(next_obs, next_act).min(0).values - alpha * next_logp)
+        expected = (agent.critic(obs, act) - y).pow(2).mean(-1).sum(0).mean()
+    torch.manual_seed(7)
+    info = agent.update(obs, act, rew, mask, next_obs, a)
+    torch.testing.assert_close(info["losses/critic_loss"], expected, rtol=1e-4, atol=1e-4)
