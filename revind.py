@@ -1,0 +1,983 @@
+"""ReViND: offline RL for visual navigation with user rewards and a topological graph.
+
+Paper: Shah, Bhorkar, Leen, Kostrikov, Rhinehart, Levine, "Offline Reinforcement Learning for
+Visual Navigation", CoRL 2022, arXiv:2212.08244. Official code (JAX, training only):
+arjunbhorkar/ReViND.
+
+From reward-agnostic exploration data (images, positions) ReViND learns goal-conditioned
+navigation offline, for a reward the user picks, and reaches far goals by planning over a graph
+of the data's observations weighted by the learned value:
+
+    data:   trajectories of (o_t, p_t); action a_t = the next 5 waypoints p_{t+1..t+5} in the
+            robot's frame; goal g relabelled from p_{t+k}, k ~ U{10..50}, as (sin, cos, distance)
+            of g in the robot's frame
+    reward: r_t = -1 + lambda * d(o_t)  (d: a detector on the image's lower middle: grass, sun),
+            0 and terminal on reaching g; a collision is terminal with r = `collision_reward`
+    IQL on pixels: z = f(aug(o)) trained by the Q loss only; V(sg(z), g) by expectile tau,
+            pi(a | sg(z), g) by AWR exp(beta (min Q' - V)), Q(z, g, a) -> r + gamma m V(z', g'),
+            Q' <- Polyak(Q)                                   (iql.py's update, on features)
+    graph:  nodes = subsampled observations; edge i -> j if |p_j - p_i| is within what 10-50 steps
+            cover and the value says it is reachable; its cost the step count that V(o_i, g_ij)
+            implies, n = log(1 + (1 - gamma) V) / log gamma (r = -1 per step gives
+            V = -(1 - gamma^n) / (1 - gamma)); Dijkstra to the goal's node; the policy drives to the
+            next node on the path, replanning from the nearest node as it moves.
+
+Usage:
+    python revind.py                                 # grass reward, 3 seeds of data and training
+    python revind.py --user-reward sunny
+    python revind.py --user-reward none --actor bc   # goal-conditioned BC (and --actor filtered-bc)
+    python revind.py --help
+
+The file reads top to bottom: Args, the networks, the method (pixel IQL), main(); then the graph
+and planner, the world (map, robot, camera), the data, evaluation and the plumbing.
+
+Differences from the official code:
+- PyTorch; a world of its own (numpy, in this file) instead of the RECON dataset and a robot.
+- Images are 24 x 32 by default (official 48 x 64), for CPU time; `--image-height/--image-width`.
+- Collisions are terminal with `collision_reward` (-100: never reaching the goal). The official
+  code gives r = 0 on a collision, which is the reward of reaching the goal: a bug.
+- Batch 512, as the official config; the official HEAD trains with batch 1, a bug.
+- The graph, the planner and the closed-loop evaluation are not in the official release
+  (its issue #1): they follow the paper's description.
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    exp_name: str = "revind"
+    """name of this experiment (part of the run folder's name)"""
+    seed: int = 0
+    """seed of python, numpy and torch (training and evaluation)"""
+    world_seed: int = 0
+    """seed of the map's obstacles and texture and of the exploration data"""
+    user_reward: Literal["none", "grass", "sunny"] = "grass"
+    """the user's term in r = -1 + lambda * detector(image): none, grass or sunny"""
+    reward_scale: float = 0.75
+    """lambda: weight of the detector in the reward (official 0.75)"""
+    collision_reward: float = -100.0
+    """reward of a collision, which ends the episode (-1 / (1 - gamma): never reaching the goal)"""
+    actor: Literal["awr", "bc", "filtered-bc"] = "awr"
+    """the actor's loss: AWR (ReViND), goal-conditioned BC, or BC on the top 20% of fragments by reward"""
+    max_steps: int = 20_000
+    """number of gradient steps (the actor's lr decays to 0 over them, as the official cosine schedule)"""
+    batch_size: int = 512
+    """transitions per gradient step (official config 512)"""
+    eval_interval: int = 0
+    """gradient steps between evaluations; 0 = evaluate only at the end"""
+    eval_episodes: int = 20
+    """far-goal navigation episodes per evaluation and variant (0 = never evaluate)"""
+    log_interval: int = 500
+    """gradient steps between logged losses"""
+    expectile: float = 0.9
+    """tau of the expectile value loss (official 0.9)"""
+    beta: float = 1.0
+    """inverse temperature of the AWR actor (official 1.0)"""
+    exp_adv_max: float = 100.0
+    """upper clip of the AWR weight exp(beta * A)"""
+    actor_lr: float = 3e-4
+    """actor learning rate (cosine-decayed to 0, as the official code)"""
+    lr_decay_steps: Optional[int] = None
+    """horizon of the actor's cosine lr decay (default: --max-steps, as the official code)"""
+    critic_lr: float = 3e-4
+    """Q (and encoder) learning rate"""
+    value_lr: float = 3e-4
+    """V learning rate"""
+    hidden_dim: int = 256
+    """width of the two hidden layers of the V, Q and actor heads"""
+    feature_dim: int = 50
+    """size of the encoder's output z"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """Polyak rate of the target Q (encoder included)"""
+    shift_pad: int = 2
+    """random-shift augmentation: pad by this many pixels and crop back (official 4 at 48 x 64)"""
+    goal_min: int = 1
+    """relabelled goals lie goal_min..goal_max steps ahead in the same trajectory (official HEAD 10..50:
+    then no transition reaches its goal and V has no anchor; the June 2022 code drew 1..50)"""
+    goal_max: int = 50
+    """see goal_min"""
+    encoder: Literal["impala", "conv"] = "impala"
+    """image encoder: the official IMPALA trunk, or a 3-layer conv trunk about 5x cheaper (for CPUs)"""
+    image_height: int = 24
+    """camera image height (official 48: halved for CPU time)"""
+    image_width: int = 32
+    """camera image width (official 64)"""
+    trajectories: int = 400
+    """exploration trajectories in the offline dataset"""
+    trajectory_length: int = 80
+    """steps per exploration trajectory (fewer when it ends in a collision)"""
+    node_spacing: float = 1.5
+    """graph nodes: at most one per node_spacing x node_spacing m cell and 90-degree heading bin"""
+    edge_max_distance: float = 6.0
+    """graph edges join nodes at most this far apart (within what 10-50 data steps cover, about 3-18 m)"""
+    max_edge_cost: float = 50.0
+    """edges whose value-implied step count exceeds this are pruned (the relabelling horizon)"""
+    subgoal_distance: float = 3.0
+    """the policy drives to the first node on the path at least this far away (and to the goal once this near)"""
+    episode_steps: int = 300
+    """step limit of an evaluation episode"""
+    goal_radius: float = 1.0
+    """an evaluation episode succeeds within this many metres of its goal"""
+    data_dir: str = "~/.cache/revind"
+    """where the generated exploration dataset is cached"""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu' or 'cuda'"""
+    cuda_graph: bool = True
+    """capture the update as one CUDA graph (applies only on a CUDA device)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "rl-reference"
+    """W&B project"""
+    save_model: bool = False
+    """write run_dir/checkpoint.pt at each evaluation and at the end"""
+    resume: Optional[str] = None
+    """continue from a checkpoint.pt (outputs go to its folder unless --run-dir)"""
+    run_dir: Optional[str] = None
+    """output folder (default: runs/revind__{user_reward}__{actor}__{seed}__{time}); must not exist"""
+
+
+# ----------------------------------------------------------------------------- networks
+class ResidualBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(ch, ch, 3, padding=1), nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(torch.relu(self.conv1(torch.relu(x))))
+
+
+def conv_trunk(kind: str) -> nn.Sequential:
+    """Image -> flat conv features. IMPALA (official): 3 stacks of (conv 3x3, max-pool 3x3 stride 2,
+    2 residual blocks) with 16, 32, 32 channels. conv: 3 plain conv layers of 16 channels."""
+    if kind == "conv":
+        return nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2), nn.ReLU(),
+                             nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Flatten())
+    layers, n_in = [], 3
+    for ch in (16, 32, 32):
+        layers += [nn.Conv2d(n_in, ch, 3, padding=1), nn.MaxPool2d(3, 2, padding=1), ResidualBlock(ch), ResidualBlock(ch)]
+        n_in = ch
+    return nn.Sequential(*layers, nn.ReLU(), nn.Flatten())
+
+
+class Encoder(nn.Module):
+    """uint8 image (B, 3, H, W) -> conv features (the trunk the critic trains, shared by all heads)."""
+
+    def __init__(self, kind: str, image_hw: tuple):
+        super().__init__()
+        self.trunk = conv_trunk(kind)
+        self.n_out = self.trunk(torch.zeros(1, 3, *image_hw)).shape[1]
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.trunk(image.float() / 255.0)
+
+
+class Head(nn.Module):
+    """One network on s = (conv features, goal): its own projection Dense(50) -> LayerNorm -> tanh,
+    the goal (sin, cos, distance) appended, then an MLP (256, 256) (official per-head layout)."""
+
+    def __init__(self, n_features: int, feature_dim: int, hidden: int, n_out: int, k: Optional[int] = None):
+        super().__init__()
+        self.project = nn.Sequential(nn.Linear(n_features, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
+        nn.init.orthogonal_(self.project[0].weight, gain=math.sqrt(2))
+        nn.init.zeros_(self.project[0].bias)
+        self.k = k
+        n_in = feature_dim + GOAL_DIM + (ACT_DIM if k else 0)  # Q also takes the action
+        self.mlp = mlp(n_in, hidden, n_out) if k is None else nn.Sequential(
+            EnsembleLinear(k, n_in, hidden), nn.ReLU(), EnsembleLinear(k, hidden, hidden), nn.ReLU(),
+            EnsembleLinear(k, hidden, n_out))
+
+    def forward(self, features: torch.Tensor, goal: torch.Tensor, act: Optional[torch.Tensor] = None) -> torch.Tensor:
+        s = torch.cat([self.project(features), goal], -1)
+        if self.k is None:
+            return self.mlp(s)
+        return self.mlp(torch.cat([s, act], -1).expand(self.k, -1, -1)).squeeze(-1)  # (k, B)
+
+
+class EnsembleLinear(nn.Module):
+    """k independent linear layers applied as one batched matmul: (k, B, in) -> (k, B, out)."""
+
+    def __init__(self, k: int, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(k, n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(k, 1, n_out))
+        for w in self.weight.data:
+            nn.init.orthogonal_(w, gain=math.sqrt(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
+    layers = [nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_out)]
+    for layer in layers[::2]:
+        nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
+        nn.init.zeros_(layer.bias)
+    return nn.Sequential(*layers)
+
+
+class Critic(nn.Module):
+    """The encoder and the twin Q head: the Q loss is the only loss that trains the encoder."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.encoder = Encoder(args.encoder, (args.image_height, args.image_width))
+        self.q = Head(self.encoder.n_out, args.feature_dim, args.hidden_dim, 1, k=2)
+
+    def forward(self, image: torch.Tensor, goal: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return self.q(self.encoder(image), goal, act)
+
+
+class UnitStdActor(nn.Module):
+    """N(mu(s), I) over the 5 waypoints in metres (official: std fixed at 1, no tanh), so the
+    log-likelihood is -||a - mu||^2 / 2 + const and AWR is a weighted squared error."""
+
+    def __init__(self, n_features: int, args: Args):
+        super().__init__()
+        self.mu = Head(n_features, args.feature_dim, args.hidden_dim, ACT_DIM)
+
+    def forward(self, features: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        return self.mu(features, goal)  # the evaluation action: the mean
+
+    def log_prob(self, features: torch.Tensor, goal: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (act - self(features, goal)).pow(2).sum(-1) - 0.5 * ACT_DIM * math.log(2 * math.pi)
+
+
+GOAL_DIM, ACT_DIM = 3, 10  # goal (sin, cos, distance); action: 5 waypoints (x, y)
+
+
+# ----------------------------------------------------------------------------- the method: pixel IQL
+def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
+    """|tau - 1(u < 0)| u^2: an asymmetric square whose minimiser is the tau-expectile."""
+    weight = torch.where(diff > 0, expectile, 1 - expectile)
+    return weight * diff.pow(2)
+
+
+def random_shift(image: torch.Tensor, next_image: torch.Tensor, pad: int) -> tuple:
+    """DrQ's augmentation: pad by `pad` pixels (edge values) and crop back at a random offset, the
+    same offset for o and o' of a transition (official)."""
+    b, _, h, w = image.shape
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, b, 1), device=image.device)
+    rows = (torch.arange(h, device=image.device) + dy)[:, :, None]  # (B, H, 1)
+    cols = (torch.arange(w, device=image.device) + dx)[:, None, :]  # (B, 1, W)
+    batch = torch.arange(b, device=image.device)[:, None, None]
+
+    def shift(x):
+        padded = nn.functional.pad(x.float(), (pad, pad, pad, pad), mode="replicate")
+        return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+    return shift(image), shift(next_image)
+
+
+class ReViND(nn.Module):
+    def __init__(self, args: Args, device: torch.device):
+        super().__init__()
+        self.expectile, self.beta, self.gamma, self.tau = args.expectile, args.beta, args.gamma, args.tau
+        self.exp_adv_max, self.shift_pad, self.awr = args.exp_adv_max, args.shift_pad, args.actor == "awr"
+        self.lr_decay_steps = args.max_steps if args.lr_decay_steps is None else args.lr_decay_steps
+        self.critic = Critic(args)
+        self.critic_target = Critic(args)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.critic_target.requires_grad_(False)
+        n_features = self.critic.encoder.n_out
+        self.value = Head(n_features, args.feature_dim, args.hidden_dim, 1)
+        self.actor = UnitStdActor(n_features, args)
+        self.to(device)
+        capturable = device.type == "cuda"  # (CUDA graph) Adam keeps its step count on the GPU, replayable
+        self.actor_lr = torch.tensor(args.actor_lr, device=device)  # (CUDA graph) the schedule writes a tensor
+        self.actor_lr0 = args.actor_lr
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.actor_lr, capturable=capturable)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
+        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
+        self.target_params, self.online_params = list(self.critic_target.parameters()), list(self.critic.parameters())
+
+    def update(self, image, goal, act, rew, mask, next_image, next_goal) -> dict:
+        image, next_image = random_shift(image, next_image, self.shift_pad)
+        features = self.critic.encoder(image)  # trained by the Q loss only
+        features_sg = features.detach()  # V and the actor see the conv features with stop-gradient
+        with torch.no_grad():
+            q_target = self.critic_target(image, goal, act).mean(0)  # official critic_reduction "mean"
+            next_features = self.critic.encoder(next_image)
+
+        # 1) V: expectile regression onto the target twin Q
+        value_loss = expectile_loss(q_target - self.value(features_sg, goal).squeeze(-1), self.expectile).mean()
+        self.value_opt.zero_grad()
+        value_loss.backward()
+        self.value_opt.step()
+
+        # 2) pi: AWR with the V just updated (BC: weight 1; filtered BC is BC on the kept fragments)
+        with torch.no_grad():
+            adv = q_target - self.value(features_sg, goal).squeeze(-1)
+            weight = torch.exp(self.beta * adv).clamp(max=self.exp_adv_max) if self.awr else torch.ones_like(adv)
+        actor_loss = -(weight * self.actor.log_prob(features_sg, goal, act)).mean()
+        self.actor_opt.zero_grad()
+        actor_loss.backward()
+        progress = self.num_updates.clamp(max=self.lr_decay_steps) / self.lr_decay_steps
+        self.actor_lr.copy_(self.actor_lr0 * 0.5 * (1 + torch.cos(math.pi * progress)))  # cosine decay
+        self.actor_opt.step()
+
+        # 3) Q and the encoder: regress both heads onto r + gamma * m * V(s'), with the new V
+        with torch.no_grad():
+            q_backup = rew + self.gamma * mask * self.value(next_features, next_goal).squeeze(-1)
+        critic_loss = (self.critic.q(features, goal, act) - q_backup).pow(2).mean()
+        self.critic_opt.zero_grad()
+        critic_loss.backward()
+        self.critic_opt.step()
+
+        # 4) Polyak average of the whole critic, encoder included; no_grad, or autograd records every step
+        with torch.no_grad():
+            torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
+        self.num_updates += 1
+        return {"losses/value_loss": value_loss.detach(), "losses/actor_loss": actor_loss.detach(),
+                "losses/critic_loss": critic_loss.detach(), "values/adv_mean": adv.mean(),
+                "values/q": q_target.mean(), "values/actor_lr": self.actor_lr.clone()}
+
+    @torch.no_grad()
+    def act(self, image: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        return self.actor(self.critic.encoder(image), goal)
+
+    @torch.no_grad()
+    def v(self, image: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        return self.value(self.critic.encoder(image), goal).squeeze(-1)
+
+    def optimizers(self) -> dict:
+        return {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "value_opt": self.value_opt}
+
+
+# ----------------------------------------------------------------------------- main: the training loop
+def main(args: Args) -> dict:
+    device = resolve_args(args)
+    resume, run_dir = open_run(args, device)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # the world and its exploration data (reward-agnostic: the user's reward is computed from the images)
+    world = World(args.world_seed, (args.image_height, args.image_width))
+    data = load_or_collect(world, args)
+    buffer = RelabelBuffer(data, args, device)
+
+    agent = ReViND(args, device)
+    start, evals = 0, []
+    if resume:
+        load_checkpoint(agent, resume, device)
+        start, evals = resume["step"], resume["evaluations"]
+        print(f"resumed from {args.resume} at step {start}")
+
+    def train_step():
+        return agent.update(*buffer.sample(args.batch_size))  # relabelled goals and rewards, drawn on the device
+
+    step_fn = cuda_graph(train_step) if device.type == "cuda" and args.cuda_graph else train_step
+    end = args.max_steps
+    log = Logger(run_dir, args, device, len(buffer.starts), start, end)
+
+    def evaluate_and_log(step: int) -> dict:
+        with log.paused():  # far goals, each variant on the same episodes
+            graph = build_graph(agent, data, args, device)
+            episodes = evaluate(agent, world, graph, args, device, seed=args.seed + step)
+            return log.evaluation(step, episodes, graph, evals, world)
+
+    results, step = {}, start
+    while step < end:
+        info = step_fn()  # one gradient step: V, then pi, then Q and the encoder, then the target critic
+        step += 1
+        log.tick(step)
+        last = step == end
+        if step % args.log_interval == 0 or last:
+            results.update(log.losses(step, info))
+        if args.eval_episodes > 0 and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+            results.update(evaluate_and_log(step))
+        if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, step, args, evals)
+    log.close()
+    return {"updates_per_second": float("nan"), **results, "updates": step - start, "run_dir": run_dir,
+            "evaluations": evals}
+
+
+# ----------------------------------------------------------------------------- the graph and the planner
+def build_graph(agent: ReViND, data: dict, args: Args, device: torch.device) -> dict:
+    """The topological graph. Nodes: dataset observations, at most one per node_spacing cell and
+    90-degree heading bin. Edge i -> j: nodes at most edge_max_distance apart, its cost the step
+    count that V(o_i, g_ij) implies (value_to_steps); an edge costing more than max_edge_cost steps
+    (or whose V says the goal is never reached: a predicted collision or a wall between) is pruned.
+    distance_cost weighs the same edges by metres (the ViNG-like baseline)."""
+    pos, yaw = data["pos"], data["yaw"]
+    cell = np.floor(pos / args.node_spacing).astype(np.int64)
+    heading = np.floor((yaw + np.pi) / (np.pi / 2)).astype(np.int64) % 4
+    nodes = np.sort(np.unique(np.stack([cell[:, 0], cell[:, 1], heading], 1), axis=0, return_index=True)[1])
+    npos = torch.as_tensor(pos[nodes], device=device)
+    src, dst = torch.nonzero((torch.cdist(npos, npos) <= args.edge_max_distance) & ~torch.eye(len(nodes), dtype=torch.bool,
+                                                                                           device=device), as_tuple=True)
+    goals = goal_vector(npos[src], torch.as_tensor(yaw[nodes], device=device)[src], npos[dst])
+    with torch.no_grad():  # V's projection once per node, its MLP once per edge
+        images = torch.as_tensor(data["images"][nodes], device=device).permute(0, 3, 1, 2)
+        z = torch.cat([agent.value.project(agent.critic.encoder(images[i:i + 1024])) for i in range(0, len(nodes), 1024)])
+        values = torch.cat([agent.value.mlp(torch.cat([z[src[i:i + 65536]], goals[i:i + 65536]], -1)).squeeze(-1)
+                            for i in range(0, len(src), 65536)])
+    cost = value_to_steps(values.cpu().numpy(), args.gamma)
+    keep = cost <= args.max_edge_cost
+    src, dst, cost = src.cpu().numpy()[keep], dst.cpu().numpy()[keep], cost[keep]
+    distance = np.linalg.norm(pos[nodes][src] - pos[nodes][dst], axis=1)
+    return {"nodes": nodes, "pos": pos[nodes], "src": src, "dst": dst, "cost": np.maximum(cost, 1e-3),
+            "distance_cost": distance}
+
+
+def value_to_steps(value: np.ndarray, gamma: float) -> np.ndarray:
+    """n with -(1 - gamma^n) / (1 - gamma) = V: the steps that r = -1 per step gives a value V (inf
+    where V is at or below -1 / (1 - gamma), what never arriving earns)."""
+    inside = 1 + (1 - gamma) * np.asarray(value, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(inside > 0, np.log(np.clip(inside, 1e-300, None)) / np.log(gamma), np.inf)
+
+
+def shortest_paths(graph: dict, goal: int) -> tuple:
+    """Dijkstra (scipy's) from every node to `goal`: (cost to go, next node on the path), inf / -1
+    where no path leads to the goal. It runs from the goal over the reversed edges."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import dijkstra
+    n = len(graph["nodes"])
+    reverse = csr_matrix((graph["cost"], (graph["dst"], graph["src"])), shape=(n, n))
+    to_go, previous = dijkstra(reverse, indices=goal, return_predecessors=True)
+    return to_go, np.where(previous < 0, -1, previous)  # previous in the reversed graph = next toward the goal
+
+
+def next_subgoal(graph: dict, plan: tuple, position: np.ndarray, lookahead: float) -> Optional[np.ndarray]:
+    """Localise to the nearest node that has a path to the goal, and follow the path to the first
+    node at least `lookahead` m away: the policy's next goal (None: no node has a path)."""
+    to_go, nxt = plan
+    if not np.isfinite(to_go).any():
+        return None
+    here = int(np.argmin(np.linalg.norm(graph["pos"] - position, axis=1) + np.where(np.isfinite(to_go), 0.0, np.inf)))
+    node = here
+    while nxt[node] >= 0 and np.linalg.norm(graph["pos"][node] - position) < lookahead:
+        node = nxt[node]
+    return graph["pos"][node]
+
+
+# ----------------------------------------------------------------------------- the world: map, robot, camera
+ROAD, GRASS, DIRT, WALL = 0, 1, 2, 3
+TERRAIN_RGB = np.array([[0.52, 0.52, 0.54], [0.30, 0.62, 0.22], [0.60, 0.44, 0.27], [0.45, 0.08, 0.10]])
+SHADE = 0.5  # brightness of shaded ground
+SKY_RGB = np.array([0.70, 0.80, 0.95])  # beyond the camera's far range
+
+
+class World:
+    """A 40 x 40 m outdoor map (cells of `res` m) with a unicycle robot and an egocentric camera.
+
+    Layout (x right, y up): the robot's region is the bottom band (y < 13). Wall A (y = 13) has two
+    gaps: a near one (x 9-12.5) whose way north crosses shaded dirt, and a far one (x 31-34.5) over
+    sunny grass; wall B (y = 26) has one gap (x 18-22) into the top band. A goal in the top band seen
+    from the bottom band is behind two walls whose gaps do not line up: driving straight at it fails.
+    From the bottom centre to wall B's gap the route through the near gap is about 28 m, through the
+    far gap about 33 m. The seed places a few small obstacles and the ground's texture."""
+
+    size, res = 40.0, 0.25
+
+    def __init__(self, seed: int = 0, image_hw: tuple = (24, 32)):
+        rng = np.random.default_rng(seed)
+        n = int(self.size / self.res)
+        c = lambda v: int(round(v / self.res))  # noqa: E731  (metres -> cells)
+        t = np.full((n, n), GRASS, np.int8)  # indexed [iy, ix]
+        shade = np.zeros((n, n), bool)
+        t[c(6):c(26), :c(20)] = DIRT  # the west half of the middle: dirt ...
+        shade[c(13.75):c(26), :c(20)] = True  # ... under trees
+        t[:c(13), c(19):c(21)] = ROAD  # a road up the bottom band, and one north from wall B's gap
+        t[c(26):, c(19):c(21)] = ROAD
+        t[c(33):c(35), c(4):c(36)] = ROAD  # and one across the top band
+        shade[c(29):c(37), c(28):c(38)] = True  # a building's shadow in the top band
+        for y0, gaps in ((13.0, ((9.0, 12.5), (31.0, 34.5))), (26.0, ((18.0, 22.0),))):
+            wall = np.ones(n, bool)
+            for x0, x1 in gaps:
+                wall[c(x0):c(x1)] = False
+            t[c(y0):c(y0 + 0.75), wall] = WALL
+        for _ in range(6):  # small obstacles (rocks, bins) away from the walls and gaps
+            while True:
+                x, y = rng.uniform(2, 38), rng.choice([rng.uniform(2, 11), rng.uniform(15.5, 24), rng.uniform(28.5, 38)])
+                if not (17 < x < 23 or 8 < x < 14 or 30 < x < 36):
+                    break
+            t[c(y):c(y + 1.0), c(x):c(x + 1.0)] = WALL
+        t[0, :] = t[-1, :] = t[:, 0] = t[:, -1] = WALL  # the map's boundary
+        self.terrain, self.shade, self.n = t, shade, n
+        rgb = TERRAIN_RGB[t] * np.where(shade, SHADE, 1.0)[..., None]
+        self.rgb = np.clip(rgb * rng.uniform(0.9, 1.1, (n, n, 1)), 0, 1)  # texture: per-cell brightness
+        self.camera = ground_projection(*image_hw)
+
+    # -- geometry
+    def cell(self, xy: np.ndarray) -> tuple:
+        ix = np.clip((xy[..., 0] / self.res).astype(int), 0, self.n - 1)
+        iy = np.clip((xy[..., 1] / self.res).astype(int), 0, self.n - 1)
+        return iy, ix
+
+    def blocked(self, xy: np.ndarray) -> np.ndarray:
+        inside = (xy[..., 0] >= 0) & (xy[..., 0] < self.size) & (xy[..., 1] >= 0) & (xy[..., 1] < self.size)
+        return ~inside | (self.terrain[self.cell(xy)] == WALL)
+
+    def ground(self, xy: np.ndarray) -> tuple:
+        """(on grass, in sun) of the ground under each position."""
+        cell = self.cell(xy)
+        return self.terrain[cell] == GRASS, ~self.shade[cell]
+
+    # -- the robot
+    def move(self, pose: np.ndarray, waypoint: np.ndarray) -> tuple:
+        """Unicycle step toward a waypoint (x, y) in the robot's frame: turn by its bearing (at most
+        MAX_TURN), drive its distance (at most MAX_STEP). A segment that touches a wall is a collision
+        and the robot stays where it was. Returns (new pose, collided)."""
+        turn = np.clip(np.arctan2(waypoint[1], waypoint[0]), -MAX_TURN, MAX_TURN)
+        dist = np.clip(np.hypot(waypoint[0], waypoint[1]), 0.0, MAX_STEP)
+        theta = pose[2] + turn
+        heading = np.array([np.cos(theta), np.sin(theta)])
+        path = pose[:2] + np.linspace(0.25, 1.0, 4)[:, None] * dist * heading
+        if self.blocked(path).any():
+            return np.array([pose[0], pose[1], theta]), True
+        return np.array([*path[-1], wrap(theta)]), False
+
+    def render(self, pose: np.ndarray) -> np.ndarray:
+        """The egocentric image (H, W, 3) uint8: each pixel shows the ground point it looks at."""
+        fwd, left, valid = self.camera
+        c, s = np.cos(pose[2]), np.sin(pose[2])
+        xy = np.stack([pose[0] + c * fwd - s * left, pose[1] + s * fwd + c * left], -1)
+        iy, ix = self.cell(xy)
+        inside = (xy[..., 0] >= 0) & (xy[..., 0] < self.size) & (xy[..., 1] >= 0) & (xy[..., 1] < self.size)
+        img = np.where(inside[..., None], self.rgb[iy, ix], TERRAIN_RGB[WALL])
+        img = np.where(valid[..., None], img, SKY_RGB)
+        return (img * 255).astype(np.uint8)
+
+    def free_pose(self, rng: np.random.Generator, region: Optional[tuple] = None, clearance: float = 0.75) -> np.ndarray:
+        """A random pose whose position is at least `clearance` m from any wall, inside region (x0, x1, y0, y1)."""
+        x0, x1, y0, y1 = region or (0.0, self.size, 0.0, self.size)
+        ring = clearance * np.stack([np.cos(np.linspace(0, 2 * np.pi, 9)), np.sin(np.linspace(0, 2 * np.pi, 9))], -1)
+        while True:
+            p = np.array([rng.uniform(x0, x1), rng.uniform(y0, y1)])
+            if not self.blocked(p[None] + np.vstack([[0, 0], ring])).any():
+                return np.array([*p, rng.uniform(-np.pi, np.pi)])
+
+
+MAX_TURN, MAX_STEP = 0.5, 0.5  # rad and metres per control step
+
+
+def wrap(angle):
+    return (angle + np.pi) % (2 * np.pi) - np.pi
+
+
+def ground_projection(h: int, w: int, height: float = 0.6, near: float = 0.3, far: float = 8.0, fov: float = np.pi / 2):
+    """Where each pixel of a forward camera `height` m above flat ground looks: (forward, left) in
+    metres in the robot's frame, and whether it sees ground within `far` (else sky). Rows look from
+    above the far range (top) down to `near` m ahead (bottom), columns across a `fov` wide view."""
+    below = np.linspace(np.arctan2(height, far) - 0.15, np.arctan2(height, near), h)  # angle below the horizon
+    fwd = height / np.tan(np.clip(below, 1e-3, None))[:, None] * np.ones((1, w))
+    left = fwd * np.tan(np.linspace(fov / 2, -fov / 2, w))[None, :]
+    return fwd, left, (below[:, None] > 0) & (fwd <= far)
+
+
+# ----------------------------------------------------------------------------- data: exploration, detectors, relabelling
+def explore(world: World, trajectories: int, length: int, seed: int) -> dict:
+    """RECON-like reward-agnostic data: from random free poses, a random walk of the heading at a
+    random speed; on a collision the robot stays, turns on the spot for a few steps and goes on.
+    Per frame: image, position, yaw, trajectory id, the commanded next position (world frame) and
+    whether that command collided."""
+    rng = np.random.default_rng(seed)
+    out = {k: [] for k in ("images", "pos", "yaw", "traj", "target", "collision")}
+    for i in range(trajectories):
+        pose, speed, turn, spin = world.free_pose(rng), rng.uniform(0.2, MAX_STEP), 0.0, 0
+        for t in range(length + 1):
+            turn = np.clip(0.7 * turn + rng.normal(0.0, 0.2), -MAX_TURN, MAX_TURN)  # a smooth random walk
+            cmd_turn, cmd_dist = (np.sign(turn) * MAX_TURN, 0.05) if spin > 0 else (turn, speed)
+            waypoint = cmd_dist * np.array([np.cos(cmd_turn), np.sin(cmd_turn)])
+            new_pose, hit = world.move(pose, waypoint)
+            heading = pose[2] + cmd_turn
+            out["images"].append(world.render(pose))
+            out["pos"].append(pose[:2])
+            out["yaw"].append(pose[2])
+            out["traj"].append(i)
+            out["target"].append(pose[:2] + cmd_dist * np.array([np.cos(heading), np.sin(heading)]))
+            out["collision"].append(hit and t < length)
+            spin = 6 if hit else spin - 1  # bounce: turn on the spot, then walk on
+            pose = new_pose
+    data = {k: np.asarray(v) for k, v in out.items()}
+    data["pos"], data["yaw"], data["target"] = (data[k].astype(np.float32) for k in ("pos", "yaw", "target"))
+    return data
+
+
+def load_or_collect(world: World, args: Args) -> dict:
+    """The exploration dataset, written once to data_dir and read back after (keyed by its settings)."""
+    name = (f"explore_w{args.world_seed}_n{args.trajectories}_l{args.trajectory_length}_"
+            f"{args.image_height}x{args.image_width}.npz")
+    path = os.path.join(os.path.expanduser(args.data_dir), name)
+    if not os.path.exists(path):
+        print(f"collecting {args.trajectories} exploration trajectories into {path}")
+        data = explore(world, args.trajectories, args.trajectory_length, args.world_seed)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, **data)
+        os.replace(tmp, path)  # atomic: an interrupted collection leaves no half file
+    with np.load(path) as f:
+        data = {k: f[k] for k in f.files}
+    if data["images"].shape[1:] != (args.image_height, args.image_width, 3):
+        fail(f"{path} holds {data['images'].shape[1:3]} images, not {args.image_height}x{args.image_width}; delete it")
+    return data
+
+
+def detector(images: np.ndarray, kind: str) -> np.ndarray:
+    """The user's detector on each image's lower middle (bottom third x middle third), 1 when more
+    than H * W / 27 of its pixels match (official): grass = hue 56-172 degrees with saturation >= 50/255
+    (OpenCV's H 28-86, S 50-255); sunny = value >= 100/255. kind none: all zeros."""
+    n, h, w, _ = images.shape
+    if kind == "none":
+        return np.zeros(n, np.float32)
+    patch = images[:, 2 * h // 3:, w // 3:2 * w // 3].astype(np.float32)
+    value, low = patch.max(-1), patch.min(-1)
+    if kind == "sunny":
+        match = value >= 100
+    else:
+        saturation = np.where(value > 0, (value - low) / np.maximum(value, 1e-6) * 255, 0)
+        r, g, b = patch[..., 0], patch[..., 1], patch[..., 2]
+        chroma = np.maximum(value - low, 1e-6)
+        hue = np.where(value == r, ((g - b) / chroma) % 6, np.where(value == g, (b - r) / chroma + 2, (r - g) / chroma + 4)) * 60
+        match = (hue >= 56) & (hue <= 172) & (saturation >= 50)
+    return (match.sum((1, 2)) > h * w // 27).astype(np.float32)
+
+
+def goal_vector(pos: torch.Tensor, yaw: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+    """(sin phi, cos phi, rho) of the goal in the robot's frame: phi its bearing, rho its distance in metres."""
+    d = goal - pos
+    bearing = torch.atan2(d[..., 1], d[..., 0]) - yaw
+    return torch.stack([torch.sin(bearing), torch.cos(bearing), d.norm(dim=-1)], -1)
+
+
+def waypoints(data: dict) -> np.ndarray:
+    """a_t: the commanded positions of steps t..t+4 (p_{t+1..t+5} where nothing collided) in the robot's
+    frame at t, (x, y) x 5 in metres; past the trajectory's end the last one repeats (a stop)."""
+    n, traj = len(data["pos"]), data["traj"]
+    idx = np.arange(n)[:, None] + np.arange(5)[None]
+    last = np.searchsorted(traj, traj, side="right") - 1  # each frame's trajectory ends here (frames are in order)
+    idx = np.minimum(idx, last[:, None] - 1)  # the last frame has no command of its own
+    d = data["target"][idx] - data["pos"][:, None]
+    c, s = np.cos(data["yaw"])[:, None], np.sin(data["yaw"])[:, None]
+    return np.stack([c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1]], -1).reshape(n, 10).astype(np.float32)
+
+
+class RelabelBuffer:
+    """The dataset on the device, and batches with relabelled goals drawn there (official sampler):
+    t uniform over frames that have a successor; g = p_{t+k}, k ~ U{goal_min..goal_max}, clipped to
+    the trajectory's end; r = -1 + lambda d(o_t), m = 0 when o_{t+1} is the goal frame (reached),
+    and a collision is terminal with r = collision_reward. For filtered BC only the kept fragments'
+    frames are drawn."""
+
+    def __init__(self, data: dict, args: Args, device: torch.device):
+        t = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
+        traj = data["traj"]
+        self.last = t(np.searchsorted(traj, traj, side="right") - 1)
+        starts = np.nonzero(np.arange(len(traj)) < self.last.cpu().numpy())[0]
+        self.bonus = t(args.reward_scale * detector(data["images"], args.user_reward))
+        if args.actor == "filtered-bc":
+            starts = starts[top_fragments(starts, traj, self.bonus.cpu().numpy() - 1.0, data["collision"], args.collision_reward)]
+        self.starts = t(starts)
+        self.images = t(data["images"]).permute(0, 3, 1, 2)  # uint8 (N, 3, H, W)
+        self.pos, self.yaw, self.collision = t(data["pos"]), t(data["yaw"]), t(data["collision"])
+        self.actions = t(waypoints(data))
+        self.goal_min, self.goal_max, self.collision_reward = args.goal_min, args.goal_max, args.collision_reward
+
+    def sample(self, batch_size: int) -> tuple:
+        i = self.starts[torch.randint(0, len(self.starts), (batch_size,), device=self.starts.device)]
+        k = torch.randint(self.goal_min, self.goal_max + 1, (batch_size,), device=i.device)
+        g = torch.minimum(i + k, self.last[i])  # the goal frame, in the same trajectory
+        collided = self.collision[i]
+        rew = torch.where(collided, self.collision_reward, -1.0 + self.bonus[i])
+        mask = (~collided & (g != i + 1)).float()
+        goal = goal_vector(self.pos[i], self.yaw[i], self.pos[g])
+        next_goal = goal_vector(self.pos[i + 1], self.yaw[i + 1], self.pos[g])
+        return self.images[i], goal, self.actions[i], rew, mask, self.images[i + 1], next_goal
+
+
+def top_fragments(starts: np.ndarray, traj: np.ndarray, reward: np.ndarray, collision: np.ndarray,
+                  collision_reward: float, length: int = 15, top: float = 0.2) -> np.ndarray:
+    """Filtered BC's data (official): cut the transitions into fragments (here 15 steps of one
+    trajectory; official: random ~15-step chunks between done flags), score each by its mean reward,
+    keep the fragments at or above the (1 - top) quantile. Returns a mask over `starts`."""
+    r = np.where(collision[starts], collision_reward, reward[starts])
+    first = np.r_[True, traj[starts][1:] != traj[starts][:-1]]  # a trajectory begins
+    position = np.arange(len(starts)) - np.maximum.accumulate(np.where(first, np.arange(len(starts)), 0))
+    fragment = np.cumsum(first | (position % length == 0)) - 1
+    score = np.bincount(fragment, r) / np.bincount(fragment)
+    return score[fragment] >= np.quantile(score, 1 - top)
+
+
+# ----------------------------------------------------------------------------- evaluation: far goals, closed loop
+VARIANTS = ("graph", "policy", "distance-graph")  # ReViND; the policy alone on the far goal; ViNG-like weights
+
+
+def far_goal_tasks(world: World, episodes: int, seed: int) -> list:
+    """Start poses in the bottom band's middle, goals in the top band: two walls whose gaps do not
+    line up lie between (20-35 m straight, longer by road), far beyond the 50-step relabelling window."""
+    rng = np.random.default_rng(seed)
+    return [(world.free_pose(rng, (14.0, 26.0, 1.5, 7.0)), world.free_pose(rng, (6.0, 34.0, 29.0, 38.0))[:2])
+            for _ in range(episodes)]
+
+
+def evaluate(agent: ReViND, world: World, graph: dict, args: Args, device: torch.device, seed: int) -> dict:
+    """Every variant on the same far-goal episodes: per episode success, steps, path length, whether it
+    collided, the fractions of steps on grass and in sun, and its route."""
+    distance_graph = {**graph, "cost": graph["distance_cost"]}
+    results = {v: [] for v in VARIANTS}
+    for start, goal in far_goal_tasks(world, args.eval_episodes, seed):
+        goal_node = int(np.argmin(np.linalg.norm(graph["pos"] - goal, axis=1)))
+        for variant in VARIANTS:
+            g = distance_graph if variant == "distance-graph" else graph
+            plan = shortest_paths(g, goal_node) if variant != "policy" else None
+            results[variant].append(drive(agent, world, g, plan, start, goal, args, device))
+    return results
+
+
+def drive(agent: ReViND, world: World, graph: dict, plan: Optional[tuple], start: np.ndarray, goal: np.ndarray,
+          args: Args, device: torch.device) -> dict:
+    """One episode: each step the policy gets the next subgoal on the plan (the goal itself once it is
+    within subgoal_distance, or without a plan) and the robot follows its first waypoint."""
+    pose, route, grass, sun, length = start.copy(), [start[:2].copy()], [], [], 0.0
+    success = collided = False
+    for _ in range(args.episode_steps):
+        near = np.linalg.norm(goal - pose[:2]) < args.subgoal_distance
+        target = goal if plan is None or near else next_subgoal(graph, plan, pose[:2], args.subgoal_distance)
+        if target is None:
+            break  # no path on the graph
+        image = torch.as_tensor(world.render(pose), device=device).permute(2, 0, 1)[None]
+        g = goal_vector(torch.as_tensor(pose[:2], device=device), torch.tensor(float(pose[2]), device=device),
+                        torch.as_tensor(target, dtype=torch.float32, device=device))[None]
+        waypoint = agent.act(image, g.float())[0, :2].cpu().numpy()
+        new_pose, collided = world.move(pose, waypoint)
+        if collided:
+            break
+        length += float(np.linalg.norm(new_pose[:2] - pose[:2]))
+        pose = new_pose
+        on_grass, in_sun = world.ground(pose[:2])
+        grass.append(bool(on_grass))
+        sun.append(bool(in_sun))
+        route.append(pose[:2].copy())
+        if np.linalg.norm(goal - pose[:2]) < args.goal_radius:
+            success = True
+            break
+    return {"success": success, "collided": collided, "steps": len(route) - 1, "length": length,
+            "grass": float(np.mean(grass)) if grass else float("nan"), "sun": float(np.mean(sun)) if sun else float("nan"),
+            "route": np.array(route), "start": start, "goal": goal}
+
+
+def summarize(episodes: list) -> dict:
+    ok = [e for e in episodes if e["success"]]
+    return {"success": float(np.mean([e["success"] for e in episodes])),
+            "collision": float(np.mean([e["collided"] for e in episodes])),
+            "length": float(np.mean([e["length"] for e in ok])) if ok else float("nan"),
+            "grass": float(np.nanmean([e["grass"] for e in episodes])),
+            "sun": float(np.nanmean([e["sun"] for e in episodes]))}
+
+
+def plot_routes(world: World, episodes: dict, graph: dict, path: str, title: str):
+    """The map with each variant's routes (matplotlib, if installed)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(episodes), figsize=(4.2 * len(episodes), 4.4))
+    colours = plt.cm.tab10(np.arange(10))
+    for ax, (variant, eps) in zip(np.atleast_1d(axes), episodes.items()):
+        ax.imshow(world.rgb, origin="lower", extent=(0, world.size, 0, world.size))
+        ax.scatter(graph["pos"][:, 0], graph["pos"][:, 1], s=1, c="k", alpha=0.15)
+        for i, e in enumerate(eps):
+            r = e["route"]
+            ax.plot(r[:, 0], r[:, 1], color=colours[i % 10], lw=1.2, ls="-" if e["success"] else ":")
+            ax.plot(*e["start"][:2], "o", color=colours[i % 10], ms=3)
+            ax.plot(*e["goal"], "*", color=colours[i % 10], ms=7)
+        s = summarize(eps)
+        ax.set_title(f"{variant}: success {s['success']:.0%}, grass {s['grass']:.0%}, sun {s['sun']:.0%}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# =============================================================================
+# Plumbing: arguments, checkpoints, run folder, logging, the CUDA-graph helper.
+# Nothing below changes what the algorithm does.
+# =============================================================================
+def fail(message: str):
+    """Bad input: one clear sentence on stderr and exit status 1."""
+    raise SystemExit(f"revind.py: error: {message}")
+
+
+def resolve_args(args: Args) -> torch.device:
+    if not 0 < args.expectile < 1:
+        fail(f"--expectile must be in (0, 1), got {args.expectile}")
+    if args.max_steps < 1 or args.batch_size < 1 or args.log_interval < 1:
+        fail("--max-steps, --batch-size and --log-interval must be positive")
+    if not 1 <= args.goal_min <= args.goal_max:
+        fail(f"need 1 <= --goal-min <= --goal-max, got {args.goal_min} and {args.goal_max}")
+    if args.trajectory_length <= args.goal_min or args.trajectories < 1:
+        fail("--trajectory-length must exceed --goal-min, and --trajectories must be positive")
+    if args.image_height < 16 or args.image_width < 16:
+        fail(f"images must be at least 16 x 16 pixels, got {args.image_height} x {args.image_width}")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but CUDA is not available")
+    return device
+
+
+def open_run(args: Args, device: torch.device) -> tuple:
+    """The --resume checkpoint (or None) and the run folder, which must not exist (or be the resumed run's)."""
+    resume = None
+    if args.resume is not None:
+        if not os.path.isfile(args.resume):
+            fail(f"checkpoint {args.resume} does not exist")
+        resume = torch.load(args.resume, map_location=device, weights_only=False)
+    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
+                               f"runs/revind__{args.user_reward}__{args.actor}__{args.seed}__{int(time.time())}")
+    if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
+        fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
+    return resume, run_dir
+
+
+def save_checkpoint(path: str, agent: ReViND, step: int, args: Args, evals: list):
+    state = {"agent": agent.state_dict(), "step": step, "args": asdict(args), "evaluations": evals,
+             **{k: opt.state_dict() for k, opt in agent.optimizers().items()},
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint intact
+
+
+def load_checkpoint(agent: ReViND, state: dict, device: torch.device):
+    """Agent, optimizers and RNG as saved, on this run's device (the checkpoint may come from another)."""
+    agent.load_state_dict(state["agent"])
+    for k, opt in agent.optimizers().items():
+        for group in state[k]["param_groups"]:  # capturable Adam on CUDA only (CPU Adam refuses it)
+            group["capturable"] = device.type == "cuda"
+        opt.load_state_dict(state[k])
+    # load_state_dict put the checkpoint's lr tensor into the actor's param group: link the agent's
+    # lr tensor back in (with the saved value), or the cosine schedule no longer reaches Adam
+    agent.actor_lr.copy_(torch.as_tensor(agent.actor_opt.param_groups[0]["lr"]))
+    agent.actor_opt.param_groups[0]["lr"] = agent.actor_lr
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+
+
+class Logger:
+    """The run's outputs: args.json, TensorBoard (and W&B with --track), one stdout line per log,
+    evaluations.csv (one row per variant) and routes_{step}.png; updates/s after the warm-up."""
+
+    def __init__(self, run_dir: str, args: Args, device: torch.device, transitions: int, start: int, end: int):
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump({**asdict(args), "resolved": {"device": str(device), "transitions": transitions}}, f, indent=2)
+        self.run_dir, self.device, self.args = run_dir, device, args
+        self.writer = SummaryWriter(run_dir)
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
+                       dir=run_dir, sync_tensorboard=True)
+        self.warmup = min(start + 20, end)  # updates/s is measured after the capture warm-up
+        self.t0, self.n0, self.t_eval = None, 0, 0.0
+        self.bar = tqdm(total=end, initial=start, disable=not sys.stdout.isatty(), desc="revind")
+
+    def tick(self, step: int):
+        self.bar.update(1)
+        if step == self.warmup:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.t0, self.n0 = time.perf_counter(), step
+
+    def losses(self, step: int, info: dict) -> dict:
+        metrics = {k: v.item() for k, v in info.items()}  # the only host sync of the loop
+        for k, v in metrics.items():
+            if not math.isfinite(v):
+                fail(f"{k} became {v} at step {step}; lower the learning rates")
+            self.writer.add_scalar(k, v, step)
+        line = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("losses"))
+        if self.t0 is not None and step > self.n0:
+            metrics["updates_per_second"] = (step - self.n0) / (time.perf_counter() - self.t0 - self.t_eval)
+            self.writer.add_scalar("charts/updates_per_second", metrics["updates_per_second"], step)
+        print(f"step={step} {line} ups={metrics.get('updates_per_second', float('nan')):.1f}", flush=True)
+        return metrics
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluation) is not counted in updates/s."""
+        t = time.perf_counter()
+        yield
+        if self.t0 is not None:
+            self.t_eval += time.perf_counter() - t
+
+    def evaluation(self, step: int, episodes: dict, graph: dict, evals: list, world: World) -> dict:
+        metrics = {}
+        for variant, eps in episodes.items():
+            s = summarize(eps)
+            evals.append((step, variant, s["success"], s["collision"], s["length"], s["grass"], s["sun"]))
+            for k, v in s.items():
+                metrics[f"eval/{variant}/{k}"] = v
+                self.writer.add_scalar(f"eval/{variant}/{k}", v, step)
+            print(f"step={step} eval {variant}: success={s['success']:.2f} collision={s['collision']:.2f} "
+                  f"length={s['length']:.1f} grass={s['grass']:.2f} sun={s['sun']:.2f}", flush=True)
+        with open(os.path.join(self.run_dir, "evaluations.csv"), "w") as f:
+            f.write("step,variant,success,collision,length,grass,sun\n")
+            f.writelines(f"{s},{v},{a:.3f},{b:.3f},{c:.2f},{d:.3f},{e:.3f}\n" for s, v, a, b, c, d, e in evals)
+        metrics["graph/nodes"], metrics["graph/edges"] = len(graph["nodes"]), len(graph["src"])
+        plot_routes(world, episodes, graph, os.path.join(self.run_dir, f"routes_{step}.png"),
+                    f"user reward: {self.args.user_reward}, actor: {self.args.actor}, step {step}")
+        return metrics
+
+    def close(self):
+        self.bar.close()
+        self.writer.close()
+
+
+# ----------------------------------------------------------------------------- CUDA graph
+def cuda_graph(fn, warmup: int = 3):
+    """fn() (no inputs: it reads static tensors) as a CUDA graph. The first `warmup` calls run fn
+    eagerly on a side stream, the next one captures fn and replays it, every later one replays it.
+    Each call is exactly one call of fn, so a run does the same updates with or without the graph."""
+    graph, out, calls = None, None, 0
+
+    def call():
+        nonlocal graph, out, calls
+        calls += 1
+        if calls <= warmup:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                result = fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            return result
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records fn's kernels without running them
+                out = fn()
+        graph.replay()
+        return out
+    return call
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
