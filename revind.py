@@ -8,37 +8,47 @@ From reward-agnostic exploration data (images, positions) ReViND learns goal-con
 navigation offline, for a reward the user picks, and reaches far goals by planning over a graph
 of the data's observations weighted by the learned value:
 
-    data:   trajectories of (o_t, p_t); action a_t = the next 5 waypoints p_{t+1..t+5} in the
-            robot's frame; goal g relabelled from p_{t+k}, k ~ U{10..50}, as (sin, cos, distance)
-            of g in the robot's frame
-    reward: r_t = -1 + lambda * d(o_t)  (d: a detector on the image's lower middle: grass, sun),
-            0 and terminal on reaching g; a collision is terminal with r = `collision_reward`
-    IQL on pixels: z = f(aug(o)) trained by the Q loss only; V(sg(z), g) by expectile tau,
-            pi(a | sg(z), g) by AWR exp(beta (min Q' - V)), Q(z, g, a) -> r + gamma m V(z', g'),
-            Q' <- Polyak(Q)                                   (iql.py's update, on features)
-    graph:  nodes = subsampled observations; edge i -> j if |p_j - p_i| is within what 10-50 steps
-            cover and the value says it is reachable; its cost the step count that V(o_i, g_ij)
-            implies, n = log(1 + (1 - gamma) V) / log gamma (r = -1 per step gives
-            V = -(1 - gamma^n) / (1 - gamma)); Dijkstra to the goal's node; the policy drives to the
-            next node on the path, replanning from the nearest node as it moves.
+    data:   trajectories of (o_t, p_t); action a_t = the next 5 waypoints in the robot's frame;
+            goal g relabelled from p_{t+k}, k ~ U{1..50}, as (sin, cos, distance) of g in the
+            robot's frame
+    reward: r_t = -1 + lambda d(o_t)  (d: a detector on the image's lower middle: grass or sun);
+            terminal when o_{t+1} is the goal; a collision is terminal with r = collision_reward
+    IQL on pixels: conv features f(aug(o)) trained by the Q loss only; V(sg(f), g) by expectile
+            tau, pi(a | sg(f), g) by AWR exp(beta (Q' - V)), Q(f, g, a) -> r + gamma m V(f', g'),
+            Q' <- Polyak(Q)                                      (iql.py's update, on images)
+    graph:  nodes = subsampled observations; edge i -> j if |p_j - p_i| <= edge_max_distance, its
+            cost the step count V(o_i, g_ij) implies, n = log(1 + (1 - gamma) V) / log gamma
+            (r = -1 per step gives V = -(1 - gamma^n) / (1 - gamma)), pruned above max_edge_cost;
+            Dijkstra to the goal's node; the policy drives to the next node on the path,
+            replanning from the nearest node at every step.
 
 Usage:
-    python revind.py                                 # grass reward, 3 seeds of data and training
+    python revind.py --encoder conv --batch-size 256            # grass reward (a CPU-sized run)
     python revind.py --user-reward sunny
-    python revind.py --user-reward none --actor bc   # goal-conditioned BC (and --actor filtered-bc)
+    python revind.py --user-reward none --actor bc              # goal-conditioned BC; also filtered-bc
     python revind.py --help
 
 The file reads top to bottom: Args, the networks, the method (pixel IQL), main(); then the graph
-and planner, the world (map, robot, camera), the data, evaluation and the plumbing.
+and planner, the world (map, robot, camera), the data, the evaluation and the plumbing.
 
-Differences from the official code:
-- PyTorch; a world of its own (numpy, in this file) instead of the RECON dataset and a robot.
-- Images are 24 x 32 by default (official 48 x 64), for CPU time; `--image-height/--image-width`.
-- Collisions are terminal with `collision_reward` (-100: never reaching the goal). The official
-  code gives r = 0 on a collision, which is the reward of reaching the goal: a bug.
-- Batch 512, as the official config; the official HEAD trains with batch 1, a bug.
-- The graph, the planner and the closed-loop evaluation are not in the official release
-  (its issue #1): they follow the paper's description.
+Differences from the official code (see docs/revind.md for why each matters):
+- PyTorch; a world of its own (numpy, in this file) instead of the RECON data and a robot;
+  24 x 32 images by default (official 48 x 64), for CPU time. `--encoder conv` swaps the official
+  IMPALA trunk for 3 conv layers, about 5x cheaper (the CPU runs in the docs use it).
+- Goals are relabelled k ~ U{1..50} steps ahead with the step reaching the goal terminal (the
+  June 2022 code). HEAD draws 10..50, where no transition ever reaches its goal, so V has no anchor
+  and cannot count steps. 30% of goals are any frame of the data (`--random-goal-fraction`; not in
+  the official code): they teach V that goals behind walls are far, which the graph's pruning needs.
+- Collisions are terminal with `collision_reward` (-100: never arriving). The official code gives
+  r = 0 on a collision, the reward of reaching the goal: a bug (the June 2022 code gave -51).
+- Batch 512 as the official config; HEAD trains with batch 1, a bug.
+- Kept from the official code: the mean (not min) of the two Q heads, the unit-std Gaussian policy
+  on waypoints in metres (AWR = weighted squared error), per-head Dense(50)-LayerNorm-tanh
+  projections, the same random shift for o and o', the actor's cosine lr decay, HSV detectors.
+- Filtered BC cuts trajectories into 15-step fragments (official: random ~15-step chunks between
+  done flags) and keeps the top 20% by mean reward; no waypoint noise (official sd 0.007).
+- The graph, the planner and the closed-loop evaluation are not in the official release (its
+  issue #1): they follow the paper's description, with the choices above named in Args.
 """
 
 import contextlib
@@ -114,6 +124,9 @@ class Args:
     then no transition reaches its goal and V has no anchor; the June 2022 code drew 1..50)"""
     goal_max: int = 50
     """see goal_min"""
+    random_goal_fraction: float = 0.3
+    """share of goals drawn from any frame of the data instead (not in the official code): they teach V
+    which goals lie beyond walls, so the graph can prune edges through them"""
     encoder: Literal["impala", "conv"] = "impala"
     """image encoder: the official IMPALA trunk, or a 3-layer conv trunk about 5x cheaper (for CPUs)"""
     image_height: int = 24
@@ -676,7 +689,8 @@ def waypoints(data: dict) -> np.ndarray:
 class RelabelBuffer:
     """The dataset on the device, and batches with relabelled goals drawn there (official sampler):
     t uniform over frames that have a successor; g = p_{t+k}, k ~ U{goal_min..goal_max}, clipped to
-    the trajectory's end; r = -1 + lambda d(o_t), m = 0 when o_{t+1} is the goal frame (reached),
+    the trajectory's end (or, a random_goal_fraction of the time, any frame of the data);
+    r = -1 + lambda d(o_t), m = 0 when o_{t+1} is the goal frame (reached),
     and a collision is terminal with r = collision_reward. For filtered BC only the kept fragments'
     frames are drawn."""
 
@@ -693,11 +707,14 @@ class RelabelBuffer:
         self.pos, self.yaw, self.collision = t(data["pos"]), t(data["yaw"]), t(data["collision"])
         self.actions = t(waypoints(data))
         self.goal_min, self.goal_max, self.collision_reward = args.goal_min, args.goal_max, args.collision_reward
+        self.random_goal_fraction = args.random_goal_fraction
 
     def sample(self, batch_size: int) -> tuple:
         i = self.starts[torch.randint(0, len(self.starts), (batch_size,), device=self.starts.device)]
         k = torch.randint(self.goal_min, self.goal_max + 1, (batch_size,), device=i.device)
-        g = torch.minimum(i + k, self.last[i])  # the goal frame, in the same trajectory
+        g = torch.minimum(i + k, self.last[i])  # the goal frame, in the same trajectory ...
+        anywhere = torch.randint(0, len(self.pos), (batch_size,), device=i.device)
+        g = torch.where(torch.rand(batch_size, device=i.device) < self.random_goal_fraction, anywhere, g)  # ... or any frame
         collided = self.collision[i]
         rew = torch.where(collided, self.collision_reward, -1.0 + self.bonus[i])
         mask = (~collided & (g != i + 1)).float()

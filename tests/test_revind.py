@@ -111,10 +111,17 @@ def test_waypoints_are_the_next_five_commands_in_the_robot_frame():
     assert np.allclose(a[7], [[0.5, 0], [0.5, 0], [0.5, 0], [0.5, 0], [0.5, 0]], atol=1e-6)
 
 
+def test_goal_vector_is_the_bearing_and_distance_in_the_robot_frame():
+    """Facing north (yaw pi / 2) at (1, 1): a goal 2 m north is straight ahead, one 1 m west is to the left."""
+    pos, yaw = torch.tensor([[1.0, 1.0], [1.0, 1.0]]), torch.tensor([math.pi / 2, math.pi / 2])
+    g = revind.goal_vector(pos, yaw, torch.tensor([[1.0, 3.0], [0.0, 1.0]]))
+    torch.testing.assert_close(g, torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 1.0]]), atol=1e-6, rtol=0)
+
+
 def test_relabelled_goals_rewards_and_masks(monkeypatch):
     data = hand_made()
     monkeypatch.setattr(revind, "detector", lambda images, kind: (images[:, -1, 8, 1] > 100).astype(np.float32))
-    args = revind.Args(goal_min=1, goal_max=3, reward_scale=0.75, collision_reward=-100.0, actor="awr")
+    args = revind.Args(goal_min=1, goal_max=3, reward_scale=0.75, collision_reward=-100.0, actor="awr", random_goal_fraction=0.0)
     buffer = revind.RelabelBuffer(data, args, torch.device("cpu"))
     assert buffer.starts.tolist() == [0, 1, 2, 3, 4, 6, 7, 8]  # frames with a successor in their trajectory
     torch.manual_seed(0)
@@ -141,6 +148,21 @@ def test_relabelled_goals_rewards_and_masks(monkeypatch):
             assert rew[row] == pytest.approx(-1.0 + 0.75 * (t in (1, 3)))
             assert float(mask[row]) in {float(candidates[j] != t + 1) for j in match}  # reached on this step: terminal
     assert dist.max() <= 1.5 + 1e-5  # at most 3 steps of 0.5 m
+
+
+def test_random_goals_come_from_anywhere_and_never_count_as_reached():
+    data = hand_made()
+    args = revind.Args(goal_min=1, goal_max=3, random_goal_fraction=1.0)
+    torch.manual_seed(0)
+    image, goal, act, rew, mask, next_image, next_goal = revind.RelabelBuffer(data, args, torch.device("cpu")).sample(2000)
+    i = image[:, 0, 0, 0].long()
+    pos, yaw = torch.as_tensor(data["pos"]), torch.as_tensor(data["yaw"])
+    frame = torch.stack([(revind.goal_vector(pos[i], yaw[i], pos[g].expand(len(i), 2)) - goal).abs().sum(-1) < 1e-4
+                         for g in range(10)], 1)  # which frames each goal can be
+    assert frame.any(1).all()
+    other = (frame[:, :6].any(1) & (i >= 6)) | (frame[:, 6:].any(1) & (i < 6))
+    assert other.float().mean() > 0.3  # goals in the other trajectory
+    assert torch.equal(mask[other & (i != 7)], torch.ones(int((other & (i != 7)).sum())))
 
 
 def test_filtered_bc_keeps_the_top_fragments():
