@@ -95,6 +95,22 @@ def rlpd_block(device, mode, with_env=False):
     return utd_block(rlpd, rlpd.RLPD, device, mode, with_env)
 
 
+def revind_step(device, mode):
+    """revind.py: one pixel-IQL update (shift augmentation, V, actor, Q with the IMPALA encoder, Polyak) at the
+    defaults (24 x 32 images, batch 512) from 20k random frames with relabelled goals drawn on the device."""
+    import numpy as np
+    import revind
+    args = revind.Args()
+    rng, n = np.random.default_rng(0), 20_000
+    data = {"images": rng.integers(0, 256, (n, args.image_height, args.image_width, 3), dtype=np.uint8),
+            "pos": rng.uniform(0, 40, (n, 2)).astype(np.float32), "yaw": rng.uniform(-3, 3, n).astype(np.float32),
+            "traj": np.repeat(np.arange(n // 80), 80), "target": rng.uniform(0, 40, (n, 2)).astype(np.float32),
+            "collision": rng.random(n) < 0.05}
+    buffer = revind.RelabelBuffer(data, args, device)
+    agent = revind.ReViND(args, device)
+    return speedup(lambda: agent.update(*buffer.sample(args.batch_size)), mode, revind.cuda_graph), 1, "updates"
+
+
 def ddpo_step(device, mode):
     """ddpo.py: one DDPO_IS backward pass (one timestep of a train batch of 4, with guidance: 8 UNet rows)
     and an AdamW step, on the tiny model (16x16 pixels) with its LoRA; no CUDA graph (not used by the script)."""
@@ -148,7 +164,7 @@ def mtl_step(method):
 MTL_METHODS = ("unitary", "mgda-ub", "imtl", "pcgrad", "graddrop", "rlw-dirichlet", "rlw-normal", "cagrad")
 SCRIPTS = {"iql": iql_step, "idql": idql_step, "idql-select": idql_select,
            "sac_20min": sac_20min_block, "sac_20min-env": lambda d, m: sac_20min_block(d, m, with_env=True),
-           "rlpd": rlpd_block, "rlpd-env": lambda d, m: rlpd_block(d, m, with_env=True), "ddpo": ddpo_step,
+           "rlpd": rlpd_block, "rlpd-env": lambda d, m: rlpd_block(d, m, with_env=True), "ddpo": ddpo_step, "revind": revind_step,
            **{f"mtl-{m}": mtl_step(m) for m in MTL_METHODS}}
 
 
