@@ -19,8 +19,9 @@ of the data's observations weighted by the learned value:
     graph:  nodes = subsampled observations; edge i -> j if |p_j - p_i| <= edge_max_distance, its
             cost the step count V(o_i, g_ij) implies, n = log(1 + (1 - gamma) V) / log gamma
             (r = -1 per step gives V = -(1 - gamma^n) / (1 - gamma)), pruned above max_edge_cost;
-            Dijkstra to the goal's node; the policy drives to the next node on the path,
-            replanning from the nearest node at every step.
+            Dijkstra to the goal's node; every step the robot joins the graph through edges
+            from its current image (weighted the same way), and the policy drives to the next node
+            on the shortest path.
 
 Usage:
     python revind.py --encoder conv --batch-size 256            # grass reward (a CPU-sized run)
@@ -163,6 +164,8 @@ class Args:
     """write run_dir/checkpoint.pt at each evaluation and at the end"""
     resume: Optional[str] = None
     """continue from a checkpoint.pt (outputs go to its folder unless --run-dir)"""
+    eval_only: bool = False
+    """with --resume: no training, one evaluation of the checkpoint (planner flags may differ), in a new folder"""
     run_dir: Optional[str] = None
     """output folder (default: runs/revind__{user_reward}__{actor}__{seed}__{time}); must not exist"""
 
@@ -391,14 +394,14 @@ def main(args: Args) -> dict:
     start, evals = 0, []
     if resume:
         load_checkpoint(agent, resume, device)
-        start, evals = resume["step"], resume["evaluations"]
-        print(f"resumed from {args.resume} at step {start}")
+        start, evals = resume["step"], ([] if args.eval_only else resume["evaluations"])
+        print(f"{'evaluating' if args.eval_only else 'resumed from'} {args.resume} at step {start}")
 
     def train_step():
         return agent.update(*buffer.sample(args.batch_size))  # relabelled goals and rewards, drawn on the device
 
     step_fn = cuda_graph(train_step) if device.type == "cuda" and args.cuda_graph else train_step
-    end = args.max_steps
+    end = start if args.eval_only else args.max_steps  # --eval-only: no update, one evaluation
     log = Logger(run_dir, args, device, len(buffer.starts), start, end)
 
     def evaluate_and_log(step: int) -> dict:
@@ -408,6 +411,8 @@ def main(args: Args) -> dict:
             return log.evaluation(step, episodes, graph, evals, world)
 
     results, step = {}, start
+    if args.eval_only:
+        results.update(evaluate_and_log(step))
     while step < end:
         info = step_fn()  # one gradient step: V, then pi, then Q and the encoder, then the target critic
         step += 1
@@ -471,14 +476,31 @@ def shortest_paths(graph: dict, goal: int) -> tuple:
     return to_go, np.where(previous < 0, -1, previous)  # previous in the reversed graph = next toward the goal
 
 
-def next_subgoal(graph: dict, plan: tuple, position: np.ndarray, lookahead: float) -> Optional[np.ndarray]:
-    """Localise to the nearest node that has a path to the goal, and follow the path to the first
-    node at least `lookahead` m away: the policy's next goal (None: no node has a path)."""
+def edges_from_here(agent: ReViND, image: torch.Tensor, pose: np.ndarray, graph: dict, args: Args,
+                    weights: str) -> np.ndarray:
+    """The robot's own edges into the graph, as the graph's: to each node within edge_max_distance,
+    the step count V(o_t, g) implies from the current image, pruned above max_edge_cost; weighted by
+    it ("value") or by metres ("distance"). inf where there is no edge."""
+    gap = np.linalg.norm(graph["pos"] - pose[:2], axis=1)
+    near = np.nonzero(gap <= args.edge_max_distance)[0]
+    cost = np.full(len(gap), np.inf)
+    if len(near):
+        t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=image.device)  # noqa: E731
+        goals = goal_vector(t(pose[:2]), t(pose[2]), t(graph["pos"][near]))
+        steps = value_to_steps(agent.v(image.expand(len(near), -1, -1, -1), goals).cpu().numpy(), args.gamma)
+        cost[near] = np.where(steps <= args.max_edge_cost, steps if weights == "value" else gap[near], np.inf)
+    return cost
+
+
+def next_subgoal(graph: dict, plan: tuple, position: np.ndarray, cost_from_here: np.ndarray, lookahead: float):
+    """Localise: the node that minimises (cost from here + cost to go), the robot joining the graph as
+    one more node; then follow the path from it to the first node at least `lookahead` m away: the
+    policy's next goal (None: no path)."""
     to_go, nxt = plan
-    if not np.isfinite(to_go).any():
+    total = cost_from_here + to_go
+    if not np.isfinite(total).any():
         return None
-    here = int(np.argmin(np.linalg.norm(graph["pos"] - position, axis=1) + np.where(np.isfinite(to_go), 0.0, np.inf)))
-    node = here
+    node = int(np.argmin(total))
     while nxt[node] >= 0 and np.linalg.norm(graph["pos"][node] - position) < lookahead:
         node = nxt[node]
     return graph["pos"][node]
@@ -758,22 +780,26 @@ def evaluate(agent: ReViND, world: World, graph: dict, args: Args, device: torch
         for variant in VARIANTS:
             g = distance_graph if variant == "distance-graph" else graph
             plan = shortest_paths(g, goal_node) if variant != "policy" else None
-            results[variant].append(drive(agent, world, g, plan, start, goal, args, device))
+            weights = "distance" if variant == "distance-graph" else "value"
+            results[variant].append(drive(agent, world, g, plan, start, goal, args, device, weights))
     return results
 
 
 def drive(agent: ReViND, world: World, graph: dict, plan: Optional[tuple], start: np.ndarray, goal: np.ndarray,
-          args: Args, device: torch.device) -> dict:
-    """One episode: each step the policy gets the next subgoal on the plan (the goal itself once it is
-    within subgoal_distance, or without a plan) and the robot follows its first waypoint."""
+          args: Args, device: torch.device, weights: str = "value") -> dict:
+    """One episode: each step the robot joins the graph from its current image, the policy gets the
+    next subgoal on the plan (the goal itself once within subgoal_distance, or without a plan) and
+    the robot follows its first waypoint."""
     pose, route, grass, sun, length = start.copy(), [start[:2].copy()], [], [], 0.0
     success = collided = False
     for _ in range(args.episode_steps):
-        near = np.linalg.norm(goal - pose[:2]) < args.subgoal_distance
-        target = goal if plan is None or near else next_subgoal(graph, plan, pose[:2], args.subgoal_distance)
-        if target is None:
-            break  # no path on the graph
         image = torch.as_tensor(world.render(pose), device=device).permute(2, 0, 1)[None]
+        target = goal
+        if plan is not None and np.linalg.norm(goal - pose[:2]) >= args.subgoal_distance:
+            here = edges_from_here(agent, image, pose, graph, args, weights)
+            target = next_subgoal(graph, plan, pose[:2], here, args.subgoal_distance)
+            if target is None:
+                break  # no path from here on the graph
         g = goal_vector(torch.as_tensor(pose[:2], device=device), torch.tensor(float(pose[2]), device=device),
                         torch.as_tensor(target, dtype=torch.float32, device=device))[None]
         waypoint = agent.act(image, g.float())[0, :2].cpu().numpy()
@@ -849,6 +875,8 @@ def resolve_args(args: Args) -> torch.device:
         fail(f"need 1 <= --goal-min <= --goal-max, got {args.goal_min} and {args.goal_max}")
     if args.trajectory_length <= args.goal_min or args.trajectories < 1:
         fail("--trajectory-length must exceed --goal-min, and --trajectories must be positive")
+    if args.eval_only and (args.resume is None or args.eval_episodes < 1):
+        fail("--eval-only needs --resume CHECKPOINT and --eval-episodes >= 1")
     if args.image_height < 16 or args.image_width < 16:
         fail(f"images must be at least 16 x 16 pixels, got {args.image_height} x {args.image_width}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -865,6 +893,11 @@ def open_run(args: Args, device: torch.device) -> tuple:
         if not os.path.isfile(args.resume):
             fail(f"checkpoint {args.resume} does not exist")
         resume = torch.load(args.resume, map_location=device, weights_only=False)
+    if args.eval_only:  # a new folder per evaluation: the training run's outputs are never touched
+        run_dir = args.run_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume)), f"eval__{int(time.time())}")
+        if os.path.exists(run_dir):
+            fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
+        return resume, run_dir
     run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
                                f"runs/revind__{args.user_reward}__{args.actor}__{args.seed}__{int(time.time())}")
     if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):

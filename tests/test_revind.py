@@ -198,11 +198,19 @@ def test_shortest_paths_and_subgoals_on_a_hand_made_graph():
     graph["cost"] = np.array([1, 1, 1, 2.5, 1.0])  # now the shortcut wins
     to_go, nxt = revind.shortest_paths(graph, goal=3)
     assert to_go[0] == 2.5 and nxt[0] == 3
-    # following the first plan: from near node 0, the first node on the path >= 1.5 m away is node 2
+    # following the first plan from (0.1, 0.2) with edges from here of its distance up to 1.5 m: the robot
+    # joins at node 1 (0.92 + 2 < 0.22 + 3) and the first node on the path >= 1.5 m away is node 2
     plan = revind.shortest_paths({**graph, "cost": np.array([1, 1, 1, 5, 1.0])}, goal=3)
-    assert np.allclose(revind.next_subgoal(graph, plan, np.array([0.1, 0.2]), lookahead=1.5), [2, 0])
-    # localisation skips node 4 (no path from it) even when the robot stands on it
-    assert np.allclose(revind.next_subgoal(graph, plan, np.array([8.0, 8.0]), lookahead=1.5), [3, 0])
+    here = np.linalg.norm(graph["pos"] - [0.1, 0.2], axis=1)
+    here[here > 1.5] = np.inf
+    assert np.allclose(revind.next_subgoal(graph, plan, np.array([0.1, 0.2]), here, lookahead=1.5), [2, 0])
+    # its own edges decide where it joins: a cheap edge straight to node 3 wins over the nearest node
+    cheap = np.array([5, np.inf, np.inf, 1, np.inf])
+    assert np.allclose(revind.next_subgoal(graph, plan, np.array([0.1, 0.2]), cheap, lookahead=1.5), [3, 0])
+    # node 4 has no path: standing on it, the robot joins elsewhere; with no edges at all there is no subgoal
+    here = np.linalg.norm(graph["pos"] - [8.0, 8.0], axis=1)
+    assert np.allclose(revind.next_subgoal(graph, plan, np.array([8.0, 8.0]), here, lookahead=1.5), [3, 0])
+    assert revind.next_subgoal(graph, plan, np.array([8.0, 8.0]), np.full(5, np.inf), lookahead=1.5) is None
 
 
 def test_graph_edges_and_costs_come_from_the_value(tmp_path, data_dir, monkeypatch):
@@ -223,6 +231,15 @@ def test_graph_edges_and_costs_come_from_the_value(tmp_path, data_dir, monkeypat
     assert np.allclose(graph["cost"], 10 * length, rtol=1e-4)
     assert length.max() <= args.max_edge_cost / 10 + 1e-4  # pruned beyond 50 steps = 5 m ...
     assert length.max() > 4.0  # ... and kept up to there
+    # the robot's own edges: V from its current image, the same pruning, either weighting
+    pose = np.array([20.0, 5.0, 0.3])
+    image = torch.as_tensor(world.render(pose)).permute(2, 0, 1)[None]
+    gap = np.linalg.norm(graph["pos"] - pose[:2], axis=1)
+    by_value = revind.edges_from_here(agent, image, pose, graph, args, "value")
+    by_distance = revind.edges_from_here(agent, image, pose, graph, args, "distance")
+    reach = gap <= 5.0 - 1e-3
+    assert reach.any() and np.allclose(by_value[reach], 10 * gap[reach], rtol=1e-4) and np.allclose(by_distance[reach], gap[reach])
+    assert np.isinf(by_value[gap > 5.0 + 1e-3]).all() and np.isinf(by_distance[gap > 5.0 + 1e-3]).all()
     cell = np.floor(graph["pos"] / args.node_spacing)
     heading = np.floor((data["yaw"][graph["nodes"]] + np.pi) / (np.pi / 2)) % 4
     assert len(np.unique(np.c_[cell, heading], axis=0)) == len(graph["nodes"])  # one node per cell and heading
@@ -318,6 +335,11 @@ def test_main_trains_evaluates_and_writes_outputs(tmp_path, data_dir):
     assert out["graph/nodes"] > 10 and out["graph/edges"] > 0
     for v in revind.VARIANTS:
         assert 0 <= out[f"eval/{v}/success"] <= 1
+    # --eval-only: the checkpoint evaluated again, in a new folder, with no update
+    again = revind.main(args_for(tmp_path, data_dir, eval_only=True, eval_episodes=2, resume=str(run / "checkpoint.pt"),
+                                 run_dir=str(tmp_path / "again")))
+    assert again["updates"] == 0 and len(again["evaluations"]) == 3
+    np.testing.assert_equal([e[1:] for e in again["evaluations"]], [e[1:] for e in out["evaluations"][-3:]])  # same episodes
 
 
 def test_resume_ends_where_the_uninterrupted_run_ends(tmp_path, data_dir):
@@ -338,6 +360,7 @@ def test_filtered_bc_and_bc_run_through_main(tmp_path, data_dir):
     (dict(expectile=1.0), "expectile"),
     (dict(image_height=8), "16 x 16"),
     (dict(resume="/nonexistent/checkpoint.pt"), "does not exist"),
+    (dict(eval_only=True), "--eval-only needs --resume"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, data_dir, bad, message):
     with pytest.raises(SystemExit, match=message):
