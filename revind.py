@@ -146,6 +146,8 @@ class Args:
     """edges whose value-implied step count exceeds this are pruned (the relabelling horizon)"""
     subgoal_distance: float = 3.0
     """the policy drives to the first node on the path at least this far away (and to the goal once this near)"""
+    replan_every: int = 4
+    """steps between replans (sooner when the subgoal is within goal_radius); 1 = replan every step"""
     episode_steps: int = 300
     """step limit of an evaluation episode"""
     goal_radius: float = 1.0
@@ -787,19 +789,22 @@ def evaluate(agent: ReViND, world: World, graph: dict, args: Args, device: torch
 
 def drive(agent: ReViND, world: World, graph: dict, plan: Optional[tuple], start: np.ndarray, goal: np.ndarray,
           args: Args, device: torch.device, weights: str = "value") -> dict:
-    """One episode: each step the robot joins the graph from its current image, the policy gets the
-    next subgoal on the plan (the goal itself once within subgoal_distance, or without a plan) and
-    the robot follows its first waypoint."""
+    """One episode: every replan_every steps (or on reaching its subgoal) the robot joins the graph from
+    its current image and takes the next subgoal on the plan; the policy drives to the subgoal (to the
+    goal itself once within subgoal_distance, or without a plan); the robot follows its first waypoint."""
     pose, route, grass, sun, length = start.copy(), [start[:2].copy()], [], [], 0.0
     success = collided = False
+    target, since = None, 0
     for _ in range(args.episode_steps):
         image = torch.as_tensor(world.render(pose), device=device).permute(2, 0, 1)[None]
-        target = goal
-        if plan is not None and np.linalg.norm(goal - pose[:2]) >= args.subgoal_distance:
+        if plan is None or np.linalg.norm(goal - pose[:2]) < args.subgoal_distance:
+            target = goal
+        elif target is None or since >= args.replan_every or np.linalg.norm(target - pose[:2]) < args.goal_radius:
             here = edges_from_here(agent, image, pose, graph, args, weights)
-            target = next_subgoal(graph, plan, pose[:2], here, args.subgoal_distance)
+            target, since = next_subgoal(graph, plan, pose[:2], here, args.subgoal_distance), 0
             if target is None:
                 break  # no path from here on the graph
+        since += 1
         g = goal_vector(torch.as_tensor(pose[:2], device=device), torch.tensor(float(pose[2]), device=device),
                         torch.as_tensor(target, dtype=torch.float32, device=device))[None]
         waypoint = agent.act(image, g.float())[0, :2].cpu().numpy()
