@@ -1,0 +1,37 @@
+"""The results table of docs/revind.md from run folders: python docs/revind_table.py runs/revind_study
+
+Each run folder's evaluations.csv (its last evaluation) is grouped by the run's user reward and actor
+(from args.json); per variant: mean +- std over seeds of success, collisions, path length, grass, sun."""
+import csv
+import json
+import os
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+groups = defaultdict(lambda: defaultdict(list))
+root = sys.argv[1]
+for name in sorted(os.listdir(root)):
+    run = os.path.join(root, name)
+    if not os.path.isfile(os.path.join(run, "evaluations.csv")):
+        continue
+    args = json.load(open(os.path.join(run, "args.json")))
+    rows = list(csv.DictReader(open(os.path.join(run, "evaluations.csv"))))
+    last = max(int(r["step"]) for r in rows)
+    for r in rows:
+        if int(r["step"]) == last:
+            groups[(args["user_reward"], args["actor"], last)][r["variant"]].append(r)
+
+print("| user reward | actor | steps | variant | seeds | success | collisions | length (m) | on grass | in sun |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for (reward, actor, step), variants in groups.items():
+    for variant, rows in variants.items():
+        def stat(k, pct=True):
+            v = np.array([float(r[k]) for r in rows])
+            v = v[np.isfinite(v)]
+            if not len(v):
+                return "-"
+            return f"{100 * v.mean():.0f} +- {100 * v.std():.0f}%" if pct else f"{v.mean():.1f} +- {v.std():.1f}"
+        print(f"| {reward} | {actor} | {step} | {variant} | {len(rows)} | {stat('success')} | {stat('collision')} | "
+              f"{stat('length', False)} | {stat('grass')} | {stat('sun')} |")
