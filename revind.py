@@ -371,10 +371,6 @@ class ReViND(nn.Module):
     def act(self, image: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
         return self.actor(self.critic.encoder(image), goal)
 
-    @torch.no_grad()
-    def v(self, image: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
-        return self.value(self.critic.encoder(image), goal).squeeze(-1)
-
     def optimizers(self) -> dict:
         return {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "value_opt": self.value_opt}
 
@@ -489,7 +485,9 @@ def edges_from_here(agent: ReViND, image: torch.Tensor, pose: np.ndarray, graph:
     if len(near):
         t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=image.device)  # noqa: E731
         goals = goal_vector(t(pose[:2]), t(pose[2]), t(graph["pos"][near]))
-        steps = value_to_steps(agent.v(image.expand(len(near), -1, -1, -1), goals).cpu().numpy(), args.gamma)
+        with torch.no_grad():  # the image's features once, V's MLP once per node
+            features = agent.critic.encoder(image).expand(len(near), -1)
+            steps = value_to_steps(agent.value(features, goals).squeeze(-1).cpu().numpy(), args.gamma)
         cost[near] = np.where(steps <= args.max_edge_cost, steps if weights == "value" else gap[near], np.inf)
     return cost
 
@@ -562,9 +560,11 @@ class World:
         iy = np.clip((xy[..., 1] / self.res).astype(int), 0, self.n - 1)
         return iy, ix
 
+    def inside(self, xy: np.ndarray) -> np.ndarray:
+        return (xy[..., 0] >= 0) & (xy[..., 0] < self.size) & (xy[..., 1] >= 0) & (xy[..., 1] < self.size)
+
     def blocked(self, xy: np.ndarray) -> np.ndarray:
-        inside = (xy[..., 0] >= 0) & (xy[..., 0] < self.size) & (xy[..., 1] >= 0) & (xy[..., 1] < self.size)
-        return ~inside | (self.terrain[self.cell(xy)] == WALL)
+        return ~self.inside(xy) | (self.terrain[self.cell(xy)] == WALL)
 
     def ground(self, xy: np.ndarray) -> tuple:
         """(on grass, in sun) of the ground under each position."""
@@ -591,8 +591,7 @@ class World:
         c, s = np.cos(pose[2]), np.sin(pose[2])
         xy = np.stack([pose[0] + c * fwd - s * left, pose[1] + s * fwd + c * left], -1)
         iy, ix = self.cell(xy)
-        inside = (xy[..., 0] >= 0) & (xy[..., 0] < self.size) & (xy[..., 1] >= 0) & (xy[..., 1] < self.size)
-        img = np.where(inside[..., None], self.rgb[iy, ix], TERRAIN_RGB[WALL])
+        img = np.where(self.inside(xy)[..., None], self.rgb[iy, ix], TERRAIN_RGB[WALL])
         img = np.where(valid[..., None], img, SKY_RGB)
         return (img * 255).astype(np.uint8)
 
