@@ -1,0 +1,1153 @@
+"""FastRLAP: a racing policy from pixels in minutes of practice, with a pretrained encoder.
+
+Paper: Stachowicz, Shah, Bhorkar, Kostrikov, Levine, "FastRLAP: A System for Learning High-Speed
+Driving via Deep RL and Autonomous Practicing", CoRL 2023, arXiv:2304.09831. Official code (JAX,
+ROS, a MuJoCo sim): kylestach/fastrlap-release.
+
+Three stages, then the car practises on its own:
+
+    1. pretrain: goal-conditioned pixel IQL on slow (<= 1 m/s), noisy driving on OTHER courses.
+       Goals relabelled: the driver's own (p 0.5), a later position of the same drive (0.25), the
+       position plus N(0, 4 m) (0.25); r = velocity toward the goal. Conv encoder f trained by the
+       critic loss; V by expectile tau, pi by AWR exp(beta (Q - V)), as iql.py. Keep f, frozen.
+    2. demo: one slow scripted lap of the target course; checkpoints every few metres along it;
+       its lap time is the reference and its transitions are prior data.
+    3. practice: SAC on z = [f(o), state] (f(o) computed once per frame and stored), as rlpd.py:
+       10 LayerNorm critics, the target the min of a random 2, UTD 8 (a batch of 512 split into
+       8 critic steps of 64, then one actor and one temperature step), no entropy in the backup,
+       target entropy -3 lowered by 4e-5 per update; half of each batch from the demo. The
+       reward is the velocity toward the current checkpoint, minus a penalty on a crash (terminal
+       for the critic); on a crash or when stuck (3 s within 0.3 m) the car backs up for 1 s and
+       goes on: no resets. A lap is timed between passes of the second checkpoint.
+
+Usage:
+    python fastrlap.py                                   # pretrain, demo lap, 15k steps of practice
+    python fastrlap.py --encoder-path runs/X/encoder.pt  # reuse a pretrained encoder
+    python fastrlap.py --encoder random                  # ablation: an untrained encoder
+    python fastrlap.py --no-demo --no-pseudo-resets      # ablations: no demo data; plain resets
+    python fastrlap.py --help
+
+The file reads top to bottom: Args, the networks, the method (pixel IQL for stage 1, the SAC
+update for stage 3), main() and its stages; then the simulator (course, car, camera, a Gymnasium
+env a real car could replace), the scripted driver and data, evaluation and plumbing.
+
+Differences from the official code (see docs/fastrlap.md):
+- PyTorch, a MuJoCo course of its own (walls, boxes, a car with contact physics and finite grip),
+  64 x 64 images (official 128 x 128 on the car, so the conv output is 3x3x32 = 288, not 1568).
+- The release has no pretraining script, dataset, reward or relabelling for the encoder: stage 1
+  follows the paper with the config's values and the relabelling of the sim's hindsight.py. The
+  encoder is trained by the Q loss only (V and pi read it with stop-gradient).
+- A crash is a wall contact (official: an IMU acceleration spike); its penalty is a constant 10
+  (official 10 + clip(max acceleration / 5, 0, 5)). Checkpoint radius 1 m (official 3 m on a
+  larger course). The recovery reverses at 1 m/s with random steering, as the official car.
+- Demo data: half of every batch (official: one update on an online batch, then one on a demo
+  batch). The critic's target actions use the same rate-limited range as the actor (official: the
+  full [-1, 1]).
+- The pixel IQL actor is a tanh Gaussian over the full action range (the pretrained actor is not
+  used online, as officially).
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    exp_name: str = "fastrlap"
+    """name of this experiment (part of the run folder's name)"""
+    seed: int = 0
+    """seed of python, numpy, torch (the course is --course-seed)"""
+    course_seed: int = 0
+    """the target course's layout"""
+    total_timesteps: int = 15_000
+    """control steps of practice (10 Hz: 15k = 25 simulated minutes)"""
+    learning_starts: int = 500
+    """steps of rate-limited random actions before the first update"""
+    utd_ratio: int = 8
+    """critic steps per environment step: each batch is split into this many slices"""
+    batch_size: int = 512
+    """transitions per UTD block (official 512: 8 critic steps of 64)"""
+    demo: bool = True
+    """put the demo lap's transitions into half of every batch (--no-demo: online data only)"""
+    pseudo_resets: bool = True
+    """after a crash or being stuck, back up for 1 s and go on (--no-pseudo-resets: back to the start)"""
+    encoder: Literal["pretrained", "random"] = "pretrained"
+    """the frozen image encoder: pretrained by stage 1, or untrained (ablation)"""
+    encoder_path: Optional[str] = None
+    """an encoder.pt written by an earlier run: skips stage 1"""
+    eval_interval: int = 0
+    """steps between evaluation laps (deterministic policy, from the start); 0 = only at the end"""
+    eval_laps: int = 1
+    """evaluation attempts per evaluation"""
+    log_interval: int = 1000
+    """steps between logged losses"""
+    actor_lr: float = 3e-4
+    """actor learning rate"""
+    critic_lr: float = 3e-4
+    """critic learning rate"""
+    temp_lr: float = 3e-4
+    """temperature learning rate"""
+    hidden_dim: int = 256
+    """width of the two hidden layers of actor and critics"""
+    latent_dim: int = 50
+    """Dense-LayerNorm-tanh projection of the image features and of the state (each)"""
+    num_qs: int = 10
+    """critics in the ensemble"""
+    num_min_qs: int = 2
+    """size of the random subset of target critics whose min is the backup"""
+    init_temperature: float = 0.1
+    """initial entropy temperature alpha"""
+    target_entropy: float = -3.0
+    """entropy target at the first update"""
+    target_entropy_decay: float = 4e-5
+    """the target is lowered by this much per update (official, from its 1024th update; no floor)"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """Polyak rate of the target critics"""
+    crash_penalty: float = 10.0
+    """subtracted from the reward of a step that ends in a wall contact"""
+    # stage 1: pretraining
+    pretrain_courses: int = 6
+    """other courses (seeds course_seed + 1000 + i) driven slowly for the pretraining data"""
+    pretrain_drive_steps: int = 1500
+    """control steps driven on each of them"""
+    pretrain_steps: int = 3000
+    """gradient steps of pixel IQL"""
+    pretrain_batch_size: int = 128
+    """transitions per pixel IQL step"""
+    expectile: float = 0.9
+    """pixel IQL: V's expectile"""
+    beta: float = 3.0
+    """pixel IQL: AWR inverse temperature ("temperature" in the official config)"""
+    shift_pad: int = 4
+    """pixel IQL: random-crop augmentation, pad by this many pixels (edge) and crop back"""
+    # the simulator
+    image_size: int = 64
+    """camera images are image_size x image_size RGB (official 128 x 128 on the car)"""
+    max_speed: float = 4.0
+    """the sim's top speed (m/s): the official 0.5-4.5 m/s command range is scaled to it"""
+    grip: float = 0.8
+    """tyre friction coefficient (sets how fast a corner can be taken)"""
+    checkpoint_spacing: float = 4.0
+    """metres between checkpoints along the demo lap"""
+    checkpoint_radius: float = 1.0
+    """a checkpoint counts as passed within this distance"""
+    demo_speed: float = 1.0
+    """the scripted demo lap's speed (m/s)"""
+    data_dir: str = "~/.cache/fastrlap"
+    """where the pretraining data are cached"""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu' or 'cuda'"""
+    cuda_graph: bool = True
+    """capture the pixel IQL step and the UTD block as CUDA graphs (applies only on a CUDA device)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "rl-reference"
+    """W&B project"""
+    capture_video: bool = False
+    """record each evaluation lap (top view and camera) under run_dir/videos"""
+    save_model: bool = False
+    """write run_dir/checkpoint.pt (agent, optimizers) at each evaluation and at the end"""
+    run_dir: Optional[str] = None
+    """output folder (default: runs/fastrlap__{encoder}__{seed}__{time}); must not exist"""
+
+
+# ----------------------------------------------------------------------------- networks
+class Encoder(nn.Module):
+    """4 x [Conv 32 channels, 3x3, stride 2, no padding, ReLU] on 3 stacked RGB frames (9 channels),
+    flattened: 64 x 64 -> 31 -> 15 -> 7 -> 3, so 288 features."""
+
+    def __init__(self, image_size: int):
+        super().__init__()
+        layers, c = [], 9
+        for _ in range(4):
+            layers += [nn.Conv2d(c, 32, 3, stride=2), nn.ReLU()]
+            c = 32
+        self.net = nn.Sequential(*layers, nn.Flatten())
+        for m in self.net[:-1:2]:
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        self.out_dim = 32 * conv_size(image_size) ** 2
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, S, S, 3) uint8 -> (B, out_dim)"""
+        b, k, s, _, c = pixels.shape
+        return self.net(pixels.permute(0, 1, 4, 2, 3).reshape(b, k * c, s, s).float() / 255.0)
+
+
+def conv_size(s: int) -> int:
+    for _ in range(4):
+        s = (s - 3) // 2 + 1
+    return s
+
+
+class Projection(nn.Module):
+    """The official PixelMultiplexer: image features -> Dense-LayerNorm-tanh (latent), state ->
+    Dense-LayerNorm-tanh (latent), concatenated. `features` are stop-gradient'ed by the caller."""
+
+    def __init__(self, feature_dim: int, state_dim: int, latent: int):
+        super().__init__()
+        self.pixels = nn.Sequential(nn.Linear(feature_dim, latent), nn.LayerNorm(latent), nn.Tanh())
+        self.state = nn.Sequential(nn.Linear(state_dim, latent), nn.LayerNorm(latent), nn.Tanh())
+        self.feature_dim = feature_dim
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z = [features, state] -> (B, 2 latent)"""
+        return torch.cat([self.pixels(z[..., :self.feature_dim]), self.state(z[..., self.feature_dim:])], -1)
+
+
+class EnsembleLinear(nn.Module):
+    """k independent linear layers applied as one batched matmul: (k, B, in) -> (k, B, out);
+    `members` (indices) applies only those layers."""
+
+    def __init__(self, k: int, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(k, n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(k, 1, n_out))
+        for w in self.weight.data:
+            nn.init.xavier_uniform_(w)  # the official default_init (flax xavier_uniform; fans of a (in, out) matrix)
+
+    def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if members is None:
+            return torch.baddbmm(self.bias, x, self.weight)
+        return torch.baddbmm(self.bias[members], x, self.weight[members])
+
+
+class EnsembleLayerNorm(nn.Module):
+    """LayerNorm with its own scale and shift per ensemble member."""
+
+    def __init__(self, k: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(k, 1, dim))
+        self.bias = nn.Parameter(torch.zeros(k, 1, dim))
+
+    def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w, b = (self.weight, self.bias) if members is None else (self.weight[members], self.bias[members])
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * w + b  # flax's eps
+
+
+class Critics(nn.Module):
+    """k Q-functions on one shared projection of z: each Dense -> LayerNorm -> ReLU (x2) -> Dense(1):
+    (k, B), or (len(members), B) for a subset of them."""
+
+    def __init__(self, feature_dim: int, state_dim: int, act_dim: int, args: Args):
+        super().__init__()
+        self.k, hidden = args.num_qs, args.hidden_dim
+        self.project = Projection(feature_dim, state_dim, args.latent_dim)
+        self.linears = nn.ModuleList([EnsembleLinear(self.k, 2 * args.latent_dim + act_dim, hidden),
+                                      EnsembleLinear(self.k, hidden, hidden), EnsembleLinear(self.k, hidden, 1)])
+        self.norms = nn.ModuleList([EnsembleLayerNorm(self.k, hidden) for _ in range(2)])
+
+    def forward(self, z: torch.Tensor, act: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = torch.cat([self.project(z), act], -1).expand(self.k if members is None else len(members), -1, -1)
+        for i in range(2):
+            x = F.relu(self.norms[i](self.linears[i](x, members), members))
+        return self.linears[2](x, members).squeeze(-1)
+
+
+class TanhGaussianActor(nn.Module):
+    """a = c + s tanh(u), u ~ N(mu(z), sigma(z)), log sigma clipped to [-20, 2], with [c - s, c + s] the
+    allowed range: the previous action +-0.2 (the last two entries of the state) within [-1, 1], so the
+    rate limit is part of the policy (official `output_range`); rate_limit None: all of [-1, 1]."""
+
+    def __init__(self, feature_dim: int, state_dim: int, act_dim: int, args: Args, rate_limit: Optional[float] = 0.2):
+        super().__init__()
+        self.project = Projection(feature_dim, state_dim, args.latent_dim)
+        self.trunk = nn.Sequential(nn.Linear(2 * args.latent_dim, args.hidden_dim), nn.ReLU(),
+                                   nn.Linear(args.hidden_dim, args.hidden_dim), nn.ReLU())
+        self.mu, self.log_std = nn.Linear(args.hidden_dim, act_dim), nn.Linear(args.hidden_dim, act_dim)
+        for layer in (*self.trunk[::2], self.mu, self.log_std):
+            nn.init.xavier_uniform_(layer.weight)  # the official default_init
+            nn.init.zeros_(layer.bias)
+        self.rate_limit, self.act_dim = rate_limit, act_dim
+
+    def action_range(self, z: torch.Tensor) -> tuple:
+        """(centre c, half-width s) of the allowed actions."""
+        if self.rate_limit is None:
+            return torch.zeros_like(z[..., :self.act_dim]), torch.ones_like(z[..., :self.act_dim])
+        prev = z[..., -self.act_dim:]
+        low, high = (prev - self.rate_limit).clamp(-1, 1), (prev + self.rate_limit).clamp(-1, 1)
+        return (high + low) / 2, (high - low) / 2
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        c, s = self.action_range(z)
+        return c + s * torch.tanh(self.mu(self.trunk(self.project(z))))  # the deterministic (evaluation) action
+
+    def distribution(self, z: torch.Tensor) -> tuple:
+        h = self.trunk(self.project(z))
+        return self.mu(h), self.log_std(h).clamp(-20.0, 2.0)
+
+    def sample(self, z: torch.Tensor) -> tuple:
+        """a ~ pi(.|z) by reparameterisation, and log pi(a|z) with the change of variables."""
+        mu, log_std = self.distribution(z)
+        u = mu + log_std.exp() * torch.randn_like(mu)
+        return self.squash(z, u, mu, log_std)
+
+    def log_prob(self, z: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """log pi(a|z) of given actions (AWR), inverting the squash."""
+        mu, log_std = self.distribution(z)
+        c, s = self.action_range(z)
+        u = torch.atanh(((act - c) / s).clamp(-1 + 1e-4, 1 - 1e-4))
+        return self.squash(z, u, mu, log_std)[1]
+
+    def squash(self, z, u, mu, log_std) -> tuple:
+        c, s = self.action_range(z)
+        log_prob = (-0.5 * ((u - mu) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        # log |d(c + s tanh u)/du| = log s + log(1 - tanh(u)^2) = log s + 2 (log 2 - u - softplus(-2u))
+        log_prob = log_prob - (s.log() + 2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+        return c + s * torch.tanh(u), log_prob
+
+
+# ----------------------------------------------------------------------------- stage 1: goal-conditioned pixel IQL
+def random_crop(pixels: torch.Tensor, pad: int) -> torch.Tensor:
+    """DrQ's augmentation: pad the frames by `pad` pixels (edge values) and crop back at a random
+    offset per sample (official: drawn independently for o and o')."""
+    b, k, h, w, c = pixels.shape
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, b, 1), device=pixels.device)
+    rows = (torch.arange(h, device=pixels.device) + dy)[:, :, None]  # (B, H, 1)
+    cols = (torch.arange(w, device=pixels.device) + dx)[:, None, :]  # (B, 1, W)
+    x = pixels.permute(0, 1, 4, 2, 3).reshape(b, k * c, h, w).float()
+    x = F.pad(x, (pad, pad, pad, pad), mode="replicate")[torch.arange(b, device=pixels.device)[:, None, None], :, rows, cols]
+    return x.reshape(b, h, w, k, c).permute(0, 3, 1, 2, 4)  # back to (B, 3, S, S, 3), float
+
+
+class PixelIQL(nn.Module):
+    """Stage 1. The encoder lives in the critic and is trained by the Q loss; V and pi read its
+    features with stop-gradient. The target critic (encoder included) is a Polyak copy."""
+
+    def __init__(self, args: Args, device: torch.device):
+        super().__init__()
+        self.expectile, self.beta, self.gamma, self.tau, self.pad = args.expectile, args.beta, args.gamma, args.tau, args.shift_pad
+        self.num_qs, self.num_min_qs = args.num_qs, args.num_min_qs
+        self.encoder = Encoder(args.image_size)
+        self.critic = Critics(self.encoder.out_dim, STATE_DIM, 2, args)
+        self.target_encoder, self.critic_target = Encoder(args.image_size), Critics(self.encoder.out_dim, STATE_DIM, 2, args)
+        self.target_encoder.load_state_dict(self.encoder.state_dict())
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.target_encoder.requires_grad_(False)
+        self.critic_target.requires_grad_(False)
+        self.value = nn.Sequential(Projection(self.encoder.out_dim, STATE_DIM, args.latent_dim),
+                                   nn.Linear(2 * args.latent_dim, args.hidden_dim), nn.ReLU(),
+                                   nn.Linear(args.hidden_dim, args.hidden_dim), nn.ReLU(), nn.Linear(args.hidden_dim, 1))
+        self.actor = TanhGaussianActor(self.encoder.out_dim, STATE_DIM, 2, args, rate_limit=None)
+        self.to(device)
+        capturable = device.type == "cuda"  # CUDA graphs: Adam's step count on the GPU, so a graph can replay it
+        self.critic_opt = torch.optim.Adam([*self.encoder.parameters(), *self.critic.parameters()], lr=args.critic_lr, capturable=capturable)
+        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=args.critic_lr, capturable=capturable)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
+        self.online_params = [*self.encoder.parameters(), *self.critic.parameters()]
+        self.target_params = [*self.target_encoder.parameters(), *self.critic_target.parameters()]
+
+    def update(self, pixels, state, act, rew, mask, next_pixels, next_state) -> dict:
+        pixels, next_pixels = random_crop(pixels, self.pad), random_crop(next_pixels, self.pad)
+        f = self.encoder(pixels)
+        z, next_z = torch.cat([f.detach(), state], -1), torch.cat([self.encoder(next_pixels).detach(), next_state], -1)
+        with torch.no_grad():  # min of a random 2 of the target Q heads
+            subset = torch.rand(self.num_qs, device=rew.device).argsort()[:self.num_min_qs]
+            target_z = torch.cat([self.target_encoder(pixels), state], -1)
+            q_target = self.critic_target(target_z, act, members=subset).min(0).values
+
+        # V: expectile regression toward Q
+        v = self.value(z).squeeze(-1)
+        diff = q_target - v
+        value_loss = (torch.abs(self.expectile - (diff < 0).float()) * diff.pow(2)).mean()
+        self.value_opt.zero_grad()
+        value_loss.backward()
+        self.value_opt.step()
+
+        # pi: advantage-weighted regression, weights exp(beta A) capped at 100
+        weights = torch.exp(self.beta * (q_target - v.detach())).clamp(max=100.0)
+        actor_loss = -(weights * self.actor.log_prob(z, act)).mean()
+        self.actor_opt.zero_grad()
+        actor_loss.backward()
+        self.actor_opt.step()
+
+        # Q (and the encoder): r + gamma m V(s')
+        with torch.no_grad():
+            target = rew + self.gamma * mask * self.value(next_z).squeeze(-1)
+        q = self.critic(torch.cat([f, state], -1), act)
+        critic_loss = (q - target).pow(2).sum(0).mean()  # summed over the heads (official)
+        self.critic_opt.zero_grad()
+        critic_loss.backward()
+        self.critic_opt.step()
+        with torch.no_grad():  # or autograd records every Polyak step (a graph growing without end)
+            torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
+        return {"pretrain/value_loss": value_loss.detach(), "pretrain/actor_loss": actor_loss.detach(),
+                "pretrain/critic_loss": critic_loss.detach(), "pretrain/v": v.detach().mean()}
+
+
+# ----------------------------------------------------------------------------- stage 3: SAC with UTD 8 on frozen features
+class FastRLAP(nn.Module):
+    def __init__(self, feature_dim: int, args: Args, device: torch.device):
+        super().__init__()
+        self.utd, self.gamma, self.tau = args.utd_ratio, args.gamma, args.tau
+        self.num_qs, self.num_min_qs = args.num_qs, args.num_min_qs
+        self.actor = TanhGaussianActor(feature_dim, STATE_DIM, 2, args)
+        self.critic = Critics(feature_dim, STATE_DIM, 2, args)
+        self.critic_target = Critics(feature_dim, STATE_DIM, 2, args)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.critic_target.requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(args.init_temperature)))
+        self.target_entropy = nn.Parameter(torch.tensor(args.target_entropy), requires_grad=False)  # annealed in place
+        self.entropy_decay = args.target_entropy_decay
+        self.to(device)
+        capturable = device.type == "cuda"  # CUDA graphs: Adam's step count on the GPU, so a graph can replay it
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
+        self.temp_opt = torch.optim.Adam([self.log_alpha], lr=args.temp_lr, capturable=capturable)
+        self.target_params, self.online_params = list(self.critic_target.parameters()), list(self.critic.parameters())
+
+    def critic_target_value(self, rew, mask, next_z) -> torch.Tensor:
+        """y = r + gamma m min_{k in Z} Qtarget_k(z', a'), a' ~ pi(.|z'), Z a random subset (no entropy term)."""
+        with torch.no_grad():
+            next_act, _ = self.actor.sample(next_z)
+            subset = torch.rand(self.num_qs, device=rew.device).argsort()[:self.num_min_qs]  # no host sync
+            return rew + self.gamma * mask * self.critic_target(next_z, next_act, members=subset).min(0).values
+
+    def update(self, z, act, rew, mask, next_z) -> dict:
+        """One UTD block on a batch: G critic steps, one per slice, then one actor and one temperature
+        step on the last slice, then the entropy target is lowered."""
+        B = z.shape[0] // self.utd
+        for g in range(self.utd):
+            s = slice(g * B, (g + 1) * B)
+            target = self.critic_target_value(rew[s], mask[s], next_z[s])
+            q = self.critic(z[s], act[s])
+            critic_loss = (q - target).pow(2).mean()
+            self.critic_opt.zero_grad()
+            critic_loss.backward()
+            self.critic_opt.step()
+            with torch.no_grad():  # or autograd records every Polyak step (a graph growing without end)
+                torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
+
+        # actor on the mean of all critics
+        last = slice((self.utd - 1) * B, self.utd * B)
+        alpha = self.log_alpha.exp().detach()
+        new_act, log_prob = self.actor.sample(z[last])
+        actor_loss = (alpha * log_prob - self.critic(z[last], new_act).mean(0)).mean()
+        self.actor_opt.zero_grad()
+        actor_loss.backward(inputs=list(self.actor.parameters()))  # no gradient into the critics
+        self.actor_opt.step()
+
+        # temperature: raise alpha when the entropy is below its target; then lower the target
+        entropy = -log_prob.detach().mean()
+        temp_loss = self.log_alpha.exp() * (entropy - self.target_entropy)
+        self.temp_opt.zero_grad()
+        temp_loss.backward()
+        self.temp_opt.step()
+        with torch.no_grad():
+            self.target_entropy.sub_(self.entropy_decay)  # in place: a CUDA graph replays it
+        return {"losses/critic_loss": critic_loss.detach(), "losses/actor_loss": actor_loss.detach(),
+                "losses/temperature_loss": temp_loss.detach(), "values/q": q.detach().mean(),
+                "values/entropy": entropy, "values/alpha": alpha, "values/target_entropy": self.target_entropy.detach().clone()}
+
+
+def half_demo_sample(demo: "ReplayBuffer", online: "ReplayBuffer", utd: int, batch: int) -> tuple:
+    """G slices of B/G rows, each half from the demo lap and half online, laid end to end."""
+    n = batch // utd
+    rows_demo = demo.sample_rows(utd * (n // 2)).view(utd, n // 2, -1)
+    rows_on = online.sample_rows(utd * (n - n // 2)).view(utd, n - n // 2, -1)
+    return online.split(torch.cat([rows_demo, rows_on], 1).view(utd * n, -1))
+
+
+# ----------------------------------------------------------------------------- main: the three stages
+def main(args: Args) -> dict:
+    device = check_args(args)
+    run_dir = choose_run_dir(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    course = Course(args.course_seed, spacing=args.checkpoint_spacing)
+    run = Run(run_dir, args, device)
+
+    # stage 1: the frozen encoder f
+    encoder = stage1_encoder(args, device, run)
+    encoder.requires_grad_(False)
+
+    def embed(obs: dict) -> torch.Tensor:  # z = [f(o), state]: computed once per frame, stored in the replay
+        with torch.no_grad():
+            pixels = torch.as_tensor(obs["pixels"], device=device)[None]
+            return torch.cat([encoder(pixels)[0], torch.as_tensor(obs["state"], device=device)])
+
+    # stage 2: the demo lap (its time is the reference; its transitions, half of every batch)
+    env = make_env(course, args)
+    z_dim = encoder.out_dim + STATE_DIM
+    demo = ReplayBuffer(4000, z_dim, 2, device)
+    demo_time = demo_lap(env, course, embed, demo, args)
+    run.demo(demo_time, demo.size)
+
+    # stage 3: practice
+    agent = FastRLAP(encoder.out_dim, args, device)
+    online = ReplayBuffer(args.total_timesteps, z_dim, 2, device)
+
+    def train_step():  # the UTD block: indices drawn on the device, then G critic + 1 actor + 1 temperature step
+        if args.demo:
+            return agent.update(*half_demo_sample(demo, online, args.utd_ratio, args.batch_size))
+        return agent.update(*online.sample(args.batch_size))
+
+    step_fn = cuda_graph(train_step) if args.cuda_graph and device.type == "cuda" else train_step
+    info, updates = None, 0
+    obs, _ = env.reset(seed=args.seed)
+    z = embed(obs)
+    for step in range(1, args.total_timesteps + 1):
+        if step <= args.learning_starts:  # uniformly random within the rate limit
+            action = np.clip(env.prev_action + np.random.uniform(-0.2, 0.2, 2), -1, 1)
+        else:
+            with torch.no_grad():
+                action = agent.actor.sample(z[None])[0][0].cpu().numpy()
+        next_obs, reward, _, _, event = env.step(action)
+        next_z = embed(next_obs)
+        # a crash ends the attempt for the critic (m = 0); being stuck only cuts it (m = 1)
+        online.add(z, env.prev_action, reward, 0.0 if event["crash"] else 1.0, next_z)
+        run.env_step(step, reward, event)
+        if event["crash"] or event["stuck"]:  # pseudo-reset: back up and go on, or start over
+            next_obs = env.recover() if args.pseudo_resets else env.reset()[0]
+            next_z = embed(next_obs)
+        z = next_z
+
+        if step > args.learning_starts:
+            info = step_fn()
+            updates += args.utd_ratio
+            run.updated(step, updates)
+        last = step == args.total_timesteps
+        if info is not None and (step % args.log_interval == 0 or last):
+            run.log(step, {k: v.item() for k, v in info.items()})  # the only host sync of the update path
+        if args.eval_laps > 0 and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+            with run.untimed():
+                laps = evaluate(agent.actor, embed, course, args, step, run_dir)
+            run.evaluation(step, laps)
+        if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, step, args)
+    run.close()
+    return run.results(updates=updates)
+
+
+def stage1_encoder(args: Args, device: torch.device, run: "Run") -> Encoder:
+    """The encoder: loaded (--encoder-path), untrained (--encoder random), or pretrained here by
+    goal-conditioned pixel IQL on slow driving of other courses, then saved to run_dir/encoder.pt."""
+    if args.encoder_path is not None:
+        return load_encoder(args.encoder_path, args, device)
+    if args.encoder == "random":
+        return Encoder(args.image_size).to(device)
+    data = load_or_collect(args)
+    buffer = PretrainBuffer(data, args, device)
+    iql = PixelIQL(args, device)
+    step_fn = lambda: iql.update(*buffer.sample(args.pretrain_batch_size))  # noqa: E731
+    step_fn = cuda_graph(step_fn) if args.cuda_graph and device.type == "cuda" else step_fn
+    for step in tqdm(range(1, args.pretrain_steps + 1), disable=not sys.stdout.isatty(), desc="pretrain"):
+        info = step_fn()
+        if step % args.log_interval == 0 or step == args.pretrain_steps:
+            run.log(step, {k: v.item() for k, v in info.items()}, stage="pretrain")
+    torch.save({"encoder": iql.encoder.state_dict(), "image_size": args.image_size},
+               os.path.join(run.run_dir, "encoder.pt"))
+    return iql.encoder
+
+
+def demo_lap(env: "RaceCar", course: "Course", embed, demo: "ReplayBuffer", args: Args) -> float:
+    """Stage 2: the scripted driver laps the course once at --demo-speed from the start (until its
+    second pass of the lap line); its transitions go to `demo`. Returns its lap time (s)."""
+    obs, _ = env.reset(seed=args.seed)
+    z = embed(obs)
+    for _ in range(int(4 * course.length / (args.demo_speed * CONTROL_DT))):
+        obs, reward, _, _, event = env.step(pursuit(env, course, args.demo_speed))
+        next_z = embed(obs)
+        demo.add(z, env.prev_action, reward, 0.0 if event["crash"] else 1.0, next_z)
+        if event["crash"] or event["stuck"]:
+            fail("the scripted demo lap crashed: the course or --demo-speed/--grip is not drivable")
+        if event["lap_time"] is not None:
+            return event["lap_time"]
+        z = next_z
+    fail("the scripted demo lap did not finish")
+
+
+# ============================================================================= plumbing
+# Everything below serves main(): input checks, the run folder and logging, the simulator, the
+# scripted driver and the pretraining data, the replay buffer, evaluation, checkpoints, CUDA graphs.
+def fail(message: str):
+    """Bad input: one clear sentence on stderr and exit status 1."""
+    raise SystemExit(f"fastrlap.py: error: {message}")
+
+
+def check_args(args: Args) -> torch.device:
+    """Bad flags fail here, before anything is written; returns the device to run on."""
+    if min(args.total_timesteps, args.utd_ratio, args.batch_size, args.log_interval, args.pretrain_steps,
+           args.pretrain_batch_size, args.pretrain_courses, args.pretrain_drive_steps) < 1:
+        fail("--total-timesteps, --utd-ratio, --batch-size, --log-interval and the --pretrain-* sizes must be positive")
+    if args.batch_size % args.utd_ratio or args.batch_size // args.utd_ratio < 2:
+        fail(f"--batch-size ({args.batch_size}) must split into --utd-ratio ({args.utd_ratio}) slices of 2 or more")
+    if not 1 <= args.num_min_qs <= args.num_qs:
+        fail(f"--num-min-qs must be between 1 and --num-qs ({args.num_qs}), got {args.num_min_qs}")
+    if conv_size(args.image_size) < 1:
+        fail(f"--image-size must be at least 31 (four stride-2 convolutions), got {args.image_size}")
+    if args.encoder_path is not None and not os.path.isfile(args.encoder_path):
+        fail(f"encoder {args.encoder_path} does not exist")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but CUDA is not available")
+    return device
+
+
+def choose_run_dir(args: Args) -> str:
+    run_dir = args.run_dir or f"runs/fastrlap__{args.encoder}__{args.seed}__{int(time.time())}"
+    if os.path.exists(run_dir):
+        fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
+    return run_dir
+
+
+def load_encoder(path: str, args: Args, device: torch.device) -> "Encoder":
+    state = torch.load(path, map_location=device, weights_only=True)
+    if state.get("image_size") != args.image_size:
+        fail(f"{path} was trained on {state.get('image_size')}-pixel images, not --image-size {args.image_size}")
+    encoder = Encoder(args.image_size).to(device)
+    encoder.load_state_dict(state["encoder"])
+    return encoder
+
+
+class Run:
+    """A run's outputs: args.json, TensorBoard (and W&B), stdout lines, laps.csv (every lap of the
+    practice: the step, practice minutes, lap time, collisions since the last lap),
+    evaluations.csv, updates/s (after the warm-up, without evaluations) and main()'s results."""
+
+    def __init__(self, run_dir: str, args: Args, device: torch.device):
+        os.makedirs(run_dir)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump({**asdict(args), "resolved": {"device": str(device)}}, f, indent=2)
+        self.writer = SummaryWriter(run_dir)
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
+                       dir=run_dir, sync_tensorboard=True)
+        self.run_dir, self.args, self.device, self.metrics = run_dir, args, device, {}
+        self.laps, self.evals, self.crashes, self.stucks, self.lap_crashes = [], [], 0, 0, 0
+        self.bar = tqdm(total=args.total_timesteps, disable=not sys.stdout.isatty(), desc="practice")
+        self.t0, self.n0, self.t_eval = None, 0, 0.0
+        with open(os.path.join(run_dir, "laps.csv"), "w") as f:
+            f.write("step,practice_minutes,lap_time,collisions\n")
+
+    def demo(self, lap_time: float, transitions: int):
+        self.metrics["demo_lap_time"] = lap_time
+        self.writer.add_scalar("charts/demo_lap_time", lap_time, 0)
+        print(f"demo lap: {lap_time:.1f} s, {transitions} transitions", flush=True)
+
+    def env_step(self, step: int, reward: float, event: dict):
+        self.crashes += event["crash"]
+        self.stucks += event["stuck"]
+        self.lap_crashes += event["crash"]
+        if event["lap_time"] is not None:
+            minutes = step * CONTROL_DT / 60
+            self.laps.append((step, minutes, event["lap_time"], self.lap_crashes))
+            with open(os.path.join(self.run_dir, "laps.csv"), "a") as f:
+                f.write(f"{step},{minutes:.3f},{event['lap_time']:.2f},{self.lap_crashes}\n")
+            self.writer.add_scalar("charts/lap_time", event["lap_time"], step)
+            print(f"step={step} lap {len(self.laps)}: {event['lap_time']:.1f} s after {minutes:.1f} min of practice "
+                  f"({self.lap_crashes} collisions)", flush=True)
+            self.lap_crashes = 0
+        if step % 100 == 0:
+            self.writer.add_scalar("charts/collisions", self.crashes, step)
+            self.writer.add_scalar("charts/stuck", self.stucks, step)
+        self.bar.update(1)
+
+    def updated(self, step: int, updates: int):
+        if self.t0 is None and updates >= 50 * self.args.utd_ratio:  # measured after the capture warm-up
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.t0, self.n0 = time.perf_counter(), step
+
+    @contextlib.contextmanager
+    def untimed(self):
+        te = time.perf_counter()
+        yield
+        if self.t0 is not None:
+            self.t_eval += time.perf_counter() - te
+
+    def log(self, step: int, metrics: dict, stage: str = "practice"):
+        for k, v in metrics.items():
+            if not math.isfinite(v):
+                fail(f"{k} became {v} at {stage} step {step}; lower the learning rates")
+            self.writer.add_scalar(k, v, step)
+        self.metrics.update(metrics)
+        line = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if "loss" in k)
+        if stage == "practice":
+            if self.t0 is not None and step > self.n0:
+                elapsed = time.perf_counter() - self.t0 - self.t_eval
+                self.metrics["updates_per_second"] = (step - self.n0) * self.args.utd_ratio / elapsed
+                self.writer.add_scalar("charts/updates_per_second", self.metrics["updates_per_second"], step)
+            best = min((lap[2] for lap in self.laps), default=float("nan"))
+            line += f" laps={len(self.laps)} best={best:.1f} collisions={self.crashes} ups={self.metrics.get('updates_per_second', float('nan')):.0f}"
+        print(f"{stage} step={step} {line}", flush=True)
+
+    def evaluation(self, step: int, laps: list):
+        times = [t for t, _ in laps if t is not None]
+        lap = min(times) if times else float("nan")
+        self.evals.append((step, lap, len(times) / len(laps), float(np.mean([c for _, c in laps]))))
+        self.writer.add_scalar("eval/lap_time", lap, step)
+        with open(os.path.join(self.run_dir, "evaluations.csv"), "w") as f:
+            f.write("step,lap_time,finished,collisions\n")
+            f.writelines(f"{s},{t:.2f},{d:.2f},{c:.1f}\n" for s, t, d, c in self.evals)
+        print(f"step={step} eval lap_time={lap:.1f} finished={len(times)}/{len(laps)}", flush=True)
+        self.metrics.update({"eval/lap_time": lap, "eval/finished": len(times) / len(laps)})
+
+    def close(self):
+        self.bar.close()
+        self.writer.close()
+
+    def results(self, **counts) -> dict:
+        lap_times = [lap[2] for lap in self.laps]
+        results = {**self.metrics, **counts, "run_dir": self.run_dir, "laps": self.laps, "evaluations": self.evals,
+                   "collisions": self.crashes, "stuck": self.stucks,
+                   "best_lap_time": min(lap_times, default=float("nan")),
+                   "first_lap_minutes": self.laps[0][1] if self.laps else float("nan")}
+        results.setdefault("updates_per_second", float("nan"))
+        return results
+
+
+# ----------------------------------------------------------------------------- the simulator
+CONTROL_DT, SUBSTEPS = 0.1, 20  # 10 Hz control over 200 Hz physics
+WHEEL_RADIUS, HALF_WIDTH = 0.05, 0.12  # the car: 0.4 x 0.24 m body, wheelbase 0.3 m
+OBSTACLE_HALF, WALL_HEIGHT = 0.25, 0.3
+
+
+def arclength(points: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
+
+
+class Course:
+    """A closed course from a seed: outer walls [0, lx] x [0, ly] around an inner block, a corridor
+    `width` m wide between them, and three boxes in the corridor, each 0.25 m off the centre line.
+    The demo path is the centre line (counter-clockwise from the bottom straight's middle) swerving to
+    the free side of each box; the checkpoints lie on it every ~`spacing` m, so that the straight
+    line between two of them cuts corners and grazes boxes: driving at the goal alone is not enough."""
+
+    def __init__(self, seed: int, width: float = 2.0, spacing: float = 4.0):
+        rng = np.random.default_rng(seed)
+        self.seed, self.width = seed, width
+        self.lx, self.ly = float(rng.uniform(11.0, 15.0)), float(rng.uniform(7.0, 10.0))
+        w, h = width, width / 2
+        loop = np.array([[self.lx / 2, h], [self.lx - h, h], [self.lx - h, self.ly - h], [h, self.ly - h],
+                         [h, h], [self.lx / 2, h]])
+        s_corner = arclength(loop)[1:-1]
+        fine = np.linspace(0, arclength(loop)[-1], int(arclength(loop)[-1] / 0.05) + 1)
+        centre = np.stack([np.interp(fine, arclength(loop), loop[:, i]) for i in range(2)], 1)
+        tangent = np.gradient(centre, axis=0)
+        tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
+        normal = np.stack([-tangent[:, 1], tangent[:, 0]], 1)  # left of the direction of travel: inward
+        # boxes: >= 1.5 m from corners and the start, >= 3 m apart, on a random side
+        self.obstacles, offset = [], np.zeros(len(fine))
+        while len(self.obstacles) < 3:
+            s = rng.uniform(1.5, fine[-1] - 1.5)
+            if min(abs(s - s_corner)) < 1.5 or any(abs(s - o[2]) < 3.0 for o in self.obstacles):
+                continue
+            side = rng.choice([-1.0, 1.0])
+            i = int(s / 0.05)
+            self.obstacles.append((*(centre[i] + side * 0.25 * normal[i]), s))
+            bump = np.clip(1 - np.abs(fine - s) / 1.5, 0, 1)  # the demo swerves over +-1.5 m
+            offset -= side * 0.55 * (0.5 - 0.5 * np.cos(np.pi * bump))
+        self.path = centre + offset[:, None] * normal
+        self.length = float(fine[-1])
+        n_cp = max(3, int(round(self.length / spacing)))
+        self.checkpoints = self.path[(np.arange(n_cp) * len(fine) // n_cp)]
+        t = 0.1  # wall thickness: boxes (cx, cy, half x, half y)
+        self.walls = [(self.lx / 2, -t, self.lx / 2 + 2 * t, t), (self.lx / 2, self.ly + t, self.lx / 2 + 2 * t, t),
+                      (-t, self.ly / 2, t, self.ly / 2), (self.lx + t, self.ly / 2, t, self.ly / 2),
+                      (self.lx / 2, self.ly / 2, self.lx / 2 - w, self.ly / 2 - w)]  # the last: the inner block
+        self.walls += [(x, y, OBSTACLE_HALF, OBSTACLE_HALF) for x, y, _ in self.obstacles]
+
+    def start_pose(self) -> tuple:
+        """(x, y, yaw) 0.5 m before the first checkpoint, along the path."""
+        i = len(self.path) - 10
+        d = self.path[1] - self.path[0]
+        return float(self.path[i, 0]), float(self.path[i, 1]), math.atan2(d[1], d[0])
+
+    def blocked(self, a: np.ndarray, b: np.ndarray, margin: float = 0.0) -> bool:
+        """Does the segment a-b pass within `margin` of a wall or box (inside the outer walls)?"""
+        for t in np.linspace(0, 1, int(np.linalg.norm(b - a) / 0.05) + 2):
+            p = a + t * (b - a)
+            for cx, cy, hx, hy in self.walls:
+                if abs(p[0] - cx) < hx + margin and abs(p[1] - cy) < hy + margin:
+                    return True
+        return False
+
+    def xml(self, image_size: int, grip: float) -> str:
+        """The MJCF: ground, walls, boxes and the car (steered front wheels, velocity-driven rear wheels,
+        tyre friction `grip`, a forward camera)."""
+        walls = "\n".join(
+            f'<geom name="wall{i}" type="box" pos="{cx:.3f} {cy:.3f} {WALL_HEIGHT / 2}" size="{hx:.3f} {hy:.3f} '
+            f'{WALL_HEIGHT / 2}" material="{"box" if i >= 5 else "wall"}"/>' for i, (cx, cy, hx, hy) in enumerate(self.walls))
+        x, y, yaw = self.start_pose()
+        wheel = (f'type="cylinder" size="{WHEEL_RADIUS} 0.02" euler="90 0 0" mass="0.05" friction="{grip} 0.005 0.0001"'
+                 ' condim="3" contype="2" conaffinity="1" rgba=".1 .1 .1 1"')  # car parts never touch each other
+        knuckle = '<inertial pos="0 0 0" mass="0.02" diaginertia="1e-5 1e-5 1e-5"/>'
+        top = max(self.lx, self.ly) / 2 / math.tan(math.radians(30)) * 1.1  # a top camera that sees the course
+        return f"""
+<mujoco model="fastrlap">
+  <option timestep="{CONTROL_DT / SUBSTEPS}" integrator="implicitfast"/>
+  <visual><global offwidth="{max(image_size, 640)}" offheight="{max(image_size, 480)}"/><quality shadowsize="0"/></visual>
+  <asset>
+    <texture name="ground" type="2d" builtin="checker" rgb1=".55 .5 .4" rgb2=".45 .42 .35" width="64" height="64"/>
+    <material name="ground" texture="ground" texrepeat="{self.lx:.1f} {self.ly:.1f}"/>
+    <texture name="wall" type="2d" builtin="checker" rgb1=".85 .85 .85" rgb2=".7 .1 .1" width="64" height="64"/>
+    <material name="wall" texture="wall" texrepeat="8 1"/>
+    <material name="box" rgba=".1 .3 .8 1"/>
+  </asset>
+  <worldbody>
+    <light directional="true" pos="0 0 10" dir="0.3 0.2 -1"/>
+    <geom name="floor" type="plane" pos="{self.lx / 2:.3f} {self.ly / 2:.3f} 0" size="{self.lx:.1f} {self.ly:.1f} 0.1" material="ground" friction="{grip} 0.005 0.0001"/>
+    <camera name="top" pos="{self.lx / 2:.2f} {self.ly / 2:.2f} {top:.2f}" xyaxes="1 0 0 0 1 0" fovy="60"/>
+    {walls}
+    <body name="car" pos="{x:.3f} {y:.3f} 0.07" euler="0 0 {math.degrees(yaw):.2f}">
+      <freejoint/>
+      <geom name="chassis" type="box" size="0.2 0.1 0.03" mass="1.5" contype="2" conaffinity="1" rgba=".9 .6 .1 1"/>
+      <camera name="front" pos="0.21 0 0.1" xyaxes="0 -1 0 0.17 0 0.98" fovy="90"/>
+      <body pos="-0.15 {HALF_WIDTH} -0.02"><joint name="rear_left" type="hinge" axis="0 1 0" armature="0.0005"/><geom {wheel}/></body>
+      <body pos="-0.15 -{HALF_WIDTH} -0.02"><joint name="rear_right" type="hinge" axis="0 1 0" armature="0.0005"/><geom {wheel}/></body>
+      <body pos="0.15 {HALF_WIDTH} -0.02"><joint name="steer_left" type="hinge" axis="0 0 1" range="-0.5 0.5"/>{knuckle}
+        <body><joint type="hinge" axis="0 1 0" armature="0.0005"/><geom {wheel}/></body></body>
+      <body pos="0.15 -{HALF_WIDTH} -0.02"><joint name="steer_right" type="hinge" axis="0 0 1" range="-0.5 0.5"/>{knuckle}
+        <body><joint type="hinge" axis="0 1 0" armature="0.0005"/><geom {wheel}/></body></body>
+    </body>
+  </worldbody>
+  <actuator>
+    <velocity joint="rear_left" kv="0.08" forcerange="-0.25 0.25"/>
+    <velocity joint="rear_right" kv="0.08" forcerange="-0.25 0.25"/>
+    <position joint="steer_left" kp="8" kv="0.1" forcerange="-3 3"/>
+    <position joint="steer_right" kp="8" kv="0.1" forcerange="-3 3"/>
+  </actuator>
+</mujoco>"""
+
+
+STATE_DIM = 14  # (official order) acceleration 3, velocity 3, angular velocity 3 (car frame), goal 3, previous action 2
+
+
+class RaceCar(gym.Env):
+    """The course as a Gymnasium env at 10 Hz. Observation: {"pixels": the last 3 camera frames
+    (3, S, S, 3) uint8, "state": the 14 numbers above, in the car's frame}. Action (speed, steer) in
+    [-1, 1]^2, first limited to +-`rate_limit` around the previous one, then mapped as the official
+    inference agent: speed 0.5-4.5 m/s (scaled so that 4.5 -> `max_speed`), steer +-0.5 rad. Reward:
+    the velocity toward the current checkpoint, minus `crash_penalty` on a crash. The env never ends
+    an episode itself: info reports `crash` (a car-wall contact during the step), `stuck` (within
+    0.3 m for `stuck_seconds`), the checkpoint reached and the finished lap's time; the practice loop
+    decides what follows (`recover()`: back up for 1 s, or `reset()`)."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    def __init__(self, course: Course, image_size: int = 64, grip: float = 0.8, max_speed: float = 4.0,
+                 checkpoint_radius: float = 1.0, crash_penalty: float = 1.0, rate_limit: float = 0.2,
+                 stuck_seconds: float = 3.0, video_size: int = 0):
+        self.course, self.radius, self.crash_penalty, self.rate_limit = course, checkpoint_radius, crash_penalty, rate_limit
+        self.speed_scale, self.stuck_steps = max_speed / 4.5, int(round(stuck_seconds / CONTROL_DT))
+        self.model = mujoco.MjModel.from_xml_string(course.xml(image_size, grip))
+        self.data = mujoco.MjData(self.model)
+        self.camera = mujoco.Renderer(self.model, image_size, image_size)
+        self.video = mujoco.Renderer(self.model, video_size, video_size) if video_size else None
+        self.car = self.model.body("car").id
+        self.is_wall = np.zeros(self.model.ngeom, bool)
+        self.is_wall[[self.model.geom(f"wall{i}").id for i in range(len(course.walls))]] = True
+        self.is_car = self.model.body_rootid[self.model.geom_bodyid] == self.car
+        self.observation_space = gym.spaces.Dict(
+            pixels=gym.spaces.Box(0, 255, (3, image_size, image_size, 3), np.uint8),
+            state=gym.spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32))
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    # --- the Gymnasium interface
+    def reset(self, seed: Optional[int] = None, options: Optional[dict] = None) -> tuple:
+        super().reset(seed=seed)
+        mujoco.mj_resetData(self.model, self.data)  # the start pose is the model's default
+        mujoco.mj_forward(self.model, self.data)
+        self.prev_action, self.acceleration = np.array([-1.0, 0.0]), np.zeros(3)
+        self.checkpoint, self.time, self.lap_start, self.history = 0, 0.0, None, []
+        self.frames = [self.render_camera()] * 3
+        return self.observation(), {}
+
+    def step(self, action: np.ndarray) -> tuple:
+        a = np.clip(np.clip(action, -1.0, 1.0), self.prev_action - self.rate_limit, self.prev_action + self.rate_limit)
+        speed, steer = self.speed_scale * (2.5 + 2.0 * a[0]), 0.5 * a[1]  # official: 0.5-4.5 m/s, +-0.5 rad
+        goal, before = self.course.checkpoints[self.checkpoint], self.position()
+        crash = self.drive(speed, steer)
+        self.prev_action = a
+        after = self.position()
+        toward = (goal - before) / max(np.linalg.norm(goal - before), 1e-6)
+        reward = float(np.dot(after - before, toward) / CONTROL_DT) - self.crash_penalty * crash
+        info = {"crash": crash, "lap_time": None, "checkpoint": self.checkpoint}
+        if np.linalg.norm(self.course.checkpoints[self.checkpoint] - after) < self.radius:
+            if self.checkpoint == 0:  # a lap runs from one pass of checkpoint 0 (the first) to the next
+                if self.lap_start is not None:
+                    info["lap_time"] = self.time - self.lap_start
+                self.lap_start = self.time
+            self.checkpoint = (self.checkpoint + 1) % len(self.course.checkpoints)
+        self.history = (self.history + [after])[-self.stuck_steps:]
+        info["stuck"] = len(self.history) == self.stuck_steps and bool(
+            np.linalg.norm(np.array(self.history) - after, axis=1).max() < 0.3)
+        return self.observation(), reward, False, False, info
+
+    def render(self) -> np.ndarray:
+        """A top view of the course with the car (for videos)."""
+        self.video.update_scene(self.data, camera="top")
+        return self.video.render().copy()
+
+    # --- practice without resets
+    def recover(self) -> dict:
+        """The pseudo-reset after a crash or being stuck (official): drive backward at 1 m/s with a random
+        steering angle for 1 s, then hand back; the checkpoint and the lap clock run on."""
+        steer = 0.5 * self.np_random.uniform(-1, 1)
+        for _ in range(int(round(1.0 / CONTROL_DT))):
+            self.drive(-1.0, steer)
+        self.prev_action, self.history = np.array([-1.0, 0.0]), []
+        return self.observation()
+
+    # --- internals
+    def drive(self, speed: float, steer: float) -> bool:
+        """One control period (20 physics steps) at the given speed target and steering angle; True on
+        any car-wall contact."""
+        v0 = self.data.qvel[:3].copy()
+        self.data.ctrl[:] = [speed / WHEEL_RADIUS, speed / WHEEL_RADIUS, steer, steer]
+        crash = False
+        for _ in range(SUBSTEPS):
+            mujoco.mj_step(self.model, self.data)
+            g = self.data.contact.geom[:self.data.ncon]
+            crash |= bool(((self.is_wall[g[:, 0]] & self.is_car[g[:, 1]]) | (self.is_wall[g[:, 1]] & self.is_car[g[:, 0]])).any())
+        self.time += CONTROL_DT
+        self.acceleration = (self.data.qvel[:3] - v0) / CONTROL_DT
+        self.frames = self.frames[1:] + [self.render_camera()]
+        return crash
+
+    def position(self) -> np.ndarray:
+        return self.data.xpos[self.car, :2].copy()
+
+    def yaw(self) -> float:
+        r = self.data.xmat[self.car].reshape(3, 3)
+        return math.atan2(r[1, 0], r[0, 0])
+
+    def render_camera(self) -> np.ndarray:
+        self.camera.update_scene(self.data, camera="front")
+        return self.camera.render().copy()
+
+    def observation(self) -> dict:
+        r = self.data.xmat[self.car].reshape(3, 3)  # body -> world
+        to_goal = self.course.checkpoints[self.checkpoint] - self.position()
+        c, s = math.cos(self.yaw()), math.sin(self.yaw())
+        goal = np.array([c * to_goal[0] + s * to_goal[1], -s * to_goal[0] + c * to_goal[1]])
+        dist = np.linalg.norm(goal)
+        acc = self.acceleration
+        state = np.concatenate([r.T @ acc, r.T @ self.data.qvel[:3], self.data.qvel[3:6], goal / max(dist, 1e-6), [dist],
+                                self.prev_action])
+        return {"pixels": np.stack(self.frames), "state": state.astype(np.float32)}
+
+
+def make_env(course: Course, args: Args, video_size: int = 0) -> RaceCar:
+    return RaceCar(course, args.image_size, args.grip, args.max_speed, args.checkpoint_radius, args.crash_penalty,
+                   video_size=video_size)
+
+
+# ----------------------------------------------------------------------------- the scripted driver and the pretraining data
+def pursuit(env: RaceCar, course: Course, speed: float, lookahead: float = 1.0, offset: float = 0.0) -> np.ndarray:
+    """Pure pursuit: the action that steers toward the point `lookahead` m ahead on the demo path
+    (shifted `offset` m to its left) at `speed` m/s."""
+    p, yaw = env.position(), env.yaw()
+    i = int(np.argmin(np.linalg.norm(course.path - p, axis=1)))
+    j = (i + int(lookahead / 0.05)) % len(course.path)
+    k = (j + 1) % len(course.path)
+    tangent = course.path[k] - course.path[j]
+    target = course.path[j] + offset * np.array([-tangent[1], tangent[0]]) / max(np.linalg.norm(tangent), 1e-9)
+    alpha = math.atan2(target[1] - p[1], target[0] - p[0]) - yaw
+    steer = math.atan2(2 * 0.3 * math.sin(alpha), lookahead)  # wheelbase 0.3 m
+    return np.array([(speed / env.speed_scale - 2.5) / 2.0, steer / 0.5]).clip(-1, 1)
+
+
+def load_or_collect(args: Args) -> dict:
+    """The pretraining data, driven once and cached in data_dir (keyed by its settings): on each of
+    --pretrain-courses other courses, --pretrain-drive-steps of slow, noisy pure pursuit (0.5-1 m/s,
+    steering noise, wandering off the line), with pseudo-resets after crashes."""
+    name = f"drive_c{args.course_seed}_n{args.pretrain_courses}_l{args.pretrain_drive_steps}_s{args.image_size}.npz"
+    path = os.path.join(os.path.expanduser(args.data_dir), name)
+    if not os.path.exists(path):
+        print(f"driving {args.pretrain_courses} courses slowly for the pretraining data: {path}", flush=True)
+        parts = [drive_slowly(Course(args.course_seed + 1000 + i, spacing=args.checkpoint_spacing), args, seed=i)
+                 for i in range(args.pretrain_courses)]
+        data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(path + ".tmp.npz", **data)
+        os.replace(path + ".tmp.npz", path)  # atomic: an interrupted collection leaves no half file
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def drive_slowly(course: Course, args: Args, seed: int) -> dict:
+    """One course's slow drive. Row t: the frames, the car's own numbers (acceleration, velocity,
+    angular velocity), pose (x, y, yaw), previous action, the checkpoint it heads for (its goal), the
+    action, crash, whether t -> t+1 is a transition (not into a pseudo-reset), and the drive's id."""
+    env, rng = make_env(course, args), np.random.default_rng(seed)
+    obs, _ = env.reset(seed=seed)
+    rows = {k: [] for k in ("pixels", "own", "pose", "prev_action", "goal", "action", "crash", "valid", "drive")}
+
+    def add_row(obs, action, crash, valid):
+        for k, v in zip(rows, (obs["pixels"], obs["state"][:9], [*env.position(), env.yaw()], env.prev_action,
+                               course.checkpoints[env.checkpoint], action, crash, valid, seed)):
+            rows[k].append(v)
+
+    speed, offset = 0.75, 0.0
+    for t in range(args.pretrain_drive_steps):
+        if t % 20 == 0:  # a new speed and a new line every 2 s
+            speed, offset = rng.uniform(0.5, 1.0), rng.choice([0.0, rng.uniform(-0.6, 0.6)])
+        before = {"pixels": obs["pixels"], "state": obs["state"]}
+        pose, prev, goal = [*env.position(), env.yaw()], env.prev_action, course.checkpoints[env.checkpoint]
+        obs, _, _, _, event = env.step(pursuit(env, course, speed, offset=offset) + rng.normal(0, [0.05, 0.3]))
+        for k, v in zip(rows, (before["pixels"], before["state"][:9], pose, prev, goal, env.prev_action,
+                               event["crash"], True, seed)):
+            rows[k].append(v)
+        if event["crash"] or event["stuck"]:  # the row after the crash ends this stretch; then back up
+            add_row(obs, np.zeros(2), False, False)
+            obs = env.recover()
+    add_row(obs, np.zeros(2), False, False)  # the last row: no transition from it
+    return {k: np.array(v, dtype=np.uint8 if k == "pixels" else np.float32) for k, v in rows.items()}
+
+
+class PretrainBuffer:
+    """The pretraining data on the device, sampled with relabelled goals: the driver's own (p 0.5), the
+    position 1-50 steps later in the same drive (0.25), or the position plus N(0, 4 m) (0.25)."""
+
+    def __init__(self, data: dict, args: Args, device: torch.device):
+        self.d = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
+        self.valid = torch.nonzero(self.d["valid"] > 0).squeeze(-1)
+        self.n_valid = len(self.valid)
+        if self.n_valid < 2:
+            fail("the pretraining data hold fewer than 2 transitions; raise --pretrain-drive-steps")
+        last = {d: np.flatnonzero(data["drive"] == d).max() for d in np.unique(data["drive"])}
+        self.drive_end = torch.as_tensor([last[d] for d in data["drive"]], device=device)  # future goals stay in the drive
+        self.crash_penalty = args.crash_penalty
+
+    def sample(self, n: int) -> tuple:
+        """(o, s, a, r, m, o', s') with s = [own numbers, goal (unit x, unit y, distance) in the car's
+        frame, previous action] and r = velocity toward the goal - penalty on a crash."""
+        d = self.d
+        i = self.valid[torch.randint(0, self.n_valid, (n,), device=self.valid.device)]
+        j = torch.minimum(i + torch.randint(1, 51, (n,), device=i.device), self.drive_end[i])
+        u = torch.rand(n, 1, device=i.device)
+        goal = torch.where(u < 0.5, d["goal"][i], torch.where(u < 0.75, d["pose"][j, :2],
+                                                             d["pose"][i, :2] + 4.0 * torch.randn(n, 2, device=i.device)))
+        toward = goal - d["pose"][i, :2]
+        toward = toward / toward.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        crash = d["crash"][i]
+        reward = ((d["pose"][i + 1, :2] - d["pose"][i, :2]) * toward).sum(-1) / CONTROL_DT - self.crash_penalty * crash
+        return (d["pixels"][i], self.state(i, goal), d["action"][i], reward, 1.0 - crash,
+                d["pixels"][i + 1], self.state(i + 1, goal))
+
+    def state(self, i: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        pose = self.d["pose"][i]
+        dx, dy = goal[:, 0] - pose[:, 0], goal[:, 1] - pose[:, 1]
+        c, s = torch.cos(pose[:, 2]), torch.sin(pose[:, 2])
+        local = torch.stack([c * dx + s * dy, -s * dx + c * dy], -1)
+        dist = local.norm(dim=-1, keepdim=True)
+        return torch.cat([self.d["own"][i], local / dist.clamp(min=1e-6), dist, self.d["prev_action"][i]], -1)
+
+
+# ----------------------------------------------------------------------------- the replay buffer
+class ReplayBuffer:
+    """Transitions as rows [z, a, r, m, z'] of one device tensor (z = [f(o), state]: embeddings, not
+    images), batch indices drawn on the device (graph-safe: the size is a device tensor)."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.capacity, self.dims = capacity, (obs_dim, act_dim, 1, 1, obs_dim)
+        self.rows = torch.zeros(capacity, sum(self.dims), device=device)
+        self.size_t = torch.zeros((), dtype=torch.long, device=device)  # CUDA graphs: the size, read on the device
+        self.ptr, self.size = 0, 0
+
+    def add(self, z: torch.Tensor, act: np.ndarray, rew: float, mask: float, next_z: torch.Tensor):
+        extra = torch.tensor([*act, rew, mask], dtype=torch.float32, device=z.device)
+        self.rows[self.ptr].copy_(torch.cat([z, extra, next_z]))
+        self.ptr = (self.ptr + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+        self.size_t.fill_(self.size)  # CUDA graphs: a captured block samples from the new size
+
+    def sample_rows(self, n: int) -> torch.Tensor:
+        return self.rows[torch.randint(0, 2**62, (n,), device=self.rows.device) % self.size_t]
+
+    def split(self, rows: torch.Tensor) -> tuple:
+        z, act, rew, mask, next_z = rows.split(self.dims, dim=-1)
+        return z, act, rew.squeeze(-1), mask.squeeze(-1), next_z
+
+    def sample(self, n: int) -> tuple:
+        return self.split(self.sample_rows(n))
+
+
+# ----------------------------------------------------------------------------- evaluation, checkpoints, CUDA graphs
+@torch.no_grad()
+def evaluate(actor: TanhGaussianActor, embed, course: Course, args: Args, step: int, run_dir: str) -> list:
+    """--eval-laps attempts with the deterministic policy, each from the start on a fresh copy of the
+    course (practice is not disturbed): (lap time or None, collisions) per attempt. A lap counts from
+    the first to the second pass of the lap line; an attempt ends after 3 demo-speed laps' time or
+    at the 1st crash. --capture-video: the top view and the camera, run_dir/videos/step{step}_lap{i}.mp4."""
+    env, results = make_env(course, args, video_size=256 if args.capture_video else 0), []
+    for attempt in range(args.eval_laps):
+        obs, _ = env.reset(seed=args.seed + 10_000 + attempt)
+        frames, lap, crashes = [], None, 0
+        for _ in range(int(3 * course.length / (args.demo_speed * CONTROL_DT))):
+            obs, _, _, _, event = env.step(actor(embed(obs)[None])[0].cpu().numpy())
+            if args.capture_video:
+                camera = np.kron(obs["pixels"][-1], np.ones((256 // args.image_size, 256 // args.image_size, 1), np.uint8))
+                frames.append(np.concatenate([env.render(), np.pad(camera, ((0, 256 - len(camera)),) * 2 + ((0, 0),))], 1))
+            crashes += event["crash"]
+            if event["crash"] or event["lap_time"] is not None:
+                lap = event["lap_time"]
+                break
+            if event["stuck"]:
+                break
+        results.append((lap, crashes))
+        if args.capture_video and frames:
+            from gymnasium.utils.save_video import save_video
+            save_video(frames, os.path.join(run_dir, "videos"), fps=10, name_prefix=f"step{step}_lap{attempt}")
+    return results
+
+
+def save_checkpoint(path: str, agent: FastRLAP, step: int, args: Args):
+    state = {"agent": agent.state_dict(), "step": step, "args": asdict(args),
+             "optimizers": {k: getattr(agent, k).state_dict() for k in ("actor_opt", "critic_opt", "temp_opt")}}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: an interrupted write leaves the previous checkpoint
+
+
+def cuda_graph(fn, warmup: int = 3):
+    """fn() (no inputs: it reads static tensors) as a CUDA graph. The first `warmup` calls run fn
+    eagerly on a side stream (they allocate optimizer state, autograd buffers, cuBLAS workspaces),
+    the next one captures and replays it; every call is one real call of fn."""
+    graph, out, calls = None, None, 0
+
+    def call():
+        nonlocal graph, out, calls
+        calls += 1
+        if calls <= warmup:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                result = fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            return result
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fn()
+        graph.replay()
+        return out
+    return call
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
