@@ -1092,9 +1092,9 @@ class ReplayBuffer:
 @torch.no_grad()
 def evaluate(actor: TanhGaussianActor, embed, course: Course, args: Args, step: int, run_dir: str) -> list:
     """--eval-laps attempts with the deterministic policy, each from the start on a fresh copy of the
-    course (practice is not disturbed): (lap time or None, collisions) per attempt. A lap counts from
-    the first to the second pass of the lap line; an attempt ends after 3 demo-speed laps' time or
-    at the 1st crash. --capture-video: the top view and the camera, run_dir/videos/step{step}_lap{i}.mp4."""
+    course (practice is not disturbed), backing up after crashes as in practice: (lap time or None,
+    collisions) per attempt. A lap runs from the first to the second pass of the lap line; an attempt
+    gives up after 3 demo laps' time. --capture-video: top view and camera, run_dir/videos/."""
     env, results = make_env(course, args, video_size=256 if args.capture_video else 0), []
     for attempt in range(args.eval_laps):
         obs, _ = env.reset(seed=args.seed + 10_000 + attempt)
@@ -1105,11 +1105,11 @@ def evaluate(actor: TanhGaussianActor, embed, course: Course, args: Args, step: 
                 camera = np.kron(obs["pixels"][-1], np.ones((256 // args.image_size, 256 // args.image_size, 1), np.uint8))
                 frames.append(np.concatenate([env.render(), np.pad(camera, ((0, 256 - len(camera)),) * 2 + ((0, 0),))], 1))
             crashes += event["crash"]
-            if event["crash"] or event["lap_time"] is not None:
+            if event["lap_time"] is not None:
                 lap = event["lap_time"]
                 break
-            if event["stuck"]:
-                break
+            if event["crash"] or event["stuck"]:
+                obs = env.recover()
         results.append((lap, crashes))
         if args.capture_video and frames:
             from gymnasium.utils.save_video import save_video

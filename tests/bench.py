@@ -111,6 +111,38 @@ def revind_step(device, mode):
     return speedup(lambda: agent.update(*buffer.sample(args.batch_size)), mode, revind.cuda_graph), 1, "updates"
 
 
+def fastrlap_block(device, mode):
+    """fastrlap.py: one practice UTD block (10 LayerNorm critics on the frozen 288 image features + 14 state
+    numbers, batch 512 split into 8 critic steps, then actor and temperature), half of it from the demo."""
+    import fastrlap
+    args = fastrlap.Args()
+    agent = fastrlap.FastRLAP(288, args, device)
+    demo, online = (fastrlap.ReplayBuffer(n, 288 + fastrlap.STATE_DIM, 2, device) for n in (400, 15_000))
+    for buffer in (demo, online):
+        buffer.rows.uniform_(-1, 1)
+        buffer.size = buffer.capacity
+        buffer.size_t.fill_(buffer.capacity)
+    step = speedup(lambda: agent.update(*fastrlap.half_demo_sample(demo, online, args.utd_ratio, args.batch_size)),
+                   mode, fastrlap.cuda_graph)
+    return step, args.utd_ratio, "critic updates"
+
+
+def fastrlap_pretrain(device, mode):
+    """fastrlap.py: one pixel-IQL pretraining step (random crop, V, actor, 10 Q heads with the conv encoder,
+    Polyak) on 64 x 64 frame stacks with relabelled goals drawn on the device, batch 128."""
+    import numpy as np
+    import fastrlap
+    args, rng, n = fastrlap.Args(), np.random.default_rng(0), 4000
+    data = {"pixels": rng.integers(0, 256, (n, 3, 64, 64, 3), dtype=np.uint8),
+            "own": rng.normal(size=(n, 9)), "pose": rng.uniform(0, 10, (n, 3)), "prev_action": rng.uniform(-1, 1, (n, 2)),
+            "goal": rng.uniform(0, 10, (n, 2)), "action": rng.uniform(-1, 1, (n, 2)), "crash": rng.random(n) < 0.02,
+            "valid": np.arange(n) % 500 != 499, "drive": np.arange(n) // 500}
+    buffer = fastrlap.PretrainBuffer({k: np.asarray(v, np.uint8 if k == "pixels" else np.float32) for k, v in data.items()},
+                                     args, device)
+    iql = fastrlap.PixelIQL(args, device)
+    return speedup(lambda: iql.update(*buffer.sample(args.pretrain_batch_size)), mode, fastrlap.cuda_graph), 1, "updates"
+
+
 def ddpo_step(device, mode):
     """ddpo.py: one DDPO_IS backward pass (one timestep of a train batch of 4, with guidance: 8 UNet rows)
     and an AdamW step, on the tiny model (16x16 pixels) with its LoRA; no CUDA graph (not used by the script)."""
@@ -165,6 +197,7 @@ MTL_METHODS = ("unitary", "mgda-ub", "imtl", "pcgrad", "graddrop", "rlw-dirichle
 SCRIPTS = {"iql": iql_step, "idql": idql_step, "idql-select": idql_select,
            "sac_20min": sac_20min_block, "sac_20min-env": lambda d, m: sac_20min_block(d, m, with_env=True),
            "rlpd": rlpd_block, "rlpd-env": lambda d, m: rlpd_block(d, m, with_env=True), "ddpo": ddpo_step, "revind": revind_step,
+           "fastrlap": fastrlap_block, "fastrlap-pretrain": fastrlap_pretrain,
            **{f"mtl-{m}": mtl_step(m) for m in MTL_METHODS}}
 
 

@@ -1,0 +1,92 @@
+"""The practice study's table and plot from fastrlap.py run folders (laps.csv, evaluations.csv, the log).
+
+    python docs/fastrlap_results.py runs/fastrlap_study            # folders named {variant}_s{seed}
+    python docs/fastrlap_results.py runs/fastrlap_study --plot docs/fastrlap_laps.png
+
+Per run: the demo lap's time (the reference), the practice minutes to the first lap, to the first
+lap faster than the demo, the best lap, the laps done, the collisions, and the final deterministic
+evaluation lap. matplotlib is needed for --plot only.
+"""
+
+import argparse
+import csv
+import glob
+import math
+import os
+import re
+from collections import defaultdict
+
+
+def read_run(folder: str) -> dict:
+    with open(os.path.join(folder, "laps.csv")) as f:
+        laps = [(float(r["practice_minutes"]), float(r["lap_time"]), int(r["collisions"])) for r in csv.DictReader(f)]
+    log = open(folder + ".log").read() if os.path.exists(folder + ".log") else ""
+    demo = re.search(r"demo lap: ([0-9.]+) s", log)
+    crashes = re.findall(r"collisions=(\d+)", log)
+    evals = []
+    if os.path.exists(os.path.join(folder, "evaluations.csv")):
+        with open(os.path.join(folder, "evaluations.csv")) as f:
+            evals = [float(r["lap_time"]) for r in csv.DictReader(f)]
+    demo_time = float(demo.group(1)) if demo else math.nan
+    faster = [m for m, t, _ in laps if t < demo_time]
+    return {"laps": laps, "demo": demo_time, "first": laps[0][0] if laps else math.nan,
+            "first_faster": faster[0] if faster else math.nan, "best": min((t for _, t, _ in laps), default=math.nan),
+            "n_laps": len(laps), "collisions": int(crashes[-1]) if crashes else -1,
+            "eval": evals[-1] if evals else math.nan}
+
+
+def mean_std(values: list) -> str:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "-"
+    m = sum(finite) / len(finite)
+    s = (sum((v - m) ** 2 for v in finite) / len(finite)) ** 0.5
+    return f"{m:.1f} +- {s:.1f}" + (f" ({len(finite)} of {len(values)})" if len(finite) < len(values) else "")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study")
+    parser.add_argument("--plot")
+    cli = parser.parse_args()
+    runs = defaultdict(dict)
+    for folder in sorted(glob.glob(os.path.join(cli.study, "*_s[0-9]*"))):
+        if os.path.isdir(folder) and os.path.exists(os.path.join(folder, "laps.csv")):
+            variant, seed = os.path.basename(folder).rsplit("_s", 1)
+            runs[variant][int(seed)] = read_run(folder)
+    print("| encoder | seed | demo lap (s) | first lap (min) | first lap faster than the demo (min) | best lap (s) | laps | collisions | final eval lap (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for variant, seeds in runs.items():
+        for seed, r in sorted(seeds.items()):
+            print(f"| {variant} | {seed} | {r['demo']:.1f} | {r['first']:.1f} | {r['first_faster']:.1f} | {r['best']:.1f} | "
+                  f"{r['n_laps']} | {r['collisions']} | {r['eval']:.1f} |")
+        rs = list(seeds.values())
+        print(f"| **{variant}** | mean +- std | {mean_std([r['demo'] for r in rs])} | {mean_std([r['first'] for r in rs])} | "
+              f"{mean_std([r['first_faster'] for r in rs])} | {mean_std([r['best'] for r in rs])} | "
+              f"{mean_std([r['n_laps'] for r in rs])} | {mean_std([r['collisions'] for r in rs])} | {mean_std([r['eval'] for r in rs])} |")
+    if cli.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4))
+        colours = {}
+        for variant, seeds in runs.items():
+            colour = colours.setdefault(variant, f"C{len(colours)}")
+            for seed, r in sorted(seeds.items()):
+                if r["laps"]:
+                    ax.plot([m for m, _, _ in r["laps"]], [t for _, t, _ in r["laps"]], "o-", color=colour, ms=3, alpha=0.8,
+                            label=f"{variant} encoder" if seed == min(seeds) else None)
+        demo = [r["demo"] for seeds in runs.values() for r in seeds.values() if math.isfinite(r["demo"])]
+        if demo:
+            ax.axhline(sum(demo) / len(demo), color="k", ls="--", label="demo lap (1 m/s)")
+        ax.set_xlabel("practice (simulated minutes)")
+        ax.set_ylabel("lap time (s)")
+        ax.set_yscale("log")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(cli.plot, dpi=120)
+        print(f"wrote {cli.plot}")
+
+
+if __name__ == "__main__":
+    main()
