@@ -18,7 +18,7 @@ Three stages, then the car practises on its own:
        target entropy -3 lowered by 4e-5 per update; half of each batch from the demo. The
        reward is the velocity toward the current checkpoint, minus a penalty on a crash (terminal
        for the critic); on a crash or when stuck (3 s within 0.3 m) the car backs up for 1 s and
-       goes on: no resets. A lap is timed between passes of the second checkpoint.
+       goes on: no resets. A lap is timed between passes of the first checkpoint.
 
 Usage:
     python fastrlap.py                                   # pretrain, demo lap, 15k steps of practice
@@ -596,8 +596,14 @@ def check_args(args: Args) -> torch.device:
         fail(f"--num-min-qs must be between 1 and --num-qs ({args.num_qs}), got {args.num_min_qs}")
     if conv_size(args.image_size) < 1:
         fail(f"--image-size must be at least 31 (four stride-2 convolutions), got {args.image_size}")
-    if args.encoder_path is not None and not os.path.isfile(args.encoder_path):
-        fail(f"encoder {args.encoder_path} does not exist")
+    if args.encoder_path is not None:
+        if args.encoder == "random":
+            fail("--encoder random and --encoder-path exclude each other")
+        if not os.path.isfile(args.encoder_path):
+            fail(f"encoder {args.encoder_path} does not exist")
+        size = torch.load(args.encoder_path, map_location="cpu", weights_only=True).get("image_size")
+        if size != args.image_size:
+            fail(f"{args.encoder_path} was trained on {size}-pixel images, not --image-size {args.image_size}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -613,9 +619,7 @@ def choose_run_dir(args: Args) -> str:
 
 
 def load_encoder(path: str, args: Args, device: torch.device) -> "Encoder":
-    state = torch.load(path, map_location=device, weights_only=True)
-    if state.get("image_size") != args.image_size:
-        fail(f"{path} was trained on {state.get('image_size')}-pixel images, not --image-size {args.image_size}")
+    state = torch.load(path, map_location=device, weights_only=True)  # (its image size was checked in check_args)
     encoder = Encoder(args.image_size).to(device)
     encoder.load_state_dict(state["encoder"])
     return encoder
@@ -850,7 +854,7 @@ class RaceCar(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
     def __init__(self, course: Course, image_size: int = 64, grip: float = 0.8, max_speed: float = 4.0,
-                 checkpoint_radius: float = 1.0, crash_penalty: float = 1.0, rate_limit: float = 0.2,
+                 checkpoint_radius: float = 1.0, crash_penalty: float = 10.0, rate_limit: float = 0.2,
                  stuck_seconds: float = 3.0, video_size: int = 0):
         self.course, self.radius, self.crash_penalty, self.rate_limit = course, checkpoint_radius, crash_penalty, rate_limit
         self.speed_scale, self.stuck_steps = max_speed / 4.5, int(round(stuck_seconds / CONTROL_DT))
@@ -976,7 +980,8 @@ def load_or_collect(args: Args) -> dict:
     """The pretraining data, driven once and cached in data_dir (keyed by its settings): on each of
     --pretrain-courses other courses, --pretrain-drive-steps of slow, noisy pure pursuit (0.5-1 m/s,
     steering noise, wandering off the line), with pseudo-resets after crashes."""
-    name = f"drive_c{args.course_seed}_n{args.pretrain_courses}_l{args.pretrain_drive_steps}_s{args.image_size}.npz"
+    name = (f"drive_c{args.course_seed}_n{args.pretrain_courses}_l{args.pretrain_drive_steps}_s{args.image_size}_"
+            f"g{args.grip}_v{args.max_speed}_cs{args.checkpoint_spacing}_r{args.checkpoint_radius}.npz")
     path = os.path.join(os.path.expanduser(args.data_dir), name)
     if not os.path.exists(path):
         print(f"driving {args.pretrain_courses} courses slowly for the pretraining data: {path}", flush=True)
@@ -1102,8 +1107,8 @@ def evaluate(actor: TanhGaussianActor, embed, course: Course, args: Args, step: 
         for _ in range(int(3 * course.length / (args.demo_speed * CONTROL_DT))):
             obs, _, _, _, event = env.step(actor(embed(obs)[None])[0].cpu().numpy())
             if args.capture_video:
-                camera = np.kron(obs["pixels"][-1], np.ones((256 // args.image_size, 256 // args.image_size, 1), np.uint8))
-                frames.append(np.concatenate([env.render(), np.pad(camera, ((0, 256 - len(camera)),) * 2 + ((0, 0),))], 1))
+                rows = np.arange(256) * args.image_size // 256  # the camera beside the top view, resized to 256 x 256
+                frames.append(np.concatenate([env.render(), obs["pixels"][-1][rows][:, rows]], 1))
             crashes += event["crash"]
             if event["lap_time"] is not None:
                 lap = event["lap_time"]
