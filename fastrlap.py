@@ -57,15 +57,17 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
-import gymnasium as gym
-import mujoco
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import tyro
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
+if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless: the camera renders through EGL (set it before the import)
+import gymnasium as gym  # noqa: E402
+import mujoco  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import tyro  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 
 @dataclass
@@ -165,7 +167,9 @@ class Args:
     capture_video: bool = False
     """record each evaluation lap (top view and camera) under run_dir/videos"""
     save_model: bool = False
-    """write run_dir/checkpoint.pt (agent, optimizers) at each evaluation and at the end"""
+    """write run_dir/checkpoint.pt (agent, optimizers, replay, the car's state) at each evaluation and at the end"""
+    resume: Optional[str] = None
+    """continue the practice from a checkpoint.pt (outputs go to its folder unless --run-dir)"""
     run_dir: Optional[str] = None
     """output folder (default: runs/fastrlap__{encoder}__{seed}__{time}); must not exist"""
 
@@ -470,15 +474,16 @@ def half_demo_sample(demo: "ReplayBuffer", online: "ReplayBuffer", utd: int, bat
 # ----------------------------------------------------------------------------- main: the three stages
 def main(args: Args) -> dict:
     device = check_args(args)
-    run_dir = choose_run_dir(args)
+    resume = load_resume(args, device)
+    run_dir = choose_run_dir(args, resume)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     course = Course(args.course_seed, spacing=args.checkpoint_spacing)
-    run = Run(run_dir, args, device)
+    run = Run(run_dir, args, device, resume)
 
     # stage 1: the frozen encoder f
-    encoder = stage1_encoder(args, device, run)
+    encoder = stage1_encoder(args, device, run) if resume is None else load_encoder(resume["encoder"], args, device)
     encoder.requires_grad_(False)
 
     def embed(obs: dict) -> torch.Tensor:  # z = [f(o), state]: computed once per frame, stored in the replay
@@ -490,7 +495,11 @@ def main(args: Args) -> dict:
     env = make_env(course, args)
     z_dim = encoder.out_dim + STATE_DIM
     demo = ReplayBuffer(4000, z_dim, 2, device)
-    demo_time = demo_lap(env, course, embed, demo, args)
+    if resume is None:
+        demo_time = demo_lap(env, course, embed, demo, args)
+    else:  # resumed: the checkpoint's demo
+        demo_time = resume["demo_lap_time"]
+        demo.load_state_dict(resume["demo"])
     run.demo(demo_time, demo.size)
 
     # stage 3: practice
@@ -505,8 +514,9 @@ def main(args: Args) -> dict:
     step_fn = cuda_graph(train_step) if args.cuda_graph and device.type == "cuda" else train_step
     info, updates = None, 0
     obs, _ = env.reset(seed=args.seed)
-    z = embed(obs)
-    for step in range(1, args.total_timesteps + 1):
+    start = restore(resume, agent, online, env, run)  # a resumed run: where the car, replay and RNGs were
+    z = embed(env.observation())
+    for step in range(start + 1, args.total_timesteps + 1):
         if step <= args.learning_starts:  # uniformly random within the rate limit
             action = np.clip(env.prev_action + np.random.uniform(-0.2, 0.2, 2), -1, 1)
         else:
@@ -534,9 +544,10 @@ def main(args: Args) -> dict:
                 laps = evaluate(agent.actor, embed, course, args, step, run_dir)
             run.evaluation(step, laps)
         if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, step, args)
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), step, args, encoder, demo_time, agent, demo, online,
+                            env, run)
     run.close()
-    return run.results(updates=updates)
+    return run.results(updates=updates, env_steps=args.total_timesteps - start)
 
 
 def stage1_encoder(args: Args, device: torch.device, run: "Run") -> Encoder:
@@ -611,15 +622,30 @@ def check_args(args: Args) -> torch.device:
     return device
 
 
-def choose_run_dir(args: Args) -> str:
-    run_dir = args.run_dir or f"runs/fastrlap__{args.encoder}__{args.seed}__{int(time.time())}"
-    if os.path.exists(run_dir):
+def load_resume(args: Args, device: torch.device) -> Optional[dict]:
+    if args.resume is None:
+        return None
+    if not os.path.isfile(args.resume):
+        fail(f"checkpoint {args.resume} does not exist")
+    resume = torch.load(args.resume, map_location=device, weights_only=False)
+    if resume["step"] >= args.total_timesteps:
+        fail(f"{args.resume} is at step {resume['step']}; --total-timesteps ({args.total_timesteps}) must be larger")
+    return resume
+
+
+def choose_run_dir(args: Args, resume: Optional[dict]) -> str:
+    """--run-dir, the resumed checkpoint's folder, or a new runs/fastrlap__{encoder}__{seed}__{time}; never
+    another run's folder."""
+    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
+                               f"runs/fastrlap__{args.encoder}__{args.seed}__{int(time.time())}")
+    if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
         fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
     return run_dir
 
 
-def load_encoder(path: str, args: Args, device: torch.device) -> "Encoder":
-    state = torch.load(path, map_location=device, weights_only=True)  # (its image size was checked in check_args)
+def load_encoder(path, args: Args, device: torch.device) -> "Encoder":
+    """An encoder from its file (or a checkpoint's copy of it); its image size was checked in check_args."""
+    state = path if isinstance(path, dict) else torch.load(path, map_location=device, weights_only=True)
     encoder = Encoder(args.image_size).to(device)
     encoder.load_state_dict(state["encoder"])
     return encoder
@@ -630,8 +656,8 @@ class Run:
     practice: the step, practice minutes, lap time, collisions since the last lap),
     evaluations.csv, updates/s (after the warm-up, without evaluations) and main()'s results."""
 
-    def __init__(self, run_dir: str, args: Args, device: torch.device):
-        os.makedirs(run_dir)
+    def __init__(self, run_dir: str, args: Args, device: torch.device, resume: Optional[dict] = None):
+        os.makedirs(run_dir, exist_ok=resume is not None)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump({**asdict(args), "resolved": {"device": str(device)}}, f, indent=2)
         self.writer = SummaryWriter(run_dir)
@@ -642,10 +668,18 @@ class Run:
                        dir=run_dir, sync_tensorboard=True)
         self.run_dir, self.args, self.device, self.metrics = run_dir, args, device, {}
         self.laps, self.evals, self.crashes, self.stucks, self.lap_crashes = [], [], 0, 0, 0
-        self.bar = tqdm(total=args.total_timesteps, disable=not sys.stdout.isatty(), desc="practice")
+        if resume is not None:  # the practice so far (laps.csv is rewritten: rows after the checkpoint go)
+            for k, v in resume["run"].items():
+                setattr(self, k, v)
+        self.bar = tqdm(total=args.total_timesteps, initial=resume["step"] if resume else 0,
+                        disable=not sys.stdout.isatty(), desc="practice")
         self.t0, self.n0, self.t_eval = None, 0, 0.0
         with open(os.path.join(run_dir, "laps.csv"), "w") as f:
             f.write("step,practice_minutes,lap_time,collisions\n")
+            f.writelines(f"{s},{m:.3f},{t:.2f},{c}\n" for s, m, t, c in self.laps)
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("laps", "evals", "crashes", "stucks", "lap_crashes", "metrics")}
 
     def demo(self, lap_time: float, transitions: int):
         self.metrics["demo_lap_time"] = lap_time
@@ -917,6 +951,24 @@ class RaceCar(gym.Env):
         self.prev_action, self.history = np.array([-1.0, 0.0]), []
         return self.observation()
 
+    def get_state(self) -> dict:
+        """What the next steps depend on: MuJoCo's integration state, the frames, the clocks and the RNG."""
+        physics = np.empty(mujoco.mj_stateSize(self.model, mujoco.mjtState.mjSTATE_INTEGRATION))
+        mujoco.mj_getState(self.model, self.data, physics, mujoco.mjtState.mjSTATE_INTEGRATION)
+        return {"physics": physics, "xpos": self.data.xpos.copy(), "xmat": self.data.xmat.copy(),
+                "frames": np.stack(self.frames), "prev_action": self.prev_action,
+                "acceleration": self.acceleration, "checkpoint": self.checkpoint, "time": self.time,
+                "lap_start": self.lap_start, "history": list(self.history), "rng": self.np_random.bit_generator.state}
+
+    def set_state(self, state: dict):
+        mujoco.mj_setState(self.model, self.data, state["physics"], mujoco.mjtState.mjSTATE_INTEGRATION)
+        # the poses as mj_step left them (computed before its last integration, as the observation read them)
+        self.data.xpos[:], self.data.xmat[:] = state["xpos"], state["xmat"]
+        self.frames, self.history = list(state["frames"]), list(state["history"])
+        self.prev_action, self.acceleration = state["prev_action"], state["acceleration"]
+        self.checkpoint, self.time, self.lap_start = state["checkpoint"], state["time"], state["lap_start"]
+        self.np_random.bit_generator.state = state["rng"]
+
     # --- internals
     def drive(self, speed: float, steer: float) -> bool:
         """One control period (20 physics steps) at the given speed target and steering angle; True on
@@ -1092,6 +1144,18 @@ class ReplayBuffer:
     def sample(self, n: int) -> tuple:
         return self.split(self.sample_rows(n))
 
+    def state_dict(self) -> dict:
+        """The rows oldest first, so that a run with a larger capacity can resume them."""
+        return {"rows": torch.cat([self.rows[self.ptr:self.size], self.rows[:self.ptr]]).cpu()}
+
+    def load_state_dict(self, state: dict):
+        if len(state["rows"]) > self.capacity:
+            fail(f"the checkpoint holds {len(state['rows'])} transitions, more than this run's capacity {self.capacity}")
+        self.size = len(state["rows"])
+        self.rows[:self.size] = state["rows"].to(self.rows.device)
+        self.ptr = self.size % self.capacity  # the next row goes after the newest
+        self.size_t.fill_(self.size)
+
 
 # ----------------------------------------------------------------------------- evaluation, checkpoints, CUDA graphs
 @torch.no_grad()
@@ -1122,11 +1186,39 @@ def evaluate(actor: TanhGaussianActor, embed, course: Course, args: Args, step: 
     return results
 
 
-def save_checkpoint(path: str, agent: FastRLAP, step: int, args: Args):
-    state = {"agent": agent.state_dict(), "step": step, "args": asdict(args),
-             "optimizers": {k: getattr(agent, k).state_dict() for k in ("actor_opt", "critic_opt", "temp_opt")}}
+OPTIMIZERS = ("actor_opt", "critic_opt", "temp_opt")
+
+
+def save_checkpoint(path: str, step: int, args: Args, encoder: Encoder, demo_time: float, agent: FastRLAP,
+                    demo: ReplayBuffer, online: ReplayBuffer, env: RaceCar, run: Run):
+    """Everything the practice's next steps depend on: the agent and its optimizers, the encoder, the
+    demo and the replay, the car (MuJoCo's state, frames, clocks), the RNGs and the laps so far."""
+    state = {"step": step, "args": asdict(args), "encoder": {"encoder": encoder.state_dict(), "image_size": args.image_size},
+             "demo_lap_time": demo_time, "agent": agent.state_dict(),
+             "optimizers": {k: getattr(agent, k).state_dict() for k in OPTIMIZERS},
+             "demo": demo.state_dict(), "online": online.state_dict(), "env": env.get_state(), "run": run.state_dict(),
+             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: an interrupted write leaves the previous checkpoint
+
+
+def restore(resume: Optional[dict], agent: FastRLAP, online: ReplayBuffer, env: RaceCar, run: Run) -> int:
+    """The first step: 0, or the checkpoint's with everything save_checkpoint wrote put back."""
+    if resume is None:
+        return 0
+    agent.load_state_dict(resume["agent"])
+    for k in OPTIMIZERS:
+        getattr(agent, k).load_state_dict(resume["optimizers"][k])
+    online.load_state_dict(resume["online"])
+    env.set_state(resume["env"])
+    random.setstate(resume["rng"]["python"])
+    np.random.set_state(resume["rng"]["numpy"])
+    torch.set_rng_state(resume["rng"]["torch"].cpu())
+    if resume["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in resume["rng"]["cuda"]])
+    print(f"resumed from {run.args.resume} at step {resume['step']}", flush=True)
+    return resume["step"]
 
 
 def cuda_graph(fn, warmup: int = 3):

@@ -575,6 +575,25 @@ def test_evaluation_backs_up_after_a_crash_and_times_the_lap(first_run, course, 
     assert crashes == 1 and recovers == [3] and demo + 0.5 < lap < demo + 6.0
 
 
+@pytest.mark.parametrize("learning_starts", [40, 20])  # stopped among the random actions / after updates began
+def test_stopped_and_resumed_run_ends_as_the_uninterrupted_run(tmp_path, learning_starts):
+    """60 steps straight, against 30 steps, then --resume to 60: the same laps, collisions, losses,
+    replay and parameters (the car's state, the replay, the optimizers and every RNG are in the checkpoint)."""
+    kw = dict(encoder="random", total_timesteps=60, learning_starts=learning_starts, eval_laps=0, eval_interval=30,
+              save_model=True)
+    whole = fastrlap.main(tiny(tmp_path, "whole", **kw))
+    fastrlap.main(tiny(tmp_path, "part", **{**kw, "total_timesteps": 30}))
+    resumed = fastrlap.main(tiny(tmp_path, "ignored", **{**kw, "run_dir": None,
+                                                         "resume": str(tmp_path / "part" / "checkpoint.pt")}))
+    assert resumed["run_dir"] == str(tmp_path / "part") and resumed["env_steps"] == 30
+    for k in ("laps", "collisions", "stuck", "losses/critic_loss", "losses/actor_loss", "values/target_entropy"):
+        assert resumed[k] == whole[k], k
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("whole", "part"))
+    assert b["step"] == 60 and all(torch.equal(v, b["agent"][k]) for k, v in a["agent"].items())
+    assert torch.equal(a["online"]["rows"], b["online"]["rows"]) and np.array_equal(a["env"]["physics"], b["env"]["physics"])
+    assert open(tmp_path / "whole" / "laps.csv").read() == open(tmp_path / "part" / "laps.csv").read()
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("overrides, message", [
     (dict(image_size=30), "--image-size must be at least 31"),
@@ -583,6 +602,7 @@ def test_evaluation_backs_up_after_a_crash_and_times_the_lap(first_run, course, 
     (dict(batch_size=15), "must split into --utd-ratio"),
     (dict(num_min_qs=5), "--num-min-qs must be between 1 and --num-qs"),
     (dict(encoder="random", encoder_path="{folder}/enc64.pt"), "--encoder random and --encoder-path exclude each other"),
+    (dict(resume="{folder}/missing.pt"), "missing.pt does not exist"),
 ])
 def test_bad_input(tmp_path, overrides, message):
     torch.save({"encoder": fastrlap.Encoder(64).state_dict(), "image_size": 64}, tmp_path / "enc64.pt")
