@@ -25,6 +25,7 @@ Usage:
     python fastrlap.py --encoder-path runs/X/encoder.pt  # reuse a pretrained encoder
     python fastrlap.py --encoder random                  # ablation: an untrained encoder
     python fastrlap.py --no-demo --no-pseudo-resets      # ablations: no demo data; plain resets
+    python fastrlap.py --resume runs/X/checkpoint.pt     # continue a practice saved with --save-model
     python fastrlap.py --help
 
 The file reads top to bottom: Args, the networks, the method (pixel IQL for stage 1, the SAC
@@ -1053,28 +1054,24 @@ def drive_slowly(course: Course, args: Args, seed: int) -> dict:
     action, crash, whether t -> t+1 is a transition (not into a pseudo-reset), and the drive's id."""
     env, rng = make_env(course, args), np.random.default_rng(seed)
     obs, _ = env.reset(seed=seed)
-    rows = {k: [] for k in ("pixels", "own", "pose", "prev_action", "goal", "action", "crash", "valid", "drive")}
 
-    def add_row(obs, action, crash, valid):
-        for k, v in zip(rows, (obs["pixels"], obs["state"][:9], [*env.position(), env.yaw()], env.prev_action,
-                               course.checkpoints[env.checkpoint], action, crash, valid, seed)):
-            rows[k].append(v)
+    def here(obs) -> list:  # what a row records of the car before its action
+        return [obs["pixels"], obs["state"][:9], [*env.position(), env.yaw()], env.prev_action,
+                course.checkpoints[env.checkpoint]]
 
-    speed, offset = 0.75, 0.0
+    rows, speed, offset = [], 0.75, 0.0
     for t in range(args.pretrain_drive_steps):
         if t % 20 == 0:  # a new speed and a new line every 2 s
             speed, offset = rng.uniform(0.5, 1.0), rng.choice([0.0, rng.uniform(-0.6, 0.6)])
-        before = {"pixels": obs["pixels"], "state": obs["state"]}
-        pose, prev, goal = [*env.position(), env.yaw()], env.prev_action, course.checkpoints[env.checkpoint]
+        row = here(obs)
         obs, _, _, _, event = env.step(pursuit(env, course, speed, offset=offset) + rng.normal(0, [0.05, 0.3]))
-        for k, v in zip(rows, (before["pixels"], before["state"][:9], pose, prev, goal, env.prev_action,
-                               event["crash"], True, seed)):
-            rows[k].append(v)
+        rows.append(row + [env.prev_action, event["crash"], True, seed])
         if event["crash"] or event["stuck"]:  # the row after the crash ends this stretch; then back up
-            add_row(obs, np.zeros(2), False, False)
+            rows.append(here(obs) + [np.zeros(2), False, False, seed])
             obs = env.recover()
-    add_row(obs, np.zeros(2), False, False)  # the last row: no transition from it
-    return {k: np.array(v, dtype=np.uint8 if k == "pixels" else np.float32) for k, v in rows.items()}
+    rows.append(here(obs) + [np.zeros(2), False, False, seed])  # the last row: no transition from it
+    keys = ("pixels", "own", "pose", "prev_action", "goal", "action", "crash", "valid", "drive")
+    return {k: np.array([r[i] for r in rows], dtype=np.uint8 if k == "pixels" else np.float32) for i, k in enumerate(keys)}
 
 
 class PretrainBuffer:
