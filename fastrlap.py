@@ -46,6 +46,14 @@ Differences from the official code (see docs/fastrlap.md):
   full [-1, 1]).
 - The pixel IQL actor is a tanh Gaussian over the full action range (the pretrained actor is not
   used online, as officially).
+- Kept from the official code: the actor's loss on the mean of all 10 critics, the target entropy
+  lowered with no floor, the frame stack of 3, the previous action in the state, 1 s of backing up.
+- The stored previous action after a recovery is (slowest, straight): the official car stores the
+  raw reverse command there, unnormalised (a bug).
+
+At about 1,250 lines the file is over the ~900 CONVENTIONS.md allows for a script with a
+simulator: it carries two learners (pixel IQL and SAC), the course and car, a scripted driver and
+the pretraining data, and exact --resume of a practice (the car's state included).
 """
 
 import contextlib
