@@ -23,7 +23,7 @@ Three stages, then the car practises on its own:
 Usage:
     python fastrlap.py                                   # pretrain, demo lap, 15k steps of practice
     python fastrlap.py --encoder-path runs/X/encoder.pt  # reuse a pretrained encoder
-    python fastrlap.py --encoder random                  # ablation: an untrained encoder
+    python fastrlap.py --encoder random                  # ablation: an untrained encoder (none: no image)
     python fastrlap.py --no-demo --no-pseudo-resets      # ablations: no demo data; plain resets
     python fastrlap.py --resume runs/X/checkpoint.pt     # continue a practice saved with --save-model
     python fastrlap.py --help
@@ -99,8 +99,8 @@ class Args:
     """put the demo lap's transitions into half of every batch (--no-demo: online data only)"""
     pseudo_resets: bool = True
     """after a crash or being stuck, back up for 1 s and go on (--no-pseudo-resets: back to the start)"""
-    encoder: Literal["pretrained", "random"] = "pretrained"
-    """the frozen image encoder: pretrained by stage 1, or untrained (ablation)"""
+    encoder: Literal["pretrained", "random", "none"] = "pretrained"
+    """the frozen image encoder: pretrained by stage 1, untrained (ablation), or none (zeros: what vision adds)"""
     encoder_path: Optional[str] = None
     """an encoder.pt written by an earlier run: skips stage 1"""
     eval_interval: int = 0
@@ -204,6 +204,13 @@ class Encoder(nn.Module):
         """pixels (B, 3, S, S, 3) uint8 -> (B, out_dim)"""
         b, k, s, _, c = pixels.shape
         return self.net(pixels.permute(0, 1, 4, 2, 3).reshape(b, k * c, s, s).float() / 255.0)
+
+
+class NoEncoder(Encoder):
+    """--encoder none: image features all zero (the same shapes), to measure what vision adds."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(pixels), self.out_dim, device=pixels.device)
 
 
 def conv_size(s: int) -> int:
@@ -564,8 +571,8 @@ def stage1_encoder(args: Args, device: torch.device, run: "Run") -> Encoder:
     goal-conditioned pixel IQL on slow driving of other courses, then saved to run_dir/encoder.pt."""
     if args.encoder_path is not None:
         return load_encoder(args.encoder_path, args, device)
-    if args.encoder == "random":
-        return Encoder(args.image_size).to(device)
+    if args.encoder != "pretrained":
+        return (Encoder if args.encoder == "random" else NoEncoder)(args.image_size).to(device)
     data = load_or_collect(args)
     buffer = PretrainBuffer(data, args, device)
     iql = PixelIQL(args, device)
@@ -617,8 +624,8 @@ def check_args(args: Args) -> torch.device:
     if conv_size(args.image_size) < 1:
         fail(f"--image-size must be at least 31 (four stride-2 convolutions), got {args.image_size}")
     if args.encoder_path is not None:
-        if args.encoder == "random":
-            fail("--encoder random and --encoder-path exclude each other")
+        if args.encoder != "pretrained":
+            fail(f"--encoder {args.encoder} and --encoder-path exclude each other")
         if not os.path.isfile(args.encoder_path):
             fail(f"encoder {args.encoder_path} does not exist")
         size = torch.load(args.encoder_path, map_location="cpu", weights_only=True).get("image_size")
@@ -655,7 +662,7 @@ def choose_run_dir(args: Args, resume: Optional[dict]) -> str:
 def load_encoder(path, args: Args, device: torch.device) -> "Encoder":
     """An encoder from its file (or a checkpoint's copy of it); its image size was checked in check_args."""
     state = path if isinstance(path, dict) else torch.load(path, map_location=device, weights_only=True)
-    encoder = Encoder(args.image_size).to(device)
+    encoder = (NoEncoder if args.encoder == "none" else Encoder)(args.image_size).to(device)
     encoder.load_state_dict(state["encoder"])
     return encoder
 

@@ -551,6 +551,17 @@ def test_random_encoder_without_pseudo_resets(first_run, monkeypatch):
     assert recorder.recovers == 0 and recorder.resets == 1 + recorder.events() >= 2  # back to the start instead
 
 
+def test_no_encoder_feeds_zero_image_features(first_run, monkeypatch):
+    recorder = Recorder(monkeypatch)
+    args = tiny(first_run["folder"], "blind", encoder="none")
+    results = fastrlap.main(args)
+    rows = recorder.online_rows(args.total_timesteps)
+    features = fastrlap.Encoder(32).out_dim
+    assert results["updates"] == 40 and len(rows) == 60
+    assert all(not z[:features].any() and not next_z[:features].any() and next_z[features:].any()
+               for z, _, _, _, next_z in rows)
+
+
 def test_evaluation_backs_up_after_a_crash_and_times_the_lap(first_run, course, monkeypatch):
     """A pure-pursuit "policy" at the demo speed, its 3rd step turned into a crash: one pseudo-reset, then
     the lap, slower than the demo lap by the backing up."""
@@ -601,7 +612,7 @@ def test_stopped_and_resumed_run_ends_as_the_uninterrupted_run(tmp_path, learnin
     (dict(encoder_path="{folder}/enc64.pt"), "was trained on 64-pixel images, not --image-size 32"),
     (dict(batch_size=15), "must split into --utd-ratio"),
     (dict(num_min_qs=5), "--num-min-qs must be between 1 and --num-qs"),
-    (dict(encoder="random", encoder_path="{folder}/enc64.pt"), "--encoder random and --encoder-path exclude each other"),
+    (dict(encoder="none", encoder_path="{folder}/enc64.pt"), "--encoder none and --encoder-path exclude each other"),
     (dict(resume="{folder}/missing.pt"), "missing.pt does not exist"),
 ])
 def test_bad_input(tmp_path, overrides, message):
