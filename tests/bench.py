@@ -113,7 +113,10 @@ def revind_step(device, mode):
 
 def fastrlap_block(device, mode):
     """fastrlap.py: one practice UTD block (10 LayerNorm critics on the frozen 288 image features + 14 state
-    numbers, batch 512 split into 8 critic steps, then actor and temperature), half of it from the demo."""
+    numbers, batch 512 split into 8 critic steps, then actor and temperature), half of it from the demo; no
+    compile row (the script has no --compile)."""
+    if mode == "compile":
+        return None
     import fastrlap
     args = fastrlap.Args()
     agent = fastrlap.FastRLAP(288, args, device)
@@ -129,7 +132,9 @@ def fastrlap_block(device, mode):
 
 def fastrlap_pretrain(device, mode):
     """fastrlap.py: one pixel-IQL pretraining step (random crop, V, actor, 10 Q heads with the conv encoder,
-    Polyak) on 64 x 64 frame stacks with relabelled goals drawn on the device, batch 128."""
+    Polyak) on 64 x 64 frame stacks with relabelled goals drawn on the device, batch 128; no compile row."""
+    if mode == "compile":
+        return None
     import numpy as np
     import fastrlap
     args, rng, n = fastrlap.Args(), np.random.default_rng(0), 4000
