@@ -471,10 +471,10 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
-    """Stage 1 on one tiny collected drive, the demo lap, 60 steps of practice (20 UTD blocks), one
-    evaluation lap with video."""
+    """Stage 1 on one tiny collected drive (200 pixel-IQL steps), the demo lap, 60 steps of practice (20
+    UTD blocks of 8 critic steps), one evaluation lap with video."""
     folder = tmp_path_factory.mktemp("fastrlap")
-    args = tiny(folder, eval_laps=1, capture_video=True)
+    args = tiny(folder, eval_laps=1, capture_video=True, pretrain_steps=200, utd_ratio=8, batch_size=32)  # 200 + 160 steps
     with pytest.MonkeyPatch.context() as mp:
         recorder = Recorder(mp)
         results = fastrlap.main(args)
@@ -483,7 +483,7 @@ def first_run(tmp_path_factory):
 
 def test_main_pretrains_drives_the_demo_and_practises(first_run):
     args, results, recorder = first_run["args"], first_run["results"], first_run["recorder"]
-    assert results["updates"] == (60 - 40) * 2
+    assert results["updates"] == (60 - 40) * 8
     assert_finite_losses(results)
     assert all(math.isfinite(results[k]) for k in ("pretrain/critic_loss", "pretrain/value_loss", "pretrain/actor_loss"))
     assert math.isfinite(results["demo_lap_time"]) and results["evaluations"][0][0] == 60
