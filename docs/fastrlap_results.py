@@ -50,10 +50,13 @@ def main():
     parser.add_argument("--plot")
     cli = parser.parse_args()
     runs = defaultdict(dict)
+    names = {"pre": "pretrained", "rand": "random"}  # the study's folder prefixes
     for folder in sorted(glob.glob(os.path.join(cli.study, "*_s[0-9]*"))):
         if os.path.isdir(folder) and os.path.exists(os.path.join(folder, "laps.csv")):
             variant, seed = os.path.basename(folder).rsplit("_s", 1)
-            runs[variant][int(seed)] = read_run(folder)
+            runs[names.get(variant, variant)][int(seed)] = read_run(folder)
+    order = ["pretrained", "random", "none"]
+    runs = dict(sorted(runs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     print("| encoder | seed | demo lap (s) | first lap (min) | first lap faster than the demo (min) | best lap (s) | laps | collisions | final eval lap (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for variant, seeds in runs.items():
