@@ -319,17 +319,17 @@ class TanhGaussianActor(nn.Module):
         """a ~ pi(.|z) by reparameterisation, and log pi(a|z) with the change of variables."""
         mu, log_std = self.distribution(z)
         u = mu + log_std.exp() * torch.randn_like(mu)
-        return self.squash(z, u, mu, log_std)
+        return self.squash(u, mu, log_std, *self.action_range(z))
 
     def log_prob(self, z: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """log pi(a|z) of given actions (AWR), inverting the squash."""
         mu, log_std = self.distribution(z)
         c, s = self.action_range(z)
         u = torch.atanh(((act - c) / s).clamp(-1 + 1e-4, 1 - 1e-4))
-        return self.squash(z, u, mu, log_std)[1]
+        return self.squash(u, mu, log_std, c, s)[1]
 
-    def squash(self, z, u, mu, log_std) -> tuple:
-        c, s = self.action_range(z)
+    def squash(self, u, mu, log_std, c, s) -> tuple:
+        """(c + s tanh u, log pi) for a Gaussian draw u ~ N(mu, exp(log_std)) and the range (c, s)."""
         log_prob = (-0.5 * ((u - mu) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
         # log |d(c + s tanh u)/du| = log s + log(1 - tanh(u)^2) = log s + 2 (log 2 - u - softplus(-2u))
         log_prob = log_prob - (s.log() + 2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
@@ -379,8 +379,9 @@ class PixelIQL(nn.Module):
     def update(self, pixels, state, act, rew, mask, next_pixels, next_state) -> dict:
         pixels, next_pixels = random_crop(pixels, self.pad), random_crop(next_pixels, self.pad)
         f = self.encoder(pixels)
-        z, next_z = torch.cat([f.detach(), state], -1), torch.cat([self.encoder(next_pixels).detach(), next_state], -1)
-        with torch.no_grad():  # min of a random 2 of the target Q heads
+        z = torch.cat([f.detach(), state], -1)  # V and pi read the features with stop-gradient
+        with torch.no_grad():  # f(o') for V(s') only: no graph to build; and the min of a random 2 of the target Q heads
+            next_z = torch.cat([self.encoder(next_pixels), next_state], -1)
             subset = torch.rand(self.num_qs, device=rew.device).argsort()[:self.num_min_qs]
             target_z = torch.cat([self.target_encoder(pixels), state], -1)
             q_target = self.critic_target(target_z, act, members=subset).min(0).values
