@@ -455,6 +455,8 @@ def resolve_args(args: Args) -> dict:
     d_expectile, d_normalize = FAMILY_DEFAULTS[family]
     hp = dict(family=family, expectile=d_expectile if args.expectile is None else args.expectile,
               normalize_rewards=d_normalize if args.normalize_rewards is None else args.normalize_rewards)
+    if args.dataset is not None and is_minari(args.env):
+        fail(f"--dataset is a D4RL-format file, and '{args.env}' is a Minari id (read from Minari's cache); pass one of them")
     if not 0 < hp["expectile"] < 1:
         fail(f"--expectile must be in (0, 1), got {hp['expectile']}")
     if min(args.max_steps, args.batch_size, args.log_interval, args.num_samples, args.diffusion_steps) < 1:
@@ -467,7 +469,8 @@ def resolve_args(args: Args) -> dict:
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but CUDA is not available")
-    return {**hp, "device": device, "cuda_graph": args.cuda_graph and device.type == "cuda"}
+    return {**hp, "device": device, "cuda_graph": args.cuda_graph and device.type == "cuda",
+            "ref_scores": reference_scores(args.env)}
 
 
 # ----------------------------------------------------------------------------- data: D4RL names, download, validation
@@ -511,7 +514,7 @@ def d4rl_url(name: str) -> Optional[str]:
 
 
 def family_of(env: str) -> str:
-    task = env.split("-")[0].lower()
+    task = task_of(env)
     if task == "antmaze":
         return "antmaze"
     if task == "kitchen":
@@ -519,6 +522,11 @@ def family_of(env: str) -> str:
     if task in ADROIT:
         return "adroit"
     return "locomotion"  # the four MuJoCo tasks and any other Gymnasium id
+
+
+def task_of(env: str) -> str:
+    """hopper for hopper-medium-v2, Hopper-v4 and mujoco/hopper/medium-v0; antmaze for D4RL/antmaze/umaze-v1."""
+    return (env.split("/")[-2] if is_minari(env) else env.split("-")[0]).lower()
 
 
 def download(url: str, path: str):
@@ -613,7 +621,7 @@ BATCH_KEYS = ("observations", "actions", "rewards", "masks", "next_observations"
 def load_dataset(args: Args, hp: dict, env: Optional[gym.Env], device: torch.device) -> dict:
     """The D4RL file as (s, a, r, m, s') tensors on the device: checked against the env's spaces,
     actions scaled to [-1, 1], rewards transformed as the family's official config does."""
-    data = qlearning_transitions(read_d4rl(dataset_path(args)))
+    data = qlearning_transitions(read_minari(args.env) if is_minari(args.env) else read_d4rl(dataset_path(args)))
     obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
     if env is not None:
         space = env.unwrapped.action_space
@@ -631,17 +639,81 @@ def load_dataset(args: Args, hp: dict, env: Optional[gym.Env], device: torch.dev
     return {k: torch.as_tensor(data[k], device=device) for k in BATCH_KEYS}
 
 
+# ----------------------------------------------------------------------------- data: Minari datasets
+GOAL_KEYS = ("observation", "achieved_goal", "desired_goal")  # a goal-conditioned observation, flattened in this order
+
+
+def is_minari(env: str) -> bool:
+    """Minari ids are paths (mujoco/hopper/medium-v0, D4RL/antmaze/umaze-v1); D4RL names and Gymnasium ids are not."""
+    return "/" in env
+
+
+def minari_dataset(dataset_id: str):
+    """The Minari dataset, downloaded on first use (with Minari's own progress) to its cache folder."""
+    try:
+        import minari
+        from minari.storage.datasets_root_dir import get_dataset_path
+    except ImportError:
+        fail(f"'{dataset_id}' is a Minari dataset id, which needs minari: pip install 'minari[hdf5]'")
+    path = get_dataset_path(dataset_id)
+    if os.path.isdir(os.path.join(path, "data")):
+        try:
+            return minari.load_dataset(dataset_id)
+        except Exception as e:
+            fail(f"the Minari dataset at {path} is unreadable ({type(e).__name__}: {e}); delete it and run again")
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except ValueError as e:  # Minari's answer for an id or version its server does not have
+        fail(f"Minari has no dataset '{dataset_id}': {e}")
+    except Exception as e:  # no network: huggingface_hub's connection errors
+        fail(f"could not download the Minari dataset '{dataset_id}' ({type(e).__name__}: {e}); with no network, "
+             f"run `minari download {dataset_id}` elsewhere and copy the folder to {path} "
+             f"(MINARI_DATASETS_PATH moves Minari's cache)")
+
+
+def flat_observation(obs) -> np.ndarray:
+    """A goal-conditioned dict observation as one vector, keys in GOAL_KEYS' order (then any others, and
+    nested dicts such as Kitchen's per-task goals, sorted). AntMaze: the ant's 27 body dims, its x-y, the
+    goal's x-y (D4RL's 29 dims were the x-y and the body: its goal was fixed per maze, so left out)."""
+    if not isinstance(obs, dict):
+        return np.asarray(obs, dtype=np.float32)
+    keys = [k for k in GOAL_KEYS if k in obs] + sorted(set(obs) - set(GOAL_KEYS))
+    return np.concatenate([flat_observation(obs[k]) for k in keys], axis=-1)
+
+
+def read_minari(dataset_id: str) -> dict:
+    """The episodes in D4RL's layout, next_observations included: Minari stores each episode's last
+    observation, so every step, a truncated last one too, keeps its true s'. Terminations are terminals,
+    truncations are timeouts."""
+    dataset = minari_dataset(dataset_id)
+    if not isinstance(dataset.action_space, gym.spaces.Box):
+        fail(f"{dataset_id} has a {type(dataset.action_space).__name__} action space; the policy needs continuous actions")
+    columns = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")}
+    for episode in dataset.iterate_episodes():
+        obs = flat_observation(episode.observations)  # T + 1 rows: s_0 .. s_T
+        for k, v in zip(columns, (obs[:-1], episode.actions, episode.rewards, episode.terminations,
+                                  episode.truncations, obs[1:])):
+            columns[k].append(np.asarray(v))
+    if not columns["observations"]:
+        fail(f"the Minari dataset {dataset_id} has no episodes")
+    return {k: np.concatenate(v) for k, v in columns.items()}
+
+
 # ----------------------------------------------------------------------------- environments
 def make_env(env_id: str, render: bool = False) -> gym.Env:
     kwargs = {"render_mode": "rgb_array"} if render else {}
+    if is_minari(env_id):
+        return minari_env(env_id, kwargs)
     task = env_id.split("-")[0]
     if task in LOCOMOTION:
         env_id = LOCOMOTION[task]
         if task == "ant":  # D4RL's ant: 111 dims with the contact forces (27:) all zero, no contact cost
             kwargs.update(use_contact_forces=True, contact_cost_weight=0.0)
     elif family_of(env_id) != "locomotion":
-        fail(f"{env_id}: D4RL's {family_of(env_id)} environments are not in Gymnasium, so they cannot be "
-             f"evaluated here; pass --eval-episodes 0 to train offline without evaluation")
+        task, level = env_id.split("-")[0], "-".join(env_id.split("-")[1:-1])
+        fail(f"{env_id}: D4RL's {task} environment needs mujoco-py; train on the same data from Minari to evaluate "
+             f"in Gymnasium-Robotics (--env D4RL/{task}/{level}-v{1 if task == 'antmaze' else 2}), or pass "
+             f"--eval-episodes 0 to train without evaluation")
     try:
         with warnings.catch_warnings():  # v4 is deliberate (D4RL's models; v5 changed them): no "out of date" warning
             warnings.filterwarnings("ignore", ".*The environment .*-v4 is out of date")
@@ -655,6 +727,48 @@ def make_env(env_id: str, render: bool = False) -> gym.Env:
     if task == "ant":
         env = ZeroContactForces(env)
     return env
+
+
+def minari_env(dataset_id: str, kwargs: dict) -> gym.Env:
+    """The dataset's evaluation env as Minari recorded it (the data's own env if it names none), its dict
+    observation flattened as the data's. AntMaze is evaluated as in D4RL: the episode ends at the goal."""
+    dataset = minari_dataset(dataset_id)
+    try:
+        with warnings.catch_warnings():  # Minari's AntMaze data are recorded in the -v4 envs: no "out of date" warning
+            warnings.filterwarnings("ignore", ".*is out of date")
+            env = dataset.recover_environment(eval_env=True, **kwargs)
+            if family_of(dataset_id) == "antmaze":
+                fixes = antmaze_eval_kwargs(env.spec, dataset.env_spec)
+                env.close()
+                env = dataset.recover_environment(eval_env=True, **kwargs, **fixes)
+        env.reset(seed=0)  # FrankaKitchen-v1 fails when made under MuJoCo >= 3.12; others would fail here
+    except Exception as e:
+        fail(f"the environment of {dataset_id} cannot run here ({type(e).__name__}: {e}); pass --eval-episodes 0 "
+             f"to train without evaluation")
+    if isinstance(env.observation_space, gym.spaces.Dict):
+        dim = flat_observation(env.observation_space.sample()).shape
+        env = gym.wrappers.TransformObservation(env, flat_observation, gym.spaces.Box(-np.inf, np.inf, dim, np.float32))
+    if not isinstance(env.action_space, gym.spaces.Box):
+        fail(f"{dataset_id} has a {type(env.action_space).__name__} action space; the policy needs continuous actions")
+    if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
+        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))  # the policy acts in [-1, 1]
+    return env
+
+
+def antmaze_eval_kwargs(eval_spec, data_spec) -> dict:
+    """D4RL's AntMaze evaluation in Gymnasium-Robotics: the episode ends at the goal (continuing_task=False),
+    so the return is 1 on success, else 0; Minari's eval specs keep the data's continuing task, which pays 1
+    per step spent at the goal. Minari's umaze eval maze is the data's maze turned 180 degrees (Minari
+    issue #304: walls, start, goal and world coordinates all flipped); turned back, it is the data's task."""
+    kwargs = {"continuing_task": False}
+    maze, data_maze = eval_spec.kwargs.get("maze_map"), (data_spec.kwargs.get("maze_map") if data_spec else None)
+    walls = lambda m: [[cell == 1 for cell in row] for row in m]
+    if maze and data_maze and walls(maze) != walls(data_maze):
+        turned = [row[::-1] for row in maze[::-1]]
+        if walls(turned) != walls(data_maze):
+            fail(f"the eval maze of the dataset ({maze}) has other walls than its data's maze ({data_maze})")
+        kwargs["maze_map"] = turned
+    return kwargs
 
 
 class ZeroContactForces(gym.ObservationWrapper):
@@ -689,12 +803,19 @@ def forked_rng(device: torch.device):
     return torch.random.fork_rng(devices=cuda)
 
 
-def normalized_score(env: str, ret: float) -> float:
-    task = env.split("-")[0].lower()  # hopper-medium-v2 and Hopper-v4 alike
-    if task not in REF_SCORES:
-        return float("nan")  # no d4rl reference returns for this env
-    lo, hi = REF_SCORES[task]
-    return 100 * (ret - lo) / (hi - lo)
+def reference_scores(env: str) -> Optional[tuple]:
+    """(random, expert) returns of the normalized score: a Minari dataset's own where it records them
+    (not for AntMaze: Minari's are returns of its continuing task), else d4rl's for the task, else None."""
+    if is_minari(env) and family_of(env) != "antmaze":
+        meta = minari_dataset(env).storage.metadata
+        if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
+            return float(meta["ref_min_score"]), float(meta["ref_max_score"])
+    return REF_SCORES.get(task_of(env))
+
+
+def normalized_score(ref: Optional[tuple], ret: float) -> float:
+    """100 (R - random) / (expert - random), as d4rl; NaN without reference returns."""
+    return float("nan") if ref is None else 100 * (ret - ref[0]) / (ref[1] - ref[0])
 
 
 # ----------------------------------------------------------------------------- checkpoint and run folder
@@ -712,7 +833,7 @@ def open_run(args: Args, device: torch.device) -> tuple:
             fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
         return resume, run_dir
     run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
-                               f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
+                               f"runs/{args.env.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
     if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
         fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
     return resume, run_dir
@@ -757,7 +878,7 @@ class Logger:
                     "dataset_transitions": transitions}
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump({**asdict(args), "resolved": resolved}, f, indent=2)
-        self.run_dir, self.env, self.device = run_dir, args.env, hp["device"]
+        self.run_dir, self.ref_scores, self.device = run_dir, hp["ref_scores"], hp["device"]
         self.writer = SummaryWriter(run_dir)
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
         if args.track:
@@ -797,7 +918,7 @@ class Logger:
             self.t_eval += time.perf_counter() - t
 
     def evaluation(self, step: int, returns: np.ndarray, evals: list) -> dict:
-        ret, score = float(returns.mean()), normalized_score(self.env, float(returns.mean()))
+        ret, score = float(returns.mean()), normalized_score(self.ref_scores, float(returns.mean()))
         evals.append((step, ret, float(returns.std()), score))
         self.writer.add_scalar("eval/return", ret, step)
         self.writer.add_scalar("eval/normalized_score", score, step)

@@ -4,6 +4,7 @@ import copy
 import functools
 import glob
 import http.server
+import json
 import math
 import os
 import subprocess
@@ -32,6 +33,107 @@ def hopper_files(tmp_path_factory):
     with_next, returns = datasets.hopper_dataset(str(folder / "hopper-tiny.hdf5"))
     without_next, _ = datasets.hopper_dataset(str(folder / "hopper-tiny-nonext.hdf5"), with_next_observations=False)
     return {"next": with_next, "nonext": without_next, "returns": returns}
+
+
+@pytest.fixture(scope="session")
+def minari_root(tmp_path_factory):
+    """A Minari cache (MINARI_DATASETS_PATH) with two small datasets written by Minari itself:
+    test/hopper/tiny-v0 (Hopper-v5, terminations and truncations, reference scores -10 / 990) and
+    test/antmaze/umaze-v1 (laid out as D4RL/antmaze/umaze-v1, its eval maze turned as Minari's)."""
+    root = str(tmp_path_factory.mktemp("minari"))
+    saved = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = root
+    try:
+        _, hopper = datasets.hopper_minari("test/hopper/tiny-v0")
+        _, antmaze = datasets.antmaze_minari("test/antmaze/umaze-v1")
+    finally:
+        os.environ.pop("MINARI_DATASETS_PATH") if saved is None else os.environ.update(MINARI_DATASETS_PATH=saved)
+    return {"root": root, "hopper": hopper, "antmaze": antmaze}
+
+
+def check_minari_hopper_main(module, minari_root, tmp_path, monkeypatch, **overrides):
+    """A Minari id trains and evaluates in the env the dataset records (Hopper-v5), scored with the
+    dataset's own reference returns, in a run folder named without the id's slashes."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", minari_root["root"])
+    monkeypatch.chdir(tmp_path)
+    results = module.main(tiny_args(module, tmp_path, env="test/hopper/tiny-v0", run_dir=None, **overrides))
+    assert results["updates"] > 0 and results["run_dir"].startswith("runs/test-hopper-tiny-v0__")
+    assert_finite_losses(results)
+    step, ret, _, score = results["evaluations"][-1][:4]
+    assert score == pytest.approx(100 * (ret + 10) / 1000)  # the dataset's (-10, 990), not d4rl's hopper refs
+
+
+def check_minari_loads_as_d4rl(module, minari_root, tmp_path, monkeypatch):
+    """The same episodes from Minari and from a D4RL file load as the same tensors; the s' of a truncated
+    last step is its episode's final observation; masks are 0 at terminations only."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", minari_root["root"])
+    buffers, cpu = minari_root["hopper"], torch.device("cpu")
+    obs = [b.observations for b in buffers]
+    path = datasets.write_d4rl(str(tmp_path / "same.hdf5"), np.concatenate([o[:-1] for o in obs]),
+                               *(np.concatenate([getattr(b, k) for b in buffers]) for k in ("actions", "rewards", "terminations", "truncations")),
+                               np.concatenate([o[1:] for o in obs]))
+    hp = dict(family="locomotion", normalize_rewards=False)
+    from_minari = module.load_dataset(tiny_args(module, tmp_path, env="test/hopper/tiny-v0"), hp, None, cpu)
+    from_file = module.load_dataset(tiny_args(module, tmp_path, env="hopper-x-v2", dataset=path), hp, None, cpu)
+    for k in module.BATCH_KEYS:
+        assert torch.equal(from_minari[k], from_file[k]), k
+    ends = np.cumsum([len(b.rewards) for b in buffers]) - 1
+    terminated = [e for e, b in zip(ends, buffers) if b.terminations[-1]]
+    assert terminated and len(terminated) < len(ends)  # the fixture has both kinds of episode end
+    masks = from_minari["masks"].numpy()
+    assert (masks[terminated] == 0).all() and masks.sum() == len(masks) - len(terminated)
+    for e, b in zip(ends, buffers):
+        assert np.allclose(from_minari["next_observations"][e].numpy(), b.observations[-1])
+
+
+def check_minari_antmaze_main(module, minari_root, tmp_path, monkeypatch, **overrides) -> dict:
+    """AntMaze from Minari through main(): rewards r - 1, no terminals (Minari's continuing task), the
+    31-dim flattened observation, D4RL's 0/1 reference scores. Returns the resolved settings."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", minari_root["root"])
+    args = tiny_args(module, tmp_path, env="test/antmaze/umaze-v1", **{"eval_episodes": 2, "max_steps": 100, "eval_interval": 50, **overrides})
+    results = module.main(args)
+    assert results["updates"] == 100 and len(results["evaluations"]) == 2
+    assert_finite_losses(results)
+    resolved = json.load(open(os.path.join(args.run_dir, "args.json")))["resolved"]
+    assert resolved["ref_scores"] == [0.0, 1.0]
+    data = module.load_dataset(args, module.resolve_args(args), None, torch.device("cpu"))
+    assert data["observations"].shape == (200, 31) and (data["rewards"] == -1).all() and (data["masks"] == 1).all()
+    return {**resolved, "eval_episodes": resolved.get("eval_episodes", args.eval_episodes)}
+
+
+def check_minari_errors(module, tmp_path, monkeypatch):
+    """A Minari id that is neither local nor downloadable, one the server does not know, and one beside --dataset."""
+    import minari.storage.hosting
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network, at once (otherwise ~25 s of retries)
+    with pytest.raises(SystemExit, match="could not download the Minari dataset 'mujoco/hopper/medium-v0'") as e:
+        module.main(tiny_args(module, tmp_path, env="mujoco/hopper/medium-v0"))
+    assert str(tmp_path / "cache" / "mujoco" / "hopper" / "medium-v0") in str(e.value)
+    monkeypatch.setattr(minari.storage.hosting, "list_remote_datasets", lambda **kw: {})  # the server's answer
+    with pytest.raises(SystemExit, match="Minari has no dataset 'mujoco/hopper/mediocre-v0'"):
+        module.main(tiny_args(module, tmp_path, env="mujoco/hopper/mediocre-v0"))
+    with pytest.raises(SystemExit, match="--dataset is a D4RL-format file"):
+        module.main(tiny_args(module, tmp_path, env="mujoco/hopper/medium-v0", dataset=str(tmp_path / "x.hdf5")))
+
+
+def check_antmaze_eval_env(minari_root, monkeypatch, make_env):
+    """D4RL's AntMaze evaluation from a Minari dataset: the data's walls, start and goal (Minari's eval maze
+    turned back), the goal-conditioned observation flattened, and an episode that ends at the goal with return 1."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", minari_root["root"])
+    env = make_env("test/antmaze/umaze-v1")
+    assert env.unwrapped.maze.maze_map == datasets.UMAZE_DATA
+    obs, _ = env.reset(seed=0)
+    maze = env.unwrapped
+    assert obs.shape == (31,) and np.allclose(obs[27:29], maze.data.qpos[:2]) and np.allclose(obs[29:], maze.goal)
+    assert maze.goal[1] > 0 > obs[28]  # the data's task: start at the bottom of the U, goal at the top
+    _, reward, terminated, _, _ = env.step(np.zeros(8, np.float32))
+    assert reward == 0 and not terminated
+    qpos, qvel = maze.data.qpos.copy(), maze.data.qvel.copy()
+    qpos[:2] = maze.goal  # put the ant on the goal
+    maze.ant_env.set_state(qpos, qvel)
+    _, reward, terminated, _, _ = env.step(np.zeros(8, np.float32))
+    assert reward == 1 and terminated
 
 
 class _Files(http.server.SimpleHTTPRequestHandler):

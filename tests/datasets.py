@@ -80,6 +80,63 @@ def hopper_dataset(path, num_steps=1500, max_episode_steps=60, with_next_observa
     return path, returns
 
 
+def episodes(env, policy, num_episodes, seed=0):
+    """Whole episodes of policy(obs, rng) as Minari stores them: T + 1 observations (dicts stay dicts of
+    arrays), T actions, rewards, terminations and truncations."""
+    from minari.data_collector import EpisodeBuffer
+
+    rng, out = np.random.default_rng(seed), []
+    for i in range(num_episodes):
+        obs, _ = env.reset(seed=seed + i)
+        trace, actions, rewards, terms, truncs = [obs], [], [], [], []
+        while not (terms and (terms[-1] or truncs[-1])):
+            act = policy(obs, rng)
+            obs, reward, terminated, truncated, _ = env.step(act)
+            for buf, v in zip((trace, actions, rewards, terms, truncs), (obs, act, reward, terminated, truncated)):
+                buf.append(v)
+        stack = lambda xs: {k: stack([x[k] for x in xs]) for k in xs[0]} if isinstance(xs[0], dict) else np.array(xs)
+        out.append(EpisodeBuffer(id=i, seed=seed + i, observations=stack(trace), actions=np.array(actions),
+                                 rewards=np.array(rewards), terminations=np.array(terms), truncations=np.array(truncs)))
+    return out
+
+
+def write_minari(dataset_id, env, buffers, eval_spec=None, ref_scores=None):
+    """A Minari dataset written by Minari itself (create_dataset_from_buffers: its on-disk layout and
+    metadata) into MINARI_DATASETS_PATH; its data collector would need JAX."""
+    import minari
+
+    lo, hi = ref_scores or (None, None)
+    return minari.create_dataset_from_buffers(
+        dataset_id, buffers, env=env, eval_env=eval_spec, algorithm_name="scripted", author="tests",
+        author_email="tests@localhost", code_permalink="tests/datasets.py", description="a test dataset",
+        ref_min_score=lo, ref_max_score=hi)
+
+
+def hopper_minari(dataset_id, num_episodes=30, max_episode_steps=60, seed=0, ref_scores=(-10.0, 990.0)):
+    """Random Hopper-v5 episodes; the short time limit makes both terminations and truncations."""
+    env = gym.make("Hopper-v5", max_episode_steps=max_episode_steps)
+    buffers = episodes(env, lambda obs, rng: rng.uniform(-1, 1, 3).astype(np.float32), num_episodes, seed)
+    return write_minari(dataset_id, env, buffers, ref_scores=ref_scores), buffers
+
+
+UMAZE_DATA = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]
+UMAZE_EVAL = [[1, 1, 1, 1, 1], [1, 0, 0, "r", 1], [1, 0, 1, 1, 1], [1, 0, 0, "g", 1], [1, 1, 1, 1, 1]]  # Minari's, turned 180 degrees
+
+
+def antmaze_minari(dataset_id, num_episodes=4, max_episode_steps=50, seed=0):
+    """AntMaze_UMaze-v4 episodes of random actions, laid out as Minari's D4RL/antmaze/umaze-v1: the data
+    maze with a fixed start and goal, a continuing task (no terminations), and its eval spec's maze."""
+    import dataclasses
+    import gymnasium_robotics
+
+    gym.register_envs(gymnasium_robotics)
+    kwargs = dict(maze_map=UMAZE_DATA, reward_type="sparse", continuing_task=True, reset_target=False)
+    env = gym.make("AntMaze_UMaze-v4", max_episode_steps=max_episode_steps, **kwargs)
+    eval_spec = dataclasses.replace(env.spec, kwargs={**env.spec.kwargs, "maze_map": UMAZE_EVAL})
+    buffers = episodes(env, lambda obs, rng: rng.uniform(-1, 1, 8).astype(np.float32), num_episodes, seed)
+    return write_minari(dataset_id, env, buffers, eval_spec=eval_spec, ref_scores=(0.0, 300.0)), buffers
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=["pendulum", "hopper"])

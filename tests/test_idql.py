@@ -11,8 +11,9 @@ import torch
 
 import datasets
 import idql
-from conftest import (assert_finite_losses, check_main_feeds_update_aligned_transitions,
-                      check_resume_equals_the_uninterrupted_run, compiled_matches_eager,
+from conftest import (assert_finite_losses, check_antmaze_eval_env, check_main_feeds_update_aligned_transitions,
+                      check_minari_antmaze_main, check_minari_errors, check_minari_hopper_main,
+                      check_minari_loads_as_d4rl, check_resume_equals_the_uninterrupted_run, compiled_matches_eager,
                       graph_replays_match_eager_steps, random_batch, run_script, tensorboard_events, tiny_args)
 
 TINY = dict(actor_hidden=32, num_samples=8, eval_episodes=3)
@@ -101,6 +102,28 @@ def test_ant_evaluates_in_the_env_d4rl_recorded():
         assert obs.shape == (111,) and not obs[27:].any()
         obs, reward, _, _, info = env.step(act)
         assert reward == pytest.approx(info["x_velocity"] + 1.0 - 0.5 * np.square(act).sum(), abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- Minari datasets
+def test_minari_hopper_through_main(minari_root, tmp_path, monkeypatch):
+    check_minari_hopper_main(idql, minari_root, tmp_path, monkeypatch, **TINY)
+
+
+def test_minari_loads_as_the_same_d4rl_file(minari_root, tmp_path, monkeypatch):
+    check_minari_loads_as_d4rl(idql, minari_root, tmp_path, monkeypatch)
+
+
+def test_minari_antmaze_through_main(minari_root, tmp_path, monkeypatch):
+    """AntMaze from Minari: the family's expectile 0.9, r - 1, D4RL's 0/1 score, episodes in parallel envs."""
+    assert check_minari_antmaze_main(idql, minari_root, tmp_path, monkeypatch, **TINY)["expectile"] == 0.9
+
+
+def test_antmaze_evaluates_as_d4rl(minari_root, monkeypatch):
+    check_antmaze_eval_env(minari_root, monkeypatch, idql.make_env)
+
+
+def test_minari_errors(tmp_path, monkeypatch):
+    check_minari_errors(idql, tmp_path, monkeypatch)
 
 
 def test_timeouts_are_not_terminal():

@@ -12,8 +12,9 @@ import torch
 
 import datasets
 import iql
-from conftest import (assert_finite_losses, check_main_feeds_update_aligned_transitions,
-                      check_resume_equals_the_uninterrupted_run, compiled_matches_eager,
+from conftest import (assert_finite_losses, check_antmaze_eval_env, check_main_feeds_update_aligned_transitions,
+                      check_minari_antmaze_main, check_minari_errors, check_minari_hopper_main,
+                      check_minari_loads_as_d4rl, check_resume_equals_the_uninterrupted_run, compiled_matches_eager,
                       graph_replays_match_eager_steps, random_batch, run_script, tensorboard_events, tiny_args)
 
 
@@ -115,6 +116,29 @@ def test_ant_evaluates_in_the_env_d4rl_recorded():
         # forward velocity + healthy reward - control cost (weight 0.5), and no contact cost term
         assert reward == pytest.approx(info["x_velocity"] + 1.0 - 0.5 * np.square(act).sum(), abs=1e-9)
     assert forces > 0  # the ant touched the ground: the raw env's dims 27: are not zero
+
+
+# ----------------------------------------------------------------------------- Minari datasets
+def test_minari_hopper_through_main(minari_root, tmp_path, monkeypatch):
+    check_minari_hopper_main(iql, minari_root, tmp_path, monkeypatch)
+
+
+def test_minari_loads_as_the_same_d4rl_file(minari_root, tmp_path, monkeypatch):
+    check_minari_loads_as_d4rl(iql, minari_root, tmp_path, monkeypatch)
+
+
+def test_minari_antmaze_through_main(minari_root, tmp_path, monkeypatch):
+    """AntMaze from Minari: the family's defaults (expectile 0.9, beta 10, r - 1) and D4RL's 0/1 score."""
+    resolved = check_minari_antmaze_main(iql, minari_root, tmp_path, monkeypatch)
+    assert (resolved["expectile"], resolved["beta"], resolved["eval_episodes"]) == (0.9, 10.0, 2)
+
+
+def test_antmaze_evaluates_as_d4rl(minari_root, monkeypatch):
+    check_antmaze_eval_env(minari_root, monkeypatch, iql.make_env)
+
+
+def test_minari_errors(tmp_path, monkeypatch):
+    check_minari_errors(iql, tmp_path, monkeypatch)
 
 
 # ----------------------------------------------------------------------------- wiring of one update
