@@ -46,6 +46,7 @@ Differences from the official code:
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -105,19 +106,23 @@ class Args:
     temp_lr: float = 3e-4
     """temperature learning rate"""
     hidden_dim: int = 256
-    """width of the two hidden layers of actor and critics"""
+    """width of the hidden layers of actor and critics"""
+    hidden_layers: Optional[int] = None
+    """hidden layers of actor and critics (default: 2; antmaze, adroit: 3, as the official commands)"""
     num_qs: int = 10
     """critics in the ensemble"""
-    num_min_qs: int = 2
-    """size of the random subset of target critics whose min is the backup (official antmaze: 1)"""
+    num_min_qs: Optional[int] = None
+    """size of the random subset of target critics whose min is the backup (default: 2; antmaze: 1)"""
     critic_layer_norm: bool = True
     """LayerNorm after each critic hidden layer"""
     init_temperature: float = 1.0
     """initial entropy temperature alpha"""
     target_entropy: Optional[float] = None
     """entropy target (default: -|A| / 2)"""
-    backup_entropy: bool = True
-    """subtract gamma * m * alpha * log pi(a'|s') in the critic target (official antmaze/adroit: off)"""
+    backup_entropy: Optional[bool] = None
+    """subtract gamma * m * alpha * log pi(a'|s') in the critic target (default: on; antmaze, adroit: off)"""
+    reward_bias: Optional[float] = None
+    """added to every reward, offline and online (default: 0; antmaze: -1, as the official code)"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005
@@ -174,34 +179,36 @@ class EnsembleLayerNorm(nn.Module):
 
 
 class Critics(nn.Module):
-    """k Q-functions, each Dense -> [Dropout] -> [LayerNorm] -> ReLU (x2) -> Dense(1): (k, B), or
+    """k Q-functions, each Dense -> [Dropout] -> [LayerNorm] -> ReLU (x layers) -> Dense(1): (k, B), or
     (len(members), B) for a subset of them."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, k: int, dropout: float = 0.0, layer_norm: bool = True):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, k: int, dropout: float = 0.0, layer_norm: bool = True,
+                 layers: int = 2):
         super().__init__()
-        self.k, self.dropout = k, dropout
-        self.linears = nn.ModuleList([EnsembleLinear(k, obs_dim + act_dim, hidden), EnsembleLinear(k, hidden, hidden),
-                                      EnsembleLinear(k, hidden, 1)])
-        self.norms = nn.ModuleList([EnsembleLayerNorm(k, hidden) for _ in range(2)]) if layer_norm else None
+        self.k, self.dropout, self.layers = k, dropout, layers
+        self.linears = nn.ModuleList([EnsembleLinear(k, obs_dim + act_dim, hidden)] + [
+            EnsembleLinear(k, hidden, hidden) for _ in range(layers - 1)] + [EnsembleLinear(k, hidden, 1)])
+        self.norms = nn.ModuleList([EnsembleLayerNorm(k, hidden) for _ in range(layers)]) if layer_norm else None
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = torch.cat([obs, act], -1).expand(self.k if members is None else len(members), -1, -1)
-        for i in range(2):
+        for i in range(self.layers):
             x = self.linears[i](x, members)
             if self.dropout > 0:
                 x = F.dropout(x, self.dropout, self.training)  # DroQ: on in train mode, for the target too
             if self.norms is not None:
                 x = self.norms[i](x, members)
             x = F.relu(x)
-        return self.linears[2](x, members).squeeze(-1)
+        return self.linears[-1](x, members).squeeze(-1)
 
 
 class TanhGaussianActor(nn.Module):
     """a = tanh(u), u ~ N(mu(s), sigma(s)), log sigma clipped to [-20, 2]."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int = 2):
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        sizes = [obs_dim] + [hidden] * layers
+        self.trunk = nn.Sequential(*(m for i in range(layers) for m in (nn.Linear(sizes[i], hidden), nn.ReLU())))
         self.mu, self.log_std = nn.Linear(hidden, act_dim), nn.Linear(hidden, act_dim)
         for layer in (*self.trunk[::2], self.mu, self.log_std):
             nn.init.xavier_uniform_(layer.weight)  # the official default_init
@@ -225,14 +232,15 @@ class TanhGaussianActor(nn.Module):
 class RLPD(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
         super().__init__()
+        args = with_family_defaults(args)  # (main() has filled them already; an Args() made by hand has not)
         self.utd, self.gamma, self.tau, self.backup_entropy = args.utd_ratio, args.gamma, args.tau, args.backup_entropy
         self.num_qs, self.num_min_qs = args.num_qs, args.num_min_qs
         self.target_entropy = -act_dim / 2 if args.target_entropy is None else args.target_entropy
-        self.actor = TanhGaussianActor(obs_dim, act_dim, args.hidden_dim)
+        self.actor = TanhGaussianActor(obs_dim, act_dim, args.hidden_dim, args.hidden_layers)
         self.critic = Critics(obs_dim, act_dim, args.hidden_dim, args.num_qs, 0.0,  # no dropout
-                              args.critic_layer_norm)
+                              args.critic_layer_norm, args.hidden_layers)
         self.critic_target = Critics(obs_dim, act_dim, args.hidden_dim, args.num_qs, 0.0,
-                                     args.critic_layer_norm)
+                                     args.critic_layer_norm, args.hidden_layers)
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(args.init_temperature)))
@@ -302,6 +310,7 @@ def symmetric_sample(offline: "ReplayBuffer", online: "ReplayBuffer", utd: int, 
 
 # ----------------------------------------------------------------------------- main: the training loop
 def main(args: Args) -> dict:
+    args = with_family_defaults(args)  # the dataset family's official settings for the flags left unset
     device = check_args(args)
     resume = load_resume(args, device)
     run_dir = choose_run_dir(args, resume)
@@ -327,7 +336,8 @@ def main(args: Args) -> dict:
         step_fn = cuda_graph(step_fn)  # CUDA graphs: 3 eager warm-up calls, then replays; each call is one block
     run = Run(run_dir, args, start, evals, device, resolved=dict(
         target_entropy=agent.target_entropy, device=str(device),
-        cuda_graph=args.cuda_graph and device.type == "cuda", offline_transitions=offline.size if offline else 0))
+        cuda_graph=args.cuda_graph and device.type == "cuda", offline_transitions=offline.size if offline else 0,
+        ref_scores=reference_scores(args.env)))
     if args.eval_episodes > 0 and args.capture_video:
         eval_env = gym.wrappers.RecordVideo(eval_env, os.path.join(run_dir, "videos"),
                                             episode_trigger=lambda e: e % args.eval_episodes == 0)
@@ -345,7 +355,7 @@ def main(args: Args) -> dict:
         next_obs, reward, terminated, truncated, _ = env.step(action)
 
         # store (s, a, r, m, s'), m = 1 - terminated: a time-limit cut is no terminal state, its s' bootstraps
-        online.add(obs, action, reward, 1.0 - terminated, next_obs)
+        online.add(obs, action, reward + args.reward_bias, 1.0 - terminated, next_obs)
         run.env_step(step, reward, terminated or truncated)
         obs = env.reset()[0] if terminated or truncated else next_obs
 
@@ -378,10 +388,27 @@ def fail(message: str):
     raise SystemExit(f"rlpd.py: error: {message}")
 
 
+FAMILY_DEFAULTS = {  # the official README commands: locomotion (config defaults), antmaze, adroit
+    "locomotion": dict(hidden_layers=2, num_min_qs=2, backup_entropy=True, reward_bias=0.0),
+    "antmaze": dict(hidden_layers=3, num_min_qs=1, backup_entropy=False, reward_bias=-1.0),
+    "adroit": dict(hidden_layers=3, num_min_qs=2, backup_entropy=False, reward_bias=0.0),
+}
+
+
+def with_family_defaults(args: Args) -> Args:
+    """Args with the unset (None) flags filled from FAMILY_DEFAULTS for the dataset's family."""
+    defaults = FAMILY_DEFAULTS.get(family_of(args.env), FAMILY_DEFAULTS["locomotion"])
+    return dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+
+
 def check_args(args: Args) -> torch.device:
     """Bad flags fail here, before anything is written; returns the device to run on."""
     if min(args.total_timesteps, args.utd_ratio, args.batch_size, args.log_interval) < 1:
         fail("--total-timesteps, --utd-ratio, --batch-size and --log-interval must be positive")
+    if args.dataset is not None and is_minari(args.env):
+        fail(f"--dataset is a D4RL-format file, and '{args.env}' is a Minari id (read from Minari's cache); pass one of them")
+    if args.hidden_layers < 1:
+        fail(f"--hidden-layers must be positive, got {args.hidden_layers}")
     if not 0 <= args.offline_ratio < 1:
         fail(f"--offline-ratio must be in [0, 1), got {args.offline_ratio}")
     if not 1 <= args.num_min_qs <= args.num_qs:
@@ -406,7 +433,7 @@ def choose_run_dir(args: Args, resume: Optional[dict]) -> str:
     """--run-dir, the resumed checkpoint's folder, or a new runs/{env}__{exp_name}__{seed}__{time}; never
     another run's folder."""
     run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
-                               f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
+                               f"runs/{args.env.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
     if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
         fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
     return run_dir
@@ -447,6 +474,7 @@ class Run:
             wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
                        dir=run_dir, sync_tensorboard=True)
         self.dir, self.args, self.evals, self.device, self.metrics = run_dir, args, evals, device, {}
+        self.ref_scores = resolved["ref_scores"]
         self.bar = tqdm(total=args.total_timesteps, initial=start, disable=not sys.stdout.isatty(), desc="rlpd")
         self.episode_return, self.episode_length = 0.0, 0
         self.t0, self.n0, self.t_eval = None, 0, 0.0
@@ -490,7 +518,7 @@ class Run:
         print(f"step={step} {line} ups={self.metrics.get('updates_per_second', float('nan')):.0f}", flush=True)
 
     def evaluation(self, step: int, returns: np.ndarray):
-        ret, score = float(returns.mean()), normalized_score(self.args.env, float(returns.mean()))
+        ret, score = float(returns.mean()), normalized_score(self.ref_scores, float(returns.mean()))
         self.evals.append((step, ret, float(returns.std()), score))
         self.writer.add_scalar("eval/return", ret, step)
         self.writer.add_scalar("eval/normalized_score", score, step)
@@ -517,8 +545,20 @@ LOCOMOTION = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d"
 LEVELS = ("random", "medium", "expert", "medium-replay", "medium-expert", "full-replay")
 REF_SCORES = {  # d4rl's (random, expert) returns for the normalized score
     "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7),
+    "ant": (-325.6, 3879.7), "antmaze": (0.0, 1.0), "kitchen": (0.0, 4.0), "pen": (96.262799, 3076.8331),
+    "hammer": (-274.856578, 12794.134825), "door": (-56.512833, 2880.5693), "relocate": (-6.425911, 4233.877797),
 }
+ADROIT = ("pen", "hammer", "door", "relocate")
+
+
+def family_of(env: str) -> str:
+    task = task_of(env)
+    return task if task in ("antmaze", "kitchen") else "adroit" if task in ADROIT else "locomotion"
+
+
+def task_of(env: str) -> str:
+    """hopper for hopper-medium-v2, Hopper-v4 and mujoco/hopper/medium-v0; antmaze for D4RL/antmaze/umaze-v1."""
+    return (env.split("/")[-2] if is_minari(env) else env.split("-")[0]).lower()
 
 
 def d4rl_url(name: str) -> Optional[str]:
@@ -605,7 +645,8 @@ def qlearning_transitions(data: dict) -> dict:
 
 def load_prior_data(args: Args, env: gym.Env, device: torch.device) -> "ReplayBuffer":
     """D: the dataset's transitions, checked against the env, actions mapped to [-1, 1], all on the device."""
-    data = qlearning_transitions(read_d4rl(dataset_path(args)))
+    data = qlearning_transitions(read_minari(args.env) if is_minari(args.env) else read_d4rl(dataset_path(args)))
+    data["rewards"] = data["rewards"] + np.float32(args.reward_bias)
     obs_dim, act_dim, space = env.observation_space.shape[0], env.action_space.shape[0], env.unwrapped.action_space
     if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
         fail(f"the dataset's observations/actions have {data['observations'].shape[1]}/"
@@ -623,16 +664,80 @@ def load_prior_data(args: Args, env: gym.Env, device: torch.device) -> "ReplayBu
     return offline
 
 
+# ----------------------------------------------------------------------------- data: Minari datasets
+GOAL_KEYS = ("observation", "achieved_goal", "desired_goal")  # a goal-conditioned observation, flattened in this order
+
+
+def is_minari(env: str) -> bool:
+    """Minari ids are paths (mujoco/hopper/medium-v0, D4RL/antmaze/umaze-v1); D4RL names and Gymnasium ids are not."""
+    return "/" in env
+
+
+def minari_dataset(dataset_id: str):
+    """The Minari dataset, downloaded on first use (with Minari's own progress) to its cache folder."""
+    try:
+        import minari
+        from minari.storage.datasets_root_dir import get_dataset_path
+    except ImportError:
+        fail(f"'{dataset_id}' is a Minari dataset id, which needs minari: pip install 'minari[hdf5]'")
+    path = get_dataset_path(dataset_id)
+    if os.path.isdir(os.path.join(path, "data")):
+        try:
+            return minari.load_dataset(dataset_id)
+        except Exception as e:
+            fail(f"the Minari dataset at {path} is unreadable ({type(e).__name__}: {e}); delete it and run again")
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except ValueError as e:  # Minari's answer for an id or version its server does not have
+        fail(f"Minari has no dataset '{dataset_id}': {e}")
+    except Exception as e:  # no network: huggingface_hub's connection errors
+        fail(f"could not download the Minari dataset '{dataset_id}' ({type(e).__name__}: {e}); with no network, "
+             f"run `minari download {dataset_id}` elsewhere and copy the folder to {path} "
+             f"(MINARI_DATASETS_PATH moves Minari's cache)")
+
+
+def flat_observation(obs) -> np.ndarray:
+    """A goal-conditioned dict observation as one vector, keys in GOAL_KEYS' order (then any others, and
+    nested dicts such as Kitchen's per-task goals, sorted). AntMaze: the ant's 27 body dims, its x-y, the
+    goal's x-y (D4RL's 29 dims were the x-y and the body: its goal was fixed per maze, so left out)."""
+    if not isinstance(obs, dict):
+        return np.asarray(obs, dtype=np.float32)
+    keys = [k for k in GOAL_KEYS if k in obs] + sorted(set(obs) - set(GOAL_KEYS))
+    return np.concatenate([flat_observation(obs[k]) for k in keys], axis=-1)
+
+
+def read_minari(dataset_id: str) -> dict:
+    """The episodes in D4RL's layout, next_observations included: Minari stores each episode's last
+    observation, so every step, a truncated last one too, keeps its true s'. Terminations are terminals,
+    truncations are timeouts."""
+    dataset = minari_dataset(dataset_id)
+    if not isinstance(dataset.action_space, gym.spaces.Box):
+        fail(f"{dataset_id} has a {type(dataset.action_space).__name__} action space; the policy needs continuous actions")
+    columns = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")}
+    for episode in dataset.iterate_episodes():
+        obs = flat_observation(episode.observations)  # T + 1 rows: s_0 .. s_T
+        for k, v in zip(columns, (obs[:-1], episode.actions, episode.rewards, episode.terminations,
+                                  episode.truncations, obs[1:])):
+            columns[k].append(np.asarray(v))
+    if not columns["observations"]:
+        fail(f"the Minari dataset {dataset_id} has no episodes")
+    return {k: np.concatenate(v) for k, v in columns.items()}
+
+
 # ----------------------------------------------------------------------------- environment
 def make_env(args: Args, render: bool = False) -> gym.Env:
     env_id, kwargs = args.env, ({"render_mode": "rgb_array"} if render else {})
+    if is_minari(env_id):
+        return minari_env(env_id, kwargs)
     task = env_id.split("-")[0]
     if task in LOCOMOTION:
         env_id = LOCOMOTION[task]
         if task == "ant":  # D4RL's ant: 111 dims, contact forces (27:) all zero, no contact cost in the reward
             kwargs.update(use_contact_forces=True, contact_cost_weight=0.0)
     elif task.lower() in ("antmaze", "kitchen", "pen", "hammer", "door", "relocate"):
-        fail(f"{env_id}: RLPD runs the environment online, and D4RL's {task} environments are not in Gymnasium")
+        fail(f"{env_id}: RLPD runs the environment online, and D4RL's {task} environment needs mujoco-py; the same "
+             f"data from Minari runs in Gymnasium-Robotics (--env D4RL/{task}/{'-'.join(env_id.split('-')[1:-1])}-v"
+             f"{1 if task == 'antmaze' else 2})")
     try:
         with warnings.catch_warnings():  # v4 on purpose (D4RL's models, see the docstring): not "out of date" here
             warnings.filterwarnings("ignore", message=r".*is out of date", category=DeprecationWarning)
@@ -646,6 +751,48 @@ def make_env(args: Args, render: bool = False) -> gym.Env:
     if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
         env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))  # the actor acts in [-1, 1] (tanh)
     return env
+
+
+def minari_env(dataset_id: str, kwargs: dict) -> gym.Env:
+    """The dataset's evaluation env as Minari recorded it (the data's own env if it names none), its dict
+    observation flattened as the data's. AntMaze is evaluated as in D4RL: the episode ends at the goal."""
+    dataset = minari_dataset(dataset_id)
+    try:
+        with warnings.catch_warnings():  # Minari's AntMaze data are recorded in the -v4 envs: no "out of date" warning
+            warnings.filterwarnings("ignore", ".*is out of date")
+            env = dataset.recover_environment(eval_env=True, **kwargs)
+            if family_of(dataset_id) == "antmaze":
+                fixes = antmaze_eval_kwargs(env.spec, dataset.env_spec)
+                env.close()
+                env = dataset.recover_environment(eval_env=True, **kwargs, **fixes)
+        env.reset(seed=0)  # FrankaKitchen-v1 fails when made under MuJoCo >= 3.12; others would fail here
+    except Exception as e:
+        fail(f"the environment of {dataset_id} cannot run here ({type(e).__name__}: {e}); pass --eval-episodes 0 "
+             f"to train without evaluation")
+    if isinstance(env.observation_space, gym.spaces.Dict):
+        dim = flat_observation(env.observation_space.sample()).shape
+        env = gym.wrappers.TransformObservation(env, flat_observation, gym.spaces.Box(-np.inf, np.inf, dim, np.float32))
+    if not isinstance(env.action_space, gym.spaces.Box):
+        fail(f"{dataset_id} has a {type(env.action_space).__name__} action space; the policy needs continuous actions")
+    if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
+        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))  # the policy acts in [-1, 1]
+    return env
+
+
+def antmaze_eval_kwargs(eval_spec, data_spec) -> dict:
+    """D4RL's AntMaze evaluation in Gymnasium-Robotics: the episode ends at the goal (continuing_task=False),
+    so the return is 1 on success, else 0; Minari's eval specs keep the data's continuing task, which pays 1
+    per step spent at the goal. Minari's umaze eval maze is the data's maze turned 180 degrees (Minari
+    issue #304: walls, start, goal and world coordinates all flipped); turned back, it is the data's task."""
+    kwargs = {"continuing_task": False}
+    maze, data_maze = eval_spec.kwargs.get("maze_map"), (data_spec.kwargs.get("maze_map") if data_spec else None)
+    walls = lambda m: [[cell == 1 for cell in row] for row in m]
+    if maze and data_maze and walls(maze) != walls(data_maze):
+        turned = [row[::-1] for row in maze[::-1]]
+        if walls(turned) != walls(data_maze):
+            fail(f"the eval maze of the dataset ({maze}) has other walls than its data's maze ({data_maze})")
+        kwargs["maze_map"] = turned
+    return kwargs
 
 
 def zero_contact_forces(obs: np.ndarray) -> np.ndarray:
@@ -719,12 +866,19 @@ def evaluate(actor: TanhGaussianActor, env: gym.Env, episodes: int, device: torc
     return np.array(returns)
 
 
-def normalized_score(env: str, ret: float) -> float:
-    task = env.split("-")[0].lower()  # hopper-medium-v2 and Hopper-v4 alike
-    if task not in REF_SCORES:
-        return float("nan")  # no d4rl reference returns for this env
-    lo, hi = REF_SCORES[task]
-    return 100 * (ret - lo) / (hi - lo)
+def reference_scores(env: str) -> Optional[tuple]:
+    """(random, expert) returns of the normalized score: a Minari dataset's own where it records them
+    (not for AntMaze: Minari's are returns of its continuing task), else d4rl's for the task, else None."""
+    if is_minari(env) and family_of(env) != "antmaze":
+        meta = minari_dataset(env).storage.metadata
+        if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
+            return float(meta["ref_min_score"]), float(meta["ref_max_score"])
+    return REF_SCORES.get(task_of(env))
+
+
+def normalized_score(ref: Optional[tuple], ret: float) -> float:
+    """100 (R - random) / (expert - random), as d4rl; NaN without reference returns."""
+    return float("nan") if ref is None else 100 * (ret - ref[0]) / (ref[1] - ref[0])
 
 
 def load_optimizer(opt: torch.optim.Optimizer, state: dict, device: torch.device):

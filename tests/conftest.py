@@ -88,33 +88,35 @@ def check_minari_loads_as_d4rl(module, minari_root, tmp_path, monkeypatch):
 
 def check_minari_antmaze_main(module, minari_root, tmp_path, monkeypatch, **overrides) -> dict:
     """AntMaze from Minari through main(): rewards r - 1, no terminals (Minari's continuing task), the
-    31-dim flattened observation, D4RL's 0/1 reference scores. Returns the resolved settings."""
+    31-dim flattened observation, D4RL's 0/1 reference scores. Returns args.json, resolved values on top."""
     monkeypatch.setenv("MINARI_DATASETS_PATH", minari_root["root"])
-    args = tiny_args(module, tmp_path, env="test/antmaze/umaze-v1", **{"eval_episodes": 2, "max_steps": 100, "eval_interval": 50, **overrides})
+    short = {k: v for k, v in dict(eval_episodes=2, eval_interval=50, max_steps=100).items() if k in module.Args.__dataclass_fields__}
+    args = tiny_args(module, tmp_path, env="test/antmaze/umaze-v1", **{**overrides, **short})
     results = module.main(args)
     assert results["updates"] == 100 and len(results["evaluations"]) == 2
     assert_finite_losses(results)
-    resolved = json.load(open(os.path.join(args.run_dir, "args.json")))["resolved"]
-    assert resolved["ref_scores"] == [0.0, 1.0]
-    data = module.load_dataset(args, module.resolve_args(args), None, torch.device("cpu"))
-    assert data["observations"].shape == (200, 31) and (data["rewards"] == -1).all() and (data["masks"] == 1).all()
-    return {**resolved, "eval_episodes": resolved.get("eval_episodes", args.eval_episodes)}
+    saved = json.load(open(os.path.join(args.run_dir, "args.json")))
+    assert saved["resolved"]["ref_scores"] == [0.0, 1.0]
+    if hasattr(module, "load_dataset"):  # the offline scripts' dataset (rlpd.py's prior data: its own test)
+        data = module.load_dataset(args, module.resolve_args(args), None, torch.device("cpu"))
+        assert data["observations"].shape == (200, 31) and (data["rewards"] == -1).all() and (data["masks"] == 1).all()
+    return {**saved, **saved["resolved"]}
 
 
-def check_minari_errors(module, tmp_path, monkeypatch):
+def check_minari_errors(module, tmp_path, monkeypatch, **overrides):
     """A Minari id that is neither local nor downloadable, one the server does not know, and one beside --dataset."""
     import minari.storage.hosting
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network, at once (otherwise ~25 s of retries)
     with pytest.raises(SystemExit, match="could not download the Minari dataset 'mujoco/hopper/medium-v0'") as e:
-        module.main(tiny_args(module, tmp_path, env="mujoco/hopper/medium-v0"))
+        module.main(tiny_args(module, tmp_path, env="mujoco/hopper/medium-v0", **overrides))
     assert str(tmp_path / "cache" / "mujoco" / "hopper" / "medium-v0") in str(e.value)
     monkeypatch.setattr(minari.storage.hosting, "list_remote_datasets", lambda **kw: {})  # the server's answer
     with pytest.raises(SystemExit, match="Minari has no dataset 'mujoco/hopper/mediocre-v0'"):
-        module.main(tiny_args(module, tmp_path, env="mujoco/hopper/mediocre-v0"))
+        module.main(tiny_args(module, tmp_path, env="mujoco/hopper/mediocre-v0", **overrides))
     with pytest.raises(SystemExit, match="--dataset is a D4RL-format file"):
-        module.main(tiny_args(module, tmp_path, env="mujoco/hopper/medium-v0", dataset=str(tmp_path / "x.hdf5")))
+        module.main(tiny_args(module, tmp_path, env="mujoco/hopper/medium-v0", dataset=str(tmp_path / "x.hdf5"), **overrides))
 
 
 def check_antmaze_eval_env(minari_root, monkeypatch, make_env):

@@ -11,7 +11,9 @@ import torch
 
 import datasets
 import rlpd
-from conftest import (assert_finite_losses, assert_same_training_state, check_full_replay_resumes_in_order,
+from conftest import (assert_finite_losses, assert_same_training_state, check_antmaze_eval_env,
+                      check_full_replay_resumes_in_order, check_minari_antmaze_main, check_minari_errors,
+                      check_minari_hopper_main,
                       check_replay_masks_termination_not_truncation,
                       check_polyak_after_every_critic_step, checkpoint,
                       compiled_matches_eager, run_script, tensorboard_events)  # (conftest registers Wiring-v0)
@@ -243,6 +245,52 @@ def test_batch_indices_are_uniform_integers():
     idx = buffer.indices(20_000)
     assert idx.dtype == torch.long and 0.45 < (idx % 2).float().mean().item() < 0.55
     assert 0 <= idx.min() and idx.max() <= 2**25
+
+
+# ----------------------------------------------------------------------------- Minari datasets
+MINARI_TINY = {k: v for k, v in TINY.items() if k != "env"}
+
+
+def test_minari_hopper_through_main(minari_root, tmp_path, monkeypatch):
+    check_minari_hopper_main(rlpd, minari_root, tmp_path, monkeypatch, **MINARI_TINY)
+
+
+def test_minari_prior_data_equals_the_d4rl_file(minari_root, tmp_path, monkeypatch):
+    """The same episodes from Minari and from a D4RL file fill the same offline rows (s, a, r, m, s')."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", minari_root["root"])
+    buffers, cpu = minari_root["hopper"], torch.device("cpu")
+    obs = [b.observations for b in buffers]
+    path = datasets.write_d4rl(str(tmp_path / "same.hdf5"), np.concatenate([o[:-1] for o in obs]),
+                               *(np.concatenate([getattr(b, k) for b in buffers]) for k in ("actions", "rewards", "terminations", "truncations")),
+                               np.concatenate([o[1:] for o in obs]))
+    minari_args = rlpd.with_family_defaults(tiny(tmp_path, env="test/hopper/tiny-v0"))
+    file_args = rlpd.with_family_defaults(tiny(tmp_path, env="Hopper-v5", dataset=path))
+    from_minari = rlpd.load_prior_data(minari_args, rlpd.make_env(minari_args), cpu)
+    from_file = rlpd.load_prior_data(file_args, rlpd.make_env(file_args), cpu)
+    assert from_minari.size == len(np.concatenate([b.rewards for b in buffers])) and torch.equal(from_minari.rows, from_file.rows)
+
+
+def test_minari_antmaze_online_with_the_official_settings(minari_root, tmp_path, monkeypatch):
+    """AntMaze runs online now (Gymnasium-Robotics): the official command's settings are its family's defaults,
+    and the reward bias -1 reaches the offline and the online rows alike."""
+    saved = check_minari_antmaze_main(rlpd, minari_root, tmp_path, monkeypatch, **{**MINARI_TINY, "total_timesteps": 100,
+                                      "learning_starts": 50, "save_model": True})
+    assert (saved["hidden_layers"], saved["num_min_qs"], saved["backup_entropy"], saved["reward_bias"]) == (3, 1, False, -1.0)
+    state = checkpoint(saved["run_dir"])
+    assert len([k for k in state["agent"] if k.startswith("critic.linears.") and k.endswith(".weight")]) == 4
+    online_rewards = state["online"]["rows"][:, 31 + 8]  # rows [s (31), a (8), r, m, s']
+    assert state["online"]["size"] == 100 and (online_rewards == -1).all()  # random actions never reach the goal
+    args = rlpd.with_family_defaults(tiny(tmp_path, env="test/antmaze/umaze-v1"))
+    offline = rlpd.load_prior_data(args, rlpd.make_env(args), torch.device("cpu"))
+    assert (offline.split(offline.rows[:offline.size])[2] == -1).all()
+
+
+def test_antmaze_runs_as_d4rl(minari_root, monkeypatch):
+    check_antmaze_eval_env(minari_root, monkeypatch, lambda env_id: rlpd.make_env(rlpd.Args(env=env_id)))
+
+
+def test_minari_errors(tmp_path, monkeypatch):
+    check_minari_errors(rlpd, tmp_path, monkeypatch, **MINARI_TINY)
 
 
 def test_ant_matches_d4rl_ant_data():
