@@ -23,6 +23,7 @@ from pi by resampling mu's samples. One gradient step, in the official order, on
 Usage:
     python idql.py --env hopper-medium-v2                 # downloads the D4RL file, 3M steps
     python idql.py --env hopper-medium-v2 --dataset hopper-medium-local.hdf5 --num-samples 256
+    python idql.py --env D4RL/antmaze/umaze-v1            # D4RL's data from Minari, evaluated in AntMaze
     python idql.py --env Pendulum-v1 --dataset my_pendulum.hdf5 --selection implicit
     python idql.py --env hopper-medium-v2 --resume runs/X/checkpoint.pt --eval-only --num-samples 256  # N sweep
 
@@ -32,10 +33,11 @@ checkpoints, logging, the CUDA-graph helper) comes last. `diff iql.py idql.py` s
 IDQL changes.
 
 Differences from the official code:
-- PyTorch; the twin Q is one batched module (stacked weights, bmm). The data layer, the
-  Gymnasium evaluation envs and the bad-input checks are iql.py's (see its docstring); as
-  there, ant-*-v2 evaluates in Ant-v4 with observation dims 27: zeroed and no contact cost,
-  as D4RL's ant files were recorded.
+- PyTorch; the twin Q is one batched module (stacked weights, bmm). The data layer (D4RL files
+  and Minari ids), the Gymnasium evaluation envs and the bad-input checks are iql.py's (see its
+  docstring): ant-*-v2 evaluates in Ant-v4 with observation dims 27: zeroed and no contact cost, as
+  D4RL's ant files were recorded; Minari datasets evaluate in the env they record, AntMaze as D4RL
+  did (the episode ends at the goal, Minari's turned umaze eval maze turned back).
 - The diffusion model's cosine lr decay runs over a fixed 3M steps (`--lr-decay-steps`), as the
   official code (decay_steps=int(3e6) in its launcher, whatever max_steps is); iql.py's official
   code decays over max_steps instead.
@@ -81,7 +83,8 @@ class Args:
     exp_name: str = "idql"
     """name of this experiment (part of the run folder's name)"""
     env: str = "hopper-medium-v2"
-    """a D4RL dataset name (hopper-medium-v2, antmaze-umaze-v2, ...); with --dataset also any Gymnasium id"""
+    """a D4RL dataset name (hopper-medium-v2, antmaze-umaze-v2, ...) or a Minari dataset id (mujoco/hopper/medium-v0,
+    D4RL/antmaze/umaze-v1, ...); with --dataset also any Gymnasium id"""
     dataset: Optional[str] = None
     """path of a local D4RL-format .hdf5; skips the download"""
     seed: int = 42

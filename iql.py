@@ -17,6 +17,8 @@ official order, on a batch (s, a, r, s', m) with m = 1 - terminal:
 Usage:
     python iql.py --env hopper-medium-v2                   # downloads the D4RL file
     python iql.py --env hopper-medium-v2 --dataset hopper-medium-local.hdf5
+    python iql.py --env mujoco/hopper/medium-v0             # a Minari dataset, evaluated in Hopper-v5
+    python iql.py --env D4RL/antmaze/umaze-v1               # D4RL's data from Minari, evaluated in AntMaze
     python iql.py --env Pendulum-v1 --dataset my_pendulum.hdf5   # any Gymnasium id
     python iql.py --help
 
@@ -45,8 +47,21 @@ Differences from the official code:
   for files without `next_observations`.
 - The actor's cosine lr decay runs over `--max-steps`, as the official code
   (`cosine_decay_schedule(-actor_lr, max_steps)`); `--lr-decay-steps` overrides the horizon.
-- AntMaze, Kitchen and Adroit train offline, but their D4RL environments are not in
-  Gymnasium; evaluation for them needs `--eval-episodes 0` (say so, train, no score).
+- D4RL's AntMaze, Kitchen and Adroit names train offline only (their envs need mujoco-py; without
+  `--eval-episodes 0` the script says so). The same data from Minari (D4RL/antmaze/umaze-v1,
+  D4RL/pen/human-v2, ...) evaluates in the env the dataset records (Gymnasium-Robotics):
+  - AntMaze as D4RL did: `continuing_task=False`, so an episode ends at the goal with return 1, and
+    d4rl's 0/1 reference scores (Minari's eval specs keep the data's continuing task, paying 1 per step
+    at the goal). Minari's umaze eval maze is its data maze turned 180 degrees (Minari issue #304); it
+    is turned back, which gives the data's start and goal.
+  - Goal dicts are flattened as observation, achieved goal, desired goal (AntMaze: 27 + 2 + 2 = 31
+    dims; D4RL's 29 had the ant's x-y but no goal, fixed per maze then).
+  - FrankaKitchen-v1 does not run under MuJoCo >= 3.12 (Gymnasium-Robotics 1.4.2): Kitchen from Minari
+    also needs `--eval-episodes 0`. Adroit runs the AdroitHand*-v1 envs, whose door/hammer/relocate
+    dense rewards have a sign bug in 1.4.2 and whose pen episodes last 200 steps (D4RL's: 100).
+- Minari data keep every step: terminations are terminals, truncations are timeouts, and each episode's
+  final observation is the s' of its last step. The normalized score uses the dataset's own reference
+  returns where it records them (else d4rl's for the task).
 - ant-* datasets and other Gymnasium ids get the locomotion reward scaling too (the official
   code scales halfcheetah/hopper/walker2d only); `--no-normalize-rewards` turns it off.
 - A Gymnasium env whose action bounds are not [-1, 1] (e.g. Pendulum) is rescaled to
@@ -84,7 +99,8 @@ class Args:
     exp_name: str = "iql"
     """name of this experiment (part of the run folder's name)"""
     env: str = "hopper-medium-v2"
-    """a D4RL dataset name (hopper-medium-v2, antmaze-umaze-v2, ...); with --dataset also any Gymnasium id"""
+    """a D4RL dataset name (hopper-medium-v2, antmaze-umaze-v2, ...) or a Minari dataset id (mujoco/hopper/medium-v0,
+    D4RL/antmaze/umaze-v1, ...); with --dataset also any Gymnasium id"""
     dataset: Optional[str] = None
     """path of a local D4RL-format .hdf5; skips the download"""
     seed: int = 42

@@ -25,6 +25,8 @@ Usage:
     python rlpd.py --env hopper-medium-v2 --dataset hopper-medium-local.hdf5
     python rlpd.py --env Hopper-v4 --dataset replay.hdf5  # e.g. a replay saved by sac_20min.py
     python rlpd.py --env Hopper-v4 --offline-ratio 0      # no prior data: SAC with the RLPD critics
+    python rlpd.py --env mujoco/hopper/medium-v0          # a Minari dataset, online in Hopper-v5
+    python rlpd.py --env D4RL/antmaze/umaze-v1 --total-timesteps 300000   # the official antmaze run
     python rlpd.py --help
 
 Differences from the official code:
@@ -35,12 +37,18 @@ Differences from the official code:
   and the D4RL files are read with h5py. ant-* runs Ant-v4 made to match D4RL's ant-v2 data,
   which was recorded with MuJoCo 2 where the contact forces read zero: 111-dim observations with
   dims 27: zeroed, and no contact cost in the reward (Gymnasium's Ant-v4 with contact forces
-  fills both). AntMaze, Kitchen and Adroit are refused: RLPD needs their environments online,
-  and they are not in Gymnasium.
+  fills both). D4RL's AntMaze, Kitchen and Adroit names are refused (RLPD needs their envs online,
+  and those need mujoco-py); the same data from Minari runs online in the env the dataset records
+  (Gymnasium-Robotics), as iql.py evaluates it: AntMaze ends an episode at the goal as D4RL's did
+  (`continuing_task=False`; Minari's umaze eval maze, turned 180 degrees, turned back), goal dicts are
+  flattened (observation, achieved goal, desired goal), Kitchen's env does not run under MuJoCo 4.
 - With `next_observations` in the file, timeout steps are kept as non-terminal transitions
   (d4rl.qlearning_dataset drops them); without it, s' is rebuilt as the official code does.
-- AntMaze's official settings are not a family default here (AntMaze cannot run online here):
-  `--num-min-qs 1 --no-backup-entropy` give two of them; its third hidden layer has no flag.
+- The official README commands' settings are family defaults (FAMILY_DEFAULTS), each overridable:
+  antmaze: 3 hidden layers, a one-critic min, no entropy in the backup, rewards r - 1 (offline and
+  online); adroit: 3 hidden layers, no entropy in the backup. Run lengths stay flags (official:
+  antmaze 300k steps, adroit 1M). The official adroit runs used AWAC's binary-reward pen/door/relocate
+  data (pen-binary-v0), which is not on Minari; D4RL/pen/human-v2 etc. are the dense-reward D4RL data.
 - Each of the G batches holds exactly round(B * offline_ratio) offline rows (the official code
   interleaves one G x B/2 draw from each, which only works for a ratio of 0.5).
 """
@@ -76,7 +84,8 @@ class Args:
     exp_name: str = "rlpd"
     """name of this experiment (part of the run folder's name)"""
     env: str = "hopper-medium-v2"
-    """a D4RL locomotion dataset (its env runs online); with --dataset also any Gymnasium id"""
+    """a D4RL locomotion dataset or a Minari dataset id (mujoco/hopper/medium-v0, D4RL/antmaze/umaze-v1, ...):
+    its env runs online; with --dataset also any Gymnasium id"""
     dataset: Optional[str] = None
     """path of a local D4RL-format .hdf5 (the prior data); skips the download"""
     seed: int = 42
@@ -767,8 +776,7 @@ def minari_env(dataset_id: str, kwargs: dict) -> gym.Env:
                 env = dataset.recover_environment(eval_env=True, **kwargs, **fixes)
         env.reset(seed=0)  # FrankaKitchen-v1 fails when made under MuJoCo >= 3.12; others would fail here
     except Exception as e:
-        fail(f"the environment of {dataset_id} cannot run here ({type(e).__name__}: {e}); pass --eval-episodes 0 "
-             f"to train without evaluation")
+        fail(f"the environment of {dataset_id} cannot run here ({type(e).__name__}: {e}), and RLPD needs it online")
     if isinstance(env.observation_space, gym.spaces.Dict):
         dim = flat_observation(env.observation_space.sample()).shape
         env = gym.wrappers.TransformObservation(env, flat_observation, gym.spaces.Box(-np.inf, np.inf, dim, np.float32))

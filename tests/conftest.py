@@ -39,13 +39,15 @@ def hopper_files(tmp_path_factory):
 def minari_root(tmp_path_factory):
     """A Minari cache (MINARI_DATASETS_PATH) with two small datasets written by Minari itself:
     test/hopper/tiny-v0 (Hopper-v5, terminations and truncations, reference scores -10 / 990) and
-    test/antmaze/umaze-v1 (laid out as D4RL/antmaze/umaze-v1, its eval maze turned as Minari's)."""
+    test/antmaze/umaze-v1 (laid out as D4RL/antmaze/umaze-v1, its eval maze turned as Minari's) and
+    test/kitchen/tiny-v0 (the Hopper episodes, with FrankaKitchen-v1 as the eval env)."""
     root = str(tmp_path_factory.mktemp("minari"))
     saved = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = root
     try:
         _, hopper = datasets.hopper_minari("test/hopper/tiny-v0")
         _, antmaze = datasets.antmaze_minari("test/antmaze/umaze-v1")
+        datasets.kitchen_minari("test/kitchen/tiny-v0", hopper)
     finally:
         os.environ.pop("MINARI_DATASETS_PATH") if saved is None else os.environ.update(MINARI_DATASETS_PATH=saved)
     return {"root": root, "hopper": hopper, "antmaze": antmaze}
@@ -117,6 +119,20 @@ def check_minari_errors(module, tmp_path, monkeypatch, **overrides):
         module.main(tiny_args(module, tmp_path, env="mujoco/hopper/mediocre-v0", **overrides))
     with pytest.raises(SystemExit, match="--dataset is a D4RL-format file"):
         module.main(tiny_args(module, tmp_path, env="mujoco/hopper/medium-v0", dataset=str(tmp_path / "x.hdf5"), **overrides))
+
+
+def check_kitchen_trains_without_evaluation(module, minari_root, tmp_path, monkeypatch, **overrides):
+    """FrankaKitchen-v1 cannot be made here (MuJoCo 4): a Kitchen id asks for --eval-episodes 0, then trains."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", minari_root["root"])
+    assert module.family_of("test/kitchen/tiny-v0") == "kitchen"
+    offline = "max_steps" in module.Args.__dataclass_fields__  # (rlpd.py runs the env online: it cannot train without it)
+    with pytest.raises(SystemExit, match="the environment of test/kitchen/tiny-v0 cannot run here") as e:
+        module.main(tiny_args(module, tmp_path, env="test/kitchen/tiny-v0", **{**overrides, "eval_episodes": 1}))
+    assert "AssertionError" in str(e.value) and ("--eval-episodes 0" in str(e.value)) == offline
+    if offline:
+        results = module.main(tiny_args(module, tmp_path, env="test/kitchen/tiny-v0", **{**overrides, "eval_episodes": 0,
+                                                                                         "max_steps": 50}))
+        assert results["updates"] == 50
 
 
 def check_antmaze_eval_env(minari_root, monkeypatch, make_env):

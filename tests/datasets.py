@@ -119,6 +119,15 @@ def hopper_minari(dataset_id, num_episodes=30, max_episode_steps=60, seed=0, ref
     return write_minari(dataset_id, env, buffers, ref_scores=ref_scores), buffers
 
 
+def kitchen_minari(dataset_id, buffers):
+    """A dataset whose eval spec is Gymnasium-Robotics' FrankaKitchen-v1 (with Hopper episodes as its
+    data): what D4RL/kitchen/* gives the scripts, an env that fails when made under MuJoCo >= 3.12."""
+    import gymnasium_robotics
+
+    gym.register_envs(gymnasium_robotics)
+    return write_minari(dataset_id, gym.make("Hopper-v5"), buffers, eval_spec=gym.spec("FrankaKitchen-v1"))
+
+
 UMAZE_DATA = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]
 UMAZE_EVAL = [[1, 1, 1, 1, 1], [1, 0, 0, "r", 1], [1, 0, 1, 1, 1], [1, 0, 0, "g", 1], [1, 1, 1, 1, 1]]  # Minari's, turned 180 degrees
 

@@ -11,9 +11,9 @@ import torch
 
 import datasets
 import idql
-from conftest import (assert_finite_losses, check_antmaze_eval_env, check_main_feeds_update_aligned_transitions,
-                      check_minari_antmaze_main, check_minari_errors, check_minari_hopper_main,
-                      check_minari_loads_as_d4rl, check_resume_equals_the_uninterrupted_run, compiled_matches_eager,
+from conftest import (assert_finite_losses, check_antmaze_eval_env, check_kitchen_trains_without_evaluation,
+                      check_main_feeds_update_aligned_transitions, check_minari_antmaze_main, check_minari_errors,
+                      check_minari_hopper_main, check_minari_loads_as_d4rl, check_resume_equals_the_uninterrupted_run, compiled_matches_eager,
                       graph_replays_match_eager_steps, random_batch, run_script, tensorboard_events, tiny_args)
 
 TINY = dict(actor_hidden=32, num_samples=8, eval_episodes=3)
@@ -120,6 +120,10 @@ def test_minari_antmaze_through_main(minari_root, tmp_path, monkeypatch):
 
 def test_antmaze_evaluates_as_d4rl(minari_root, monkeypatch):
     check_antmaze_eval_env(minari_root, monkeypatch, idql.make_env)
+
+
+def test_minari_kitchen_trains_without_evaluation(minari_root, tmp_path, monkeypatch):
+    check_kitchen_trains_without_evaluation(idql, minari_root, tmp_path, monkeypatch, **TINY)
 
 
 def test_minari_errors(tmp_path, monkeypatch):

@@ -12,9 +12,9 @@ import torch
 
 import datasets
 import iql
-from conftest import (assert_finite_losses, check_antmaze_eval_env, check_main_feeds_update_aligned_transitions,
-                      check_minari_antmaze_main, check_minari_errors, check_minari_hopper_main,
-                      check_minari_loads_as_d4rl, check_resume_equals_the_uninterrupted_run, compiled_matches_eager,
+from conftest import (assert_finite_losses, check_antmaze_eval_env, check_kitchen_trains_without_evaluation,
+                      check_main_feeds_update_aligned_transitions, check_minari_antmaze_main, check_minari_errors,
+                      check_minari_hopper_main, check_minari_loads_as_d4rl, check_resume_equals_the_uninterrupted_run, compiled_matches_eager,
                       graph_replays_match_eager_steps, random_batch, run_script, tensorboard_events, tiny_args)
 
 
@@ -133,8 +133,18 @@ def test_minari_antmaze_through_main(minari_root, tmp_path, monkeypatch):
     assert (resolved["expectile"], resolved["beta"]) == (0.9, 10.0)
 
 
+def test_minari_ids_name_their_family():
+    for env, family in (("D4RL/pen/human-v2", "adroit"), ("D4RL/antmaze/large-play-v1", "antmaze"), ("D4RL/kitchen/mixed-v2", "kitchen"),
+                        ("mujoco/walker2d/expert-v0", "locomotion"), ("antmaze-umaze-v2", "antmaze"), ("Hopper-v4", "locomotion")):
+        assert iql.family_of(env) == family, env
+
+
 def test_antmaze_evaluates_as_d4rl(minari_root, monkeypatch):
     check_antmaze_eval_env(minari_root, monkeypatch, iql.make_env)
+
+
+def test_minari_kitchen_trains_without_evaluation(minari_root, tmp_path, monkeypatch):
+    check_kitchen_trains_without_evaluation(iql, minari_root, tmp_path, monkeypatch)
 
 
 def test_minari_errors(tmp_path, monkeypatch):

@@ -12,8 +12,8 @@ import torch
 import datasets
 import rlpd
 from conftest import (assert_finite_losses, assert_same_training_state, check_antmaze_eval_env,
-                      check_full_replay_resumes_in_order, check_minari_antmaze_main, check_minari_errors,
-                      check_minari_hopper_main,
+                      check_full_replay_resumes_in_order, check_kitchen_trains_without_evaluation,
+                      check_minari_antmaze_main, check_minari_errors, check_minari_hopper_main,
                       check_replay_masks_termination_not_truncation,
                       check_polyak_after_every_critic_step, checkpoint,
                       compiled_matches_eager, run_script, tensorboard_events)  # (conftest registers Wiring-v0)
@@ -285,8 +285,20 @@ def test_minari_antmaze_online_with_the_official_settings(minari_root, tmp_path,
     assert (offline.split(offline.rows[:offline.size])[2] == -1).all()
 
 
+def test_minari_families_take_the_official_settings():
+    for env, family, layers, backup in (("D4RL/pen/human-v2", "adroit", 3, False), ("D4RL/antmaze/large-play-v1", "antmaze", 3, False),
+                                        ("mujoco/hopper/medium-v0", "locomotion", 2, True), ("hopper-medium-v2", "locomotion", 2, True)):
+        args = rlpd.with_family_defaults(rlpd.Args(env=env))
+        assert (rlpd.family_of(env), args.hidden_layers, args.backup_entropy) == (family, layers, backup), env
+    assert rlpd.with_family_defaults(rlpd.Args(env="D4RL/antmaze/umaze-v1", num_min_qs=2)).num_min_qs == 2  # flags win
+
+
 def test_antmaze_runs_as_d4rl(minari_root, monkeypatch):
     check_antmaze_eval_env(minari_root, monkeypatch, lambda env_id: rlpd.make_env(rlpd.Args(env=env_id)))
+
+
+def test_minari_kitchen_trains_without_evaluation(minari_root, tmp_path, monkeypatch):
+    check_kitchen_trains_without_evaluation(rlpd, minari_root, tmp_path, monkeypatch, **MINARI_TINY)
 
 
 def test_minari_errors(tmp_path, monkeypatch):
