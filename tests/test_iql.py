@@ -246,8 +246,10 @@ def test_d4rl_names_and_urls():
     assert iql.d4rl_url("hopper-medium-v9") is None and iql.d4rl_url("Pendulum-v1") is None
     assert [iql.family_of(e) for e in ("hopper-medium-v2", "antmaze-umaze-v2", "kitchen-mixed-v0", "door-human-v1",
                                        "Pendulum-v1")] == ["locomotion", "antmaze", "kitchen", "adroit", "locomotion"]
-    assert iql.normalized_score("hopper-medium-v2", 3234.3) == pytest.approx(100)
-    assert iql.normalized_score("hopper-medium-v2", -20.272305) == pytest.approx(0)
+    assert iql.reference_scores("hopper-medium-v2") == iql.reference_scores("Hopper-v4") == (-20.272305, 3234.3)
+    assert iql.normalized_score(iql.reference_scores("hopper-medium-v2"), 3234.3) == pytest.approx(100)
+    assert iql.normalized_score(iql.reference_scores("hopper-medium-v2"), -20.272305) == pytest.approx(0)
+    assert math.isnan(iql.normalized_score(iql.reference_scores("Pendulum-v1"), 0.0))
 
 
 # ----------------------------------------------------------------------------- a toy only IQL solves

@@ -368,7 +368,7 @@ def test_resume_with_a_checkpoint_from_cuda(tmp_path, marked_wiring_data):
     (["--env", "Pendulum-v1"], "pass --dataset PATH"),
     (["--env", "Pendulum-v1", "--dataset", "{hopper}"], "have 11/3 dims but Pendulum-v1 has 3/1"),
     (["--dataset", "{missing}"], "does not exist"),
-    (["--env", "antmaze-umaze-v2"], "not in Gymnasium"),
+    (["--env", "antmaze-umaze-v2"], "needs mujoco-py; the same data from Minari runs"),
     (["--offline-ratio", "1.0", "--dataset", "{hopper}"], "--offline-ratio must be in [0, 1)"),
     (["--num-min-qs", "11", "--dataset", "{hopper}"], "--num-min-qs must be between 1 and --num-qs"),
 ])
