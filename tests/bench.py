@@ -2,16 +2,25 @@
 
     python tests/bench.py                       # every script, every mode this machine has
     python tests/bench.py --scripts iql --modes eager compile --steps 300
+    python tests/bench.py --peers --peer-jax-python JAXVENV/bin/python --peer-jax-src FOLDER --peer-corl CORL/iql.py
 
 Each script's update runs at its default sizes on random data that lives on the device,
 with batch indices sampled there, exactly as in the script's training loop. Rows count
 gradient steps (for UTD scripts: critic updates, 20 per block) or, for the "-env" rows,
 environment steps of the whole online loop (policy sample, Hopper-v4 step, replay write,
 one UTD block). Quote the ratios of one run (same machine, same moment), not absolute numbers.
+
+--peers times iql.py's update beside the peers' IQL updates, round after round (median of
+--rounds): the official JAX learner and CORL's PyTorch trainer, each run by its script in
+../shared/peers (--peers-dir; the peers' code and the JAX venv stay outside this repository, see
+that folder's README). A peer whose flags are not given is left out.
 """
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
 import time
 
@@ -220,13 +229,57 @@ def measure(step, steps, device):
     return steps / (time.perf_counter() - t0)
 
 
+def peer_rounds(cli, device):
+    """iql.py eager vs the installed peers, back to back in each round; prints each round and the medians."""
+    peers = {}
+    if cli.peer_jax_src:
+        peers["official JAX learner"] = [cli.peer_jax_python, os.path.join(cli.peers_dir, "peer_jax_iql_bench.py"),
+                                         "--src", cli.peer_jax_src, "--seconds", str(cli.peer_seconds)]
+    if cli.peer_corl:
+        peers["CORL"] = [sys.executable, os.path.join(cli.peers_dir, "peer_iql_bench.py"), "--corl-iql", cli.peer_corl,
+                         "--seconds", str(cli.peer_seconds), "--threads", str(torch.get_num_threads())]
+    if not peers:
+        sys.exit("bench.py: error: --peers needs --peer-jax-src (with --peer-jax-python) or --peer-corl")
+    names = ["iql.py", *peers]
+    print("| round | " + " | ".join(f"{n} (updates/s)" for n in names) + " | " +
+          " | ".join(f"iql.py / {n}" for n in peers) + " |")
+    print("|---" * (1 + 2 * len(names) - 1) + "|")
+    rates = {n: [] for n in names}
+    for r in range(cli.rounds):
+        torch.manual_seed(0)
+        step, _, _ = iql_step(device, "eager")
+        rates["iql.py"].append(measure(step, cli.steps, device))
+        for name, cmd in peers.items():
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:
+                sys.exit(f"bench.py: error: the {name} peer failed:\n{run.stderr[-2000:]}")
+            rates[name].append(json.loads(run.stdout.strip().splitlines()[-1])["updates_per_second"])
+        row = {n: v[-1] for n, v in rates.items()}
+        print(f"| {r + 1} | " + " | ".join(f"{row[n]:.0f}" for n in names) + " | " +
+              " | ".join(f"{row['iql.py'] / row[n]:.2f}x" for n in peers) + " |", flush=True)
+    med = {n: statistics.median(v) for n, v in rates.items()}
+    ratios = {n: statistics.median(a / b for a, b in zip(rates["iql.py"], rates[n])) for n in peers}
+    print("| median | " + " | ".join(f"{med[n]:.0f}" for n in names) + " | " +
+          " | ".join(f"**{ratios[n]:.2f}x**" for n in peers) + " |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scripts", nargs="+", default=list(SCRIPTS), choices=list(SCRIPTS))
     parser.add_argument("--modes", nargs="+", default=["eager", "compile", "cuda-graph"])
     parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--peers", action="store_true", help="iql.py's update beside the peers' (see above)")
+    parser.add_argument("--peers-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "peers"))
+    parser.add_argument("--peer-jax-python", default=sys.executable, help="python of the venv that has JAX")
+    parser.add_argument("--peer-jax-src", default=None, help="folder with the official learner.py and its modules")
+    parser.add_argument("--peer-corl", default=None, help="CORL's algorithms/offline/iql.py")
+    parser.add_argument("--peer-seconds", type=float, default=15.0)
+    parser.add_argument("--rounds", type=int, default=3)
     cli = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cli.peers:  # the peers' scripts time the CPU
+        print(f"device: cpu ({torch.get_num_threads()} threads), torch {torch.__version__}")
+        return peer_rounds(cli, torch.device("cpu"))
     modes = [m for m in cli.modes if m != "cuda-graph" or device.type == "cuda"]
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}")
