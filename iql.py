@@ -602,6 +602,8 @@ def read_minari(dataset_id: str) -> dict:
     columns = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")}
     for episode in dataset.iterate_episodes():
         obs = flat_observation(episode.observations)  # T + 1 rows: s_0 .. s_T
+        if obs.ndim != 2:
+            fail(f"{dataset_id} has observations of shape {obs.shape[1:]}; these networks take vectors")
         for k, v in zip(columns, (obs[:-1], episode.actions, episode.rewards, episode.terminations,
                                   episode.truncations, obs[1:])):
             columns[k].append(np.asarray(v))

@@ -147,6 +147,21 @@ def test_minari_kitchen_trains_without_evaluation(minari_root, tmp_path, monkeyp
     check_kitchen_trains_without_evaluation(iql, minari_root, tmp_path, monkeypatch)
 
 
+def test_minari_image_observations_are_refused(tmp_path, monkeypatch):
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    images = iql.gym.spaces.Box(0, 255, (8, 8, 3), np.uint8)
+    episode = EpisodeBuffer(observations=np.zeros((4, 8, 8, 3), np.uint8), actions=np.zeros((3, 2), np.float32),
+                            rewards=np.zeros(3), terminations=np.array([0, 0, 1], bool), truncations=np.zeros(3, bool))
+    minari.create_dataset_from_buffers("test/pixels/tiny-v0", [episode], observation_space=images,
+                                       action_space=iql.gym.spaces.Box(-1, 1, (2,)), algorithm_name="none", author="tests",
+                                       author_email="none", code_permalink="none", description="images")
+    with pytest.raises(SystemExit, match=r"test/pixels/tiny-v0 has observations of shape \(8, 8, 3\); these networks take vectors"):
+        iql.read_minari("test/pixels/tiny-v0")
+
+
 def test_minari_errors(tmp_path, monkeypatch):
     check_minari_errors(iql, tmp_path, monkeypatch)
 
