@@ -622,8 +622,8 @@ BATCH_KEYS = ("observations", "actions", "rewards", "masks", "next_observations"
 
 
 def load_dataset(args: Args, hp: dict, env: Optional[gym.Env], device: torch.device) -> dict:
-    """The D4RL file as (s, a, r, m, s') tensors on the device: checked against the env's spaces,
-    actions scaled to [-1, 1], rewards transformed as the family's official config does."""
+    """The dataset (a D4RL file or a Minari id) as (s, a, r, m, s') tensors on the device: checked against
+    the env's spaces, actions scaled to [-1, 1], rewards transformed as the family's official config does."""
     data = qlearning_transitions(read_minari(args.env) if is_minari(args.env) else read_d4rl(dataset_path(args)))
     obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
     if env is not None:
