@@ -633,12 +633,18 @@ def make_env(env_id: str, render: bool = False) -> gym.Env:
             env = gym.make(env_id, **kwargs)
     except gym.error.Error as e:
         fail(f"unknown env '{env_id}' ({e})")
-    if not isinstance(env.action_space, gym.spaces.Box):
-        fail(f"{env_id} has a {type(env.action_space).__name__} action space; the policy needs continuous actions")
-    if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
-        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))  # the policy acts in [-1, 1]; float32 bounds, as the spaces
+    env = continuous_actions(env, env_id)
     if task == "ant":
         env = ZeroContactForces(env)
+    return env
+
+
+def continuous_actions(env: gym.Env, name: str) -> gym.Env:
+    """The env with its actions in [-1, 1] (rescaled if its bounds differ), or a clear error if they are not continuous."""
+    if not isinstance(env.action_space, gym.spaces.Box):
+        fail(f"{name} has a {type(env.action_space).__name__} action space; the policy needs continuous actions")
+    if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
+        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))  # the policy acts in [-1, 1]; float32 bounds, as the spaces
     return env
 
 
@@ -661,11 +667,7 @@ def minari_env(dataset_id: str, kwargs: dict) -> gym.Env:
     if isinstance(env.observation_space, gym.spaces.Dict):
         dim = flat_observation(env.observation_space.sample()).shape
         env = gym.wrappers.TransformObservation(env, flat_observation, gym.spaces.Box(-np.inf, np.inf, dim, np.float32))
-    if not isinstance(env.action_space, gym.spaces.Box):
-        fail(f"{dataset_id} has a {type(env.action_space).__name__} action space; the policy needs continuous actions")
-    if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
-        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))  # the policy acts in [-1, 1]
-    return env
+    return continuous_actions(env, dataset_id)
 
 
 def antmaze_eval_kwargs(eval_spec, data_spec) -> dict:

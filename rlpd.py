@@ -194,14 +194,14 @@ class Critics(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, k: int, dropout: float = 0.0, layer_norm: bool = True,
                  layers: int = 2):
         super().__init__()
-        self.k, self.dropout, self.layers = k, dropout, layers
+        self.k, self.dropout = k, dropout
         self.linears = nn.ModuleList([EnsembleLinear(k, obs_dim + act_dim, hidden)] + [
             EnsembleLinear(k, hidden, hidden) for _ in range(layers - 1)] + [EnsembleLinear(k, hidden, 1)])
         self.norms = nn.ModuleList([EnsembleLayerNorm(k, hidden) for _ in range(layers)]) if layer_norm else None
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = torch.cat([obs, act], -1).expand(self.k if members is None else len(members), -1, -1)
-        for i in range(self.layers):
+        for i in range(len(self.linears) - 1):  # the hidden layers
             x = self.linears[i](x, members)
             if self.dropout > 0:
                 x = F.dropout(x, self.dropout, self.training)  # DroQ: on in train mode, for the target too
@@ -757,8 +757,14 @@ def make_env(args: Args, render: bool = False) -> gym.Env:
         fail(f"unknown env '{env_id}' ({e})")
     if task == "ant":
         env = gym.wrappers.TransformObservation(env, zero_contact_forces, env.observation_space)
+    env = continuous_actions(env, env_id)
+    return env
+
+
+def continuous_actions(env: gym.Env, name: str) -> gym.Env:
+    """The env with its actions in [-1, 1] (rescaled if its bounds differ), or a clear error if they are not continuous."""
     if not isinstance(env.action_space, gym.spaces.Box):
-        fail(f"{env_id} has a {type(env.action_space).__name__} action space; SAC needs continuous actions")
+        fail(f"{name} has a {type(env.action_space).__name__} action space; SAC needs continuous actions")
     if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
         env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))  # the actor acts in [-1, 1] (tanh)
     return env
@@ -782,11 +788,7 @@ def minari_env(dataset_id: str, kwargs: dict) -> gym.Env:
     if isinstance(env.observation_space, gym.spaces.Dict):
         dim = flat_observation(env.observation_space.sample()).shape
         env = gym.wrappers.TransformObservation(env, flat_observation, gym.spaces.Box(-np.inf, np.inf, dim, np.float32))
-    if not isinstance(env.action_space, gym.spaces.Box):
-        fail(f"{dataset_id} has a {type(env.action_space).__name__} action space; the policy needs continuous actions")
-    if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
-        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))  # the policy acts in [-1, 1]
-    return env
+    return continuous_actions(env, dataset_id)
 
 
 def antmaze_eval_kwargs(eval_spec, data_spec) -> dict:
