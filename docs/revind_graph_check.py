@@ -27,31 +27,37 @@ def route_cost(graph, cost, start, goal, keep):
     return revind.shortest_paths({**graph, "src": graph["src"][ok], "dst": graph["dst"][ok], "cost": cost[ok]}, goal)[0][start]
 
 
-print("| run | user reward | steps | through-wall edges pruned | free edges pruned | cost per metre: free / through walls "
-      "| fork, value cost: near / far gap | fork, metres: near / far gap |")
-print("|---|---|---|---|---|---|---|---|")
-for run in sys.argv[1:]:
+def load_run(run: str) -> tuple:
+    """A saved run's Args, world, data, checkpoint and trained agent (eval mode), on the CPU."""
     saved = json.load(open(os.path.join(run, "args.json")))
     args = revind.Args(**{k: v for k, v in saved.items() if k in revind.Args.__dataclass_fields__})
     world = revind.World(args.world_seed, (args.image_height, args.image_width))
-    data = revind.load_or_collect(world, args)
     state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
     agent = revind.ReViND(args, torch.device("cpu"))
     agent.load_state_dict(state["agent"])
-    every = revind.build_graph(agent, data, revind.Args(**{**vars(args), "max_edge_cost": float("inf")}), torch.device("cpu"))
-    pos, src, dst = every["pos"], every["src"], every["dst"]
-    segment = pos[src][:, None] + np.linspace(0, 1, 25)[None, :, None] * (pos[dst] - pos[src])[:, None]
-    walled = world.blocked(segment).any(1)
-    pruned = every["cost"] > args.max_edge_cost
-    per_metre = every["cost"] / np.maximum(every["distance_cost"], 0.1)
-    graph = revind.build_graph(agent, data, args, torch.device("cpu"))
-    start = int(np.argmin(np.linalg.norm(graph["pos"] - [20.0, 4.0], axis=1)))
-    goal = int(np.argmin(np.linalg.norm(graph["pos"] - [20.0, 28.0], axis=1)))
-    band = (graph["pos"][:, 1] > 9.0) & (graph["pos"][:, 1] < 17.0)  # around wall A, wider than an edge is long
-    x = graph["pos"][:, 0]
-    near, far = ~band | ((x > 7.0) & (x < 14.5)), ~band | ((x > 29.0) & (x < 36.5))  # around each gap
-    value = [route_cost(graph, graph["cost"], start, goal, m) for m in (near, far)]
-    metres = [route_cost(graph, graph["distance_cost"], start, goal, m) for m in (near, far)]
-    print(f"| {os.path.basename(run.rstrip('/'))} | {args.user_reward} | {state['step']} | {pruned[walled].mean():.0%} | "
-          f"{pruned[~walled].mean():.0%} | {np.median(per_metre[~walled]):.2f} / {np.median(per_metre[walled]):.2f} | "
-          f"{value[0]:.1f} / {value[1]:.1f} | {metres[0]:.1f} / {metres[1]:.1f} |", flush=True)
+    return args, world, revind.load_or_collect(world, args), state, agent.eval()
+
+
+if __name__ == "__main__":
+    print("| run | user reward | steps | through-wall edges pruned | free edges pruned | cost per metre: free / through walls "
+          "| fork, value cost: near / far gap | fork, metres: near / far gap |")
+    print("|---|---|---|---|---|---|---|---|")
+    for run in sys.argv[1:]:
+        args, world, data, state, agent = load_run(run)
+        every = revind.build_graph(agent, data, revind.Args(**{**vars(args), "max_edge_cost": float("inf")}), torch.device("cpu"))
+        pos, src, dst = every["pos"], every["src"], every["dst"]
+        segment = pos[src][:, None] + np.linspace(0, 1, 25)[None, :, None] * (pos[dst] - pos[src])[:, None]
+        walled = world.blocked(segment).any(1)
+        pruned = every["cost"] > args.max_edge_cost
+        per_metre = every["cost"] / np.maximum(every["distance_cost"], 0.1)
+        graph = revind.build_graph(agent, data, args, torch.device("cpu"))
+        start = int(np.argmin(np.linalg.norm(graph["pos"] - [20.0, 4.0], axis=1)))
+        goal = int(np.argmin(np.linalg.norm(graph["pos"] - [20.0, 28.0], axis=1)))
+        band = (graph["pos"][:, 1] > 9.0) & (graph["pos"][:, 1] < 17.0)  # around wall A, wider than an edge is long
+        x = graph["pos"][:, 0]
+        near, far = ~band | ((x > 7.0) & (x < 14.5)), ~band | ((x > 29.0) & (x < 36.5))  # around each gap
+        value = [route_cost(graph, graph["cost"], start, goal, m) for m in (near, far)]
+        metres = [route_cost(graph, graph["distance_cost"], start, goal, m) for m in (near, far)]
+        print(f"| {os.path.basename(run.rstrip('/'))} | {args.user_reward} | {state['step']} | {pruned[walled].mean():.0%} | "
+              f"{pruned[~walled].mean():.0%} | {np.median(per_metre[~walled]):.2f} / {np.median(per_metre[walled]):.2f} | "
+              f"{value[0]:.1f} / {value[1]:.1f} | {metres[0]:.1f} / {metres[1]:.1f} |", flush=True)

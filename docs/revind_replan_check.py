@@ -11,7 +11,6 @@ On 20 far-goal tasks (a fresh set, not the run's own evaluation) per run:
 - walls: the share of replans whose subgoal lies behind a wall (the straight segment crosses one), over
   the successful episodes and over the last 10 replans of the failed ones.
 """
-import json
 import os
 import sys
 
@@ -20,20 +19,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import revind  # noqa: E402
+from revind_graph_check import load_run  # noqa: E402  (docs/, this script's folder)
 
 FLOOR = 1e-3 + 1e-9  # build_graph's minimum edge cost
 print("| run | user reward | floor edges | planned route: cost / metres / floor edges | success | flips, reversals "
       "per replan | subgoal behind a wall: successes / failures' last 10 replans |")
 print("|---|---|---|---|---|---|---|")
 for run in sys.argv[1:]:
-    saved = json.load(open(os.path.join(run, "args.json")))
-    args = revind.Args(**{k: v for k, v in saved.items() if k in revind.Args.__dataclass_fields__})
-    world = revind.World(args.world_seed, (args.image_height, args.image_width))
-    state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
-    agent = revind.ReViND(args, torch.device("cpu"))
-    agent.load_state_dict(state["agent"])
-    agent.eval()
-    graph = revind.build_graph(agent, revind.load_or_collect(world, args), args, torch.device("cpu"))
+    args, world, data, state, agent = load_run(run)
+    graph = revind.build_graph(agent, data, args, torch.device("cpu"))
     cost_of = dict(zip(zip(graph["src"], graph["dst"]), graph["cost"]))
     walled = lambda a, b: bool(world.blocked(a + np.linspace(0, 1, 25)[:, None] * (b - a)).any())  # noqa: E731
 
