@@ -70,10 +70,7 @@ def check_minari_loads_as_d4rl(module, minari_root, tmp_path, monkeypatch):
     last step is its episode's final observation; masks are 0 at terminations only."""
     monkeypatch.setenv("MINARI_DATASETS_PATH", minari_root["root"])
     buffers, cpu = minari_root["hopper"], torch.device("cpu")
-    obs = [b.observations for b in buffers]
-    path = datasets.write_d4rl(str(tmp_path / "same.hdf5"), np.concatenate([o[:-1] for o in obs]),
-                               *(np.concatenate([getattr(b, k) for b in buffers]) for k in ("actions", "rewards", "terminations", "truncations")),
-                               np.concatenate([o[1:] for o in obs]))
+    path = datasets.minari_episodes_as_d4rl(str(tmp_path / "same.hdf5"), buffers)
     hp = dict(family="locomotion", normalize_rewards=False)
     from_minari = module.load_dataset(tiny_args(module, tmp_path, env="test/hopper/tiny-v0"), hp, None, cpu)
     from_file = module.load_dataset(tiny_args(module, tmp_path, env="hopper-x-v2", dataset=path), hp, None, cpu)

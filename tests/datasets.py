@@ -100,6 +100,13 @@ def episodes(env, policy, num_episodes, seed=0):
     return out
 
 
+def minari_episodes_as_d4rl(path, buffers):
+    """The same episodes (Minari EpisodeBuffers of vector observations) as a D4RL file with next_observations."""
+    obs = [b.observations for b in buffers]
+    columns = (np.concatenate([getattr(b, k) for b in buffers]) for k in ("actions", "rewards", "terminations", "truncations"))
+    return write_d4rl(path, np.concatenate([o[:-1] for o in obs]), *columns, np.concatenate([o[1:] for o in obs]))
+
+
 def write_minari(dataset_id, env, buffers, eval_spec=None, ref_scores=None):
     """A Minari dataset written by Minari itself (create_dataset_from_buffers: its on-disk layout and
     metadata) into MINARI_DATASETS_PATH; its data collector would need JAX."""

@@ -259,10 +259,7 @@ def test_minari_prior_data_equals_the_d4rl_file(minari_root, tmp_path, monkeypat
     """The same episodes from Minari and from a D4RL file fill the same offline rows (s, a, r, m, s')."""
     monkeypatch.setenv("MINARI_DATASETS_PATH", minari_root["root"])
     buffers, cpu = minari_root["hopper"], torch.device("cpu")
-    obs = [b.observations for b in buffers]
-    path = datasets.write_d4rl(str(tmp_path / "same.hdf5"), np.concatenate([o[:-1] for o in obs]),
-                               *(np.concatenate([getattr(b, k) for b in buffers]) for k in ("actions", "rewards", "terminations", "truncations")),
-                               np.concatenate([o[1:] for o in obs]))
+    path = datasets.minari_episodes_as_d4rl(str(tmp_path / "same.hdf5"), buffers)
     minari_args = rlpd.with_family_defaults(tiny(tmp_path, env="test/hopper/tiny-v0"))
     file_args = rlpd.with_family_defaults(tiny(tmp_path, env="Hopper-v5", dataset=path))
     from_minari = rlpd.load_prior_data(minari_args, rlpd.make_env(minari_args), cpu)
