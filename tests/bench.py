@@ -2,7 +2,8 @@
 
     python tests/bench.py                       # every script, every mode this machine has
     python tests/bench.py --scripts iql --modes eager compile --steps 300
-    python tests/bench.py --peers --peer-jax-python JAXVENV/bin/python --peer-jax-src FOLDER --peer-corl CORL/iql.py
+    python tests/bench.py --peers --peer-jax-python JAXVENV/bin/python --peer-jax-src FOLDER --peer-corl CORL/iql.py \
+        --peer-idql-src IDQL --peer-rlpd-src RLPD --peer-sac_20min-src WALK_IN_THE_PARK
 
 Each script's update runs at its default sizes on random data that lives on the device,
 with batch indices sampled there, exactly as in the script's training loop. Rows count
@@ -10,10 +11,14 @@ gradient steps (for UTD scripts: critic updates, 20 per block) or, for the "-env
 environment steps of the whole online loop (policy sample, Hopper-v4 step, replay write,
 one UTD block). Quote the ratios of one run (same machine, same moment), not absolute numbers.
 
---peers times iql.py's update beside the peers' IQL updates, round after round (median of
---rounds): the official JAX learner and CORL's PyTorch trainer, each run by its script in
-../shared/peers (--peers-dir; the peers' code and the JAX venv stay outside this repository, see
-that folder's README). A peer whose flags are not given is left out.
+--peers times a script's eager update beside its peers', round after round (median of --rounds),
+for every peer whose flags are given (the peers' code and the JAX venv stay outside this repository):
+  iql        the official JAX learner (--peer-jax-src) and CORL's PyTorch trainer (--peer-corl), each run
+             by its script in ../shared/peers (--peers-dir; set-up in that folder's README)
+  idql, rlpd, sac_20min
+             the official JAX learner in a checkout of philippe-eecs/IDQL, ikostrikov/rlpd or
+             ikostrikov/walk_in_the_park (--peer-idql-src, --peer-rlpd-src, --peer-sac_20min-src),
+             run by tests/bench_peer_jax.py in the JAX venv (--peer-jax-python; its docstring has the set-up)
 """
 
 import argparse
@@ -229,43 +234,54 @@ def measure(step, steps, device):
     return steps / (time.perf_counter() - t0)
 
 
-def peer_rounds(cli, device):
-    """iql.py eager vs the installed peers, back to back in each round; prints each round and the medians."""
-    peers = {}
+def peers_of(cli) -> dict:
+    """{script: {peer: command}} for every peer whose flags were given."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    peers = {"iql": {}, "idql": {}, "rlpd": {}, "sac_20min": {}}
     if cli.peer_jax_src:
-        peers["official JAX learner"] = [cli.peer_jax_python, os.path.join(cli.peers_dir, "peer_jax_iql_bench.py"),
-                                         "--src", cli.peer_jax_src, "--seconds", str(cli.peer_seconds)]
+        peers["iql"]["official JAX"] = [cli.peer_jax_python, os.path.join(cli.peers_dir, "peer_jax_iql_bench.py"),
+                                        "--src", cli.peer_jax_src, "--seconds", str(cli.peer_seconds)]
     if cli.peer_corl:
-        peers["CORL"] = [sys.executable, os.path.join(cli.peers_dir, "peer_iql_bench.py"), "--corl-iql", cli.peer_corl,
-                         "--seconds", str(cli.peer_seconds), "--threads", str(torch.get_num_threads())]
-    if not peers:
-        sys.exit("bench.py: error: --peers needs --peer-jax-src (with --peer-jax-python) or --peer-corl")
-    names = ["iql.py", *peers]
+        peers["iql"]["CORL"] = [sys.executable, os.path.join(cli.peers_dir, "peer_iql_bench.py"), "--corl-iql", cli.peer_corl,
+                                "--seconds", str(cli.peer_seconds), "--threads", str(torch.get_num_threads())]
+    for name in ("idql", "rlpd", "sac_20min"):
+        src = getattr(cli, f"peer_{name}_src")
+        if src:
+            peers[name]["official JAX"] = [cli.peer_jax_python, os.path.join(here, "bench_peer_jax.py"), "--system", name,
+                                           "--src", src, "--seconds", str(cli.peer_seconds)]
+    return {name: p for name, p in peers.items() if p}
+
+
+def peer_rounds(name: str, peers: dict, cli, device):
+    """The script's eager update vs its peers, back to back in each round; prints each round and the medians."""
+    ours = f"{name}.py"
+    names = [ours, *peers]
+    print(f"\n{name}: {SCRIPTS[name].__doc__.strip().splitlines()[0]}")
     print("| round | " + " | ".join(f"{n} (updates/s)" for n in names) + " | " +
-          " | ".join(f"iql.py / {n}" for n in peers) + " |")
+          " | ".join(f"{ours} / {n}" for n in peers) + " |")
     print("|---" * (1 + 2 * len(names) - 1) + "|")
     rates = {n: [] for n in names}
     for r in range(cli.rounds):
         torch.manual_seed(0)
-        step, _, _ = iql_step(device, "eager")
-        rates["iql.py"].append(measure(step, cli.steps, device))
-        for name, cmd in peers.items():
+        step, per_call, _ = SCRIPTS[name](device, "eager")
+        rates[ours].append(per_call * measure(step, max(cli.steps // per_call, 10), device))
+        for peer, cmd in peers.items():
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode != 0:
-                sys.exit(f"bench.py: error: the {name} peer failed:\n{run.stderr[-2000:]}")
-            rates[name].append(json.loads(run.stdout.strip().splitlines()[-1])["updates_per_second"])
+                sys.exit(f"bench.py: error: the {peer} peer of {name} failed:\n{run.stderr[-2000:]}")
+            rates[peer].append(json.loads(run.stdout.strip().splitlines()[-1])["updates_per_second"])
         row = {n: v[-1] for n, v in rates.items()}
         print(f"| {r + 1} | " + " | ".join(f"{row[n]:.0f}" for n in names) + " | " +
-              " | ".join(f"{row['iql.py'] / row[n]:.2f}x" for n in peers) + " |", flush=True)
+              " | ".join(f"{row[ours] / row[n]:.2f}x" for n in peers) + " |", flush=True)
     med = {n: statistics.median(v) for n, v in rates.items()}
-    ratios = {n: statistics.median(a / b for a, b in zip(rates["iql.py"], rates[n])) for n in peers}
+    ratios = {n: statistics.median(a / b for a, b in zip(rates[ours], rates[n])) for n in peers}
     print("| median | " + " | ".join(f"{med[n]:.0f}" for n in names) + " | " +
           " | ".join(f"**{ratios[n]:.2f}x**" for n in peers) + " |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scripts", nargs="+", default=list(SCRIPTS), choices=list(SCRIPTS))
+    parser.add_argument("--scripts", nargs="+", default=None, choices=list(SCRIPTS), help="default: all (with --peers: all that have a peer)")
     parser.add_argument("--modes", nargs="+", default=["eager", "compile", "cuda-graph"])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--peers", action="store_true", help="iql.py's update beside the peers' (see above)")
@@ -273,19 +289,29 @@ def main():
     parser.add_argument("--peer-jax-python", default=sys.executable, help="python of the venv that has JAX")
     parser.add_argument("--peer-jax-src", default=None, help="folder with the official learner.py and its modules")
     parser.add_argument("--peer-corl", default=None, help="CORL's algorithms/offline/iql.py")
+    parser.add_argument("--peer-idql-src", default=None, help="checkout of philippe-eecs/IDQL")
+    parser.add_argument("--peer-rlpd-src", default=None, help="checkout of ikostrikov/rlpd")
+    parser.add_argument("--peer-sac_20min-src", dest="peer_sac_20min_src", default=None,
+                        help="checkout of ikostrikov/walk_in_the_park")
     parser.add_argument("--peer-seconds", type=float, default=15.0)
     parser.add_argument("--rounds", type=int, default=3)
     cli = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cli.peers:  # the peers' scripts time the CPU
         print(f"device: cpu ({torch.get_num_threads()} threads), torch {torch.__version__}")
-        return peer_rounds(cli, torch.device("cpu"))
+        peers = peers_of(cli)
+        if not peers:
+            sys.exit("bench.py: error: --peers needs at least one peer: --peer-jax-src (with --peer-jax-python), "
+                     "--peer-corl, --peer-idql-src, --peer-rlpd-src or --peer-sac_20min-src")
+        for name in [n for n in cli.scripts if n in peers] if cli.scripts else peers:
+            peer_rounds(name, peers[name], cli, torch.device("cpu"))
+        return
     modes = [m for m in cli.modes if m != "cuda-graph" or device.type == "cuda"]
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}")
     print("| script | per second | " + " | ".join(modes) + " | " + " | ".join(f"{m} / eager" for m in modes[1:]) + " |")
     print("|---" * (2 + 2 * len(modes) - 1) + "|")
-    for name in cli.scripts:
+    for name in cli.scripts or SCRIPTS:
         rates = {}
         for mode in modes:
             torch.manual_seed(0)
