@@ -107,7 +107,9 @@ def check_minari_errors(module, tmp_path, monkeypatch, **overrides):
     import minari.storage.hosting
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "cache"))
+    import huggingface_hub.constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network, at once (otherwise ~25 s of retries)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # (read at import: an earlier test imported it)
     with pytest.raises(SystemExit, match="could not download the Minari dataset 'mujoco/hopper/medium-v0'") as e:
         module.main(tiny_args(module, tmp_path, env="mujoco/hopper/medium-v0", **overrides))
     assert str(tmp_path / "cache" / "mujoco" / "hopper" / "medium-v0") in str(e.value)
