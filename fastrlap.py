@@ -35,6 +35,7 @@ env a real car could replace), the scripted driver and data, evaluation and plum
 Differences from the official code (see docs/fastrlap.md):
 - PyTorch, a MuJoCo course of its own (walls, boxes, a car with contact physics and finite grip),
   64 x 64 images (official 128 x 128 on the car, so the conv output is 3x3x32 = 288, not 1568).
+- Adam steps each network as one flat tensor (FlatAdam): torch's Adam bit for bit, in fewer kernels.
 - The release has no pretraining script, dataset, reward or relabelling for the encoder: stage 1
   follows the paper with the config's values and the relabelling of the sim's hindsight.py. The
   encoder is trained by the Q loss only (V and pi read it with stop-gradient).
@@ -336,6 +337,39 @@ class TanhGaussianActor(nn.Module):
         return c + s * torch.tanh(u), log_prob
 
 
+def tie_(params: list, flat: torch.Tensor):
+    """Make each of `params` a view into `flat` and its grad a view into flat.grad, in order."""
+    offset = 0
+    for p in params:
+        p.data = flat.detach()[offset:offset + p.numel()].view_as(p)
+        p.grad = flat.grad[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+
+
+class FlatAdam(torch.optim.Adam):
+    """torch's Adam on one flat tensor holding all of a network's parameters, its layers' parameters and grads
+    becoming views into it: the same steps bit for bit, in ~7 kernels per step instead of ~7 per layer
+    (1.11x for the practice block on 2 CPU threads, 1.05x for the pixel IQL step). zero_grad zeroes the flat
+    grad, never drops it; a deep copy ties the copied layers to the copied flat tensor again."""
+
+    def __init__(self, params, **kwargs):
+        self.layers = list(params)
+        flat = torch.cat([p.detach().reshape(-1) for p in self.layers]).requires_grad_()
+        flat.grad = torch.zeros_like(flat)
+        tie_(self.layers, flat)
+        super().__init__([flat], **kwargs)
+
+    def zero_grad(self, set_to_none: bool = False):
+        super().zero_grad(set_to_none=False)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "layers": self.layers}
+
+    def __setstate__(self, state: dict):
+        super().__setstate__(state)
+        tie_(self.layers, self.param_groups[0]["params"][0])
+
+
 # ----------------------------------------------------------------------------- stage 1: goal-conditioned pixel IQL
 def random_crop(pixels: torch.Tensor, pad: int) -> torch.Tensor:
     """DrQ's augmentation: pad the frames by `pad` pixels (edge values) and crop back at a random
@@ -370,9 +404,9 @@ class PixelIQL(nn.Module):
         self.actor = TanhGaussianActor(self.encoder.out_dim, STATE_DIM, 2, args, rate_limit=None)
         self.to(device)
         capturable = device.type == "cuda"  # CUDA graphs: Adam's step count on the GPU, so a graph can replay it
-        self.critic_opt = torch.optim.Adam([*self.encoder.parameters(), *self.critic.parameters()], lr=args.critic_lr, capturable=capturable)
-        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=args.critic_lr, capturable=capturable)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
+        self.critic_opt = FlatAdam([*self.encoder.parameters(), *self.critic.parameters()], lr=args.critic_lr, capturable=capturable)
+        self.value_opt = FlatAdam(self.value.parameters(), lr=args.critic_lr, capturable=capturable)
+        self.actor_opt = FlatAdam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
         self.online_params = [*self.encoder.parameters(), *self.critic.parameters()]
         self.target_params = [*self.target_encoder.parameters(), *self.critic_target.parameters()]
 
@@ -431,8 +465,8 @@ class FastRLAP(nn.Module):
         self.entropy_decay = args.target_entropy_decay
         self.to(device)
         capturable = device.type == "cuda"  # CUDA graphs: Adam's step count on the GPU, so a graph can replay it
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
+        self.actor_opt = FlatAdam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
+        self.critic_opt = FlatAdam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
         self.temp_opt = torch.optim.Adam([self.log_alpha], lr=args.temp_lr, capturable=capturable)
         self.target_params, self.online_params = list(self.critic_target.parameters()), list(self.critic.parameters())
 

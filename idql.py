@@ -38,6 +38,7 @@ Differences from the official code:
   docstring): ant-*-v2 evaluates in Ant-v4 with observation dims 27: zeroed and no contact cost, as
   D4RL's ant files were recorded; Minari datasets evaluate in the env they record, AntMaze as D4RL
   did (the episode ends at the goal, Minari's turned umaze eval maze turned back).
+- Adam steps each network as one flat tensor (FlatAdam): torch's Adam bit for bit, in fewer kernels.
 - The diffusion model's cosine lr decay runs over a fixed 3M steps (`--lr-decay-steps`), as the
   official code (decay_steps=int(3e6) in its launcher, whatever max_steps is); iql.py's official
   code decays over max_steps instead.
@@ -249,6 +250,40 @@ class Denoiser(nn.Module):
         return self.net(torch.cat([a_t, obs, self.time(t)], -1))
 
 
+def tie_(params: list, flat: torch.Tensor):
+    """Make each of `params` a view into `flat` and its grad a view into flat.grad, in order."""
+    offset = 0
+    for p in params:
+        p.data = flat.detach()[offset:offset + p.numel()].view_as(p)
+        p.grad = flat.grad[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+
+
+class FlatAdam(torch.optim.Adam):
+    """torch's Adam on one flat tensor holding all of a network's parameters, its layers' parameters and grads
+    becoming views into it: the same steps bit for bit, in ~7 kernels per step instead of ~7 per layer
+    (1.07x for IQL's update on 2 CPU threads; 1.01x for IDQL's, whose diffusion actor's matmuls dominate).
+    zero_grad zeroes the flat grad, never drops it; a deep copy ties the copied layers to the copied flat
+    tensor again."""
+
+    def __init__(self, params, **kwargs):
+        self.layers = list(params)
+        flat = torch.cat([p.detach().reshape(-1) for p in self.layers]).requires_grad_()
+        flat.grad = torch.zeros_like(flat)
+        tie_(self.layers, flat)
+        super().__init__([flat], **kwargs)
+
+    def zero_grad(self, set_to_none: bool = False):
+        super().zero_grad(set_to_none=False)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "layers": self.layers}
+
+    def __setstate__(self, state: dict):
+        super().__setstate__(state)
+        tie_(self.layers, self.param_groups[0]["params"][0])
+
+
 # ----------------------------------------------------------------------------- the method: losses and the update
 def vp_beta_schedule(T: int) -> torch.Tensor:
     """The variance-preserving schedule of the official code: beta_t = 1 - exp(-b_min/T - (b_max - b_min)(2t - 1)/(2T^2))."""
@@ -292,10 +327,10 @@ class IDQL(nn.Module):
         self.to(device)
         capturable = device.type == "cuda"  # (CUDA graph) Adam keeps its step count on the GPU, replayable
         self.actor_lr = torch.tensor(args.actor_lr, device=device)  # (CUDA graph) the schedule writes a tensor
-        self.actor_opt = torch.optim.AdamW(self.actor.parameters(), lr=self.actor_lr,
-                                           weight_decay=args.actor_weight_decay, capturable=capturable)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
-        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
+        self.actor_opt = FlatAdam(self.actor.parameters(), lr=self.actor_lr, weight_decay=args.actor_weight_decay,
+                                  decoupled_weight_decay=True, capturable=capturable)  # AdamW
+        self.critic_opt = FlatAdam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
+        self.value_opt = FlatAdam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
         # (CUDA graph) the step count is a device tensor, so the schedule is computed inside the graph
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
         # parameter lists for the target updates (one _foreach_lerp_ each), built once instead of on every step

@@ -34,6 +34,7 @@ Per-family defaults (from the official configs; each is overridable):
 
 Differences from the official code:
 - PyTorch instead of JAX; the twin Q is one batched module (stacked weights, bmm).
+- Adam steps each network as one flat tensor (FlatAdam): torch's Adam bit for bit, in fewer kernels.
 - Evaluation runs in Gymnasium's MuJoCo port (hopper-*-v2 -> Hopper-v4, D4RL's model on the
   new bindings: v4 on purpose, so its "out of date" warning is silenced) instead of gym +
   mujoco-py; the D4RL files are read with h5py, not `import d4rl`.
@@ -215,6 +216,39 @@ class GaussianActor(nn.Module):
         return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
+def tie_(params: list, flat: torch.Tensor):
+    """Make each of `params` a view into `flat` and its grad a view into flat.grad, in order."""
+    offset = 0
+    for p in params:
+        p.data = flat.detach()[offset:offset + p.numel()].view_as(p)
+        p.grad = flat.grad[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+
+
+class FlatAdam(torch.optim.Adam):
+    """torch's Adam on one flat tensor holding all of a network's parameters, its layers' parameters and grads
+    becoming views into it: the same steps bit for bit, in ~7 kernels per step instead of ~7 per layer (an
+    IQL update 1.07x as fast on 2 CPU threads). zero_grad zeroes the flat grad, never drops it; a deep copy
+    ties the copied layers to the copied flat tensor again."""
+
+    def __init__(self, params, **kwargs):
+        self.layers = list(params)
+        flat = torch.cat([p.detach().reshape(-1) for p in self.layers]).requires_grad_()
+        flat.grad = torch.zeros_like(flat)
+        tie_(self.layers, flat)
+        super().__init__([flat], **kwargs)
+
+    def zero_grad(self, set_to_none: bool = False):
+        super().zero_grad(set_to_none=False)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "layers": self.layers}
+
+    def __setstate__(self, state: dict):
+        super().__setstate__(state)
+        tie_(self.layers, self.param_groups[0]["params"][0])
+
+
 # ----------------------------------------------------------------------------- the method: losses and the update
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
     """|tau - 1(u < 0)| u^2: an asymmetric square whose minimiser is the tau-expectile."""
@@ -239,9 +273,9 @@ class IQL(nn.Module):
         capturable = device.type == "cuda"  # (CUDA graph) Adam keeps its step count on the GPU, replayable
         self.actor_lr = torch.tensor(args.actor_lr, device=device)  # (CUDA graph) the schedule writes a tensor
         self.actor_lr0 = args.actor_lr
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.actor_lr, capturable=capturable)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
-        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
+        self.actor_opt = FlatAdam(self.actor.parameters(), lr=self.actor_lr, capturable=capturable)
+        self.critic_opt = FlatAdam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
+        self.value_opt = FlatAdam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
         # (CUDA graph) the step count is a device tensor, so the schedule is computed inside the graph
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
         # parameter lists for the target updates (one _foreach_lerp_ each), built once instead of on every step

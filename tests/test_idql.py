@@ -13,10 +13,16 @@ import datasets
 import idql
 from conftest import (assert_finite_losses, check_antmaze_eval_env, check_kitchen_trains_without_evaluation,
                       check_main_feeds_update_aligned_transitions, check_minari_antmaze_main, check_minari_errors,
-                      check_minari_hopper_main, check_minari_loads_as_d4rl, check_resume_equals_the_uninterrupted_run, compiled_matches_eager,
-                      graph_replays_match_eager_steps, random_batch, run_script, tensorboard_events, tiny_args)
+                      check_minari_hopper_main, check_minari_loads_as_d4rl, check_resume_equals_the_uninterrupted_run,
+                      compiled_matches_eager, flat_adam_steps_as_torch_adam, graph_replays_match_eager_steps,
+                      random_batch, run_script, tensorboard_events, tiny_args)
 
 TINY = dict(actor_hidden=32, num_samples=8, eval_episodes=3)
+
+
+def test_flat_adam_steps_as_torch_adam():
+    flat_adam_steps_as_torch_adam(idql)
+    flat_adam_steps_as_torch_adam(idql, weight_decay=1e-2, decoupled_weight_decay=True)  # the actor's AdamW
 
 
 def test_main_tiny_hopper(hopper_files, tmp_path):

@@ -14,8 +14,9 @@ import datasets
 import iql
 from conftest import (assert_finite_losses, check_antmaze_eval_env, check_kitchen_trains_without_evaluation,
                       check_main_feeds_update_aligned_transitions, check_minari_antmaze_main, check_minari_errors,
-                      check_minari_hopper_main, check_minari_loads_as_d4rl, check_resume_equals_the_uninterrupted_run, compiled_matches_eager,
-                      graph_replays_match_eager_steps, random_batch, run_script, tensorboard_events, tiny_args)
+                      check_minari_hopper_main, check_minari_loads_as_d4rl, check_resume_equals_the_uninterrupted_run,
+                      compiled_matches_eager, flat_adam_steps_as_torch_adam, graph_replays_match_eager_steps,
+                      random_batch, run_script, tensorboard_events, tiny_args)
 
 
 # ----------------------------------------------------------------------------- main() end to end
@@ -201,6 +202,10 @@ def test_one_update_is_wired_as_the_paper():
     moved = max((p - q).abs().max().item() for p, q in zip(agent.actor.parameters(), before.actor.parameters()))
     assert moved == pytest.approx(lr, rel=1e-3)
     assert out["values/actor_lr"].item() == pytest.approx(lr, rel=1e-6)
+
+
+def test_flat_adam_steps_as_torch_adam():
+    flat_adam_steps_as_torch_adam(iql)
 
 
 def test_target_updates_record_no_autograd():

@@ -14,9 +14,8 @@ import rlpd
 from conftest import (assert_finite_losses, assert_same_training_state, check_antmaze_eval_env,
                       check_full_replay_resumes_in_order, check_kitchen_trains_without_evaluation,
                       check_minari_antmaze_main, check_minari_errors, check_minari_hopper_main,
-                      check_replay_masks_termination_not_truncation,
-                      check_polyak_after_every_critic_step, checkpoint,
-                      compiled_matches_eager, run_script, tensorboard_events)  # (conftest registers Wiring-v0)
+                      check_polyak_after_every_critic_step, check_replay_masks_termination_not_truncation, checkpoint,
+                      compiled_matches_eager, flat_adam_steps_as_torch_adam, run_script, tensorboard_events)  # (conftest registers Wiring-v0)
 
 TINY = dict(env="hopper-medium-v2", total_timesteps=300, learning_starts=100, utd_ratio=2, batch_size=32,
             hidden_dim=32, num_qs=4, eval_interval=150, eval_episodes=1, log_interval=100, device="cpu")
@@ -82,6 +81,10 @@ def constant_critics(num_qs: int, num_min_qs: int, **kw) -> rlpd.RLPD:
     last.weight.data.zero_()
     last.bias.data.copy_(torch.arange(num_qs, dtype=torch.float32).view(num_qs, 1, 1))
     return agent
+
+
+def test_flat_adam_steps_as_torch_adam():
+    flat_adam_steps_as_torch_adam(rlpd)
 
 
 def test_target_is_the_min_over_a_random_subset():

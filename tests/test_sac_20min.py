@@ -15,9 +15,8 @@ import torch
 import iql
 import sac_20min
 from conftest import (assert_finite_losses, assert_same_training_state, check_full_replay_resumes_in_order,
-                      check_replay_masks_termination_not_truncation,
-                      check_polyak_after_every_critic_step, checkpoint,
-                      compiled_matches_eager, run_script, tensorboard_events)  # (conftest registers Wiring-v0)
+                      check_polyak_after_every_critic_step, check_replay_masks_termination_not_truncation, checkpoint,
+                      compiled_matches_eager, flat_adam_steps_as_torch_adam, run_script, tensorboard_events)  # (conftest registers Wiring-v0)
 
 TINY = dict(env="Pendulum-v1", total_timesteps=300, learning_starts=100, utd_ratio=2, batch_size=32, hidden_dim=32,
             eval_interval=150, eval_episodes=1, log_interval=100, device="cpu")
@@ -117,6 +116,10 @@ def batch(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(n, 3, generator=g), torch.rand(n, 1, generator=g) * 2 - 1, torch.randn(n, generator=g),
             torch.ones(n), torch.randn(n, 3, generator=g)]
+
+
+def test_flat_adam_steps_as_torch_adam():
+    flat_adam_steps_as_torch_adam(sac_20min)
 
 
 def test_utd_block_counts_and_target_polyak():
