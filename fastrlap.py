@@ -498,7 +498,7 @@ class FastRLAP(nn.Module):
         new_act, log_prob = self.actor.sample(z[last])
         actor_loss = (alpha * log_prob - self.critic(z[last], new_act).mean(0)).mean()
         self.actor_opt.zero_grad()
-        actor_loss.backward(inputs=list(self.actor.parameters()))  # no gradient into the critics
+        actor_loss.backward(inputs=self.actor_opt.layers)  # no gradient into the critics
         self.actor_opt.step()
 
         # temperature: raise alpha when the entropy is below its target; then lower the target

@@ -326,7 +326,7 @@ class RLPD(nn.Module):
         new_act, log_prob = self.actor.sample(obs[last])
         actor_loss = (alpha * log_prob - self.critic(obs[last], new_act).mean(0)).mean()
         self.actor_opt.zero_grad()
-        actor_loss.backward(inputs=list(self.actor.parameters()))  # no gradient into the critics
+        actor_loss.backward(inputs=self.actor_opt.layers)  # no gradient into the critics
         self.actor_opt.step()
 
         # temperature: raise alpha when the entropy is below its target
@@ -792,8 +792,7 @@ def make_env(args: Args, render: bool = False) -> gym.Env:
         fail(f"unknown env '{env_id}' ({e})")
     if task == "ant":
         env = gym.wrappers.TransformObservation(env, zero_contact_forces, env.observation_space)
-    env = continuous_actions(env, env_id)
-    return env
+    return continuous_actions(env, env_id)
 
 
 def continuous_actions(env: gym.Env, name: str) -> gym.Env:

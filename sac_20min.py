@@ -311,7 +311,7 @@ class SAC(nn.Module):
         new_act, log_prob = self.actor.sample(obs[last])
         actor_loss = (alpha * log_prob - self.critic(obs[last], new_act).mean(0)).mean()
         self.actor_opt.zero_grad()
-        actor_loss.backward(inputs=list(self.actor.parameters()))  # no gradient into the critics
+        actor_loss.backward(inputs=self.actor_opt.layers)  # no gradient into the critics
         self.actor_opt.step()
 
         # temperature: raise alpha when the entropy is below its target
