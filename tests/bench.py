@@ -309,8 +309,9 @@ def main():
     modes = [m for m in cli.modes if m != "cuda-graph" or device.type == "cuda"]
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}")
-    print("| script | per second | " + " | ".join(modes) + " | " + " | ".join(f"{m} / eager" for m in modes[1:]) + " |")
-    print("|---" * (2 + 2 * len(modes) - 1) + "|")
+    columns = ["script", "per second", *modes, *(f"{m} / eager" for m in modes[1:])]
+    print("| " + " | ".join(columns) + " |")
+    print("|---" * len(columns) + "|")
     for name in cli.scripts or SCRIPTS:
         rates = {}
         for mode in modes:
@@ -321,8 +322,8 @@ def main():
                 continue
             step, per_call, unit = made
             rates[mode] = per_call * measure(step, cli.steps, device)
-        print(f"| {name} | {unit} | " + " | ".join(f"{rates[m]:.0f}" for m in modes) + " | " +
-              " | ".join(f"{rates[m] / rates['eager']:.2f}x" for m in modes[1:]) + " |", flush=True)
+        cells = [name, unit, *(f"{rates[m]:.0f}" for m in modes), *(f"{rates[m] / rates['eager']:.2f}x" for m in modes[1:])]
+        print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
