@@ -11,6 +11,9 @@ gradient steps (for UTD scripts: critic updates, 20 per block) or, for the "-env
 environment steps of the whole online loop (policy sample, Hopper-v4 step, replay write,
 one UTD block). Quote the ratios of one run (same machine, same moment), not absolute numbers.
 
+--fused-adam builds each FlatAdam with fused=True (one kernel per step where PyTorch has a fused Adam for
+the device): an A/B of what a fused step would buy. It changes the last bits, so the scripts do not use it.
+
 --peers times a script's eager update beside its peers', round after round (median of --rounds),
 for every peer whose flags are given (the peers' code and the JAX venv stay outside this repository):
   iql        the official JAX learner (--peer-jax-src) and CORL's PyTorch trainer (--peer-corl), each run
@@ -220,6 +223,14 @@ SCRIPTS = {"iql": iql_step, "idql": idql_step, "idql-select": idql_select,
            **{f"mtl-{m}": mtl_step(m) for m in MTL_METHODS}}
 
 
+def use_fused_adam():
+    """Every script's FlatAdam with fused=True (for --fused-adam)."""
+    import importlib
+    for name in ("iql", "idql", "rlpd", "sac_20min", "fastrlap"):
+        flat_adam = importlib.import_module(name).FlatAdam
+        flat_adam.__init__ = lambda self, params, _init=flat_adam.__init__, **kw: _init(self, params, fused=True, **kw)
+
+
 def measure(step, steps, device):
     def sync():
         if device.type == "cuda":
@@ -284,6 +295,7 @@ def main():
     parser.add_argument("--scripts", nargs="+", default=None, choices=list(SCRIPTS), help="default: all (with --peers: all that have a peer)")
     parser.add_argument("--modes", nargs="+", default=["eager", "compile", "cuda-graph"])
     parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--fused-adam", action="store_true", help="FlatAdam with fused=True (see above)")
     parser.add_argument("--peers", action="store_true", help="iql.py's update beside the peers' (see above)")
     parser.add_argument("--peers-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "peers"))
     parser.add_argument("--peer-jax-python", default=sys.executable, help="python of the venv that has JAX")
@@ -306,9 +318,11 @@ def main():
         for name in [n for n in cli.scripts if n in peers] if cli.scripts else peers:
             peer_rounds(name, peers[name], cli, torch.device("cpu"))
         return
+    if cli.fused_adam:
+        use_fused_adam()
     modes = [m for m in cli.modes if m != "cuda-graph" or device.type == "cuda"]
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} "
-          f"({torch.get_num_threads()} threads), torch {torch.__version__}")
+          f"({torch.get_num_threads()} threads), torch {torch.__version__}" + (", fused Adam" if cli.fused_adam else ""))
     columns = ["script", "per second", *modes, *(f"{m} / eager" for m in modes[1:])]
     print("| " + " | ".join(columns) + " |")
     print("|---" * len(columns) + "|")

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU checks of issue 20 as one call on a lent GPU machine, which has about 15 minutes for everything:
 #   1. the CUDA-graph tests (`pytest tests -k cuda`: graph replays against eager steps, resume on CUDA);
-#   2. tests/bench.py, eager against cuda-graph, for every update and the online loops;
+#   2. tests/bench.py, eager against cuda-graph, for every update and the online loops, then again with a fused Adam;
 #   3. CORL's eager IQL trainer and iql.py back to back on the same GPU (ratios from one run);
 #   4. short real runs through main() of iql, idql, sac_20min, rlpd and (where EGL works) fastrlap, side by side;
 #   5. torch.compile against eager, with the time that is left.
@@ -65,6 +65,11 @@ timeout 150 python3 tests/bench.py --scripts iql idql idql-select sac_20min rlpd
 timeout 60 python3 tests/bench.py --scripts sac_20min-env rlpd-env --modes $MODES --steps $((BENCH / 5 + 1)) \
   | tail -2 >> "$OUT/bench.log" 2>&1
 cat "$OUT/bench.log"
+
+stamp fused-adam  # what a fused Adam step would buy (changes the last bits; see bench.py)
+timeout 100 python3 tests/bench.py --fused-adam --scripts iql idql sac_20min rlpd fastrlap --modes $MODES --steps $BENCH \
+  > "$OUT/bench_fused.log" 2>&1
+cat "$OUT/bench_fused.log"
 
 stamp peer  # CORL's eager trainer, then ours, back to back
 if [ -f "$FILES/corl_iql.py" ]; then
