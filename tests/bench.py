@@ -11,7 +11,7 @@ gradient steps (for UTD scripts: critic updates, 20 per block) or, for the "-env
 environment steps of the whole online loop (policy sample, Hopper-v4 step, replay write,
 one UTD block). Quote the ratios of one run (same machine, same moment), not absolute numbers.
 
---fused-adam builds each FlatAdam with fused=True (one kernel per step where PyTorch has a fused Adam for
+--fused-adam builds each FlatAdam with fused=True (a single Adam kernel per step where PyTorch has a fused Adam for
 the device): an A/B of what a fused step would buy. It changes the last bits, so the scripts do not use it.
 
 --peers times a script's eager update beside its peers', round after round (median of --rounds),
