@@ -22,9 +22,9 @@ T0=$(date +%s)
 stamp() { echo "=== $1 at +$(( $(date +%s) - T0 ))s"; }
 left() { echo $(( T0 + ${BUDGET:-540} - $(date +%s) )); }
 if [ -n "$DRY" ]; then
-  IQL=300; IDQL=200; ONL=1100; FAST=600; PRE=50; BENCH=5; EV=150; RUN_S=240; MODES="eager"
+  IQL=300; IDQL=200; ONL=1100; FAST=600; PRE=50; BENCH=5; EV=150; EPISODES=1; RUN_S=240; MODES="eager"
 else
-  IQL=100000; IDQL=20000; ONL=6000; FAST=4000; PRE=3000; BENCH=300; EV=25000; RUN_S=150; MODES="eager cuda-graph"
+  IQL=100000; IDQL=20000; ONL=6000; FAST=4000; PRE=3000; BENCH=300; EV=25000; EPISODES=10; RUN_S=150; MODES="eager cuda-graph"
 fi
 
 stamp setup
@@ -38,7 +38,7 @@ python3 -c "import sys, torch, gymnasium, mujoco, tyro; print('python', sys.vers
 
 stamp runs  # first, in the background: the tests and benches below share the GPU with them (so the runs' speed is not the bench's)
 D=$FILES/hopper-medium-local.hdf5
-COMMON="--eval-episodes 10 --seed 0"
+COMMON="--eval-episodes $EPISODES --seed 0"
 timeout $RUN_S python3 iql.py --env hopper-medium-v2 --dataset $D --max-steps $IQL --eval-interval $EV $COMMON \
   --log-interval $((IQL / 10)) --run-dir $R/iql > $R/iql.log 2>&1 &
 timeout $RUN_S python3 idql.py --env hopper-medium-v2 --dataset $D --max-steps $IDQL --eval-interval $((IDQL / 2)) $COMMON \
@@ -49,7 +49,8 @@ timeout $RUN_S python3 rlpd.py --env hopper-medium-v2 --dataset $D --total-times
   --eval-interval $((ONL / 2)) $COMMON --run-dir $R/rlpd > $R/rlpd.log 2>&1 &
 # fastrlap renders its camera, so it needs an OpenGL context (the earlier GPU image had none: then it is skipped)
 if MUJOCO_GL=egl timeout 30 python3 -c "import mujoco; mujoco.Renderer(mujoco.MjModel.from_xml_string('<mujoco/>'), 8, 8)" 2>/dev/null; then
-  MUJOCO_GL=egl timeout $RUN_S python3 fastrlap.py --pretrain-steps $PRE --total-timesteps $FAST --eval-interval $((FAST / 2)) \
+  MUJOCO_GL=egl timeout $RUN_S python3 fastrlap.py --pretrain-courses 2 --pretrain-drive-steps 500 --pretrain-steps $PRE \
+    --total-timesteps $FAST --eval-interval $((FAST / 2)) \
     --seed 0 --run-dir $R/fastrlap > $R/fastrlap.log 2>&1 &
 else
   echo "fastrlap run skipped: no EGL context for its camera" > $R/fastrlap.log
