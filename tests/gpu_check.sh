@@ -63,8 +63,8 @@ tail -4 "$OUT/tests.log"
 stamp bench
 timeout 150 python3 tests/bench.py --scripts iql idql idql-select sac_20min rlpd fastrlap fastrlap-pretrain revind \
   --modes $MODES --steps $BENCH > "$OUT/bench.log" 2>&1
-timeout 60 python3 tests/bench.py --scripts sac_20min-env rlpd-env --modes $MODES --steps $((BENCH / 5 + 1)) \
-  | tail -2 >> "$OUT/bench.log" 2>&1
+timeout 60 python3 tests/bench.py --scripts sac_20min-env rlpd-env --modes $MODES --steps $((BENCH / 5 + 1)) 2>&1 \
+  | tail -2 >> "$OUT/bench.log"  # the two rows only (the table header is already there)
 cat "$OUT/bench.log"
 
 stamp fused-adam  # what a fused Adam step would buy (changes the last bits; see bench.py)
