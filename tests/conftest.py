@@ -346,6 +346,33 @@ def check_resume_equals_the_uninterrupted_run(module, tmp_path, optimizers, **ov
         assert same(a[opt], b[opt]), opt  # moments, step counts and the lr
 
 
+def check_resume_refuses_non_checkpoints(module, tmp_path, args_for, sibling=None):
+    """--resume with a file that is not this script's checkpoint stops with one sentence naming the file,
+    before a run folder is made or data loaded: garbage bytes, a truncated checkpoint, a dict of unknown
+    origin, and (sibling: a real checkpoint of another script, as a path) another script's checkpoint.
+    args_for(resume_path) returns the script's Args."""
+    name = module.__name__ + ".py"
+    other = tmp_path / "other.pt"
+    torch.save({"step": 10, "agent": {"w": torch.zeros(3)}}, other)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint\n" * 64)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(other.read_bytes()[: os.path.getsize(other) // 2])
+    cases = {garbage: "not a readable checkpoint", truncated: "not a readable checkpoint",
+             other: f"not a checkpoint of {name}"}
+    if sibling is not None:
+        script = torch.load(sibling, weights_only=False)["script"]
+        cases[sibling] = f"a checkpoint of {script}, not of {name}"
+    for path, why in cases.items():
+        args = args_for(str(path))
+        with pytest.raises(SystemExit) as err:
+            module.main(args)
+        message = str(err.value)
+        assert message.startswith(f"{name}: error: ") and str(path) in message and why in message, message
+        assert message.count("\n") == 0, message
+        assert not os.path.exists(args.run_dir), "a run folder was made for a bad checkpoint"
+
+
 # ----------------------------------------------------------------------------- online scripts (sac_20min, rlpd)
 def check_polyak_after_every_critic_step(agent, batches, tau=0.005):
     """Qtarget <- (1 - tau) Qtarget + tau Q after each of the G critic steps, and never recorded by autograd."""
