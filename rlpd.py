@@ -470,7 +470,15 @@ def load_resume(args: Args, device: torch.device) -> Optional[dict]:
         return None
     if not os.path.isfile(args.resume):
         fail(f"checkpoint {args.resume} does not exist")
-    return torch.load(args.resume, map_location=device, weights_only=False)
+    try:
+        ck = torch.load(args.resume, map_location=device, weights_only=False)
+    except Exception as e:  # garbage, a truncated file, ...
+        fail(f"{args.resume} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ck, dict) or "script" not in ck:
+        fail(f"{args.resume} is not a checkpoint of rlpd.py")
+    if ck["script"] != "rlpd.py":
+        fail(f"{args.resume} is a checkpoint of {ck['script']}, not of rlpd.py")
+    return ck
 
 
 def choose_run_dir(args: Args, resume: Optional[dict]) -> str:
@@ -936,8 +944,9 @@ def load_optimizer(opt: torch.optim.Optimizer, state: dict, device: torch.device
 
 
 def save_checkpoint(path: str, agent: RLPD, online: ReplayBuffer, step: int, args: Args, evals: list):
-    state = {"agent": agent.state_dict(), "step": step, "args": asdict(args), "evaluations": evals,
-             "online": online.state_dict(), **{k: opt.state_dict() for k, opt in agent.optimizers().items()},
+    state = {"script": "rlpd.py", "agent": agent.state_dict(), "step": step, "args": asdict(args),
+             "evaluations": evals, "online": online.state_dict(),
+             **{k: opt.state_dict() for k, opt in agent.optimizers().items()},
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
     tmp = path + ".tmp"

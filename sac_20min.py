@@ -450,7 +450,15 @@ def load_resume(args: Args, device: torch.device) -> Optional[dict]:
         return None
     if not os.path.isfile(args.resume):
         fail(f"checkpoint {args.resume} does not exist")
-    return torch.load(args.resume, map_location=device, weights_only=False)
+    try:
+        ck = torch.load(args.resume, map_location=device, weights_only=False)
+    except Exception as e:  # garbage, a truncated file, ...
+        fail(f"{args.resume} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ck, dict) or "script" not in ck:
+        fail(f"{args.resume} is not a checkpoint of sac_20min.py")
+    if ck["script"] != "sac_20min.py":
+        fail(f"{args.resume} is a checkpoint of {ck['script']}, not of sac_20min.py")
+    return ck
 
 
 def choose_run_dir(args: Args, resume: Optional[dict]) -> str:
@@ -695,7 +703,8 @@ def load_optimizer(opt: torch.optim.Optimizer, state: dict, device: torch.device
 
 
 def save_checkpoint(path: str, agent: SAC, buffers: dict, log: dict, step: int, args: Args, evals: list):
-    state = {"agent": agent.state_dict(), "step": step, "args": asdict(args), "evaluations": evals, "log": log,
+    state = {"script": "sac_20min.py", "agent": agent.state_dict(), "step": step,
+             "args": asdict(args), "evaluations": evals, "log": log,
              "buffers": {k: b.state_dict() for k, b in buffers.items()},
              **{k: opt.state_dict() for k, opt in agent.optimizers().items()},
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),

@@ -11,7 +11,8 @@ import torch
 
 import datasets
 import rlpd
-from conftest import (assert_finite_losses, assert_same_training_state, check_antmaze_eval_env,
+import sac_20min
+from conftest import (assert_finite_losses, assert_same_training_state, check_antmaze_eval_env, check_resume_refuses_non_checkpoints,
                       check_full_replay_resumes_in_order, check_kitchen_trains_without_evaluation,
                       check_minari_antmaze_main, check_minari_errors, check_minari_hopper_main,
                       check_polyak_after_every_critic_step, check_replay_masks_termination_not_truncation, checkpoint,
@@ -345,6 +346,15 @@ def test_stopped_and_resumed_run_ends_as_the_uninterrupted_run(tmp_path, marked_
 
 def test_full_replay_resumes_in_order_into_a_larger_capacity():
     check_full_replay_resumes_in_order(rlpd)
+
+
+def test_resume_refuses_what_is_not_its_checkpoint(tmp_path):
+    """Garbage, a truncated file, a foreign dict, sac_20min.py's checkpoint: one sentence, before the download."""
+    sac_20min.main(sac_20min.Args(env="Pendulum-v1", total_timesteps=20, learning_starts=10, utd_ratio=1,
+                                  batch_size=8, hidden_dim=8, eval_episodes=0, save_model=True, device="cpu",
+                                  run_dir=str(tmp_path / "sac")))
+    check_resume_refuses_non_checkpoints(rlpd, tmp_path, lambda path: tiny(tmp_path, resume=path),
+                                         sibling=tmp_path / "sac" / "checkpoint.pt")
 
 
 def test_resume_with_a_checkpoint_from_cuda(tmp_path, marked_wiring_data):

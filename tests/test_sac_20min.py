@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import iql
+import rlpd
 import sac_20min
 from conftest import (assert_finite_losses, assert_same_training_state, check_full_replay_resumes_in_order,
+                      check_resume_refuses_non_checkpoints,
                       check_polyak_after_every_critic_step, check_replay_masks_termination_not_truncation, checkpoint,
                       compiled_matches_eager, flat_adam_steps_as_torch_adam, run_script, tensorboard_events)  # (conftest registers Wiring-v0)
 
@@ -236,6 +238,15 @@ def test_stopped_and_resumed_run_ends_as_the_uninterrupted_run(tmp_path):
 
 def test_full_replay_resumes_in_order_into_a_larger_capacity():
     check_full_replay_resumes_in_order(sac_20min)
+
+
+def test_resume_refuses_what_is_not_its_checkpoint(tmp_path):
+    """Garbage, a truncated file, a foreign dict, rlpd.py's checkpoint (was: "Unexpected key(s) in state_dict")."""
+    rlpd.main(rlpd.Args(env="Wiring-v0", offline_ratio=0.0, total_timesteps=20, learning_starts=10, utd_ratio=1,
+                        batch_size=8, hidden_dim=8, num_qs=2, eval_episodes=0, save_model=True, device="cpu",
+                        run_dir=str(tmp_path / "rlpd")))
+    check_resume_refuses_non_checkpoints(sac_20min, tmp_path, lambda path: tiny(tmp_path, resume=path),
+                                         sibling=tmp_path / "rlpd" / "checkpoint.pt")
 
 
 def test_batch_indices_are_uniform_integers():
