@@ -710,7 +710,15 @@ def read_checkpoint(path: Optional[str]) -> Optional[dict]:
         return None
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ck, dict) or "script" not in ck:
+        fail(f"{path} is not a checkpoint of ddpo.py")
+    if ck["script"] != "ddpo.py":
+        fail(f"{path} is a checkpoint of {ck['script']}, not of ddpo.py")
+    return ck
 
 
 def restore_checkpoint(resume: Optional[dict], args: Args, accelerator, unet, optimizer, tracker) -> tuple:
@@ -746,9 +754,9 @@ def save_checkpoint(run_dir: str, args: Args, accelerator, unet, optimizer, trac
     trainable_names = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
     state = {n: p for n, p in unwrapped.state_dict().items() if n in trainable_names}
     path = os.path.join(run_dir, "checkpoint.pt")
-    torch.save({"trainable": state, "optimizer": optimizer.state_dict(), "epoch": epoch, "model": args.model,
-                "use_lora": args.use_lora, "history": history, "stats": {k: list(v) for k, v in tracker.stats.items()}},
-               path + ".tmp")
+    torch.save({"script": "ddpo.py", "trainable": state, "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "model": args.model, "use_lora": args.use_lora, "history": history,
+                "stats": {k: list(v) for k, v in tracker.stats.items()}}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a checkpoint
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script, tensorboard_events
+from conftest import check_resume_refuses_non_checkpoints, run_script, tensorboard_events
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -343,6 +343,13 @@ def test_resume_loads_exactly_the_checkpoint_and_refuses_a_mismatched_one(tmp_pa
     reshaped = {k: v[..., :1] if k == "conv_in.weight" else v for k, v in ckpt["trainable"].items()}
     with pytest.raises(SystemExit, match="does not match the model"):
         ddpo.main(resume_from("reshaped", reshaped))
+
+
+def test_resume_refuses_a_file_that_is_not_a_ddpo_checkpoint(tmp_path):
+    sibling = tmp_path / "iql.pt"
+    torch.save({"script": "iql.py", "step": 10, "agent": {}}, sibling)
+    check_resume_refuses_non_checkpoints(ddpo, tmp_path, lambda path: ddpo.Args(
+        model="tiny", tiny_pretrain_steps=0, resume=path, run_dir=str(tmp_path / "run"), device="cpu"), sibling)
 
 
 def tiny_sd_folder(path):
