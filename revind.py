@@ -18,7 +18,8 @@ of the data's observations weighted by the learned value:
             Q' <- Polyak(Q)                                      (iql.py's update, on images)
     graph:  nodes = subsampled observations; edge i -> j if |p_j - p_i| <= edge_max_distance, its
             cost the step count V(o_i, g_ij) implies, n = log(1 + (1 - gamma) V) / log gamma
-            (r = -1 per step gives V = -(1 - gamma^n) / (1 - gamma)), pruned above max_edge_cost;
+            (r = -1 per step gives V = -(1 - gamma^n) / (1 - gamma)), at least 1 (V <= -1),
+            pruned above max_edge_cost;
             Dijkstra to the goal's node; every step the robot joins the graph through edges
             from its current image (weighted the same way), and the policy drives to the next node
             on the shortest path.
@@ -451,14 +452,15 @@ def build_graph(agent: ReViND, data: dict, args: Args, device: torch.device) -> 
     keep = cost <= args.max_edge_cost
     src, dst, cost = src.cpu().numpy()[keep], dst.cpu().numpy()[keep], cost[keep]
     distance = np.linalg.norm(pos[nodes][src] - pos[nodes][dst], axis=1)
-    return {"nodes": nodes, "pos": pos[nodes], "src": src, "dst": dst, "cost": np.maximum(cost, 1e-3),
+    return {"nodes": nodes, "pos": pos[nodes], "src": src, "dst": dst, "cost": cost,
             "distance_cost": distance}
 
 
 def value_to_steps(value: np.ndarray, gamma: float) -> np.ndarray:
     """n with -(1 - gamma^n) / (1 - gamma) = V: the steps that r = -1 per step gives a value V (inf
-    where V is at or below -1 / (1 - gamma), what never arriving earns)."""
-    inside = 1 + (1 - gamma) * np.asarray(value, np.float64)
+    where V is at or below -1 / (1 - gamma), what never arriving earns). An edge is at least one
+    step: V above -1 (an over-estimate, V > 0 even) counts as one step, never as 0 or less."""
+    inside = 1 + (1 - gamma) * np.minimum(np.asarray(value, np.float64), -1.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(inside > 0, np.log(np.clip(inside, 1e-300, None)) / np.log(gamma), np.inf)
 
@@ -829,8 +831,8 @@ def summarize(episodes: list) -> dict:
     return {"success": float(np.mean([e["success"] for e in episodes])),
             "collision": float(np.mean([e["collided"] for e in episodes])),
             "length": float(np.mean([e["length"] for e in ok])) if ok else float("nan"),
-            "grass": float(np.nanmean([e["grass"] for e in episodes])),
-            "sun": float(np.nanmean([e["sun"] for e in episodes]))}
+            "grass": float(np.mean([e["grass"] for e in ok])) if ok else float("nan"),  # over successes
+            "sun": float(np.mean([e["sun"] for e in ok])) if ok else float("nan")}
 
 
 def plot_routes(world: World, episodes: dict, graph: dict, path: str, title: str):
@@ -896,7 +898,14 @@ def open_run(args: Args, device: torch.device) -> tuple:
     if args.resume is not None:
         if not os.path.isfile(args.resume):
             fail(f"checkpoint {args.resume} does not exist")
-        resume = torch.load(args.resume, map_location=device, weights_only=False)
+        try:
+            resume = torch.load(args.resume, map_location=device, weights_only=False)
+        except Exception as e:
+            fail(f"{args.resume} is not a readable checkpoint ({type(e).__name__})")
+        if not isinstance(resume, dict) or "script" not in resume:
+            fail(f"{args.resume} is not a checkpoint of revind.py")
+        if resume["script"] != "revind.py":
+            fail(f"{args.resume} is a checkpoint of {resume['script']}, not of revind.py")
     if args.eval_only:  # a new folder per evaluation: the training run's outputs are never touched
         run_dir = args.run_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume)), f"eval__{int(time.time())}")
         if os.path.exists(run_dir):
@@ -910,7 +919,7 @@ def open_run(args: Args, device: torch.device) -> tuple:
 
 
 def save_checkpoint(path: str, agent: ReViND, step: int, args: Args, evals: list):
-    state = {"agent": agent.state_dict(), "step": step, "args": asdict(args), "evaluations": evals,
+    state = {"script": "revind.py", "agent": agent.state_dict(), "step": step, "args": asdict(args), "evaluations": evals,
              **{k: opt.state_dict() for k, opt in agent.optimizers().items()},
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}

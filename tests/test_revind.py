@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import revind
-from conftest import assert_finite_losses, check_resume_equals_the_uninterrupted_run, tiny_args
+from conftest import (assert_finite_losses, check_resume_equals_the_uninterrupted_run,
+                      check_resume_refuses_non_checkpoints, tiny_args)
 
 TINY = dict(encoder="conv", feature_dim=16, trajectories=24, trajectory_length=40, goal_max=20,
             episode_steps=40, node_spacing=2.0)
@@ -185,7 +186,8 @@ def test_value_maps_to_a_step_count():
         v = -(1 - gamma ** n) / (1 - gamma)
         assert revind.value_to_steps(np.array([v]), gamma)[0] == pytest.approx(n)
     assert np.isinf(revind.value_to_steps(np.array([-100.0, -150.0]), gamma)).all()
-    assert revind.value_to_steps(np.array([0.0]), gamma)[0] == 0.0
+    # an edge is at least one step: V above -1 (an over-estimate, no reward is positive) costs 1
+    assert revind.value_to_steps(np.array([-1.0, -0.5, 0.0, 0.5, 30.0]), gamma).tolist() == [1.0] * 5
 
 
 def test_shortest_paths_and_subgoals_on_a_hand_made_graph():
@@ -214,22 +216,23 @@ def test_shortest_paths_and_subgoals_on_a_hand_made_graph():
 
 
 def test_graph_edges_and_costs_come_from_the_value(tmp_path, data_dir, monkeypatch):
-    """Edges join nodes within edge_max_distance; each costs value_to_steps(V(o_i, g_ij)); edges whose V
-    implies more than max_edge_cost steps are pruned; distance_cost is their length."""
-    args = args_for(tmp_path, data_dir, max_edge_cost=30.0)  # V says 10 steps per metre: edges up to 3 m of the 6
+    """Edges join nodes within edge_max_distance; each costs value_to_steps(V(o_i, g_ij)), at least 1
+    step; edges whose V implies more than max_edge_cost steps are pruned; distance_cost is their length."""
+    args = args_for(tmp_path, data_dir, max_edge_cost=25.0)  # V: 10 steps per m - 5: edges up to 3 m of 6
     world = revind.World(args.world_seed, (args.image_height, args.image_width))
     data = revind.load_or_collect(world, args)
     agent = revind.ReViND(args, torch.device("cpu"))
 
-    class TenStepsPerMetre(torch.nn.Module):  # V made to say: 10 steps per metre of the goal's distance
+    class TenStepsPerMetre(torch.nn.Module):  # V made to say 10 steps per metre - 5 (V > 0 within 0.5 m)
         def forward(self, s):
-            return (-(1 - 0.99 ** (10 * s[:, -1])) / 0.01)[:, None]
+            return (-(1 - 0.99 ** (10 * s[:, -1] - 5)) / 0.01)[:, None]
     monkeypatch.setattr(agent.value, "mlp", TenStepsPerMetre())
     graph = revind.build_graph(agent, data, args, torch.device("cpu"))
     length = np.linalg.norm(graph["pos"][graph["src"]] - graph["pos"][graph["dst"]], axis=1)
     assert len(graph["src"]) > 0 and np.allclose(graph["distance_cost"], length, atol=1e-5)
-    assert np.allclose(graph["cost"], 10 * length, rtol=1e-4)
-    assert length.max() <= 3.0 + 1e-4  # pruned beyond 30 steps = 3 m ...
+    assert np.allclose(graph["cost"], np.maximum(10 * length - 5, 1), rtol=1e-4)
+    assert (length < 0.5).any() and graph["cost"].min() == 1.0  # an over-estimated edge costs 1 step
+    assert length.max() <= 3.0 + 1e-4  # pruned beyond 25 steps = 3 m ...
     assert length.max() > 2.5  # ... and kept up to there
     # the robot's own edges: V from its current image, the same pruning, either weighting
     crowd = np.linalg.norm(graph["pos"][:, None] - graph["pos"][None], axis=-1)
@@ -240,12 +243,23 @@ def test_graph_edges_and_costs_come_from_the_value(tmp_path, data_dir, monkeypat
     by_value = revind.edges_from_here(agent, image, pose, graph, args, "value")
     by_distance = revind.edges_from_here(agent, image, pose, graph, args, "distance")
     reach, beyond = gap <= 3.0 - 1e-3, gap > 3.0 + 1e-3
-    assert reach.any() and np.allclose(by_value[reach], 10 * gap[reach], rtol=1e-4) and np.allclose(by_distance[reach], gap[reach])
+    assert reach.any() and np.allclose(by_distance[reach], gap[reach])
+    assert np.allclose(by_value[reach], np.maximum(10 * gap[reach] - 5, 1), rtol=1e-4)
+    assert by_value[busiest] == 1.0  # its own node, 0.28 m away: V > 0, still one step
     assert ((gap > 3.5) & (gap < 6.0)).any()  # candidates that the value prunes
     assert np.isinf(by_value[beyond]).all() and np.isinf(by_distance[beyond]).all()
     cell = np.floor(graph["pos"] / args.node_spacing)
     heading = np.floor((data["yaw"][graph["nodes"]] + np.pi) / (np.pi / 2)) % 4
     assert len(np.unique(np.c_[cell, heading], axis=0)) == len(graph["nodes"])  # one node per cell and heading
+
+
+def test_summaries_count_grass_and_sun_over_successful_episodes_only():
+    """A failed episode that circles on sunny grass must not raise the route's shares."""
+    ep = lambda ok, grass, sun, length: dict(success=ok, collided=False, length=length, grass=grass, sun=sun)  # noqa: E731
+    s = revind.summarize([ep(True, 0.2, 0.5, 40.0), ep(True, 0.4, 0.7, 50.0), ep(False, 1.0, 1.0, 90.0)])
+    assert s["success"] == pytest.approx(2 / 3) and s["length"] == 45.0
+    assert s["grass"] == pytest.approx(0.3) and s["sun"] == pytest.approx(0.6)
+    assert np.isnan(revind.summarize([ep(False, 1.0, 1.0, 9.0)])["grass"])
 
 
 # ----------------------------------------------------------------------------- the update's wiring
@@ -368,6 +382,13 @@ def test_filtered_bc_and_bc_run_through_main(tmp_path, data_dir):
 def test_bad_input_is_one_clear_error(tmp_path, data_dir, bad, message):
     with pytest.raises(SystemExit, match=message):
         revind.main(args_for(tmp_path, data_dir, **bad))
+
+
+def test_resume_refuses_what_is_not_a_checkpoint_of_revind(tmp_path, data_dir):
+    sibling = tmp_path / "fastrlap_checkpoint.pt"
+    torch.save({"script": "fastrlap.py", "step": 3}, sibling)
+    check_resume_refuses_non_checkpoints(revind, tmp_path, lambda path: args_for(
+        tmp_path, data_dir, resume=path, run_dir=str(tmp_path / "never")), sibling=sibling)
 
 
 def test_an_existing_run_folder_is_never_overwritten(tmp_path, data_dir):
