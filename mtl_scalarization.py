@@ -51,12 +51,16 @@ Differences from the official code:
   (D: columns g_1 - g_t, U: columns u_1 - u_t); both agree for two tasks only. This file solves the
   correct system: the direction has equal cosines with every task gradient for any T.
 - The random draws use torch's generator (PCGrad's task orders, RLW's Dirichlet weights, GradDrop's
-  uniforms): the official code draws some of them from Python's `random`.
+  uniforms): the official code draws some of them from Python's `random`. A uniform of exactly 0 is
+  clamped to 2^-64 before RLW's -log u (finite weights); RL warm-up actions come from numpy's RNG.
 - Multi-MNIST: MNIST is downloaded from the mirror torchvision uses (no torchvision dependency) and
-  the pairs are built with a fixed seed (`--data-seed`); the official generator is unseeded.
+  the pairs are built with `--data-seed`, the same for every run; the official generator draws them
+  from numpy's global RNG, seeded by `--random_seed`, and later runs reuse the files it wrote.
   The whole dataset is one device tensor, batches from one permutation per epoch.
-- CAGrad is not in the paper. It follows CAGrad's own code (mean gradient, rescaled by 1 / (1 + c^2),
-  weights by scipy's SLSQP) and is applied to the shared parameters' gradients, like PCGrad.
+- CAGrad is not in the paper. It follows CAGrad's image-benchmark code (mean gradient, rescaled by
+  1 / (1 + c^2), then by T "to match the sum loss"; weights by scipy's SLSQP) and is applied to the
+  shared parameters' gradients, like PCGrad. RL keeps the mean's scale, as its MT10 code, but solves
+  for w with the same SLSQP (the MT10 code: 20 SGD steps on softmax(w), an approximation of it).
 - RL: the official runs are Meta-World MT10 in the mtrl library (metaworld does not run with this
   project's MuJoCo 4: `--env metaworld-mt10` says so); here HalfCheetah velocity/direction tasks with
   the task one-hot in the observation (Meta-World's tasks differ by their observations, mtrl adds no id).
@@ -329,7 +333,7 @@ def pcgrad(G: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     for i in range(len(G)):
         for j in order[i].tolist():
             if j != i:
-                out[i] -= (out[i] @ G[j]).clamp(max=0) / G[j].pow(2).sum() * G[j]
+                out[i] -= (out[i] @ G[j]).clamp(max=0) / G[j].pow(2).sum().clamp(min=1e-30) * G[j]
     return out.sum(0)
 
 
@@ -361,7 +365,8 @@ def cagrad(G: torch.Tensor, c: float) -> torch.Tensor:
 
 def rlw_weights(method: str, T: int, device) -> torch.Tensor:
     """Random loss weights, scaled to sum to T: Dirichlet(1) (normalised Exp(1) draws) or softmax(N(0, I))."""
-    w = -torch.rand(T, device=device).log() if method == "rlw-dirichlet" else F.softmax(torch.randn(T, device=device), 0)
+    w = (-torch.rand(T, device=device).clamp(min=2 ** -64).log() if method == "rlw-dirichlet"  # rand can be 0
+         else F.softmax(torch.randn(T, device=device), 0))
     return w * T / w.sum()
 
 
@@ -405,7 +410,7 @@ def mtl_backward(method: str, losses: torch.Tensor, shared: list, heads: list, z
     elif method == "pcgrad":
         d = pcgrad(G, torch.rand(T, T, device=G.device).argsort(1)) / (T if rl else 1)
     elif method == "cagrad":
-        d = cagrad(G, cagrad_c)
+        d = cagrad(G, cagrad_c) * (1 if rl else T)  # supervised: "to match the sum loss", as CAGrad's code
     else:
         raise ValueError(method)
     if at_z:  # back through the encoder with dL/dz := d, as backward of sum_t a_t L_t does
@@ -528,10 +533,11 @@ def train_supervised(args: Args) -> dict:
             if val.mean().item() >= run.best.get("validation", -1.0):
                 run.best = {"validation": val.mean().item(), "epoch": epoch + 1,
                             "test": accuracy(model, *data["test"]).tolist()}
-        run.log(epoch + 1, {**{f"losses/task_{t}": v for t, v in enumerate(info["losses"].tolist())},
-                            **{f"weights/task_{t}": v for t, v in enumerate(info.get("weights", torch.ones(T)).tolist())},
-                            **{f"val/accuracy_task_{t}": v for t, v in enumerate(val.tolist())},
-                            "val/accuracy": val.mean().item()})
+        if (epoch + 1) % args.log_interval == 0 or epoch + 1 == args.epochs:
+            run.log(epoch + 1, {**{f"losses/task_{t}": v for t, v in enumerate(info["losses"].tolist())},
+                                **{f"weights/task_{t}": v for t, v in enumerate(info.get("weights", torch.ones(T)).tolist())},
+                                **{f"val/accuracy_task_{t}": v for t, v in enumerate(val.tolist())},
+                                "val/accuracy": val.mean().item()})
         if args.save_model:
             save_checkpoint(run, epoch + 1, saved)
     run.finish({f"test/accuracy_task_{t}": a for t, a in enumerate(run.best["test"])} |
@@ -554,7 +560,7 @@ def train_rl(args: Args) -> dict:
     for step in range(start + 1, args.total_timesteps + 1):
         # act in every task: uniformly at random for the first learning_starts steps, then a ~ pi(.|s)
         if step <= args.learning_starts:
-            actions = np.stack([env.action_space.sample() for env in envs])
+            actions = np.random.uniform(-1, 1, (T, act_dim))  # numpy's seeded (and checkpointed) RNG
         else:
             with torch.no_grad():
                 actions = agent.actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device))[0].cpu().numpy()
@@ -725,7 +731,14 @@ def setup(args: Args) -> tuple:
     if args.resume is not None:
         if not os.path.isfile(args.resume):
             fail(f"checkpoint {args.resume} does not exist")
-        resume = torch.load(args.resume, map_location=device, weights_only=False)
+        try:
+            resume = torch.load(args.resume, map_location=device, weights_only=False)
+        except Exception as e:
+            fail(f"{args.resume} is not a readable checkpoint ({type(e).__name__})")
+        if not isinstance(resume, dict) or "script" not in resume:
+            fail(f"{args.resume} is not a checkpoint of mtl_scalarization.py")
+        if resume["script"] != "mtl_scalarization.py":
+            fail(f"{args.resume} is a checkpoint of {resume['script']}, not of mtl_scalarization.py")
     run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
                                f"runs/{args.env or args.dataset}__{args.mtl}__{args.seed}__{int(time.time())}")
     if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
@@ -1036,7 +1049,7 @@ def evaluate(actor: TanhGaussianActor, envs: list, episodes: int, device: torch.
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run: Run, progress: int, objects: dict):
     state = {k: v.state_dict() if hasattr(v, "state_dict") else v.detach().cpu() for k, v in objects.items()}
-    state.update(progress=progress, args=asdict(run.args), evals=run.evals, best=run.best, updates=run.updates,
+    state.update(script="mtl_scalarization.py", progress=progress, args=asdict(run.args), evals=run.evals, best=run.best, updates=run.updates,
                  episode_returns=run.episode_returns,
                  rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})

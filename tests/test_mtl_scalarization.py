@@ -3,6 +3,7 @@ torchjd's aggregators), the heads' plain gradient and the "at z" wiring, both be
 main(), a toy that must learn, the study and its reuse, resume, the MNIST download from a local
 server, the Multi-MNIST construction, the replay's reward scaling, bad input."""
 
+import copy
 import gzip
 import json
 import math
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import mtl_scalarization as mtl
-from conftest import assert_finite_losses, tensorboard_events
+from conftest import assert_finite_losses, check_resume_refuses_non_checkpoints, tensorboard_events
 
 CPU = torch.device("cpu")
 DIGITS = dict(epochs=2, digits_pairs=(600, 200, 200), device="cpu")
@@ -110,6 +111,17 @@ def test_rl_directions_on_the_parameters(method):
     torch.testing.assert_close(torch.cat([p.grad.flatten() for p in shared]), d)
 
 
+@pytest.mark.parametrize("method", ["pcgrad", "cagrad"])
+def test_supervised_per_parameter_methods_use_the_shared_parameters_gradients(method):
+    """With heads and z (supervised), PCGrad and CAGrad still act on dL_t/dtheta_sh (not at z), on the sum's
+    scale: PCGrad's sum of projected gradients, CAGrad's direction times T (CAGrad's code, "to match the sum")."""
+    shared, heads, z, losses = tiny_problem(T=2)
+    G = torch.stack([torch.cat([g.flatten() for g in grads(losses[t], shared)]) for t in range(2)])
+    d = mtl.pcgrad(G, torch.tensor([[0, 1], [1, 0]])) if method == "pcgrad" else 2 * mtl.cagrad(G, 0.4)
+    mtl.mtl_backward(method, losses, shared, heads, z, {}, 0.4)
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in shared]), d)
+
+
 # ----------------------------------------------------------------------------- "at z": back through the encoder
 @pytest.mark.parametrize("method", ["mgda-ub", "imtl"])
 def test_at_z_methods_backpropagate_sum_of_weighted_losses(method):
@@ -149,6 +161,12 @@ def test_pcgrad_two_conflicting_gradients_by_hand():
     # g1 - (-1)/|g2|^2 g2 = (1, 0) + (-1, 1)/2 = (0.5, 0.5); g2 - (-1)/|g1|^2 g1 = (0, 1)
     for order in ([[0, 1], [1, 0]], [[1, 0], [0, 1]]):
         torch.testing.assert_close(mtl.pcgrad(G, torch.tensor(order)), torch.tensor([0.5, 1.5]))
+
+
+def test_pcgrad_with_a_zero_task_gradient_stays_finite():
+    """A task whose shared gradient is exactly 0 conflicts with nothing (no 0/0): d = (0, 0) + (1, -1)."""
+    G = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
+    torch.testing.assert_close(mtl.pcgrad(G, torch.tensor([[0, 1], [1, 0]])), torch.tensor([1.0, -1.0]))
 
 
 def test_pcgrad_leaves_non_conflicting_gradients_unchanged():
@@ -323,6 +341,13 @@ def test_rlw_weights_sum_to_T_and_dirichlet_is_uniform_on_the_simplex():
     assert abs(float((w < 0.5).float().mean()) - 0.5) < 0.03
 
 
+def test_rlw_dirichlet_is_finite_when_rand_returns_zero(monkeypatch):
+    """torch.rand can return exactly 0 (2^-24 per draw on the CPU): -log 0 = inf gave NaN weights.
+    The zero is clamped to 2^-64: w = 2 (64 ln 2, ln 2) / (65 ln 2) = (128/65, 2/65)."""
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor([0.0, 0.5]))
+    torch.testing.assert_close(mtl.rlw_weights("rlw-dirichlet", 2, CPU), torch.tensor([128 / 65, 2 / 65]))
+
+
 # ----------------------------------------------------------------------------- main() end to end
 @pytest.mark.parametrize("method", ["unitary", "mgda-ub", "pcgrad"])  # sum, at z, on the parameters
 def test_main_tiny_multi_digits(tmp_path, method):
@@ -349,6 +374,19 @@ def test_main_tiny_cheetah(tmp_path):
     lines = open(os.path.join(a.run_dir, "evaluations.csv")).read().splitlines()
     assert lines[0] == "step,vel-1.0,forward,mean" and [x.split(",")[0] for x in lines[1:]] == ["150", "300"]
     assert os.path.isfile(os.path.join(a.run_dir, "results.json"))
+
+
+def test_rl_run_is_reproducible_from_its_seed(tmp_path):
+    """Two RL runs with the same seed (same process, same threads) fill the same replay (the random
+    warm-up actions too) and end with the same losses and returns."""
+    out = []
+    for name in ("a", "b"):
+        a = mtl.Args(**{**CHEETAH, "total_timesteps": 120, "eval_interval": 0}, save_model=True,
+                     run_dir=str(tmp_path / name))
+        r = mtl.main(a)
+        out.append((torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["buffer"]["rows"],
+                    {k: v for k, v in r.items() if k.startswith(("losses", "eval"))}))
+    assert torch.equal(out[0][0], out[1][0]) and out[0][1] == out[1][1]
 
 
 def test_cheetah_replay_holds_aligned_transitions(tmp_path):
@@ -442,6 +480,19 @@ def test_resume_equals_the_uninterrupted_run(tmp_path):
     # the lr decays once per epoch: after 2 epochs it is lr * decay^1
     for ck in (a, b):
         assert ck["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-2 * 0.5)
+
+
+def test_resume_refuses_what_is_not_its_checkpoint(tmp_path):
+    foreign = tmp_path / "iql_checkpoint.pt"
+    torch.save({"script": "iql.py", "progress": 1}, foreign)
+    check_resume_refuses_non_checkpoints(mtl, tmp_path, lambda path: args(tmp_path, resume=path), sibling=foreign)
+
+
+def test_supervised_logs_every_log_interval_epochs(tmp_path, capsys):
+    """--log-interval 2 over 3 epochs: logged lines at epochs 2 and 3 (the last), not 1."""
+    mtl.main(args(tmp_path, epochs=3, digits_pairs=(100, 50, 50), log_interval=2))
+    epochs = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("epoch=")]
+    assert epochs == ["epoch=2", "epoch=3"], epochs
 
 
 def test_lr_decays_every_epoch(tmp_path):
@@ -645,3 +696,62 @@ def test_rl_td_target_bootstraps_from_next_states():
     torch.manual_seed(7)
     info = agent.update(obs, act, rew, mask, next_obs, a)
     torch.testing.assert_close(info["losses/critic_loss"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_tanh_gaussian_log_prob_by_torch_distributions():
+    """log pi(a|s) = log N(u; mu, sigma) - sum log(1 - tanh(u)^2), log sigma = -20 + 11 (tanh(raw) + 1)."""
+    torch.manual_seed(0)
+    actor = mtl.TanhGaussianActor(5, 2, 16)
+    obs = torch.randn(7, 5)
+    torch.manual_seed(3)
+    act, logp = actor.sample(obs)
+    mu, raw = actor.net(obs).chunk(2, -1)
+    std = (-20 + 11 * (torch.tanh(raw) + 1)).exp()
+    torch.manual_seed(3)
+    u = mu + std * torch.randn_like(mu)
+    expected = torch.distributions.Normal(mu, std).log_prob(u).sum(-1) - torch.log(1 - torch.tanh(u) ** 2).sum(-1)
+    torch.testing.assert_close(act, torch.tanh(u))
+    torch.testing.assert_close(logp, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_rl_actor_critic_and_temperature_steps_by_hand():
+    """One update: the actor loss is mean(alpha log pi(a|s) - min(Q1, Q2)(s, a)), a ~ pi(.|s) the update's
+    second draw, with the critics after their step; the temperature loss alpha (-log pi - target entropy)
+    with target entropy -|A|. Each step goes downhill: the critic loss on the same targets, the actor loss
+    on the same noise; log alpha moves by -lr sign(its gradient) (Adam's first step). Red on a flipped sign
+    of any term or gradient, on the mean of the twins in place of their min, on +|A| as target entropy."""
+    torch.manual_seed(0)
+    a = mtl.Args(**CHEETAH, init_temperature=0.5, actor_weight_decay=0.0)
+    agent = mtl.MultiTaskSAC(5, 2, a)
+    T, B = 2, 16
+    obs, act, next_obs = torch.randn(T, B, 5), torch.rand(T, B, 2) * 2 - 1, torch.randn(T, B, 5)
+    rew, mask = torch.randn(T, B), torch.ones(T, B)
+    actor0, target0, log_alpha0 = copy.deepcopy(agent.actor), copy.deepcopy(agent.critic_target), agent.log_alpha.item()
+    alpha = math.exp(log_alpha0)
+
+    def critic_loss(critic, y):
+        return float((critic(obs, act) - y).pow(2).mean(-1).sum(0).mean())
+
+    def actor_loss(actor):  # on the update's own draws: a' ~ pi(.|s') first, then a ~ pi(.|s)
+        torch.manual_seed(7)
+        actor.sample(next_obs)
+        new_act, logp = actor.sample(obs)
+        x = torch.cat([obs, new_act], -1)
+        q = torch.minimum(agent.critic.q1(x), agent.critic.q2(x)).squeeze(-1)
+        return float((alpha * logp - q).mean()), logp
+
+    with torch.no_grad():
+        torch.manual_seed(7)
+        next_act, next_logp = actor0.sample(next_obs)
+        y = rew + a.gamma * mask * (target0(next_obs, next_act).min(0).values - alpha * next_logp)
+        before = critic_loss(agent.critic, y)
+    torch.manual_seed(7)
+    info = agent.update(obs, act, rew, mask, next_obs, a)
+    with torch.no_grad():
+        assert critic_loss(agent.critic, y) < before
+        expected_actor, logp = actor_loss(actor0)
+        assert actor_loss(agent.actor)[0] < expected_actor
+    assert float(info["losses/actor_loss"]) == pytest.approx(expected_actor, rel=1e-4, abs=1e-5)
+    expected_temp = alpha * float((-logp - (-2.0)).mean())  # also d(temp loss)/d(log alpha)
+    assert float(info["losses/temperature_loss"]) == pytest.approx(expected_temp, rel=1e-4, abs=1e-6)
+    assert agent.log_alpha.item() == pytest.approx(log_alpha0 - a.temp_lr * math.copysign(1, expected_temp), rel=1e-5)
