@@ -285,9 +285,10 @@ class Critics(nn.Module):
 
 
 class TanhGaussianActor(nn.Module):
-    """a = c + s tanh(u), u ~ N(mu(z), sigma(z)), log sigma clipped to [-20, 2], with [c - s, c + s] the
-    allowed range: the previous action +-0.2 (the last two entries of the state) within [-1, 1], so the
-    rate limit is part of the policy (official `output_range`); rate_limit None: all of [-1, 1]."""
+    """a = c + s tanh((u - c) / s), u ~ N(mu(z), sigma(z)), log sigma clipped to [-20, 2], with
+    [c - s, c + s] the allowed range: the previous action +-0.2 (the last two entries of the state)
+    within [-1, 1], so the rate limit is part of the policy (the official `output_range` bijector: u
+    is an action, not a change); rate_limit None: all of [-1, 1]."""
 
     def __init__(self, feature_dim: int, state_dim: int, act_dim: int, args: Args, rate_limit: Optional[float] = 0.2):
         super().__init__()
@@ -310,7 +311,8 @@ class TanhGaussianActor(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         c, s = self.action_range(z)
-        return c + s * torch.tanh(self.mu(self.trunk(self.project(z))))  # the deterministic (evaluation) action
+        mu = self.mu(self.trunk(self.project(z)))
+        return c + s * torch.tanh((mu - c) / s)  # the deterministic (evaluation) action
 
     def distribution(self, z: torch.Tensor) -> tuple:
         h = self.trunk(self.project(z))
@@ -326,15 +328,15 @@ class TanhGaussianActor(nn.Module):
         """log pi(a|z) of given actions (AWR), inverting the squash."""
         mu, log_std = self.distribution(z)
         c, s = self.action_range(z)
-        u = torch.atanh(((act - c) / s).clamp(-1 + 1e-4, 1 - 1e-4))
+        u = c + s * torch.atanh(((act - c) / s).clamp(-1 + 1e-4, 1 - 1e-4))
         return self.squash(u, mu, log_std, c, s)[1]
 
     def squash(self, u, mu, log_std, c, s) -> tuple:
-        """(c + s tanh u, log pi) for a Gaussian draw u ~ N(mu, exp(log_std)) and the range (c, s)."""
+        """(c + s tanh x, log pi), x = (u - c) / s, u ~ N(mu, exp(log_std)), range (c, s)."""
         log_prob = (-0.5 * ((u - mu) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        # log |d(c + s tanh u)/du| = log s + log(1 - tanh(u)^2) = log s + 2 (log 2 - u - softplus(-2u))
-        log_prob = log_prob - (s.log() + 2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
-        return c + s * torch.tanh(u), log_prob
+        x = (u - c) / s  # log |d(c + s tanh x)/du| = log(1 - tanh(x)^2) = 2 (log 2 - x - sp(-2x))
+        log_prob = log_prob - 2 * (math.log(2) - x - F.softplus(-2 * x)).sum(-1)
+        return c + s * torch.tanh(x), log_prob
 
 
 def tie_(params: list, flat: torch.Tensor):
@@ -385,7 +387,8 @@ def random_crop(pixels: torch.Tensor, pad: int) -> torch.Tensor:
 
 class PixelIQL(nn.Module):
     """Stage 1. The encoder lives in the critic and is trained by the Q loss; V and pi read its
-    features with stop-gradient. The target critic (encoder included) is a Polyak copy."""
+    features with stop-gradient. The target critic's heads are a Polyak copy; it reads the online
+    encoder's features (official: the value net's encoder, shared into it every step)."""
 
     def __init__(self, args: Args, device: torch.device):
         super().__init__()
@@ -393,32 +396,30 @@ class PixelIQL(nn.Module):
         self.num_qs, self.num_min_qs = args.num_qs, args.num_min_qs
         self.encoder = Encoder(args.image_size)
         self.critic = Critics(self.encoder.out_dim, STATE_DIM, 2, args)
-        self.target_encoder, self.critic_target = Encoder(args.image_size), Critics(self.encoder.out_dim, STATE_DIM, 2, args)
-        self.target_encoder.load_state_dict(self.encoder.state_dict())
+        self.critic_target = Critics(self.encoder.out_dim, STATE_DIM, 2, args)
         self.critic_target.load_state_dict(self.critic.state_dict())
-        self.target_encoder.requires_grad_(False)
         self.critic_target.requires_grad_(False)
+        h, ln = args.hidden_dim, lambda: nn.LayerNorm(args.hidden_dim, eps=1e-6)  # value_layer_norm
         self.value = nn.Sequential(Projection(self.encoder.out_dim, STATE_DIM, args.latent_dim),
-                                   nn.Linear(2 * args.latent_dim, args.hidden_dim), nn.ReLU(),
-                                   nn.Linear(args.hidden_dim, args.hidden_dim), nn.ReLU(), nn.Linear(args.hidden_dim, 1))
+                                   nn.Linear(2 * args.latent_dim, h), ln(), nn.ReLU(),
+                                   nn.Linear(h, h), ln(), nn.ReLU(), nn.Linear(h, 1))
         self.actor = TanhGaussianActor(self.encoder.out_dim, STATE_DIM, 2, args, rate_limit=None)
         self.to(device)
         capturable = device.type == "cuda"  # CUDA graphs: Adam's step count on the GPU, so a graph can replay it
         self.critic_opt = FlatAdam([*self.encoder.parameters(), *self.critic.parameters()], lr=args.critic_lr, capturable=capturable)
         self.value_opt = FlatAdam(self.value.parameters(), lr=args.critic_lr, capturable=capturable)
         self.actor_opt = FlatAdam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
-        self.online_params = [*self.encoder.parameters(), *self.critic.parameters()]
-        self.target_params = [*self.target_encoder.parameters(), *self.critic_target.parameters()]
+        self.online_params = list(self.critic.parameters())
+        self.target_params = list(self.critic_target.parameters())
 
     def update(self, pixels, state, act, rew, mask, next_pixels, next_state) -> dict:
         pixels, next_pixels = random_crop(pixels, self.pad), random_crop(next_pixels, self.pad)
         f = self.encoder(pixels)
         z = torch.cat([f.detach(), state], -1)  # V and pi read the features with stop-gradient
-        with torch.no_grad():  # f(o') for V(s') only: no graph to build; and the min of a random 2 of the target Q heads
-            next_z = torch.cat([self.encoder(next_pixels), next_state], -1)
+        with torch.no_grad():  # V(s') before V's step (official target_value); min of 2 random Qs
+            next_v = self.value(torch.cat([self.encoder(next_pixels), next_state], -1)).squeeze(-1)
             subset = torch.rand(self.num_qs, device=rew.device).argsort()[:self.num_min_qs]
-            target_z = torch.cat([self.target_encoder(pixels), state], -1)
-            q_target = self.critic_target(target_z, act, members=subset).min(0).values
+            q_target = self.critic_target(z, act, members=subset).min(0).values
 
         # V: expectile regression toward Q
         v = self.value(z).squeeze(-1)
@@ -428,16 +429,16 @@ class PixelIQL(nn.Module):
         value_loss.backward()
         self.value_opt.step()
 
-        # pi: advantage-weighted regression, weights exp(beta A) capped at 100
-        weights = torch.exp(self.beta * (q_target - v.detach())).clamp(max=100.0)
+        # pi: advantage-weighted regression, weights exp(beta A) capped at 100, A from the new V
+        with torch.no_grad():
+            weights = torch.exp(self.beta * (q_target - self.value(z).squeeze(-1))).clamp(max=100.0)
         actor_loss = -(weights * self.actor.log_prob(z, act)).mean()
         self.actor_opt.zero_grad()
         actor_loss.backward()
         self.actor_opt.step()
 
         # Q (and the encoder): r + gamma m V(s')
-        with torch.no_grad():
-            target = rew + self.gamma * mask * self.value(next_z).squeeze(-1)
+        target = rew + self.gamma * mask * next_v
         q = self.critic(torch.cat([f, state], -1), act)
         critic_loss = (q - target).pow(2).sum(0).mean()  # summed over the heads (official)
         self.critic_opt.zero_grad()
@@ -593,7 +594,7 @@ def main(args: Args) -> dict:
         if args.eval_laps > 0 and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
             with run.untimed():
                 laps = evaluate(agent.actor, embed, course, args, step, run_dir)
-            run.evaluation(step, laps)
+            run.evaluation(step, env.time / 60, laps)
         if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), step, args, encoder, demo_time, agent, demo, online,
                             env, run)
@@ -678,7 +679,14 @@ def load_resume(args: Args, device: torch.device) -> Optional[dict]:
         return None
     if not os.path.isfile(args.resume):
         fail(f"checkpoint {args.resume} does not exist")
-    resume = torch.load(args.resume, map_location=device, weights_only=False)
+    try:
+        resume = torch.load(args.resume, map_location=device, weights_only=False)
+    except Exception as e:
+        fail(f"{args.resume} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(resume, dict) or "script" not in resume:
+        fail(f"{args.resume} is not a checkpoint of fastrlap.py")
+    if resume["script"] != "fastrlap.py":
+        fail(f"{args.resume} is a checkpoint of {resume['script']}, not of fastrlap.py")
     if resume["step"] >= args.total_timesteps:
         fail(f"{args.resume} is at step {resume['step']}; --total-timesteps ({args.total_timesteps}) must be larger")
     return resume
@@ -742,7 +750,7 @@ class Run:
         self.stucks += event["stuck"]
         self.lap_crashes += event["crash"]
         if event["lap_time"] is not None:
-            minutes = step * CONTROL_DT / 60
+            minutes = event["time"] / 60  # the simulator's clock: the backing up counts
             self.laps.append((step, minutes, event["lap_time"], self.lap_crashes))
             with open(os.path.join(self.run_dir, "laps.csv"), "a") as f:
                 f.write(f"{step},{minutes:.3f},{event['lap_time']:.2f},{self.lap_crashes}\n")
@@ -784,14 +792,15 @@ class Run:
             line += f" laps={len(self.laps)} best={best:.1f} collisions={self.crashes} ups={self.metrics.get('updates_per_second', float('nan')):.0f}"
         print(f"{stage} step={step} {line}", flush=True)
 
-    def evaluation(self, step: int, laps: list):
+    def evaluation(self, step: int, minutes: float, laps: list):
         times = [t for t, _ in laps if t is not None]
         lap = min(times) if times else float("nan")
-        self.evals.append((step, lap, len(times) / len(laps), float(np.mean([c for _, c in laps]))))
+        crashes = float(np.mean([c for _, c in laps]))
+        self.evals.append((step, minutes, lap, len(times) / len(laps), crashes))
         self.writer.add_scalar("eval/lap_time", lap, step)
         with open(os.path.join(self.run_dir, "evaluations.csv"), "w") as f:
-            f.write("step,lap_time,finished,collisions\n")
-            f.writelines(f"{s},{t:.2f},{d:.2f},{c:.1f}\n" for s, t, d, c in self.evals)
+            f.write("step,practice_minutes,lap_time,finished,collisions\n")
+            f.writelines(f"{s},{m:.3f},{t:.2f},{d:.2f},{c:.1f}\n" for s, m, t, d, c in self.evals)
         print(f"step={step} eval lap_time={lap:.1f} finished={len(times)}/{len(laps)}", flush=True)
         self.metrics.update({"eval/lap_time": lap, "eval/finished": len(times) / len(laps)})
 
@@ -943,6 +952,7 @@ class RaceCar(gym.Env):
                  stuck_seconds: float = 3.0, video_size: int = 0):
         self.course, self.radius, self.crash_penalty, self.rate_limit = course, checkpoint_radius, crash_penalty, rate_limit
         self.speed_scale, self.stuck_steps = max_speed / 4.5, int(round(stuck_seconds / CONTROL_DT))
+        self.time = 0.0  # seconds driven (forward and backing up): lap timer and practice clock
         self.model = mujoco.MjModel.from_xml_string(course.xml(image_size, grip))
         self.data = mujoco.MjData(self.model)
         self.camera = mujoco.Renderer(self.model, image_size, image_size)
@@ -962,7 +972,8 @@ class RaceCar(gym.Env):
         mujoco.mj_resetData(self.model, self.data)  # the start pose is the model's default
         mujoco.mj_forward(self.model, self.data)
         self.prev_action, self.acceleration = np.array([-1.0, 0.0]), np.zeros(3)
-        self.checkpoint, self.time, self.lap_start, self.history = 0, 0.0, None, []
+        self.checkpoint, self.lap_start, self.history = 0, None, []
+        self.time = 0.0 if seed is not None else self.time  # seeded: a new clock; else it runs on
         self.frames = [self.render_camera()] * 3
         return self.observation(), {}
 
@@ -975,7 +986,7 @@ class RaceCar(gym.Env):
         after = self.position()
         toward = (goal - before) / max(np.linalg.norm(goal - before), 1e-6)
         reward = float(np.dot(after - before, toward) / CONTROL_DT) - self.crash_penalty * crash
-        info = {"crash": crash, "lap_time": None, "checkpoint": self.checkpoint}
+        info = {"crash": crash, "lap_time": None, "checkpoint": self.checkpoint, "time": self.time}
         if np.linalg.norm(self.course.checkpoints[self.checkpoint] - after) < self.radius:
             if self.checkpoint == 0:  # a lap runs from one pass of checkpoint 0 (the first) to the next
                 if self.lap_start is not None:
@@ -1246,7 +1257,7 @@ def save_checkpoint(path: str, step: int, args: Args, encoder: Encoder, demo_tim
              "demo": demo.state_dict(), "online": online.state_dict(), "env": env.get_state(), "run": run.state_dict(),
              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    torch.save(state, path + ".tmp")
+    torch.save({"script": "fastrlap.py", **state}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: an interrupted write leaves the previous checkpoint
 
 

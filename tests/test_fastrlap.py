@@ -314,7 +314,10 @@ def test_actor_density_integrates_to_one_over_its_range():
         ax = [torch.tensor(lo[d] + (hi[d] - lo[d]) * (np.arange(k) + 0.5) / k, dtype=torch.float32) for d in range(2)]
         grid = torch.stack(torch.meshgrid(*ax, indexing="ij"), -1).view(-1, 2)
         z = random_z(1, prev=prev).expand(len(grid), -1)
-        with torch.no_grad():
+        with torch.no_grad():  # u ~ N(c + 0.05, 0.1): unsaturated, a midpoint grid integrates it
+            for layer, bias in ((actor.mu, (hi + lo) / 2 + 0.05), (actor.log_std, [-2.3, -2.3])):
+                layer.weight.zero_()
+                layer.bias.copy_(torch.as_tensor(bias))
             mass = actor.log_prob(z, grid).exp().sum() * np.prod((hi - lo) / k)
         assert mass.item() == pytest.approx(1.0, abs=0.03), prev
 
@@ -345,22 +348,40 @@ def test_polyak_step_after_every_critic_step():
     check_polyak_after_every_critic_step(make_agent(utd=4), [batch(4 * 8, seed=i) for i in range(3)])
 
 
-def test_pixel_iql_bootstraps_from_v_of_the_next_state_and_moves_its_target():
-    """Q's target is r + gamma m V(s') (V called on s', not s), and the target critic, encoder included,
-    takes one Polyak step toward the critic after each update."""
+def test_pixel_iql_losses_by_hand():
+    """One pixel-IQL update against its formulas computed here (no crop, the min over all 4 heads):
+    V by expectile 0.9 toward min_k Qtarget_k(f(o), s, a), f the online encoder (official: the value
+    net's); pi by AWR exp(3 A), A from the V just updated; Q toward r + gamma m V(s'), V before its
+    step (official target_value), summed over the heads; then a Polyak step of the target heads."""
     torch.manual_seed(0)
-    iql = fastrlap.PixelIQL(fastrlap.Args(**TINY), torch.device("cpu"))
+    args = fastrlap.Args(**{**TINY, "shift_pad": 0, "num_min_qs": 4, "critic_lr": 1e-2})
+    iql = fastrlap.PixelIQL(args, torch.device("cpu"))
+    with torch.no_grad():  # the target heads apart from the online ones
+        for p in iql.critic_target.parameters():
+            p.add_(0.3 * torch.randn_like(p))
     g = torch.Generator().manual_seed(0)
-    pixels = [torch.randint(0, 256, (8, 3, 32, 32, 3), generator=g, dtype=torch.uint8) for _ in range(2)]
-    state, next_state = torch.randn(8, fastrlap.STATE_DIM, generator=g), torch.randn(8, fastrlap.STATE_DIM, generator=g)
-    seen = []
-    iql.value.register_forward_hook(lambda module, inputs, out: seen.append(inputs[0][:, -fastrlap.STATE_DIM:].clone()))
-    old = [p.detach().clone() for p in iql.target_params]
-    iql.update(pixels[0], state, torch.rand(8, 2) * 2 - 1, torch.randn(8), torch.ones(8), pixels[1], next_state)
-    assert len(seen) == 2 and torch.equal(seen[0], state) and torch.equal(seen[1], next_state)
-    for t, o, p in zip(iql.target_params, old, iql.online_params):
-        torch.testing.assert_close(t, o + 0.005 * (p.detach() - o), rtol=0, atol=1e-6)
-    assert len(iql.target_params) == len(list(iql.encoder.parameters())) + len(list(iql.critic.parameters()))
+    o, o2 = (torch.randint(0, 256, (8, 3, 32, 32, 3), generator=g).byte() for _ in range(2))
+    s, s2 = (torch.randn(8, fastrlap.STATE_DIM, generator=g) for _ in range(2))
+    act, rew = torch.rand(8, 2, generator=g) * 2 - 1, torch.randn(8, generator=g)
+    mask = torch.ones(8)
+    mask[[2, 5]] = 0.0
+    old = copy.deepcopy(iql)
+    out = iql.update(o, s, act, rew, mask, o2, s2)
+    with torch.no_grad():
+        z, z2 = torch.cat([old.encoder(o), s], -1), torch.cat([old.encoder(o2), s2], -1)
+        q = old.critic_target(z, act).min(0).values
+        diff = q - old.value(z).squeeze(-1)
+        value_loss = (torch.where(diff < 0, 0.1, 0.9) * diff ** 2).mean()
+        weights = torch.exp(3.0 * (q - iql.value(z).squeeze(-1))).clamp(max=100.0)
+        actor_loss = -(weights * old.actor.log_prob(z, act)).mean()
+        y = rew + 0.99 * mask * old.value(z2).squeeze(-1)
+        critic_loss = (old.critic(z, act) - y).pow(2).sum(0).mean()
+    for k, v in (("value", value_loss), ("actor", actor_loss), ("critic", critic_loss)):
+        torch.testing.assert_close(out[f"pretrain/{k}_loss"], v, rtol=1e-5, atol=1e-6, msg=k)
+    nets = (iql.critic_target, old.critic_target, iql.critic)
+    for t, b, p in zip(*(m.parameters() for m in nets)):
+        torch.testing.assert_close(t, b + 0.005 * (p.detach() - b), rtol=0, atol=1e-6)
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in iql.value) == 2  # value_layer_norm=True
 
 
 def test_crash_target_has_no_bootstrap_and_no_entropy_term():
@@ -498,7 +519,9 @@ def test_main_pretrains_drives_the_demo_and_practises(first_run):
     assert glob.glob(os.path.join(args.run_dir, "videos", "*.mp4")) and tensorboard_events(args.run_dir)
     laps = open(os.path.join(args.run_dir, "laps.csv")).read().splitlines()
     assert laps[0] == "step,practice_minutes,lap_time,collisions" and len(laps) == 1 + len(results["laps"])
-    assert open(os.path.join(args.run_dir, "evaluations.csv")).read().splitlines()[1:] == ["60,12.30,1.00,0.0"]
+    minutes = (60 + 10 * recorder.recovers) * 0.1 / 60  # the clock counts each 1 s backing up
+    evaluations = open(os.path.join(args.run_dir, "evaluations.csv")).read().splitlines()
+    assert evaluations[1:] == [f"60,{minutes:.3f},12.30,1.00,0.0"]
     assert results["eval/lap_time"] == 12.3 and results["eval/finished"] == 1.0
     assert json.load(open(os.path.join(args.run_dir, "args.json")))["resolved"]["device"] == "cpu"
     saved = torch.load(os.path.join(args.run_dir, "encoder.pt"), weights_only=True)
