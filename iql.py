@@ -327,6 +327,7 @@ def main(args: Args) -> dict:
     hp = resolve_args(args)  # the family's expectile, beta, dropout, episodes, reward scaling; the device
     device = hp["device"]
     resume, run_dir = open_run(args, device)
+    hp["ref_scores"] = reference_scores(args.env)  # after open_run: Minari's may need a download
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -410,8 +411,7 @@ def resolve_args(args: Args) -> dict:
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but CUDA is not available")
-    return {**hp, "device": device, "cuda_graph": args.cuda_graph and device.type == "cuda",
-            "ref_scores": reference_scores(args.env)}
+    return {**hp, "device": device, "cuda_graph": args.cuda_graph and device.type == "cuda"}
 
 
 # ----------------------------------------------------------------------------- data: D4RL names, download, validation
@@ -771,7 +771,14 @@ def open_run(args: Args, device: torch.device) -> tuple:
     if args.resume is not None:
         if not os.path.isfile(args.resume):
             fail(f"checkpoint {args.resume} does not exist")
-        resume = torch.load(args.resume, map_location=device, weights_only=False)
+        try:
+            resume = torch.load(args.resume, map_location=device, weights_only=False)
+        except Exception as e:  # garbage, a truncated file, a pickle of something else
+            fail(f"{args.resume} is not a readable checkpoint ({type(e).__name__})")
+        if not isinstance(resume, dict) or "script" not in resume:
+            fail(f"{args.resume} is not a checkpoint of iql.py")
+        if resume["script"] != "iql.py":
+            fail(f"{args.resume} is a checkpoint of {resume['script']}, not of iql.py")
     run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
                                f"runs/{args.env.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
     if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
@@ -780,8 +787,8 @@ def open_run(args: Args, device: torch.device) -> tuple:
 
 
 def save_checkpoint(path: str, agent: IQL, step: int, args: Args, evals: list):
-    state = {"agent": agent.state_dict(), "step": step, "args": asdict(args), "evaluations": evals,
-             **{k: opt.state_dict() for k, opt in agent.optimizers().items()},
+    state = {"script": "iql.py", "agent": agent.state_dict(), "step": step, "args": asdict(args),
+             "evaluations": evals, **{k: opt.state_dict() for k, opt in agent.optimizers().items()},
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
     tmp = path + ".tmp"

@@ -14,7 +14,7 @@ import idql
 from conftest import (assert_finite_losses, check_antmaze_eval_env, check_kitchen_trains_without_evaluation,
                       check_main_feeds_update_aligned_transitions, check_minari_antmaze_main, check_minari_errors,
                       check_minari_hopper_main, check_minari_loads_as_d4rl, check_resume_equals_the_uninterrupted_run,
-                      compiled_matches_eager, flat_adam_steps_as_torch_adam, graph_replays_match_eager_steps,
+                      check_resume_refuses_non_checkpoints, compiled_matches_eager, flat_adam_steps_as_torch_adam, graph_replays_match_eager_steps,
                       random_batch, run_script, tensorboard_events, tiny_args)
 
 TINY = dict(actor_hidden=32, num_samples=8, eval_episodes=3)
@@ -96,6 +96,23 @@ def test_resume_keeps_the_lr_schedule_linked_and_takes_a_cuda_checkpoint(hopper_
                                   eval_interval=0, resume=ckpt, run_dir=None, **{**TINY, "eval_episodes": 0}))
     assert resumed["updates"] == 10
     assert_finite_losses(resumed)
+
+
+def test_resume_refuses_what_is_not_an_idql_checkpoint(hopper_files, tmp_path, monkeypatch):
+    """Garbage, a truncated file, a dict of unknown origin, iql.py's checkpoint (which once started a D4RL
+    download): one sentence, before a D4RL name's download (no server here) or a Minari id's is tried."""
+    import huggingface_hub.constants
+    import iql
+    iql.main(tiny_args(iql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"], max_steps=1,
+                       eval_episodes=0, save_model=True, run_dir=str(tmp_path / "iql")))
+    monkeypatch.setenv("D4RL_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for env, eval_only in (("hopper-medium-v2", False), ("mujoco/hopper/medium-v0", True)):
+        check_resume_refuses_non_checkpoints(idql, tmp_path, lambda path: tiny_args(
+            idql, tmp_path, env=env, resume=path, eval_only=eval_only, run_dir=str(tmp_path / "new"), **TINY),
+            tmp_path / "iql" / "checkpoint.pt")
 
 
 def test_ant_evaluates_in_the_env_d4rl_recorded():

@@ -15,7 +15,7 @@ import iql
 from conftest import (assert_finite_losses, check_antmaze_eval_env, check_kitchen_trains_without_evaluation,
                       check_main_feeds_update_aligned_transitions, check_minari_antmaze_main, check_minari_errors,
                       check_minari_hopper_main, check_minari_loads_as_d4rl, check_resume_equals_the_uninterrupted_run,
-                      compiled_matches_eager, flat_adam_steps_as_torch_adam, graph_replays_match_eager_steps,
+                      check_resume_refuses_non_checkpoints, compiled_matches_eager, flat_adam_steps_as_torch_adam, graph_replays_match_eager_steps,
                       random_batch, run_script, tensorboard_events, tiny_args)
 
 
@@ -81,6 +81,22 @@ def test_a_cuda_checkpoint_resumes_on_cpu(hopper_files, tmp_path):
                                  max_steps=30, eval_interval=0, eval_episodes=0, resume=ckpt, run_dir=None))
     assert resumed["updates"] == 10
     assert_finite_losses(resumed)
+
+
+def test_resume_refuses_what_is_not_an_iql_checkpoint(hopper_files, tmp_path, monkeypatch):
+    """Garbage, a truncated file, a dict of unknown origin, idql.py's checkpoint: one sentence, before a
+    D4RL name's download (no server here) or a Minari id's (offline) is tried."""
+    import huggingface_hub.constants
+    import idql
+    idql.main(tiny_args(idql, tmp_path, env="hopper-medium-v2", dataset=hopper_files["next"], max_steps=1,
+                        eval_episodes=0, actor_hidden=32, save_model=True, run_dir=str(tmp_path / "idql")))
+    monkeypatch.setenv("D4RL_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for env in ("hopper-medium-v2", "mujoco/hopper/medium-v0"):
+        check_resume_refuses_non_checkpoints(iql, tmp_path, lambda path: tiny_args(
+            iql, tmp_path, env=env, resume=path, run_dir=str(tmp_path / "new")), tmp_path / "idql" / "checkpoint.pt")
 
 
 def test_main_feeds_update_aligned_transitions(hopper_files, tmp_path, monkeypatch):
