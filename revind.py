@@ -37,12 +37,14 @@ Differences from the official code (see docs/revind.md for why each matters):
 - PyTorch; a world of its own (numpy, in this file) instead of the RECON data and a robot;
   24 x 32 images by default (official 48 x 64), for CPU time. `--encoder conv` swaps the official
   IMPALA trunk for 3 conv layers, about 5x cheaper (the CPU runs in the docs use it).
-- Goals are relabelled k ~ U{1..50} steps ahead with the step reaching the goal terminal (the
-  June 2022 code). HEAD draws 10..50, where no transition ever reaches its goal, so V has no anchor
-  and cannot count steps. 30% of goals are any frame of the data (`--random-goal-fraction`; not in
-  the official code): they teach V that goals behind walls are far, which the graph's pruning needs.
+- Goals are relabelled k ~ U{1..50} steps ahead, the step reaching the goal terminal (its first
+  commit's sampler). HEAD draws 10..50 and anchors V with stored `dones` frames (goal 0-1 steps
+  ahead, 2 frames in 30, or a collision near) that give r = 0, m = 0: goals 2-9 steps ahead, as
+  long as the graph's short edges, are never drawn. 30% of goals are any frame of the data
+  (`--random-goal-fraction`; not in the official code): goals no transition reaches, as the far
+  goals are; they do not make V prune edges through walls (docs/revind.md measures it).
 - Collisions are terminal with `collision_reward` (-100: never arriving). The official code gives
-  r = 0 on a collision, the reward of reaching the goal: a bug (the June 2022 code gave -51).
+  r = 0 on a collision, the reward of reaching the goal: a bug (its first commit gave -51).
 - Batch 512 as the official config; HEAD trains with batch 1, a bug.
 - Kept from the official code: the mean (not min) of the two Q heads, the unit-std Gaussian policy
   on waypoints in metres (AWR = weighted squared error), per-head Dense(50)-LayerNorm-tanh
@@ -122,13 +124,13 @@ class Args:
     shift_pad: int = 2
     """random-shift augmentation: pad by this many pixels and crop back (official 4 at 48 x 64)"""
     goal_min: int = 1
-    """relabelled goals lie goal_min..goal_max steps ahead in the same trajectory (official HEAD 10..50:
-    then no transition reaches its goal and V has no anchor; the June 2022 code drew 1..50)"""
+    """relabelled goals lie goal_min..goal_max steps ahead in the same trajectory (official HEAD
+    10..50 plus stored 0-1-step goals; its first commit 1..50)"""
     goal_max: int = 50
     """see goal_min"""
     random_goal_fraction: float = 0.3
-    """share of goals drawn from any frame of the data instead (not in the official code): they teach V
-    which goals lie beyond walls, so the graph can prune edges through them"""
+    """share of goals drawn from any frame of the data instead (not in the official code): goals
+    that no transition reaches, often far or behind walls"""
     encoder: Literal["impala", "conv"] = "impala"
     """image encoder: the official IMPALA trunk, or a 3-layer conv trunk about 5x cheaper (for CPUs)"""
     image_height: int = 24
@@ -142,7 +144,7 @@ class Args:
     node_spacing: float = 1.5
     """graph nodes: at most one per node_spacing x node_spacing m cell and 90-degree heading bin"""
     edge_max_distance: float = 6.0
-    """graph edges join nodes at most this far apart (within what 10-50 data steps cover, about 3-18 m)"""
+    """graph edges join nodes at most this far apart (goals 10 / 50 data steps on: 2.2 / 4.1 m)"""
     max_edge_cost: float = 50.0
     """edges whose value-implied step count exceeds this are pruned (the relabelling horizon)"""
     subgoal_distance: float = 3.0

@@ -90,6 +90,7 @@ def hand_made():
     facing north (yaw pi / 2) whose second command collides. Commands are the next positions."""
     pos = np.array([[2 + 0.5 * i, 2.0] for i in range(6)] + [[30.0, 5.0], [30.0, 5.5], [30.0, 5.5], [30.0, 6.0]], np.float32)
     yaw = np.array([0.0] * 6 + [np.pi / 2] * 4, np.float32)
+    yaw[8] += 0.4  # (turned on the spot after the collision: g' is in frame 8's heading, not 7's)
     target = np.concatenate([pos[1:], pos[-1:]])
     target[5] = [4.5, 2.0]  # the last frame of trajectory 0 has a command too (never a transition)
     target[7] = [30.0, 6.0]  # the command that collided (the robot stayed at 5.5)
@@ -262,16 +263,61 @@ def test_summaries_count_grass_and_sun_over_successful_episodes_only():
     assert np.isnan(revind.summarize([ep(False, 1.0, 1.0, 9.0)])["grass"])
 
 
+def test_an_edge_is_costed_from_its_source_image_with_the_goal_in_its_frame(tmp_path, data_dir,
+                                                                             monkeypatch):
+    """Each frame's number is written into its image; V made to say 1 + (frame % 7)
+    + 2 (1 - cos phi) + rho steps, phi and rho the bearing and distance of the edge's end seen from
+    its start (numpy, by hand)."""
+    args = args_for(tmp_path, data_dir)
+    world = revind.World(args.world_seed, (args.image_height, args.image_width))
+    data = dict(revind.load_or_collect(world, args))
+    data["images"] = data["images"].copy()
+    frame = np.arange(len(data["images"]))
+    data["images"][:, 0, 0, 0], data["images"][:, 0, 0, 1] = frame // 256, frame % 256
+    agent = revind.ReViND(args, torch.device("cpu"))
+
+    class FrameNumber(torch.nn.Module):
+        def forward(self, x):
+            return (256 * x[:, 0, 0, 0].float() + x[:, 1, 0, 0].float())[:, None]  # (B, C, H, W)
+
+    class Steps(torch.nn.Module):
+        def forward(self, s):
+            n = 1 + torch.remainder(s[:, 0], 7) + 2 * (1 - s[:, 2]) + s[:, 3]
+            return (-(1 - 0.99 ** n) / 0.01)[:, None]
+    monkeypatch.setattr(agent.critic, "encoder", FrameNumber())
+    monkeypatch.setattr(agent.value, "project", torch.nn.Identity())
+    monkeypatch.setattr(agent.value, "mlp", Steps())
+    graph = revind.build_graph(agent, data, args, torch.device("cpu"))
+    src = graph["nodes"][graph["src"]]  # the frames at the edges' two ends
+    d = data["pos"][graph["nodes"][graph["dst"]]] - data["pos"][src]
+    phi = np.arctan2(d[:, 1], d[:, 0]) - data["yaw"][src]
+    by_hand = 1 + src % 7 + 2 * (1 - np.cos(phi)) + np.hypot(*d.T)
+    assert len(src) > 100 and np.allclose(graph["cost"], by_hand, rtol=1e-4)
+    # the robot's own edges: from its own image (frame 12's number) and its heading
+    pose = np.array([*graph["pos"][0] + 0.4, 2.5])
+    image = torch.as_tensor(data["images"][12]).permute(2, 0, 1)[None]
+    cost = revind.edges_from_here(agent, image, pose, graph, args, "value")
+    near = np.isfinite(cost)
+    d = graph["pos"][near] - pose[:2]
+    phi = np.arctan2(d[:, 1], d[:, 0]) - pose[2]
+    by_hand = 1 + 12 % 7 + 2 * (1 - np.cos(phi)) + np.hypot(*d.T)
+    assert near.sum() > 3 and np.allclose(cost[near], by_hand, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- the update's wiring
 def batch_from(buffer, n=16, seed=0):
     torch.manual_seed(seed)
     return buffer.sample(n)
 
 
-def test_v_regresses_on_the_target_q_and_q_on_the_new_v_at_the_next_observation(tmp_path, data_dir):
-    """The V loss is the expectile loss of (mean of the target critic's heads - V(s)); the Q loss regresses
-    both heads onto r + gamma m V(s') with o' and g' and the V after its step, recomputed outside."""
-    args = args_for(tmp_path, data_dir, shift_pad=0)  # no augmentation: the images are the batch's
+@pytest.mark.parametrize("actor", ["awr", "bc"])
+def test_v_regresses_on_the_target_q_and_q_on_the_new_v_at_the_next_observation(tmp_path, data_dir,
+                                                                                 actor):
+    """V: tau (u > 0) or 1 - tau times u^2, u = mean of the target critic's heads - V(s).
+    pi: AWR weights min(exp(beta (Q' - V)), max) from the target Q and the V after its step (BC: 1)
+    on the unit-std log-likelihood. Q: both heads onto r + gamma m V(s') with o', g' and the new V.
+    All by hand."""
+    args = args_for(tmp_path, data_dir, shift_pad=0, actor=actor, beta=3.0, exp_adv_max=1.0)
     world = revind.World(0, (args.image_height, args.image_width))
     buffer = revind.RelabelBuffer(revind.load_or_collect(world, args), args, torch.device("cpu"))
     agent = revind.ReViND(args, torch.device("cpu"))
@@ -281,23 +327,35 @@ def test_v_regresses_on_the_target_q_and_q_on_the_new_v_at_the_next_observation(
     image, goal, act, rew, mask, next_image, next_goal = batch_from(buffer, 64)
     with torch.no_grad():
         features = agent.critic.encoder(image.float())
-        diff = agent.critic_target(image.float(), goal, act).mean(0) - agent.value(features, goal).squeeze(-1)
-        value_loss = revind.expectile_loss(diff, args.expectile).mean()
+        q_target = agent.critic_target(image.float(), goal, act).mean(0)
+        v = agent.value(features, goal).squeeze(-1)
+        agent.value.mlp[-1].bias += (q_target - v).median()  # advantages of both signs
+        u = q_target - agent.value(features, goal).squeeze(-1)
+        value_loss = torch.where(u > 0, 0.9 * u ** 2, 0.1 * u ** 2).mean()
     seen = {}
     value_step = agent.value_opt.step
 
-    def after_value_step(*a, **kw):  # the V the Q loss will see
+    def after_value_step(*a, **kw):  # the V the actor and the Q loss will see
         value_step(*a, **kw)
         with torch.no_grad():
+            adv = q_target - agent.value(features, goal).squeeze(-1)
+            seen["clipped"] = (adv > 0).float().mean()
+            weight = torch.exp(3.0 * adv).clamp(max=1.0) if actor == "awr" else torch.ones(64)
+            mu = agent.actor(features, goal)
+            log_pi = -0.5 * (act - mu).pow(2).sum(-1) - 5 * math.log(2 * math.pi)
+            seen["actor"] = -(weight * log_pi).mean()
             v_next = agent.value(agent.critic.encoder(next_image.float()), next_goal).squeeze(-1)
             seen["backup"] = rew + 0.99 * mask * v_next
-            seen["q"] = agent.critic.q(agent.critic.encoder(image.float()), goal, act)
+            seen["q"] = agent.critic.q(features, goal, act)
     agent.value_opt.step = after_value_step
     out = agent.update(image, goal, act, rew, mask, next_image, next_goal)
     assert out["losses/value_loss"].item() == pytest.approx(value_loss.item(), rel=1e-5)
+    assert out["losses/actor_loss"].item() == pytest.approx(seen["actor"].item(), rel=1e-5)
+    assert 0.1 < seen["clipped"] < 0.9  # weights on both sides of the clip
     expected = (seen["q"] - seen["backup"]).pow(2).mean()
     assert out["losses/critic_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert mask.min() == 0.0 and mask.max() == 1.0  # terminal and non-terminal rows were both in the batch
+    assert (u > 0).any() and (u < 0).any()  # both sides of the expectile
 
 
 def test_only_the_q_loss_trains_the_encoder_and_the_target_follows_by_polyak(tmp_path, data_dir):
