@@ -173,6 +173,8 @@ def test_replay_masks_termination_not_truncation(tmp_path):
     buffer = sac_20min.ReplayBuffer(300, 2, 1, torch.device("cpu"))
     buffer.load_state_dict(checkpoint(args.run_dir)["buffers"]["train"])
     check_replay_masks_termination_not_truncation(buffer)
+    _, _, rew, _, next_obs = buffer.split(buffer.rows)
+    torch.testing.assert_close(rew, next_obs[:, 1])  # Wiring's reward: x after the step, the step's own
 
 
 def test_critic_loss_of_a_block_by_hand():
@@ -199,6 +201,62 @@ def test_critic_loss_of_a_block_by_hand():
 def test_polyak_step_after_every_critic_step():
     torch.manual_seed(0)
     check_polyak_after_every_critic_step(make_agent(utd=4), [batch(4 * 16, seed=i) for i in range(3)])
+
+
+def test_actor_and_temperature_steps_by_hand():
+    """On the last slice, after the G critic steps: L_pi = E[alpha log pi(a~|s) - mean_k Q_k(s, a~)]
+    with the updated online critics (not their min, not the target), L_alpha = alpha (H - H_target),
+    H_target = -|A| / 2 = -0.5; each takes Adam's first step, -lr g / (|g| + eps)."""
+    torch.manual_seed(0)
+    agent = make_agent(utd=2, critic_dropout=0.0, init_temperature=0.5)
+    with torch.no_grad():
+        for p in agent.critic_target.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # the target differs from the online critics
+    obs, act, rew, mask, next_obs = batch(2 * 16)
+    twin = copy.deepcopy(agent)
+    torch.manual_seed(5)
+    out = agent.update(obs, act, rew, mask, next_obs)
+    torch.manual_seed(5)  # the block's draws in order: a' ~ pi(.|s') per critic step, then a~
+    for g in range(2):
+        twin.actor.sample(next_obs[16 * g:16 * (g + 1)])
+    new_act, log_prob = twin.actor.sample(obs[16:])
+    actor_loss = (0.5 * log_prob - agent.critic(obs[16:], new_act).mean(0)).mean()
+    temp_loss = 0.5 * (-log_prob.mean().item() + 0.5)
+    torch.testing.assert_close(out["losses/actor_loss"], actor_loss.detach())
+    assert out["losses/temperature_loss"].item() == pytest.approx(temp_loss, rel=1e-5)
+    grads = torch.autograd.grad(actor_loss, list(twin.actor.parameters()))
+    for p, q, g in zip(agent.actor.parameters(), twin.actor.parameters(), grads):
+        torch.testing.assert_close(p, q - 3e-4 * g / (g.abs() + 1e-8), rtol=0, atol=1e-7)
+    step = 3e-4 * math.copysign(1, temp_loss)  # d L_alpha / d log alpha = L_alpha
+    assert agent.log_alpha.item() == pytest.approx(math.log(0.5) - step, abs=1e-7)
+    assert agent.target_entropy == -0.5
+
+
+def test_each_critic_step_reads_its_own_slice():
+    """Critic step g backs up (r, s') of slice g and fits Q(s, a) on the same rows; the actor reads
+    the last slice."""
+    agent, rows = make_agent(utd=3), torch.arange(24.0)  # row i: s = i, r = i, s' = -i
+    seen, target_value = [], agent.critic_target_value
+
+    def recording_target_value(r, m, s):
+        seen.append(("y", r.tolist(), (-s[:, 0]).tolist()))
+        return target_value(r, m, s)
+    agent.critic_target_value = recording_target_value
+    agent.critic.register_forward_pre_hook(lambda _, x: seen.append(("Q", x[0][:, 0].tolist())))
+    states = rows[:, None].repeat(1, 3)
+    agent.update(states, torch.zeros(24, 1), rows, torch.ones(24), -states)
+    slices = [rows[8 * g:8 * g + 8].tolist() for g in range(3)]
+    assert seen == [x for s in slices for x in (("y", s, s), ("Q", s))] + [("Q", slices[2])]
+
+
+def test_dropout_is_on_in_every_critic_evaluation_of_the_update(monkeypatch):
+    """DroQ (official: training=True in the backup, the critic loss and the actor loss): both
+    dropout layers on in each of the three critic evaluations of a one-step block."""
+    calls, dropout = [], torch.nn.functional.dropout
+    record = lambda x, p, on: calls.append((p, on)) or dropout(x, p, on)  # noqa: E731
+    monkeypatch.setattr(sac_20min.F, "dropout", record)
+    make_agent(utd=1).update(*batch(16))
+    assert calls == [(0.01, True)] * 6
 
 
 def test_log_interval_does_not_change_the_run(tmp_path):
