@@ -38,7 +38,8 @@ Differences from the official code (see docs/fastrlap.md):
 - Adam steps each network as one flat tensor (FlatAdam): torch's Adam bit for bit, in fewer kernels.
 - The release has no pretraining script, dataset, reward or relabelling for the encoder: stage 1
   follows the paper with the config's values and the relabelling of the sim's hindsight.py. The
-  encoder is trained by the Q loss only (V and pi read it with stop-gradient).
+  encoder is trained by the Q loss only (V and pi read it with stop-gradient; official: by Q and V,
+  one copy shared between them every step, which the target critic also reads).
 - A crash is a wall contact (official: an IMU acceleration spike); its penalty is a constant 10
   (official 10 + clip(max acceleration / 5, 0, 5)). Checkpoint radius 1 m (official 3 m on a
   larger course). The recovery reverses at 1 m/s with random steering, as the official car.
@@ -52,7 +53,7 @@ Differences from the official code (see docs/fastrlap.md):
 - The stored previous action after a recovery is (slowest, straight): the official car stores the
   raw reverse command there, unnormalised (a bug).
 
-At about 1,250 lines the file is over the ~900 CONVENTIONS.md allows for a script with a
+At about 1,300 lines the file is over the ~900 CONVENTIONS.md allows for a script with a
 simulator: it carries two learners (pixel IQL and SAC), the course and car, a scripted driver and
 the pretraining data, and exact --resume of a practice (the car's state included).
 """
@@ -89,7 +90,7 @@ class Args:
     course_seed: int = 0
     """the target course's layout"""
     total_timesteps: int = 15_000
-    """control steps of practice (10 Hz: 15k = 25 simulated minutes)"""
+    """control steps of practice (10 Hz: 15k = 25 minutes driven, plus 1 s per backing up)"""
     learning_starts: int = 500
     """steps of rate-limited random actions before the first update"""
     utd_ratio: int = 8

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fastrlap
-from conftest import (assert_finite_losses, check_polyak_after_every_critic_step, flat_adam_steps_as_torch_adam,
+from conftest import (assert_finite_losses, check_polyak_after_every_critic_step, check_resume_refuses_non_checkpoints, flat_adam_steps_as_torch_adam,
                       run_script, tensorboard_events)
 
 COURSE = 3  # the shortest of seeds 0-4 (30 m): the demo lap takes ~230 steps at 1.3 m/s
@@ -131,6 +131,50 @@ def test_the_state_reads_the_goal_in_the_car_frame(env, course):
     for _ in range(5):
         state = env.step(np.array([0.0, 0.0]))[0]["state"]  # straight ahead: velocity along the car's x
     assert state[3] > 0.3 and abs(state[4]) < 0.15 * state[3]  # (the world frame's would be sin 0.3 = 30 %)
+
+
+def test_the_reward_is_the_velocity_toward_the_checkpoint_current_at_the_step_start(env, course):
+    """Driving through checkpoint 1: every reward, the passing step's included, is the displacement
+    toward the checkpoint held when the step began, per second; the state then points at the next."""
+    cp = course.checkpoints
+    d = (cp[1] - cp[0]) / np.linalg.norm(cp[1] - cp[0])
+    x, y = cp[1] - 1.6 * d + 0.5 * np.array([-d[1], d[0]])  # off the line: the two checkpoints' rewards differ
+    place(env, x, y, math.atan2(d[1], d[0]))
+    env.checkpoint, passed = 1, False
+    for _ in range(20):
+        before, held = env.position(), env.checkpoint
+        obs, reward, *_, info = env.step(np.array([0.5, 0.0]))
+        toward = (cp[held] - before) / np.linalg.norm(cp[held] - before)
+        assert info["checkpoint"] == held and not info["crash"]
+        assert reward == pytest.approx(np.dot(env.position() - before, toward) / 0.1, abs=1e-4)
+        if env.checkpoint != held:
+            passed = True
+            break
+    goal = cp[2] - env.position()
+    assert passed and obs["state"][11] == pytest.approx(np.linalg.norm(goal), abs=1e-4)
+
+
+def test_each_frame_is_rendered_after_its_physics_step(env, course):
+    """The newest frame of an observation shows the car where the step (or the backing up) left it."""
+    obs = place(env, course.lx / 2 - 3, 1.0, 0.0)
+    for _ in range(4):
+        last = obs["pixels"]
+        obs = env.step(np.array([1.0, 0.5]))[0]
+        assert np.array_equal(obs["pixels"][-1], env.render_camera())
+        assert np.array_equal(obs["pixels"][:2], last[1:]) and not np.array_equal(obs["pixels"][-1], last[-1])
+    assert np.array_equal(env.recover()["pixels"][-1], env.render_camera())
+
+
+def test_the_clock_counts_backing_up_and_runs_on_through_plain_resets(env):
+    env.reset(seed=0)
+    for _ in range(5):
+        info = env.step(np.zeros(2))[4]
+    assert info["time"] == pytest.approx(0.5)
+    env.recover()  # 1 s backing up: on the clock (the laps and the practice minutes read it)
+    env.reset()  # --no-pseudo-resets: back to the start, the clock runs on
+    assert env.step(np.zeros(2))[4]["time"] == pytest.approx(1.6)
+    env.reset(seed=0)
+    assert env.step(np.zeros(2))[4]["time"] == pytest.approx(0.1)
 
 
 def test_the_action_is_rate_limited_and_clipped(env):
@@ -305,6 +349,31 @@ def test_actor_samples_stay_within_the_rate_limit():
     torch.testing.assert_close(actor.log_prob(z, act)[inside], log_prob[inside], atol=2e-3, rtol=1e-4)
 
 
+def test_actor_squash_is_the_official_output_range_bijector():
+    """a = c + s tanh((u - c) / s), u ~ N(mu, sigma) (the release's TanhTransformedDistribution with
+    low, high), log pi = log N(u) - log(1 - tanh((u - c) / s)^2), by hand with mu, sigma set."""
+    actor = fastrlap.TanhGaussianActor(8, fastrlap.STATE_DIM, 2, tiny_agent_args())
+    z = random_z(4)
+    z[:, -2:] = torch.tensor([[0.3, -0.5], [1.0, -1.0], [0.0, 0.9], [-0.7, 0.1]])
+    c = torch.tensor([[0.3, -0.5], [0.9, -0.9], [0.0, 0.85], [-0.7, 0.1]])
+    s = torch.tensor([[0.2, 0.2], [0.1, 0.1], [0.2, 0.15], [0.2, 0.2]])
+    with torch.no_grad():
+        for layer, bias in ((actor.mu, [0.35, -0.6]), (actor.log_std, [-3.0, -2.5])):
+            layer.weight.zero_()
+            layer.bias.copy_(torch.tensor(bias))
+        torch.manual_seed(1)
+        act, log_prob = actor.sample(z)
+        torch.manual_seed(1)
+        mu, std = torch.tensor([0.35, -0.6]), torch.tensor([-3.0, -2.5]).exp()
+        u = mu + std * torch.randn(4, 2)
+        x = (u - c) / s
+        jacobian = 1 - torch.tanh(x.double()) ** 2  # float64: one entry is far into the tail
+        expected = torch.distributions.Normal(mu, std).log_prob(u) - torch.log(jacobian).float()
+        torch.testing.assert_close(act, c + s * torch.tanh(x))
+        torch.testing.assert_close(log_prob, expected.sum(-1), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(actor(z), c + s * torch.tanh((mu - c) / s))
+
+
 def test_actor_density_integrates_to_one_over_its_range():
     torch.manual_seed(0)
     actor = fastrlap.TanhGaussianActor(8, fastrlap.STATE_DIM, 2, tiny_agent_args())
@@ -405,6 +474,31 @@ def test_crash_target_has_no_bootstrap_and_no_entropy_term():
         next_q = twin.critic_target(next_z, next_act)[subset].min(0).values
         expected = (twin.critic(z, act) - (rew + 0.99 * mask * next_q)).pow(2).mean()
     torch.testing.assert_close(loss, expected)
+
+
+def test_actor_and_temperature_losses_by_hand():
+    """The block's last slice: actor loss alpha log pi(a|z) - mean_k Q_k(z, a) with the online critics
+    just stepped, a ~ pi(.|z); temperature loss alpha (H - target), H = -mean log pi (alpha rises when
+    the entropy is below its target)."""
+    torch.manual_seed(0)
+    agent = make_agent(utd=1, init_temperature=0.5)
+    with torch.no_grad():  # the target critics apart from the online ones
+        for p in agent.critic_target.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    z, act, rew, mask, next_z = batch(16, seed=4)
+    twin = copy.deepcopy(agent)
+    torch.manual_seed(5)
+    out = agent.update(z, act, rew, mask, next_z)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        torch.randn(16, 2), torch.rand(4)  # the critic step's draws: a' ~ pi(.|z'), the subset
+        new_act, log_prob = twin.actor.sample(z)
+        q = agent.critic(z, new_act).mean(0)
+        torch.testing.assert_close(out["losses/actor_loss"], (0.5 * log_prob - q).mean())
+        temp_loss = 0.5 * (-log_prob.mean() + 3.0)
+        torch.testing.assert_close(out["losses/temperature_loss"], temp_loss)
+    alpha = agent.log_alpha.exp().item()
+    assert (alpha > 0.5) == (-log_prob.mean().item() < -3.0) and alpha != 0.5
 
 
 def marked_buffer(value, n=200):
@@ -540,9 +634,13 @@ def test_main_stores_aligned_transitions_and_restarts_after_crash_or_stuck(first
     unless step t crashed or got stuck, then from what recover() returned. m = 0 on a crash only."""
     recorder, args = first_run["recorder"], first_run["args"]
     rows, steps = recorder.online_rows(args.total_timesteps), recorder.practice_steps
+    encoder = fastrlap.load_encoder(os.path.join(args.run_dir, "encoder.pt"), args, torch.device("cpu"))
     assert len(rows) == len(steps) == 60 and recorder.demo_batches == 20  # one demo-half batch per UTD block
     for t, ((z, act, rew, mask, next_z), (obs, reward, applied, info)) in enumerate(zip(rows, steps)):
         np.testing.assert_allclose(next_z[-fastrlap.STATE_DIM:], obs["state"], atol=1e-6)
+        with torch.no_grad():  # and its image features: f of this step's frames, not the previous step's
+            f = encoder(torch.as_tensor(obs["pixels"])[None])[0].numpy()
+        np.testing.assert_allclose(next_z[:-fastrlap.STATE_DIM], f, atol=1e-5)
         np.testing.assert_allclose(act, applied, atol=1e-6)
         assert rew == pytest.approx(reward, abs=1e-5) and mask == (0.0 if info["crash"] else 1.0)
         if t + 1 < len(rows):
@@ -649,6 +747,12 @@ def test_bad_input(tmp_path, overrides, message):
     with pytest.raises(SystemExit, match="fastrlap.py: error: .*" + re.escape(message)):
         fastrlap.main(tiny(tmp_path, **overrides))
     assert not (tmp_path / "run").exists()  # failed before anything was written
+
+
+def test_resume_refuses_files_that_are_not_its_checkpoints(tmp_path):
+    foreign = tmp_path / "revind.pt"
+    torch.save({"script": "revind.py", "step": 10}, foreign)
+    check_resume_refuses_non_checkpoints(fastrlap, tmp_path, lambda path: tiny(tmp_path, resume=path), sibling=foreign)
 
 
 def test_cli_bad_flag_fails_in_one_line(tmp_path):
