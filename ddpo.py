@@ -754,8 +754,8 @@ def save_checkpoint(run_dir: str, args: Args, accelerator, unet, optimizer, trac
     trainable_names = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
     state = {n: p for n, p in unwrapped.state_dict().items() if n in trainable_names}
     path = os.path.join(run_dir, "checkpoint.pt")
-    torch.save({"script": "ddpo.py", "trainable": state, "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "model": args.model, "use_lora": args.use_lora, "history": history,
+    torch.save({"script": "ddpo.py", "trainable": state, "optimizer": optimizer.state_dict(),
+                "epoch": epoch, "model": args.model, "use_lora": args.use_lora, "history": history,
                 "stats": {k: list(v) for k, v in tracker.stats.items()}}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a checkpoint
 
