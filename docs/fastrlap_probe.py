@@ -1,6 +1,6 @@
 """What the frozen encoders see: linear probes of the image features on the target course.
 
-    MUJOCO_GL=egl python docs/fastrlap_probe.py runs/X/encoder.pt [--samples 2000]
+    python docs/fastrlap_probe.py runs/X/encoder.pt [--samples 2000]
 
 The car is put at random poses in the corridor of the target course (at most 0.6 m off the demo
 path, heading within 0.6 rad of it); for each view, the 288 features of the pretrained encoder
@@ -15,9 +15,11 @@ import math
 import os
 import sys
 
-import mujoco
-import numpy as np
-import torch
+if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless, as fastrlap.py (set before the import)
+import mujoco  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastrlap  # noqa: E402

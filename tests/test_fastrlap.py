@@ -177,6 +177,14 @@ def test_the_clock_counts_backing_up_and_runs_on_through_plain_resets(env):
     assert env.step(np.zeros(2))[4]["time"] == pytest.approx(0.1)
 
 
+def test_laps_are_logged_at_the_simulators_clock(tmp_path):
+    """laps.csv's practice minutes are the clock's (steps and backing up), not step x 0.1 s."""
+    run = fastrlap.Run(str(tmp_path / "run"), tiny(tmp_path), torch.device("cpu"))
+    run.env_step(600, 1.0, {"crash": False, "stuck": False, "lap_time": 30.5, "time": 90.0})
+    run.close()
+    assert open(tmp_path / "run" / "laps.csv").read().splitlines()[1] == "600,1.500,30.50,0"
+
+
 def test_the_action_is_rate_limited_and_clipped(env):
     env.reset(seed=0)
     assert np.array_equal(env.prev_action, [-1.0, 0.0])
