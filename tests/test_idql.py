@@ -321,11 +321,12 @@ def test_diffusion_learns_both_modes_in_proportion(two_mode_agent):
     exact = copy.copy(two_mode_agent)
     exact.actor_ema = MixtureOracle([0.6, -0.6], [0.3, 0.7], two_mode_agent.alpha_hats)
     ideal = _regions(exact.sample(torch.randn(4000, 2)).squeeze(-1))
-    assert learned == pytest.approx(ideal, abs=0.08), (learned, ideal)  # seeds 0-3: within 0.04
+    assert learned == pytest.approx(ideal, abs=0.08), (learned, ideal)  # seeds 0-4: within 0.04
     good, bad, gap = learned
-    # the data's 30 / 70 split, as the exact denoiser gives it through this sampler (0.27)
+    # the data's 30 / 70 split, as the exact denoiser gives it through this sampler (0.27; seeds 0-4:
+    # 0.24-0.29)
     assert good / (good + bad) == pytest.approx(ideal[0] / (ideal[0] + ideal[1]), abs=0.07)
-    # bimodal: more density at the rare mode than in the gap (seeds 0-3: 0.18-0.21 vs 0.11-0.12);
+    # bimodal: more density at the rare mode than in the gap (seeds 0-4: 0.18-0.21 vs 0.11-0.12);
     # a Gaussian fit, N(-0.24, 0.55^2), has 0.09 near +0.6 and 0.27 in the gap
     assert good > gap
 
