@@ -115,8 +115,10 @@ def test_rl_directions_on_the_parameters(method):
 def test_supervised_per_parameter_methods_use_the_shared_parameters_gradients(method):
     """With heads and z (supervised), PCGrad and CAGrad still act on dL_t/dtheta_sh (not at z), on the sum's
     scale: PCGrad's sum of projected gradients, CAGrad's direction times T (CAGrad's code, "to match the sum")."""
-    shared, heads, z, losses = tiny_problem(T=2)
+    shared, heads, z, losses = tiny_problem(T=2, seed=6)
     G = torch.stack([torch.cat([g.flatten() for g in grads(losses[t], shared)]) for t in range(2)])
+    Gz = torch.stack([grads(losses[t], [z])[0].flatten() for t in range(2)])
+    assert G[0] @ G[1] < 0 < Gz[0] @ Gz[1]  # PCGrad projects here on the parameters, not at z
     d = mtl.pcgrad(G, torch.tensor([[0, 1], [1, 0]])) if method == "pcgrad" else 2 * mtl.cagrad(G, 0.4)
     mtl.mtl_backward(method, losses, shared, heads, z, {}, 0.4)
     torch.testing.assert_close(torch.cat([p.grad.flatten() for p in shared]), d)
@@ -410,9 +412,10 @@ def test_cheetah_replay_holds_aligned_transitions(tmp_path):
 
 
 def test_multi_digits_unitary_learns(tmp_path):
-    """Chance is 10% per digit; measured 0.56 mean test accuracy (1 thread, seed 1) after 4 epochs."""
+    """Chance is 10% per digit; after 4 epochs seeds 1-8 measured 0.43-0.66 mean test accuracy (1 thread;
+    0.59 and 0.57 on 2 threads, seeds 1-2), no task below 0.38: thresholds far below any of them."""
     results = mtl.main(args(tmp_path, epochs=4, digits_pairs=(2000, 300, 300), batch_size=64))
-    assert results["test/accuracy"] > 0.35, results["test/accuracy"]
+    assert results["test/accuracy"] > 0.3, results["test/accuracy"]
     assert min(results["test/accuracy_task_0"], results["test/accuracy_task_1"]) > 0.2
 
 
