@@ -383,12 +383,14 @@ def test_cuda_graph_run_does_the_updates_of_a_cpu_run_and_resumes_across_devices
 
 # ----------------------------------------------------------------------------- learning
 def test_solves_pendulum(tmp_path):
-    """DroQ-style SAC at UTD 10 balances Pendulum-v1 (mean return > -250) within 1,500 steps (-110 measured)."""
-    args = sac_20min.Args(env="Pendulum-v1", total_timesteps=1500, learning_starts=500, utd_ratio=10, hidden_dim=64,
-                          eval_interval=0, eval_episodes=10, log_interval=500, seed=0, device="cpu",
-                          run_dir=str(tmp_path / "run"))
+    """DroQ-style SAC at UTD 10 balances Pendulum-v1 within 2,500 steps: the mean of 20 episodes is
+    above -300 (untrained: about -1,450). Seeds 0-7 give -120 to -168 (docs/sac_20min.md); at
+    1,500 steps one of the 8 was still at -682, so a shorter run is not a promise on another CPU."""
+    args = sac_20min.Args(env="Pendulum-v1", total_timesteps=2500, learning_starts=500,
+                          utd_ratio=10, hidden_dim=64, eval_interval=0, eval_episodes=20,
+                          log_interval=500, seed=0, device="cpu", run_dir=str(tmp_path / "run"))
     results = sac_20min.main(args)
-    assert results["eval/return"] > -250, results["evaluations"]
+    assert results["eval/return"] > -300, results["evaluations"]
 
 
 # ----------------------------------------------------------------------------- bad input
