@@ -20,7 +20,7 @@ of the data's observations weighted by the learned value:
             cost the step count V(o_i, g_ij) implies, n = log(1 + (1 - gamma) V) / log gamma
             (r = -1 per step gives V = -(1 - gamma^n) / (1 - gamma)), at least 1 (V <= -1),
             pruned above max_edge_cost;
-            Dijkstra to the goal's node; every step the robot joins the graph through edges
+            Dijkstra to the goal's node; every 4 steps the robot joins the graph through edges
             from its current image (weighted the same way), and the policy drives to the next node
             on the shortest path.
 

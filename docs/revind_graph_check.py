@@ -6,7 +6,8 @@ Per run, the graph is built as the evaluation builds it and compared with the wo
 - pruning: of the candidate edges whose straight segment crosses a wall, the share the value prunes
   (cost above --max-edge-cost), against the share of free edges it prunes;
 - calibration: the median cost per metre of free edges and of edges through walls (a robot covers
-  about 0.375 m per step of the data, so about 2.7 steps per metre, 0.7 on grass with the grass reward);
+  about 0.27 m per step of the data, so about 3.7 steps per metre of driving, 0.9 on grass with the
+  grass reward; more per metre of straight line where the data's way there winds);
 - the fork: from the node nearest the bottom band's middle (20, 4) to the node nearest wall B's gap
   (20, 28), the cheapest route crossing wall A near its near gap (x 7-14.5; shaded dirt beyond) and
   near its far gap (x 29-36.5; sunny grass), with the value's costs and with metres."""

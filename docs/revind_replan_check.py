@@ -3,9 +3,9 @@
     python docs/revind_replan_check.py RUN_DIR [RUN_DIR ...]
 
 On 20 far-goal tasks (a fresh set, not the run's own evaluation) per run:
-- floor edges: the share of the graph's edges whose value V >= 0 (an over-estimate: no reward here is
-  positive) puts them at build_graph's minimum cost; the planned route's cost to go from the start and
-  its length in metres, and the share of its edges at that floor;
+- floor edges: the share of the graph's edges whose value V >= -1 (more than one step's reward can
+  give) puts them at value_to_steps' minimum cost, one step; the planned route's cost to go from the
+  start and its length in metres, and the share of its edges at that floor;
 - replans: entry-node flips (the robot enters the graph at the node it left two replans before) and
   reversals (the entry node's cost to go rises by more than half a step), per replan;
 - walls: the share of replans whose subgoal lies behind a wall (the straight segment crosses one), over
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import revind  # noqa: E402
 from revind_graph_check import load_run  # noqa: E402  (docs/, this script's folder)
 
-FLOOR = 1e-3 + 1e-9  # build_graph's minimum edge cost
+FLOOR = 1.0 + 1e-9  # value_to_steps' minimum edge cost: one step
 print("| run | user reward | floor edges | planned route: cost / metres / floor edges | success | flips, reversals "
       "per replan | subgoal behind a wall: successes / failures' last 10 replans |")
 print("|---|---|---|---|---|---|---|")

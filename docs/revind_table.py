@@ -1,7 +1,8 @@
 """The results table of docs/revind.md from run folders: python docs/revind_table.py runs/revind_study
 
 Each run folder's evaluations.csv (its last evaluation) is grouped by the run's user reward and actor
-(from args.json); per variant: mean +- std over seeds of success, collisions, path length, grass, sun."""
+(from args.json); per variant: mean +- sample std (ddof 1) over seeds of success, collisions, and, over
+the successful episodes, path length and the shares of steps on grass and in sun."""
 import csv
 import json
 import os
@@ -23,7 +24,8 @@ for name in sorted(os.listdir(root)):
         if int(r["step"]) == last:
             groups[(args["user_reward"], args["actor"], last)][r["variant"]].append(r)
 
-print("| user reward | actor | steps | variant | seeds | success | collisions | length (m) | on grass | in sun |")
+print("| user reward | actor | steps | variant | seeds | success | collisions | length (m), successes "
+      "| on grass, successes | in sun, successes |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for (reward, actor, step), variants in groups.items():
     for variant, rows in variants.items():
@@ -32,6 +34,7 @@ for (reward, actor, step), variants in groups.items():
             v = v[np.isfinite(v)]
             if not len(v):
                 return "-"
-            return f"{100 * v.mean():.0f} +- {100 * v.std():.0f}%" if pct else f"{v.mean():.1f} +- {v.std():.1f}"
+            sd = v.std(ddof=1) if len(v) > 1 else float("nan")
+            return f"{100 * v.mean():.0f} +- {100 * sd:.0f}%" if pct else f"{v.mean():.1f} +- {sd:.1f}"
         print(f"| {reward} | {actor} | {step} | {variant} | {len(rows)} | {stat('success')} | {stat('collision')} | "
               f"{stat('length', False)} | {stat('grass')} | {stat('sun')} |")
