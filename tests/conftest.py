@@ -374,6 +374,52 @@ def check_resume_refuses_non_checkpoints(module, tmp_path, args_for, sibling=Non
 
 
 # ----------------------------------------------------------------------------- online scripts (sac_20min, rlpd)
+def check_actor_and_temperature_steps_by_hand(agent, batch, critic_step_draws=lambda: None):
+    """On the last slice, after the G = 2 critic steps of a 2 x 16 block: L_pi = E[alpha log pi(a~|s)
+    - mean_k Q_k(s, a~)] with the updated online critics (not their min, not the target), L_alpha =
+    alpha (H - H_target), H_target = -|A| / 2 = -0.5; each takes Adam's first step, -lr g / (|g| + eps).
+    agent: 3-d states, 1-d actions, alpha 0.5, lr 3e-4; critic_step_draws: the block's own random
+    draws per critic step after a' ~ pi(.|s') (rlpd's target subset)."""
+    with torch.no_grad():
+        for p in agent.critic_target.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # the target differs from the online critics
+    obs, act, rew, mask, next_obs = batch
+    twin = copy.deepcopy(agent)
+    torch.manual_seed(5)
+    out = agent.update(obs, act, rew, mask, next_obs)
+    torch.manual_seed(5)  # the block's draws in order: per critic step, then a~ ~ pi(.|s)
+    for g in range(2):
+        twin.actor.sample(next_obs[16 * g:16 * (g + 1)]), critic_step_draws()
+    new_act, log_prob = twin.actor.sample(obs[16:])
+    actor_loss = (0.5 * log_prob - agent.critic(obs[16:], new_act).mean(0)).mean()
+    temp_loss = 0.5 * (-log_prob.mean().item() + 0.5)
+    torch.testing.assert_close(out["losses/actor_loss"], actor_loss.detach())
+    assert out["losses/temperature_loss"].item() == pytest.approx(temp_loss, rel=1e-5)
+    grads = torch.autograd.grad(actor_loss, list(twin.actor.parameters()))
+    for p, q, g in zip(agent.actor.parameters(), twin.actor.parameters(), grads):
+        torch.testing.assert_close(p, q - 3e-4 * g / (g.abs() + 1e-8), rtol=0, atol=1e-7)
+    step = 3e-4 * math.copysign(1, temp_loss)  # d L_alpha / d log alpha = L_alpha
+    assert agent.log_alpha.item() == pytest.approx(math.log(0.5) - step, abs=1e-7)
+    assert agent.target_entropy == -0.5
+
+
+def check_each_critic_step_reads_its_own_slice(agent):
+    """Critic step g of a G = 3 block backs up (r, s') of slice g and fits Q(s, a) on the same rows;
+    the actor reads the last slice (agent: 3-d states, 1-d actions)."""
+    rows = torch.arange(24.0)  # row i: s = i, r = i, s' = -i
+    seen, target_value = [], agent.critic_target_value
+
+    def recording_target_value(r, m, s):
+        seen.append(("y", r.tolist(), (-s[:, 0]).tolist()))
+        return target_value(r, m, s)
+    agent.critic_target_value = recording_target_value
+    agent.critic.register_forward_pre_hook(lambda _, x: seen.append(("Q", x[0][:, 0].tolist())))
+    states = rows[:, None].repeat(1, 3)
+    agent.update(states, torch.zeros(24, 1), rows, torch.ones(24), -states)
+    slices = [rows[8 * g:8 * g + 8].tolist() for g in range(3)]
+    assert seen == [x for s in slices for x in (("y", s, s), ("Q", s))] + [("Q", slices[2])]
+
+
 def check_polyak_after_every_critic_step(agent, batches, tau=0.005):
     """Qtarget <- (1 - tau) Qtarget + tau Q after each of the G critic steps, and never recorded by autograd."""
     with torch.no_grad():

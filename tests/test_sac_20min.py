@@ -17,7 +17,9 @@ import rlpd
 import sac_20min
 from conftest import (assert_finite_losses, assert_same_training_state, check_full_replay_resumes_in_order,
                       check_resume_refuses_non_checkpoints,
-                      check_polyak_after_every_critic_step, check_replay_masks_termination_not_truncation, checkpoint,
+                      check_actor_and_temperature_steps_by_hand,
+                      check_each_critic_step_reads_its_own_slice, check_polyak_after_every_critic_step,
+                      check_replay_masks_termination_not_truncation, checkpoint,
                       compiled_matches_eager, flat_adam_steps_as_torch_adam, run_script, tensorboard_events)  # (conftest registers Wiring-v0)
 
 TINY = dict(env="Pendulum-v1", total_timesteps=300, learning_starts=100, utd_ratio=2, batch_size=32, hidden_dim=32,
@@ -204,49 +206,13 @@ def test_polyak_step_after_every_critic_step():
 
 
 def test_actor_and_temperature_steps_by_hand():
-    """On the last slice, after the G critic steps: L_pi = E[alpha log pi(a~|s) - mean_k Q_k(s, a~)]
-    with the updated online critics (not their min, not the target), L_alpha = alpha (H - H_target),
-    H_target = -|A| / 2 = -0.5; each takes Adam's first step, -lr g / (|g| + eps)."""
     torch.manual_seed(0)
     agent = make_agent(utd=2, critic_dropout=0.0, init_temperature=0.5)
-    with torch.no_grad():
-        for p in agent.critic_target.parameters():
-            p.add_(0.3 * torch.randn_like(p))  # the target differs from the online critics
-    obs, act, rew, mask, next_obs = batch(2 * 16)
-    twin = copy.deepcopy(agent)
-    torch.manual_seed(5)
-    out = agent.update(obs, act, rew, mask, next_obs)
-    torch.manual_seed(5)  # the block's draws in order: a' ~ pi(.|s') per critic step, then a~
-    for g in range(2):
-        twin.actor.sample(next_obs[16 * g:16 * (g + 1)])
-    new_act, log_prob = twin.actor.sample(obs[16:])
-    actor_loss = (0.5 * log_prob - agent.critic(obs[16:], new_act).mean(0)).mean()
-    temp_loss = 0.5 * (-log_prob.mean().item() + 0.5)
-    torch.testing.assert_close(out["losses/actor_loss"], actor_loss.detach())
-    assert out["losses/temperature_loss"].item() == pytest.approx(temp_loss, rel=1e-5)
-    grads = torch.autograd.grad(actor_loss, list(twin.actor.parameters()))
-    for p, q, g in zip(agent.actor.parameters(), twin.actor.parameters(), grads):
-        torch.testing.assert_close(p, q - 3e-4 * g / (g.abs() + 1e-8), rtol=0, atol=1e-7)
-    step = 3e-4 * math.copysign(1, temp_loss)  # d L_alpha / d log alpha = L_alpha
-    assert agent.log_alpha.item() == pytest.approx(math.log(0.5) - step, abs=1e-7)
-    assert agent.target_entropy == -0.5
+    check_actor_and_temperature_steps_by_hand(agent, batch(2 * 16))
 
 
 def test_each_critic_step_reads_its_own_slice():
-    """Critic step g backs up (r, s') of slice g and fits Q(s, a) on the same rows; the actor reads
-    the last slice."""
-    agent, rows = make_agent(utd=3), torch.arange(24.0)  # row i: s = i, r = i, s' = -i
-    seen, target_value = [], agent.critic_target_value
-
-    def recording_target_value(r, m, s):
-        seen.append(("y", r.tolist(), (-s[:, 0]).tolist()))
-        return target_value(r, m, s)
-    agent.critic_target_value = recording_target_value
-    agent.critic.register_forward_pre_hook(lambda _, x: seen.append(("Q", x[0][:, 0].tolist())))
-    states = rows[:, None].repeat(1, 3)
-    agent.update(states, torch.zeros(24, 1), rows, torch.ones(24), -states)
-    slices = [rows[8 * g:8 * g + 8].tolist() for g in range(3)]
-    assert seen == [x for s in slices for x in (("y", s, s), ("Q", s))] + [("Q", slices[2])]
+    check_each_critic_step_reads_its_own_slice(make_agent(utd=3))
 
 
 def test_dropout_is_on_in_every_critic_evaluation_of_the_update(monkeypatch):
