@@ -649,7 +649,8 @@ def normalize_rewards(rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
     starts = np.concatenate([[0], np.flatnonzero(ends[:-1]) + 1])
     returns = np.add.reduceat(rewards, starts)
     if returns.max() - returns.min() < 1e-8:
-        fail("reward normalization needs trajectories with different returns; pass --no-normalize-rewards")
+        fail("reward normalization needs trajectories with different returns; "
+             "pass --normalize-rewards False")
     return rewards * (1000.0 / (returns.max() - returns.min()))
 
 
