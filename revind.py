@@ -838,13 +838,10 @@ def summarize(episodes: list) -> dict:
 
 
 def plot_routes(world: World, episodes: dict, graph: dict, path: str, title: str):
-    """The map with each variant's routes (matplotlib, if installed)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    """The map with each variant's routes (matplotlib)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(episodes), figsize=(4.2 * len(episodes), 4.4))
     colours = plt.cm.tab10(np.arange(10))
     for ax, (variant, eps) in zip(np.atleast_1d(axes), episodes.items()):
@@ -1009,6 +1006,8 @@ class Logger:
             f.write("step,variant,success,collision,length,grass,sun\n")
             f.writelines(f"{s},{v},{a:.3f},{b:.3f},{c:.2f},{d:.3f},{e:.3f}\n" for s, v, a, b, c, d, e in evals)
         metrics["graph/nodes"], metrics["graph/edges"] = len(graph["nodes"]), len(graph["src"])
+        self.writer.add_scalar("graph/nodes", metrics["graph/nodes"], step)
+        self.writer.add_scalar("graph/edges", metrics["graph/edges"], step)
         plot_routes(world, episodes, graph, os.path.join(self.run_dir, f"routes_{step}.png"),
                     f"user reward: {self.args.user_reward}, actor: {self.args.actor}, step {step}")
         return metrics

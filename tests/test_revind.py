@@ -408,6 +408,7 @@ def test_main_trains_evaluates_and_writes_outputs(tmp_path, data_dir):
     assert rows[0] == "step,variant,success,collision,length,grass,sun" and len(rows) == 1 + 2 * 3
     assert {r.split(",")[1] for r in rows[1:]} == set(revind.VARIANTS)
     assert out["graph/nodes"] > 10 and out["graph/edges"] > 0
+    assert sorted(p.name for p in run.glob("routes_*.png")) == ["routes_100.png", "routes_200.png"]
     for v in revind.VARIANTS:
         assert 0 <= out[f"eval/{v}/success"] <= 1
     # --eval-only: the checkpoint evaluated again, in a new folder, with no update
