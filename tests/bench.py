@@ -55,7 +55,7 @@ def speedup(fn, mode, capture):
 def iql_step(device, mode):
     """iql.py: one IQL update (V, actor, twin Q, Polyak), batch 256, Hopper sizes."""
     import iql
-    agent = iql.IQL(11, 3, iql.Args(), expectile=0.7, beta=3.0, dropout=None, device=device)
+    agent = iql.IQL(11, 3, iql.with_family_defaults(iql.Args()), device)
     return speedup(sampled_update(agent, iql.Args.batch_size, device), mode, iql.cuda_graph), 1, "updates"
 
 
@@ -226,7 +226,7 @@ SCRIPTS = {"iql": iql_step, "idql": idql_step, "idql-select": idql_select,
 def use_fused_adam():
     """Every script's FlatAdam with fused=True (for --fused-adam)."""
     import importlib
-    for name in ("iql", "idql", "rlpd", "sac_20min", "fastrlap"):
+    for name in ("idql", "rlpd", "sac_20min", "fastrlap"):  # (iql.py's Adam is torch's fused one)
         flat_adam = importlib.import_module(name).FlatAdam
         flat_adam.__init__ = lambda self, params, _init=flat_adam.__init__, **kw: _init(self, params, fused=True, **kw)
 

@@ -65,15 +65,21 @@ def check_minari_hopper_main(module, minari_root, tmp_path, monkeypatch, **overr
     assert score == pytest.approx(100 * (ret + 10) / 1000)  # the dataset's (-10, 990), not d4rl's hopper refs
 
 
+def dataset_of(module, args):
+    """module.load_dataset on the CPU, without an env (iql.py fills Args; idql.py resolves a dict beside it)."""
+    if hasattr(module, "resolve_args"):
+        return module.load_dataset(args, module.resolve_args(args), None, torch.device("cpu"))
+    return module.load_dataset(module.with_family_defaults(args), None, torch.device("cpu"))
+
+
 def check_minari_loads_as_d4rl(module, minari_root, tmp_path, monkeypatch):
     """The same episodes from Minari and from a D4RL file load as the same tensors; the s' of a truncated
     last step is its episode's final observation; masks are 0 at terminations only."""
     monkeypatch.setenv("MINARI_DATASETS_PATH", minari_root["root"])
     buffers, cpu = minari_root["hopper"], torch.device("cpu")
     path = datasets.minari_episodes_as_d4rl(str(tmp_path / "same.hdf5"), buffers)
-    hp = dict(family="locomotion", normalize_rewards=False)
-    from_minari = module.load_dataset(tiny_args(module, tmp_path, env="test/hopper/tiny-v0"), hp, None, cpu)
-    from_file = module.load_dataset(tiny_args(module, tmp_path, env="hopper-x-v2", dataset=path), hp, None, cpu)
+    from_minari = dataset_of(module, tiny_args(module, tmp_path, env="test/hopper/tiny-v0", normalize_rewards=False))
+    from_file = dataset_of(module, tiny_args(module, tmp_path, env="hopper-x-v2", dataset=path, normalize_rewards=False))
     for k in module.BATCH_KEYS:
         assert torch.equal(from_minari[k], from_file[k]), k
     ends = np.cumsum([len(b.rewards) for b in buffers]) - 1
@@ -97,7 +103,7 @@ def check_minari_antmaze_main(module, minari_root, tmp_path, monkeypatch, **over
     saved = json.load(open(os.path.join(args.run_dir, "args.json")))
     assert saved["resolved"]["ref_scores"] == [0.0, 1.0]
     if hasattr(module, "load_dataset"):  # the offline scripts' dataset (rlpd.py's prior data: its own test)
-        data = module.load_dataset(args, module.resolve_args(args), None, torch.device("cpu"))
+        data = dataset_of(module, args)
         assert data["observations"].shape == (200, 31) and (data["rewards"] == -1).all() and (data["masks"] == 1).all()
     return {**saved, **saved["resolved"]}
 

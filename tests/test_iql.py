@@ -15,7 +15,7 @@ import iql
 from conftest import (assert_finite_losses, check_antmaze_eval_env, check_kitchen_trains_without_evaluation,
                       check_main_feeds_update_aligned_transitions, check_minari_antmaze_main, check_minari_errors,
                       check_minari_hopper_main, check_minari_loads_as_d4rl, check_resume_equals_the_uninterrupted_run,
-                      check_resume_refuses_non_checkpoints, compiled_matches_eager, flat_adam_steps_as_torch_adam, graph_replays_match_eager_steps,
+                      check_resume_refuses_non_checkpoints, compiled_matches_eager, graph_replays_match_eager_steps,
                       random_batch, run_script, tensorboard_events, tiny_args)
 
 
@@ -60,8 +60,8 @@ def test_resume_keeps_the_lr_schedule_linked(hopper_files, tmp_path):
                      max_steps=20, eval_interval=0, eval_episodes=0)
     iql.main(args)
     state = torch.load(os.path.join(args.run_dir, "checkpoint.pt"), weights_only=False)
-    agent = iql.IQL(11, 3, args, expectile=0.7, beta=3.0, dropout=None, device=torch.device("cpu"))
-    iql.load_checkpoint(agent, state, torch.device("cpu"))
+    agent = iql.IQL(11, 3, iql.with_family_defaults(args), torch.device("cpu"))
+    iql.restore(agent, state, torch.device("cpu"))
     assert agent.actor_opt.param_groups[0]["lr"] is agent.actor_lr  # the schedule writes into Adam's lr
     assert agent.actor_lr.item() == state["actor_opt"]["param_groups"][0]["lr"].item()
 
@@ -187,7 +187,7 @@ def test_minari_errors(tmp_path, monkeypatch):
 def test_one_update_is_wired_as_the_paper():
     torch.manual_seed(0)
     args = iql.Args(hidden_dim=32, tau=0.1, lr_decay_steps=100)
-    agent = iql.IQL(11, 3, args, expectile=0.7, beta=3.0, dropout=None, device=torch.device("cpu"))
+    agent = iql.IQL(11, 3, iql.with_family_defaults(args), torch.device("cpu"))
     with torch.no_grad():  # the online Q moves away from the target Q, as after some training
         for p in agent.critic.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -223,13 +223,9 @@ def test_one_update_is_wired_as_the_paper():
     assert out["values/actor_lr"].item() == pytest.approx(lr, rel=1e-6)
 
 
-def test_flat_adam_steps_as_torch_adam():
-    flat_adam_steps_as_torch_adam(iql)
-
-
 def test_target_updates_record_no_autograd():
     """A Polyak step recorded by autograd chains every target tensor to all past steps (memory grows)."""
-    agent = iql.IQL(11, 3, iql.Args(hidden_dim=32), expectile=0.7, beta=3.0, dropout=None, device=torch.device("cpu"))
+    agent = iql.IQL(11, 3, iql.with_family_defaults(iql.Args(hidden_dim=32)), torch.device("cpu"))
     for _ in range(3):
         agent.update(*random_batch())
     assert all(p.grad_fn is None for p in agent.critic_target.parameters())
@@ -300,8 +296,8 @@ def _train_toy(beta, expectile, steps, seed=0):
     obs = torch.randn(n, 2)
     act = torch.where(good, 0.8, -0.5)[:, None]
     rew, mask = good.float(), torch.zeros(n)  # every step ends the episode: Q(s, a) = r
-    args = iql.Args(hidden_dim=64, lr_decay_steps=steps)
-    agent = iql.IQL(2, 1, args, expectile=expectile, beta=beta, dropout=None, device=torch.device("cpu"))
+    args = iql.Args(hidden_dim=64, lr_decay_steps=steps, expectile=expectile, beta=beta)
+    agent = iql.IQL(2, 1, args, torch.device("cpu"))
     for _ in range(steps):
         i = torch.randint(0, n, (256,))
         agent.update(obs[i], act[i], rew[i], mask[i], obs[i])
@@ -420,14 +416,14 @@ def test_compiled_update_matches_eager():
     g = torch.Generator().manual_seed(1)
     batch = [torch.randn(64, 11, generator=g), torch.rand(64, 3, generator=g) * 2 - 1, torch.randn(64, generator=g),
              torch.ones(64), torch.randn(64, 11, generator=g)]
-    compiled_matches_eager(lambda: iql.IQL(11, 3, iql.Args(hidden_dim=32), expectile=0.7, beta=3.0, dropout=None, device=torch.device("cpu")), batch)
+    compiled_matches_eager(lambda: iql.IQL(11, 3, iql.with_family_defaults(iql.Args(hidden_dim=32)), torch.device("cpu")), batch)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replays_equal_eager_steps():
     torch.manual_seed(0)
     args = iql.Args(lr_decay_steps=6)  # the lr changes at every step and reaches 0 within the test
-    agent = iql.IQL(11, 3, args, expectile=0.7, beta=3.0, dropout=None, device=torch.device("cuda"))
+    agent = iql.IQL(11, 3, iql.with_family_defaults(args), torch.device("cuda"))
     graph_replays_match_eager_steps(iql, agent, batch_size=256)
 
 
