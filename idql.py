@@ -1,60 +1,35 @@
-"""Implicit Diffusion Q-Learning (IDQL): an IQL critic plus a diffusion behaviour policy,
-with the critic choosing among the diffusion model's samples.
+"""Implicit Diffusion Q-Learning (IDQL): IQL's critic choosing among a diffusion policy's samples.
 
-Paper: Hansen-Estruch, Kostrikov, Janner, Kuba, Levine, "IDQL: Implicit Q-Learning as an
-Actor-Critic Method with Diffusion Policies", 2023, arXiv:2304.10573. Official code (JAX):
-philippe-eecs/IDQL, learner `ddpm_iql_simple`.
+Hansen-Estruch, Kostrikov, Janner, Kuba, Levine, "IDQL: Implicit Q-Learning as an Actor-Critic
+Method with Diffusion Policies", 2023, arXiv:2304.10573; official code (JAX): philippe-eecs/IDQL,
+learner ddpm_iql_simple. IQL's implicit policy is pi(a|s) ~ mu(a|s) w(s, a): IDQL fits mu with a
+DDPM and lets the critic choose among mu's samples. One gradient step, in the official order, on a
+batch (s, a, r, s', m), m = 1 - terminal; then how it acts:
 
-IQL's critic is an actor-critic whose implicit policy is pi(a|s) ~ mu(a|s) w(s, a), with mu the
-behaviour policy and w set by the critic's loss. IDQL fits mu with a diffusion model and draws
-from pi by resampling mu's samples. One gradient step, in the official order, on a batch
-(s, a, r, s', m):
-
-    mu:  L_mu = E_{t ~ U{0..T-1}, eps ~ N(0, I)} || eps - eps_theta(sqrt(ah_t) a + sqrt(1 - ah_t) eps, s, t) ||^2
-         (DDPM noise prediction, T = 5, VP schedule), then EMA: theta' <- (1 - 0.001) theta' + 0.001 theta
-    V:   L_V  = E[ L_tau( min_k Qtarget_k(s, a) - V(s) ) ],  L_tau = expectile |tau - 1(u<0)| u^2
-         (or quantile |tau - 1(u<0)| |u|)
-    Q:   L_Q  = E[ mean_k (Q_k(s, a) - (r + gamma m V(s')))^2 ],  then Polyak on Q
-    act: draw N = 64 actions a_i ~ mu_theta'(.|s) by DDPM (clipped to [-1, 1] every step);
-         'argmax': a = argmax_i min_k Qtarget_k(s, a_i)                        (the official code)
-         'implicit': a ~ Categorical(w(s, a_i)), w = |tau - 1(A < 0)| (expectile) or
-                     |tau - 1(A < 0)| / |A| (quantile), A = min_k Qtarget_k(s, a_i) - V(s)   (the paper)
+    mu:  L_mu = E_{t ~ U{0..T-1}, eps ~ N(0, I)} || eps - eps_th(a_t, s, t) ||^2,  T = 5 (VP),
+         a_t = sqrt(ah_t) a + sqrt(1 - ah_t) eps;  EMA of the sampler: th' <- 0.999 th' + 0.001 th
+    V:   L_V  = E[ L_tau(min_k Qtarget_k(s, a) - V(s)) ],  L_tau(u) = |tau - 1(u < 0)| u^2 (or |u|)
+    Q:   L_Q  = E[ mean_k (Q_k(s, a) - (r + gamma m V(s')))^2 ]  (the new V), then Polyak on Q
+    act: a_1..a_N ~ mu_th'(.|s) by DDPM (N = 64, clipped to [-1, 1] at every step), then
+         argmax_i min_k Qtarget_k(s, a_i), or (--selection implicit) a_i drawn with weight
+         |tau - 1(A_i < 0)| (/ |A_i| for the quantile loss), A_i = min_k Qtarget_k(s, a_i) - V(s)
 
 Usage:
-    python idql.py --env hopper-medium-v2                 # downloads the D4RL file, 3M steps
-    python idql.py --env hopper-medium-v2 --dataset hopper-medium-local.hdf5 --num-samples 256
-    python idql.py --env D4RL/antmaze/umaze-v1            # D4RL's data from Minari, evaluated in AntMaze
-    python idql.py --env Pendulum-v1 --dataset my_pendulum.hdf5 --selection implicit
-    python idql.py --env hopper-medium-v2 --resume runs/X/checkpoint.pt --eval-only --num-samples 256  # N sweep
+    python idql.py --env hopper-medium-v2                   # downloads the D4RL file, 3M steps
+    python idql.py --env hopper-medium-v2 --dataset hopper-medium-local.hdf5 --selection implicit
+    python idql.py --env D4RL/antmaze/umaze-v1              # a Minari id, evaluated in its env
+    python idql.py --env hopper-medium-v2 --resume runs/X/checkpoint.pt --eval-only --num-samples 16
 
-The file reads top to bottom: Args, the networks, the method (losses, the update, the sampler
-and the selection), main() (the training loop); the plumbing (D4RL data, envs, evaluation,
-checkpoints, logging, the CUDA-graph helper) comes last. `diff iql.py idql.py` shows what
-IDQL changes.
-
-Differences from the official code:
-- PyTorch; the twin Q is one batched module (stacked weights, bmm). The data layer (D4RL files
-  and Minari ids), the Gymnasium evaluation envs and the bad-input checks are iql.py's (see its
-  docstring): ant-*-v2 evaluates in Ant-v4 with observation dims 27: zeroed and no contact cost, as
-  D4RL's ant files were recorded; Minari datasets evaluate in the env they record, AntMaze as D4RL
-  did (the episode ends at the goal, Minari's turned umaze eval maze turned back).
-- Adam steps each network as one flat tensor (FlatAdam): torch's Adam bit for bit, in fewer kernels.
-- The diffusion model's cosine lr decay runs over a fixed 3M steps (`--lr-decay-steps`), as the
-  official code (decay_steps=int(3e6) in its launcher, whatever max_steps is); iql.py's official
-  code decays over max_steps instead.
+Data, environments and checks are iql.py's (see its docstring). Differences from the official code:
+- PyTorch; the twin Q is one batched module (stacked weights, bmm).
+- Kept: mu's cosine lr decay runs over a fixed 3M steps (--lr-decay-steps), whatever --max-steps.
 - Trains on the whole dataset; the official launcher holds out a random 5% it never uses.
-- Evaluation episodes run side by side as one batch (one sampler call per env step).
-- The official launcher crashes (it reads variant['T'] and variant['beta_schedule'], which live
-  only in rl_config) and re-draws every seed at random; here seeds are used as given.
-- 'implicit' selection follows the paper; the official code only takes the argmax (its older
-  weighted sampler, no longer called, had sign bugs in the quantile and exponential weights).
-- Only the VP beta schedule of the official code is offered (it is the one the paper uses).
-- `--cuda-graph`: the update's first 3 calls run eagerly (warm-up), the 4th is captured and
-  every later one replays it; each counts as one step, so CPU and GPU runs take the same updates.
-  The selection graph is warmed up and captured under a forked RNG, as evaluation runs.
+- Seeds are used as given: the official launcher re-draws them (and crashes on variant['T']).
+- --selection implicit is the paper's rule; the official code only takes the argmax.
+- Evaluation episodes run side by side (one batched selection per env step) from a forked RNG.
+- --cuda-graph: the first 3 updates run eagerly, the 4th is captured; each counts as one step.
 """
 
-import contextlib
 import json
 import math
 import os
@@ -66,7 +41,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
 
 import gymnasium as gym
@@ -84,8 +59,8 @@ class Args:
     exp_name: str = "idql"
     """name of this experiment (part of the run folder's name)"""
     env: str = "hopper-medium-v2"
-    """a D4RL dataset name (hopper-medium-v2, antmaze-umaze-v2, ...) or a Minari dataset id (mujoco/hopper/medium-v0,
-    D4RL/antmaze/umaze-v1, ...); with --dataset also any Gymnasium id"""
+    """a D4RL name (hopper-medium-v2), a Minari id (D4RL/antmaze/umaze-v1) or, with --dataset,
+    any Gymnasium id"""
     dataset: Optional[str] = None
     """path of a local D4RL-format .hdf5; skips the download"""
     seed: int = 42
@@ -103,7 +78,7 @@ class Args:
     expectile: Optional[float] = None
     """tau of the critic's loss (default: 0.7, antmaze 0.9)"""
     critic_objective: Literal["expectile", "quantile"] = "expectile"
-    """V's loss: expectile |tau - 1(u<0)| u^2 (official) or quantile |tau - 1(u<0)| |u| (paper's variant)"""
+    """V's loss: expectile |tau - 1(u<0)| u^2 (official) or quantile |tau - 1(u<0)| |u| (paper)"""
     normalize_rewards: Optional[bool] = None
     """scale rewards by 1000 / (max - min trajectory return) (default: on for locomotion)"""
     num_samples: int = 64
@@ -143,7 +118,7 @@ class Args:
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'"""
     cuda_graph: bool = True
-    """capture the update and the N-sample action selection as CUDA graphs (only on a CUDA device)"""
+    """capture the update and the N-sample selection as CUDA graphs (only on a CUDA device)"""
     compile: bool = False
     """torch.compile the update and the action selection"""
     track: bool = False
@@ -155,14 +130,29 @@ class Args:
     save_model: bool = False
     """write run_dir/checkpoint.pt at each evaluation and at the end"""
     keep_checkpoints: bool = False
-    """with --save-model, also keep each checkpoint as checkpoint_{step}.pt (to --eval-only a run's history)"""
+    """with --save-model, also keep each as checkpoint_{step}.pt (to --eval-only a run's history)"""
     resume: Optional[str] = None
     """continue from a checkpoint.pt (outputs go to its folder unless --run-dir)"""
     eval_only: bool = False
-    """only evaluate the --resume checkpoint, with this run's --num-samples/--selection/--eval-episodes,
-    into a new folder (default: next to the checkpoint); no training"""
+    """only evaluate the --resume checkpoint with this run's --num-samples, --selection and
+    --eval-episodes, into a new folder (default: next to the checkpoint); no training"""
     run_dir: Optional[str] = None
     """output folder (default: runs/{env}__{exp_name}__{seed}__{time}); must not exist"""
+
+
+FAMILY_DEFAULTS = {  # expectile, normalize rewards (official launcher: 0.9 for antmaze, else 0.7)
+    "locomotion": (0.7, True),
+    "antmaze": (0.9, False),
+    "kitchen": (0.7, False),
+    "adroit": (0.7, False),
+}
+FAMILY_FIELDS = ("expectile", "normalize_rewards")
+
+
+def with_family_defaults(args: Args) -> Args:
+    """Args with the flags left unset (None) filled from the dataset family's official config."""
+    defaults = dict(zip(FAMILY_FIELDS, FAMILY_DEFAULTS[family_of(args.env)]))
+    return replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
 
 
 # ----------------------------------------------------------------------------- networks
@@ -173,7 +163,7 @@ def xavier(layer: nn.Linear) -> nn.Linear:
 
 
 def lecun(layer: nn.Linear) -> nn.Linear:
-    std = math.sqrt(1.0 / layer.in_features) / 0.87962566103423978  # flax lecun_normal: truncated at 2 std
+    std = math.sqrt(1.0 / layer.in_features) / 0.87962566103423978  # flax lecun_normal: truncated
     nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
     nn.init.zeros_(layer.bias)
     return layer
@@ -198,7 +188,8 @@ class TwinQ(nn.Module):
         super().__init__()
         self.k = k
         self.net = nn.Sequential(EnsembleLinear(k, obs_dim + act_dim, hidden), nn.ReLU(),
-                                 EnsembleLinear(k, hidden, hidden), nn.ReLU(), EnsembleLinear(k, hidden, 1))
+                                 EnsembleLinear(k, hidden, hidden), nn.ReLU(),
+                                 EnsembleLinear(k, hidden, 1))
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         x = torch.cat([obs, act], -1).expand(self.k, -1, -1)
@@ -207,8 +198,9 @@ class TwinQ(nn.Module):
 
 def value_net(obs_dim: int, hidden: int) -> nn.Sequential:
     """V(s): a LayerNorm on the input, then a 2-layer ReLU MLP (jaxrl5 MLP with use_layer_norm)."""
-    return nn.Sequential(nn.LayerNorm(obs_dim, eps=1e-6), xavier(nn.Linear(obs_dim, hidden)), nn.ReLU(),
-                         xavier(nn.Linear(hidden, hidden)), nn.ReLU(), xavier(nn.Linear(hidden, 1)))
+    return nn.Sequential(nn.LayerNorm(obs_dim, eps=1e-6), xavier(nn.Linear(obs_dim, hidden)),
+                         nn.ReLU(), xavier(nn.Linear(hidden, hidden)), nn.ReLU(),
+                         xavier(nn.Linear(hidden, 1)))
 
 
 class FourierFeatures(nn.Module):
@@ -228,65 +220,34 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, hidden: int, dropout: float):
         super().__init__()
-        self.net = nn.Sequential(nn.Dropout(dropout), nn.LayerNorm(hidden, eps=1e-6), lecun(nn.Linear(hidden, 4 * hidden)),
-                                 nn.SiLU(), lecun(nn.Linear(4 * hidden, hidden)))
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.LayerNorm(hidden, eps=1e-6),
+                                 lecun(nn.Linear(hidden, 4 * hidden)), nn.SiLU(),
+                                 lecun(nn.Linear(4 * hidden, hidden)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.net(x)
 
 
 class Denoiser(nn.Module):
-    """eps_theta(a_t, s, t): an MLP-ResNet on [a_t, s, MLP(Fourier(t))] (the official LN_Resnet)."""
+    """eps_th(a_t, s, t): an MLP-ResNet on [a_t, s, MLP(Fourier(t))] (the official LN_Resnet)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, blocks: int, time_dim: int, dropout: float):
+    def __init__(self, obs_dim: int, act_dim: int, args: Args):
         super().__init__()
-        self.time = nn.Sequential(FourierFeatures(time_dim), xavier(nn.Linear(time_dim, 2 * time_dim)), nn.SiLU(),
-                                  xavier(nn.Linear(2 * time_dim, 2 * time_dim)))
-        self.net = nn.Sequential(xavier(nn.Linear(act_dim + obs_dim + 2 * time_dim, hidden)),
-                                 *[ResidualBlock(hidden, dropout) for _ in range(blocks)],
+        hidden, d = args.actor_hidden, args.time_dim
+        self.time = nn.Sequential(FourierFeatures(d), xavier(nn.Linear(d, 2 * d)), nn.SiLU(),
+                                  xavier(nn.Linear(2 * d, 2 * d)))
+        self.net = nn.Sequential(xavier(nn.Linear(act_dim + obs_dim + 2 * d, hidden)),
+                                 *[ResidualBlock(hidden, args.actor_dropout)
+                                   for _ in range(args.actor_blocks)],
                                  nn.SiLU(), xavier(nn.Linear(hidden, act_dim)))
 
     def forward(self, a_t: torch.Tensor, obs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([a_t, obs, self.time(t)], -1))
 
 
-def tie_(params: list, flat: torch.Tensor):
-    """Make each of `params` a view into `flat` and its grad a view into flat.grad, in order."""
-    offset = 0
-    for p in params:
-        p.data = flat.detach()[offset:offset + p.numel()].view_as(p)
-        p.grad = flat.grad[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
-
-
-class FlatAdam(torch.optim.Adam):
-    """torch's Adam on one flat tensor holding all of a network's parameters, its layers' parameters and grads
-    becoming views into it: the same steps bit for bit, in ~7 kernels per step instead of ~7 per layer
-    (1.07x for IQL's update on 2 CPU threads; 1.01x for IDQL's, whose diffusion actor's matmuls dominate).
-    zero_grad zeroes the flat grad, never drops it; a deep copy ties the copied layers to the copied flat
-    tensor again."""
-
-    def __init__(self, params, **kwargs):
-        self.layers = list(params)
-        flat = torch.cat([p.detach().reshape(-1) for p in self.layers]).requires_grad_()
-        flat.grad = torch.zeros_like(flat)
-        tie_(self.layers, flat)
-        super().__init__([flat], **kwargs)
-
-    def zero_grad(self, set_to_none: bool = False):
-        super().zero_grad(set_to_none=False)
-
-    def __getstate__(self):
-        return {**super().__getstate__(), "layers": self.layers}
-
-    def __setstate__(self, state: dict):
-        super().__setstate__(state)
-        tie_(self.layers, self.param_groups[0]["params"][0])
-
-
-# ----------------------------------------------------------------------------- the method: losses and the update
+# ----------------------------------------------------------------------------- the method
 def vp_beta_schedule(T: int) -> torch.Tensor:
-    """The variance-preserving schedule of the official code: beta_t = 1 - exp(-b_min/T - (b_max - b_min)(2t - 1)/(2T^2))."""
+    """The official VP schedule: beta_t = 1 - exp(-b_min/T - (b_max - b_min)(2t - 1)/(2T^2))."""
     t = torch.arange(1, T + 1, dtype=torch.float64)
     b_min, b_max = 0.1, 10.0
     return 1 - torch.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * t - 1) / T ** 2)
@@ -299,19 +260,17 @@ def critic_loss_fn(u: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
 
 
 def implicit_weights(adv: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
-    """w(s, a) of IQL's implicit policy pi ~ mu w: |tau - 1(A<0)| (expectile) or that / |A| (quantile)."""
+    """w(s, a) of IQL's implicit policy: |tau - 1(A<0)| (expectile) or that / |A| (quantile)."""
     weight = torch.where(adv > 0, tau, 1 - tau)
     return weight if objective == "expectile" else weight / adv.abs().clamp(min=1e-6)
 
 
 class IDQL(nn.Module):
-    def __init__(self, obs_dim: int, act_dim: int, args: Args, expectile: float, device: torch.device):
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
         super().__init__()
-        self.expectile, self.objective, self.gamma, self.tau = expectile, args.critic_objective, args.gamma, args.tau
-        self.T, self.N, self.selection, self.clip = args.diffusion_steps, args.num_samples, args.selection, args.clip_sampler
-        self.act_dim, self.ema, self.lr_decay_steps, self.actor_lr0 = act_dim, args.actor_ema, args.lr_decay_steps, args.actor_lr
-        self.actor = Denoiser(obs_dim, act_dim, args.actor_hidden, args.actor_blocks, args.time_dim, args.actor_dropout)
-        self.actor_ema = Denoiser(obs_dim, act_dim, args.actor_hidden, args.actor_blocks, args.time_dim, args.actor_dropout)
+        self.args, self.act_dim = args, act_dim
+        self.actor = Denoiser(obs_dim, act_dim, args)
+        self.actor_ema = Denoiser(obs_dim, act_dim, args)
         self.actor_ema.load_state_dict(self.actor.state_dict())
         self.actor_ema.requires_grad_(False).eval()  # samples come from the EMA copy, dropout off
         self.critic = TwinQ(obs_dim, act_dim, args.hidden_dim)
@@ -319,57 +278,63 @@ class IDQL(nn.Module):
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.requires_grad_(False)
         self.value = value_net(obs_dim, args.hidden_dim)
-        betas = vp_beta_schedule(self.T)
+        betas = vp_beta_schedule(args.diffusion_steps)
         self.betas, self.alphas = betas.tolist(), (1 - betas).tolist()
         self.alpha_hats = torch.cumprod(1 - betas, 0).tolist()
         self.register_buffer("sqrt_ah", torch.tensor(self.alpha_hats).sqrt().float())
         self.register_buffer("sqrt_1m_ah", (1 - torch.tensor(self.alpha_hats)).sqrt().float())
         self.to(device)
-        capturable = device.type == "cuda"  # (CUDA graph) Adam keeps its step count on the GPU, replayable
-        self.actor_lr = torch.tensor(args.actor_lr, device=device)  # (CUDA graph) the schedule writes a tensor
-        self.actor_opt = FlatAdam(self.actor.parameters(), lr=self.actor_lr, weight_decay=args.actor_weight_decay,
-                                  decoupled_weight_decay=True, capturable=capturable)  # AdamW
-        self.critic_opt = FlatAdam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
-        self.value_opt = FlatAdam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
-        # (CUDA graph) the step count is a device tensor, so the schedule is computed inside the graph
+        # (CUDA graph) capturable: Adam's step count on the GPU; the lr and update count tensors.
+        # Not fused: the fused kernel rounds differently, and docs/idql.md's numbers are unfused
+        adam = dict(capturable=device.type == "cuda")
+        self.actor_lr = torch.tensor(args.actor_lr, device=device)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.actor_lr,
+                                          weight_decay=args.actor_weight_decay,
+                                          decoupled_weight_decay=True, **adam)  # AdamW
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, **adam)
+        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, **adam)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
-        # parameter lists for the target updates (one _foreach_lerp_ each), built once instead of on every step
-        self.target_params, self.online_params = list(self.critic_target.parameters()), list(self.critic.parameters())
-        self.ema_params, self.actor_params = list(self.actor_ema.parameters()), list(self.actor.parameters())
+        self.target_params = list(self.critic_target.parameters())
+        self.online_params = list(self.critic.parameters())
+        self.ema_params = list(self.actor_ema.parameters())
+        self.actor_params = list(self.actor.parameters())
 
     def update(self, obs, act, rew, mask, next_obs) -> dict:
+        a = self.args
         # 1) mu: DDPM noise prediction on the dataset's actions at a random step t
-        t = torch.randint(0, self.T, (obs.shape[0],), device=obs.device)
+        t = torch.randint(0, a.diffusion_steps, (obs.shape[0],), device=obs.device)
         eps = torch.randn_like(act)
         a_t = self.sqrt_ah[t, None] * act + self.sqrt_1m_ah[t, None] * eps
         actor_loss = (self.actor(a_t, obs, t) - eps).pow(2).sum(-1).mean()
         self.actor_opt.zero_grad()
         actor_loss.backward()
-        progress = self.num_updates.clamp(max=self.lr_decay_steps) / self.lr_decay_steps
-        self.actor_lr.copy_(self.actor_lr0 * 0.5 * (1 + torch.cos(math.pi * progress)))  # cosine decay
+        progress = self.num_updates.clamp(max=a.lr_decay_steps) / a.lr_decay_steps
+        self.actor_lr.copy_(a.actor_lr * 0.5 * (1 + torch.cos(math.pi * progress)))  # cosine
         self.actor_opt.step()
 
         # 2) V: expectile (or quantile) regression onto the min of the target twin Q
         with torch.no_grad():
             q_target = self.critic_target(obs, act).min(0).values
-        value_loss = critic_loss_fn(q_target - self.value(obs).squeeze(-1), self.expectile, self.objective).mean()
+        u = q_target - self.value(obs).squeeze(-1)
+        value_loss = critic_loss_fn(u, a.expectile, a.critic_objective).mean()
         self.value_opt.zero_grad()
         value_loss.backward()
         self.value_opt.step()
 
-        # 3) Q: regress both heads onto r + gamma * m * V(s') with the V just updated
+        # 3) Q: regress both heads onto r + gamma * m * V(s'), with the V just updated
         with torch.no_grad():
-            q_backup = rew + self.gamma * mask * self.value(next_obs).squeeze(-1)
+            q_backup = rew + a.gamma * mask * self.value(next_obs).squeeze(-1)
         critic_loss = (self.critic(obs, act) - q_backup).pow(2).mean()
         self.critic_opt.zero_grad()
         critic_loss.backward()
         self.critic_opt.step()
-        # 4) targets: EMA of mu (the sampler's copy) and Polyak of Q; no_grad, or autograd records every step
+
+        # 4) EMA of mu (the sampler's copy), Polyak of Q; no_grad, or autograd records every step
         with torch.no_grad():
-            torch._foreach_lerp_(self.ema_params, self.actor_params, self.ema)
-            torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
+            torch._foreach_lerp_(self.ema_params, self.actor_params, a.actor_ema)
+            torch._foreach_lerp_(self.target_params, self.online_params, a.tau)
         self.num_updates += 1
-        # (actor_lr is returned as a copy: torch.compile mishandles returning a buffer it mutated)
+        # (actor_lr as a copy: torch.compile mishandles returning a buffer it mutated)
         return {"losses/actor_loss": actor_loss.detach(), "losses/value_loss": value_loss.detach(),
                 "losses/critic_loss": critic_loss.detach(), "values/q": q_target.mean(),
                 "values/actor_lr": self.actor_lr.clone()}
@@ -379,141 +344,233 @@ class IDQL(nn.Module):
         """DDPM ancestral sampling from the EMA model: a_T ~ N(0, I), then for t = T-1 .. 0
         a <- (a - beta_t / sqrt(1 - ah_t) eps(a, s, t)) / sqrt(alpha_t) + [t > 0] sqrt(beta_t) z."""
         a = torch.randn(obs.shape[0], self.act_dim, device=obs.device)
-        for t in reversed(range(self.T)):
+        for t in reversed(range(self.args.diffusion_steps)):
             eps = self.actor_ema(a, obs, torch.full((obs.shape[0],), t, device=obs.device))
-            a = (a - self.betas[t] / math.sqrt(1 - self.alpha_hats[t]) * eps) / math.sqrt(self.alphas[t])
+            step = self.betas[t] / math.sqrt(1 - self.alpha_hats[t])
+            a = (a - step * eps) / math.sqrt(self.alphas[t])
             if t > 0:
                 a = a + math.sqrt(self.betas[t]) * torch.randn_like(a)
-            if self.clip:
+            if self.args.clip_sampler:
                 a = a.clamp(-1, 1)
         return a.clamp(-1, 1)
 
     @torch.no_grad()
     def select(self, obs: torch.Tensor) -> torch.Tensor:
         """One action per state out of N samples of mu, chosen by the critic."""
-        B = obs.shape[0]
-        obs_n = obs.repeat_interleave(self.N, 0)
+        a, B = self.args, obs.shape[0]
+        obs_n = obs.repeat_interleave(a.num_samples, 0)
         actions = self.sample(obs_n)
-        q = self.critic_target(obs_n, actions).min(0).values.view(B, self.N)
-        if self.selection == "argmax":
+        q = self.critic_target(obs_n, actions).min(0).values.view(B, a.num_samples)
+        if a.selection == "argmax":
             idx = q.argmax(1)
         else:  # a ~ Categorical(w): Gumbel-max, no host sync
-            w = implicit_weights(q - self.value(obs), self.expectile, self.objective)
+            w = implicit_weights(q - self.value(obs), a.expectile, a.critic_objective)
             idx = (w.log() - torch.log(-torch.log(torch.rand_like(w)))).argmax(1)
-        return actions.view(B, self.N, -1)[torch.arange(B, device=obs.device), idx]
-
-    def optimizers(self) -> dict:
-        return {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "value_opt": self.value_opt}
+        return actions.view(B, a.num_samples, -1)[torch.arange(B, device=obs.device), idx]
 
 
-# ----------------------------------------------------------------------------- main: the training loop
+# ----------------------------------------------------------------------------- the data it sees
+BATCH_KEYS = ("observations", "actions", "rewards", "masks", "next_observations")
+
+
+def qlearning_transitions(data: dict) -> dict:
+    """(s, a, r, s', m) as float32 arrays plus episode ends (for reward scaling)."""
+    obs, terminals = data["observations"], data["terminals"].astype(bool)
+    timeouts = data["timeouts"].astype(bool)
+    if "next_observations" in data:
+        next_obs, keep = data["next_observations"], np.ones(len(obs), dtype=bool)
+        jump = np.linalg.norm(obs[1:] - next_obs[:-1], axis=-1) > 1e-6  # files without timeouts
+        ends = terminals | timeouts | np.append(jump, True)
+    else:  # rebuild s' from the next row; a timeout's next row is another episode's start
+        next_obs = np.concatenate([obs[1:], obs[-1:]])
+        keep = terminals | ~np.append(timeouts[:-1], True)
+        ends = terminals | np.append(timeouts[1:], True)  # the step before a dropped timeout
+        ends[-1] = True
+    t = dict(observations=obs[keep], actions=data["actions"][keep], rewards=data["rewards"][keep],
+             masks=1.0 - terminals[keep], next_observations=next_obs[keep], ends=ends[keep])
+    return {k: v.astype(bool if k == "ends" else np.float32) for k, v in t.items()}
+
+
+def normalize_rewards(rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Locomotion reward scale: r * 1000 / (max - min trajectory return), as the official code."""
+    returns = np.add.reduceat(rewards, np.concatenate([[0], np.flatnonzero(ends[:-1]) + 1]))
+    if returns.max() - returns.min() < 1e-8:
+        fail("reward normalization needs trajectories with different returns; "
+             "pass --normalize-rewards False")
+    return rewards * (1000.0 / (returns.max() - returns.min()))
+
+
+def load_dataset(args: Args, env: Optional[gym.Env], device: torch.device) -> dict:
+    """The dataset (a D4RL file or a Minari id) as (s, a, r, m, s') tensors on the device: checked
+    against the env's spaces, actions scaled to [-1, 1], rewards as the family's config has them."""
+    raw = read_minari(args.env) if is_minari(args.env) else read_d4rl(dataset_path(args))
+    data = qlearning_transitions(raw)
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    if env is not None:
+        space = env.unwrapped.action_space
+        if env.observation_space.shape != (obs_dim,) or space.shape != (act_dim,):
+            fail(f"the dataset's observations/actions have {obs_dim}/{act_dim} dims but {args.env} "
+                 f"has {env.observation_space.shape}/{space.shape}")
+        low, high = space.low - 1e-3, space.high + 1e-3
+        if np.any(data["actions"] < low) or np.any(data["actions"] > high):
+            fail(f"the dataset's actions leave {args.env}'s bounds [{space.low}, {space.high}]")
+        scaled = 2 * (data["actions"] - space.low) / (space.high - space.low) - 1
+        data["actions"] = scaled.astype(np.float32)
+    data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)  # as the official loader
+    if family_of(args.env) == "antmaze":
+        data["rewards"] = data["rewards"] - 1.0
+    if args.normalize_rewards:
+        data["rewards"] = normalize_rewards(data["rewards"], data["ends"])
+    return {k: torch.as_tensor(data[k], device=device) for k in BATCH_KEYS}
+
+
+# ----------------------------------------------------------------------------- the training loop
 def main(args: Args) -> dict:
-    hp = resolve_args(args)  # the family's expectile and reward scaling; the device
-    device = hp["device"]
-    resume, run_dir = open_run(args, device)
-    hp["ref_scores"] = reference_scores(args.env)  # after open_run: Minari's may need a download
+    args = with_family_defaults(args)  # the dataset family's settings for the flags left unset
+    device = torch.device(args.device if args.device != "auto" else
+                          "cuda" if torch.cuda.is_available() else "cpu")
+    check_args(args, device)
+    resume = load_checkpoint(args.resume, device) if args.resume else None
+    if args.eval_only:  # a new folder per evaluation: the training run's files stay as they are
+        run_dir = args.run_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume)),
+                                               f"eval__{args.selection}_N{args.num_samples}"
+                                               f"__{int(time.time())}")
+    else:
+        run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
+                                   f"runs/{args.env.replace('/', '-')}__{args.exp_name}__"
+                                   f"{args.seed}__{int(time.time())}")
+    if os.path.exists(run_dir) and (args.eval_only or not (resume and os.path.samefile(
+            run_dir, os.path.dirname(args.resume) or "."))):
+        fail(f"run folder {run_dir} already exists; choose another --run-dir "
+             "(runs are never overwritten)")
+    ref_scores = reference_scores(args.env)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-
-    # data: the whole dataset lives on the device; batches are sampled there. The envs give the
-    # evaluation and the action bounds; D4RL's other families have none here
-    envs = [make_env(args.env, render=args.capture_video and i == 0) for i in range(max(args.eval_episodes, 1))
-            ] if hp["family"] == "locomotion" or args.eval_episodes > 0 else []
-    buffer = load_dataset(args, hp, envs[0] if envs else None, device)
+    # the whole dataset lives on the device; the envs give the action bounds and the evaluation
+    evaluating = args.eval_episodes > 0
+    locomotion = family_of(args.env) == "locomotion"
+    envs = [make_env(args.env, args.capture_video and i == 0)
+            for i in range(max(args.eval_episodes, 1))] if evaluating or locomotion else []
+    buffer = load_dataset(args, envs[0] if envs else None, device)
     n, obs_dim, act_dim = *buffer["observations"].shape, buffer["actions"].shape[1]
-
-    agent = IDQL(obs_dim, act_dim, args, hp["expectile"], device)
+    agent = IDQL(obs_dim, act_dim, args, device)
     start, evals = 0, []
     if resume:
-        load_checkpoint(agent, resume, device)
-        start, evals = resume["step"], ([] if args.eval_only else resume["evaluations"])
-        print(f"{'evaluating' if args.eval_only else 'resumed from'} {args.resume} at step {start}")
+        start, evals = restore(agent, resume, device)
+        evals = [] if args.eval_only else evals
+        print(f"{'evaluating' if args.eval_only else 'resumed from'} {args.resume} "
+              f"at step {start}")
 
     def train_step():
-        idx = torch.randint(0, n, (args.batch_size,), device=device)  # integer indices, drawn on the device
+        idx = torch.randint(0, n, (args.batch_size,), device=device)  # drawn on the device
         return agent.update(*(buffer[k][idx] for k in BATCH_KEYS))
 
+    graphs = args.cuda_graph and device.type == "cuda"
     step_fn = torch.compile(train_step) if args.compile else train_step
-    if hp["cuda_graph"] and not args.eval_only:  # (of the compiled functions with --compile, as LeanRL does)
-        step_fn = cuda_graph(step_fn)  # its first 3 calls (eager warm-ups) are the loop's first 3 updates
-    obs_buf = torch.zeros(max(args.eval_episodes, 1), obs_dim, device=device)  # select()'s static input (CUDA graph)
+    if graphs and not args.eval_only:
+        step_fn = cuda_graph(step_fn)  # its 3 eager warm-ups are the loop's first 3 updates
+    obs_buf = torch.zeros(max(args.eval_episodes, 1), obs_dim, device=device)  # (CUDA graph) input
     select_fn = torch.compile(agent.select) if args.compile else agent.select
     select = lambda: select_fn(obs_buf)  # noqa: E731
-    if hp["cuda_graph"] and args.eval_episodes > 0:
-        select = cuda_graph(select)  # the T denoising steps of all N x episodes samples, one replay
-        with forked_rng(device):  # warm up and capture now, with draws that never touch training's stream,
-            for _ in range(4):  # so every evaluation replays the graph (--eval-only too)
+    if graphs and evaluating:
+        select = cuda_graph(select)  # T denoising steps of N x episodes samples: one replay
+        with forked_rng(device):  # warm up and capture now, off training's RNG stream
+            for _ in range(4):
                 select()
-
-    end = start if args.eval_only else args.max_steps  # --eval-only: no update, one evaluation
-    log = Logger(run_dir, args, hp, n, start, end)
-    if args.eval_episodes > 0 and args.capture_video:
-        envs[0] = gym.wrappers.RecordVideo(envs[0], os.path.join(run_dir, "videos"), episode_trigger=lambda e: True)
+    os.makedirs(run_dir, exist_ok=True)
+    resolved = dict(device=str(device), ref_scores=ref_scores, dataset_transitions=n)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({**asdict(args), "resolved": resolved}, f, indent=2)
+    writer = open_writer(args, run_dir)
+    if evaluating and args.capture_video:
+        envs[0] = gym.wrappers.RecordVideo(envs[0], os.path.join(run_dir, "videos"),
+                                           episode_trigger=lambda e: True)
 
     def evaluate_and_log(step: int) -> dict:
-        with log.paused(), forked_rng(device):  # the sampler's noise never shifts training's RNG stream
+        with forked_rng(device):  # the sampler's noise never shifts training's RNG stream
             returns = evaluate(select, obs_buf, envs, args.seed + step)
-            return log.evaluation(step, returns, evals)
+        ret, std = float(returns.mean()), float(returns.std())
+        score = normalized_score(ref_scores, ret)
+        evals.append((step, ret, std, score))
+        writer.add_scalar("eval/return", ret, step)
+        writer.add_scalar("eval/normalized_score", score, step)
+        with open(os.path.join(run_dir, "evaluations.csv"), "w") as f:
+            f.write("step,return,return_std,normalized_score\n")
+            f.writelines(f"{s},{r:.2f},{sd:.2f},{sc:.2f}\n" for s, r, sd, sc in evals)
+        normalized = f" normalized={score:.1f}" if math.isfinite(score) else ""
+        print(f"step={step} eval/return={ret:.1f} +- {std:.1f}{normalized}", flush=True)
+        return {"eval/return": ret, "eval/normalized_score": score}
 
-    results, step = {}, start
-    if args.eval_only:
-        results.update(evaluate_and_log(step))
-    while step < end:
+    results, end, t_eval, t0 = {}, start if args.eval_only else args.max_steps, 0.0, None
+    if args.eval_only:  # no update: one evaluation of the checkpoint
+        results.update(evaluate_and_log(start))
+    warmup = min(start + 50, end)  # updates/s is measured after compile/capture warm-up
+    for step in tqdm(range(start + 1, end + 1), disable=not sys.stdout.isatty(), desc="idql"):
         info = step_fn()  # one gradient step: mu (and its EMA), then V, then Q, then the target Q
-        step += 1
-        log.tick(step)
-        last = step == end
-        if step % args.log_interval == 0 or last:
-            results.update(log.losses(step, info))
-        if args.eval_episodes > 0 and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+        if step == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        if step % args.log_interval == 0 or step == end:
+            results.update(log_losses(writer, info, step))  # the loop's only host sync
+            if t0 is not None and step > warmup:
+                ups = (step - warmup) / (time.perf_counter() - t0 - t_eval)
+                results["updates_per_second"] = ups
+                writer.add_scalar("charts/updates_per_second", ups, step)
+            losses = " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in results.items()
+                              if k.startswith("losses"))
+            print(f"step={step} {losses} ups={results.get('updates_per_second', math.nan):.0f}",
+                  flush=True)
+        checkpoint = step == end or (args.eval_interval > 0 and step % args.eval_interval == 0)
+        if evaluating and checkpoint:
+            t = time.perf_counter()
             results.update(evaluate_and_log(step))
-        if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, step, args, evals)
+            t_eval += time.perf_counter() - t if t0 is not None else 0.0
+        if args.save_model and checkpoint:
+            path = os.path.join(run_dir, "checkpoint.pt")
+            save_checkpoint(path, agent, step, args, evals)
             if args.keep_checkpoints:
-                shutil.copyfile(os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, f"checkpoint_{step}.pt"))
-    log.close()
+                shutil.copyfile(path, os.path.join(run_dir, f"checkpoint_{step}.pt"))
+    writer.close()
     for env in envs:
         env.close()
-    return {"updates_per_second": float("nan"), **results, "updates": step - start, "run_dir": run_dir,
-            "evaluations": evals}
+    return {"updates_per_second": math.nan, **results, "updates": max(end - start, 0),
+            "run_dir": run_dir, "evaluations": evals}
 
 
 # =============================================================================
-# Plumbing: arguments, D4RL data, environments, evaluation, checkpoints, run folder,
-# logging, the CUDA-graph helper. Nothing below changes what the algorithm does.
+# Plumbing: checks, D4RL and Minari data, environments, evaluation, checkpoints, logging,
+# the CUDA-graph helper. Nothing below changes what the method is given.
 # =============================================================================
 def fail(message: str):
     """Bad input: one clear sentence on stderr and exit status 1."""
     raise SystemExit(f"idql.py: error: {message}")
 
 
-def resolve_args(args: Args) -> dict:
-    """The family's defaults (FAMILY_DEFAULTS) for the flags left unset, checked, and the device."""
-    family = family_of(args.env)
-    d_expectile, d_normalize = FAMILY_DEFAULTS[family]
-    hp = dict(family=family, expectile=d_expectile if args.expectile is None else args.expectile,
-              normalize_rewards=d_normalize if args.normalize_rewards is None else args.normalize_rewards)
+def check_args(args: Args, device: torch.device):
     if args.dataset is not None and is_minari(args.env):
-        fail(f"--dataset is a D4RL-format file, and '{args.env}' is a Minari id (read from Minari's cache); pass one of them")
-    if not 0 < hp["expectile"] < 1:
-        fail(f"--expectile must be in (0, 1), got {hp['expectile']}")
-    if min(args.max_steps, args.batch_size, args.log_interval, args.num_samples, args.diffusion_steps) < 1:
-        fail("--max-steps, --batch-size, --log-interval, --num-samples and --diffusion-steps must be positive")
+        fail(f"--dataset is a D4RL-format file, and '{args.env}' is a Minari id (read from "
+             "Minari's cache); pass one of them")
+    if not 0 < args.expectile < 1:
+        fail(f"--expectile must be in (0, 1), got {args.expectile}")
+    if min(args.max_steps, args.batch_size, args.log_interval, args.num_samples,
+           args.diffusion_steps) < 1:
+        fail("--max-steps, --batch-size, --log-interval, --num-samples and --diffusion-steps "
+             "must be positive")
     if args.eval_only and (args.resume is None or args.eval_episodes < 1):
-        fail("--eval-only evaluates a trained agent: give it --resume PATH/checkpoint.pt and --eval-episodes >= 1")
+        fail("--eval-only evaluates a trained agent: give it --resume PATH/checkpoint.pt and "
+             "--eval-episodes >= 1")
     if args.keep_checkpoints and not args.save_model:
         fail("--keep-checkpoints keeps the checkpoints that --save-model writes; add --save-model")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but CUDA is not available")
-    return {**hp, "device": device, "cuda_graph": args.cuda_graph and device.type == "cuda"}
 
 
-# ----------------------------------------------------------------------------- data: D4RL names, download, validation
-D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"  # D4RL_BASE_URL overrides it (a mirror)
-LOCOMOTION = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "ant": "Ant-v4"}
+# ----------------------------------------------------------------------------- D4RL files
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"  # D4RL_BASE_URL: a mirror
+LOCOMOTION = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4",
+              "ant": "Ant-v4"}
 ADROIT = ("pen", "hammer", "door", "relocate")
 ANTMAZE_FILES = {  # d4rl's names for the v2 antmaze files
     "umaze": "u-maze_noisy_multistart_False_multigoal_False",
@@ -523,15 +580,15 @@ ANTMAZE_FILES = {  # d4rl's names for the v2 antmaze files
     "large-play": "hardest-maze_noisy_multistart_True_multigoal_False",
     "large-diverse": "hardest-maze_noisy_multistart_True_multigoal_True",
 }
-KITCHEN_FILES = {"complete": "mini_kitchen_microwave_kettle_light_slider", "partial": "kitchen_microwave_kettle_light_slider",
+KITCHEN_FILES = {"complete": "mini_kitchen_microwave_kettle_light_slider",
+                 "partial": "kitchen_microwave_kettle_light_slider",
                  "mixed": "kitchen_microwave_kettle_bottomburner_light"}
 REF_SCORES = {  # d4rl's (random, expert) returns for the normalized score
-    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7), "antmaze": (0.0, 1.0), "kitchen": (0.0, 4.0), "pen": (96.262799, 3076.8331),
-    "hammer": (-274.856578, 12794.134825), "door": (-56.512833, 2880.5693), "relocate": (-6.425911, 4233.877797),
+    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3), "ant": (-325.6, 3879.7), "antmaze": (0.0, 1.0),
+    "kitchen": (0.0, 4.0), "pen": (96.262799, 3076.8331), "hammer": (-274.856578, 12794.134825),
+    "door": (-56.512833, 2880.5693), "relocate": (-6.425911, 4233.877797),
 }
-FAMILY_DEFAULTS = {  # expectile, normalize rewards (official launcher: 0.9 for antmaze, else 0.7)
-    "locomotion": (0.7, True), "antmaze": (0.9, False), "kitchen": (0.7, False), "adroit": (0.7, False)}
 
 
 def d4rl_url(name: str) -> Optional[str]:
@@ -551,71 +608,61 @@ def d4rl_url(name: str) -> Optional[str]:
     return None
 
 
-def family_of(env: str) -> str:
-    task = task_of(env)
-    if task == "antmaze":
-        return "antmaze"
-    if task == "kitchen":
-        return "kitchen"
-    if task in ADROIT:
-        return "adroit"
-    return "locomotion"  # the four MuJoCo tasks and any other Gymnasium id
-
-
 def task_of(env: str) -> str:
-    """hopper for hopper-medium-v2, Hopper-v4 and mujoco/hopper/medium-v0; antmaze for D4RL/antmaze/umaze-v1."""
+    """hopper for hopper-medium-v2, Hopper-v4 and mujoco/hopper/medium-v0."""
     return (env.split("/")[-2] if is_minari(env) else env.split("-")[0]).lower()
 
 
-def download(url: str, path: str):
-    """Stream url to a temp file beside path; rename only when complete and readable."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
-            size = int(response.headers.get("Content-Length", 0)) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        if size is not None and os.path.getsize(tmp) != size:
-            fail(f"download of {url} stopped at {os.path.getsize(tmp)} of {size} bytes; run again")
-        read_d4rl(tmp)  # refuse to cache a file that is not a D4RL dataset
-        os.replace(tmp, path)
-    except (urllib.error.URLError, OSError) as e:
-        fail(f"could not download {url} ({e}); with no network, download it elsewhere and put it at "
-             f"{path}, or pass --dataset PATH")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def family_of(env: str) -> str:
+    task = task_of(env)
+    return "adroit" if task in ADROIT else task if task in ("antmaze", "kitchen") else "locomotion"
 
 
 def dataset_path(args: Args) -> str:
+    """--dataset, or the D4RL file in its cache folder, downloaded (to a temp file) if missing."""
     if args.dataset is not None:
         if not os.path.isfile(args.dataset):
             fail(f"dataset file {args.dataset} does not exist")
         return args.dataset
     url = d4rl_url(args.env)
     if url is None:
-        fail(f"unknown D4RL dataset '{args.env}' (e.g. hopper-medium-v2, antmaze-umaze-v2, pen-human-v1); "
-             f"for a Gymnasium env pass --dataset PATH")
+        fail(f"unknown D4RL dataset '{args.env}' (e.g. hopper-medium-v2, antmaze-umaze-v2, "
+             "pen-human-v1); for a Gymnasium env pass --dataset PATH")
     folder = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser("~/.d4rl/datasets"))
     path = os.path.join(folder, url.split("/")[-1])
-    if not os.path.isfile(path):
-        print(f"downloading {args.env} from {url} to {path}")
-        download(url, path)
+    if os.path.isfile(path):
+        return path
+    print(f"downloading {args.env} from {url} to {path}")
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
+            size = int(response.headers.get("Content-Length", 0)) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                while chunk := response.read(1 << 20):
+                    bar.update(out.write(chunk))
+        if size is not None and os.path.getsize(tmp) != size:
+            fail(f"download of {url} stopped at {os.path.getsize(tmp)} of {size} bytes; run again")
+        read_d4rl(tmp)  # refuse to cache a file that is not a D4RL dataset
+        os.replace(tmp, path)
+    except (urllib.error.URLError, OSError) as e:
+        fail(f"could not download {url} ({e}); with no network, download it elsewhere and put it "
+             f"at {path}, or pass --dataset PATH")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 
 def read_d4rl(path: str) -> dict:
-    """The D4RL HDF5 layout: observations, actions, rewards, terminals, timeouts, [next_observations]."""
+    """The D4RL HDF5 layout: observations, actions, rewards, terminals, timeouts, [next_obs...]."""
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
+            missing = [k for k in keys[:4] if k not in f]
             if missing:
                 fail(f"{path} is not a D4RL dataset: it has no {', '.join(missing)}")
-            data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts",
-                                          "next_observations") if k in f}
+            data = {k: f[k][()] for k in keys if k in f}
     except OSError as e:
         fail(f"{path} is not a readable HDF5 file ({e}); delete it and download it again")
     n = len(data["observations"])
@@ -626,94 +673,38 @@ def read_d4rl(path: str) -> dict:
     return data
 
 
-def qlearning_transitions(data: dict) -> dict:
-    """(s, a, r, s', m) as float32 arrays plus episode ends (for reward scaling)."""
-    obs, terminals, timeouts = data["observations"], data["terminals"].astype(bool), data["timeouts"].astype(bool)
-    n = len(obs)
-    if "next_observations" in data:
-        next_obs, keep = data["next_observations"], np.ones(n, dtype=bool)
-        jump = np.linalg.norm(obs[1:] - next_obs[:-1], axis=-1) > 1e-6  # files without timeouts
-        ends = terminals | timeouts | np.append(jump, True)
-    else:  # rebuild s' from the next row; a timeout's next row is another episode's start
-        next_obs = np.concatenate([obs[1:], obs[-1:]])
-        keep = terminals | ~np.append(timeouts[:-1], True)
-        ends = terminals | np.append(timeouts[1:], True)  # the step before a dropped timeout ends it
-        ends[-1] = True
-    t = dict(observations=obs[keep], actions=data["actions"][keep], rewards=data["rewards"][keep],
-             masks=1.0 - terminals[keep], next_observations=next_obs[keep], ends=ends[keep])
-    return {k: v.astype(bool if k == "ends" else np.float32) for k, v in t.items()}
-
-
-def normalize_rewards(rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Locomotion reward scale: r * 1000 / (max - min trajectory return), as the official code."""
-    starts = np.concatenate([[0], np.flatnonzero(ends[:-1]) + 1])
-    returns = np.add.reduceat(rewards, starts)
-    if returns.max() - returns.min() < 1e-8:
-        fail("reward normalization needs trajectories with different returns; "
-             "pass --normalize-rewards False")
-    return rewards * (1000.0 / (returns.max() - returns.min()))
-
-
-BATCH_KEYS = ("observations", "actions", "rewards", "masks", "next_observations")  # update()'s arguments
-
-
-def load_dataset(args: Args, hp: dict, env: Optional[gym.Env], device: torch.device) -> dict:
-    """The dataset (a D4RL file or a Minari id) as (s, a, r, m, s') tensors on the device: checked against
-    the env's spaces, actions scaled to [-1, 1], rewards transformed as the family's official config does."""
-    data = qlearning_transitions(read_minari(args.env) if is_minari(args.env) else read_d4rl(dataset_path(args)))
-    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
-    if env is not None:
-        space = env.unwrapped.action_space
-        if env.observation_space.shape != (obs_dim,) or space.shape != (act_dim,):
-            fail(f"the dataset's observations/actions have {obs_dim}/{act_dim} dims but {args.env} has "
-                 f"{env.observation_space.shape}/{space.shape}")
-        if np.any(data["actions"] < space.low - 1e-3) or np.any(data["actions"] > space.high + 1e-3):
-            fail(f"the dataset's actions leave {args.env}'s bounds [{space.low}, {space.high}]")
-        data["actions"] = (2 * (data["actions"] - space.low) / (space.high - space.low) - 1).astype(np.float32)
-    data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)  # as the official code's D4RL loader
-    if hp["family"] == "antmaze":
-        data["rewards"] = data["rewards"] - 1.0
-    if hp["normalize_rewards"]:
-        data["rewards"] = normalize_rewards(data["rewards"], data["ends"])
-    return {k: torch.as_tensor(data[k], device=device) for k in BATCH_KEYS}
-
-
-# ----------------------------------------------------------------------------- data: Minari datasets
-GOAL_KEYS = ("observation", "achieved_goal", "desired_goal")  # a goal-conditioned observation, flattened in this order
+# ----------------------------------------------------------------------------- Minari datasets
+GOAL_KEYS = ("observation", "achieved_goal", "desired_goal")  # flattened in this order
 
 
 def is_minari(env: str) -> bool:
-    """Minari ids are paths (mujoco/hopper/medium-v0, D4RL/antmaze/umaze-v1); D4RL names and Gymnasium ids are not."""
+    """Minari ids are paths (mujoco/hopper/medium-v0); D4RL names and Gymnasium ids are not."""
     return "/" in env
 
 
 def minari_dataset(dataset_id: str):
-    """The Minari dataset, downloaded on first use (with Minari's own progress) to its cache folder."""
+    """The Minari dataset, downloaded on first use to Minari's cache folder."""
     try:
         import minari
         from minari.storage.datasets_root_dir import get_dataset_path
     except ImportError:
-        fail(f"'{dataset_id}' is a Minari dataset id, which needs minari: pip install 'minari[hdf5]'")
+        fail(f"'{dataset_id}' is a Minari id, which needs minari: pip install 'minari[hdf5]'")
     path = get_dataset_path(dataset_id)
-    if os.path.isdir(os.path.join(path, "data")):
-        try:
-            return minari.load_dataset(dataset_id)
-        except Exception as e:
-            fail(f"the Minari dataset at {path} is unreadable ({type(e).__name__}: {e}); delete it and run again")
-    try:
-        return minari.load_dataset(dataset_id, download=True)
+    try:  # the local copy, else a download
+        return minari.load_dataset(dataset_id, download=not os.path.isdir(f"{path}/data"))
     except ValueError as e:  # Minari's answer for an id or version its server does not have
         fail(f"Minari has no dataset '{dataset_id}': {e}")
-    except Exception as e:  # no network: huggingface_hub's connection errors
-        fail(f"could not download the Minari dataset '{dataset_id}' ({type(e).__name__}: {e}); with no network, "
-             f"run `minari download {dataset_id}` elsewhere and copy the folder to {path} "
-             f"(MINARI_DATASETS_PATH moves Minari's cache)")
+    except Exception as e:  # a broken local copy, or no network (huggingface_hub's errors)
+        if os.path.isdir(f"{path}/data"):
+            fail(f"the Minari dataset at {path} is unreadable ({type(e).__name__}: {e}); "
+                 "delete it and run again")
+        fail(f"could not download the Minari dataset '{dataset_id}' ({type(e).__name__}: {e}); "
+             f"with no network, run `minari download {dataset_id}` elsewhere and copy the folder "
+             f"to {path} (MINARI_DATASETS_PATH moves Minari's cache)")
 
 
 def flat_observation(obs) -> np.ndarray:
-    """A goal-conditioned dict observation as one vector, keys in GOAL_KEYS' order (then any others, and
-    nested dicts such as Kitchen's per-task goals, sorted). AntMaze: the ant's 27 body dims, its x-y, the
-    goal's x-y (D4RL's 29 dims were the x-y and the body: its goal was fixed per maze, so left out)."""
+    """A dict observation as one vector: GOAL_KEYS first, then any others (nested too), sorted."""
     if not isinstance(obs, dict):
         return np.asarray(obs, dtype=np.float32)
     keys = [k for k in GOAL_KEYS if k in obs] + sorted(set(obs) - set(GOAL_KEYS))
@@ -721,19 +712,19 @@ def flat_observation(obs) -> np.ndarray:
 
 
 def read_minari(dataset_id: str) -> dict:
-    """The episodes in D4RL's layout, next_observations included: Minari stores each episode's last
-    observation, so every step, a truncated last one too, keeps its true s'. Terminations are terminals,
-    truncations are timeouts."""
+    """The episodes in D4RL's layout, next_observations included (each episode's last observation
+    is the s' of its last step); terminations are terminals, truncations timeouts."""
     dataset = minari_dataset(dataset_id)
-    if not isinstance(dataset.action_space, gym.spaces.Box):
-        fail(f"{dataset_id} has a {type(dataset.action_space).__name__} action space; the policy needs continuous actions")
-    columns = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")}
+    continuous_actions(dataset, dataset_id)
+    columns = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts",
+                               "next_observations")}
     for episode in dataset.iterate_episodes():
         obs = flat_observation(episode.observations)  # T + 1 rows: s_0 .. s_T
         if obs.ndim != 2:
-            fail(f"{dataset_id} has observations of shape {obs.shape[1:]}; these networks take vectors")
-        for k, v in zip(columns, (obs[:-1], episode.actions, episode.rewards, episode.terminations,
-                                  episode.truncations, obs[1:])):
+            fail(f"{dataset_id} has observations of shape {obs.shape[1:]}; "
+                 "these networks take vectors")
+        for k, v in zip(columns, (obs[:-1], episode.actions, episode.rewards,
+                                  episode.terminations, episode.truncations, obs[1:])):
             columns[k].append(np.asarray(v))
     if not columns["observations"]:
         fail(f"the Minari dataset {dataset_id} has no episodes")
@@ -742,86 +733,80 @@ def read_minari(dataset_id: str) -> dict:
 
 # ----------------------------------------------------------------------------- environments
 def make_env(env_id: str, render: bool = False) -> gym.Env:
+    """The evaluation env: a D4RL name's v4 env, a Minari id's recorded env, or a Gymnasium id."""
     kwargs = {"render_mode": "rgb_array"} if render else {}
-    if is_minari(env_id):
-        return minari_env(env_id, kwargs)
     task = env_id.split("-")[0]
+    if is_minari(env_id):
+        return continuous_actions(minari_env(env_id, kwargs), env_id)
     if task in LOCOMOTION:
         env_id = LOCOMOTION[task]
-        if task == "ant":  # D4RL's ant: 111 dims with the contact forces (27:) all zero, no contact cost
+        if task == "ant":  # D4RL's ant: 111 dims with the contact forces all zero, no contact cost
             kwargs.update(use_contact_forces=True, contact_cost_weight=0.0)
     elif family_of(env_id) != "locomotion":
-        task, level = env_id.split("-")[0], "-".join(env_id.split("-")[1:-1])
-        fail(f"{env_id}: D4RL's {task} environment needs mujoco-py; train on the same data from Minari to evaluate "
-             f"in Gymnasium-Robotics (--env D4RL/{task}/{level}-v{1 if task == 'antmaze' else 2}), or pass "
-             f"--eval-episodes 0 to train without evaluation")
+        level, v = "-".join(env_id.split("-")[1:-1]), 1 if task == "antmaze" else 2
+        fail(f"{env_id}: D4RL's {task} environment needs mujoco-py; train on the same data from "
+             f"Minari to evaluate in Gymnasium-Robotics (--env D4RL/{task}/{level}-v{v}), or "
+             "pass --eval-episodes 0 to train without evaluation")
     try:
-        with warnings.catch_warnings():  # v4 is deliberate (D4RL's models; v5 changed them): no "out of date" warning
+        with warnings.catch_warnings():  # v4 on purpose (D4RL's models): no "out of date" warning
             warnings.filterwarnings("ignore", ".*The environment .*-v4 is out of date")
             env = gym.make(env_id, **kwargs)
     except gym.error.Error as e:
         fail(f"unknown env '{env_id}' ({e})")
-    env = continuous_actions(env, env_id)
-    if task == "ant":
-        env = ZeroContactForces(env)
-    return env
+    if task == "ant":  # dims 27: zeroed, as mujoco-py under MuJoCo 2 left them in D4RL's files
+        env = gym.wrappers.TransformObservation(
+            env, lambda o: np.concatenate([o[:27], np.zeros_like(o[27:])]), env.observation_space)
+    return continuous_actions(env, env_id)
 
 
-def continuous_actions(env: gym.Env, name: str) -> gym.Env:
-    """The env with its actions in [-1, 1] (rescaled if its bounds differ), or a clear error if they are not continuous."""
+def continuous_actions(env, name: str):
+    """The env with actions in [-1, 1] (rescaled if its bounds differ); an error if discrete."""
     if not isinstance(env.action_space, gym.spaces.Box):
-        fail(f"{name} has a {type(env.action_space).__name__} action space; the policy needs continuous actions")
-    if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
-        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))  # the policy acts in [-1, 1]; float32 bounds, as the spaces
+        fail(f"{name} has a {type(env.action_space).__name__} action space; "
+             "the policy needs continuous actions")
+    if isinstance(env, gym.Env) and (np.any(env.action_space.low != -1) or
+                                     np.any(env.action_space.high != 1)):
+        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))  # the actor's range
     return env
 
 
 def minari_env(dataset_id: str, kwargs: dict) -> gym.Env:
-    """The dataset's evaluation env as Minari recorded it (the data's own env if it names none), its dict
-    observation flattened as the data's. AntMaze is evaluated as in D4RL: the episode ends at the goal."""
+    """The dataset's evaluation env as Minari recorded it, its dict observation flattened as the
+    data's; AntMaze as D4RL scored it (the episode ends at the goal: return 1 on success)."""
     dataset = minari_dataset(dataset_id)
     try:
-        with warnings.catch_warnings():  # Minari's AntMaze data are recorded in the -v4 envs: no "out of date" warning
+        with warnings.catch_warnings():  # Minari's AntMaze data use the -v4 envs
             warnings.filterwarnings("ignore", ".*is out of date")
             env = dataset.recover_environment(eval_env=True, **kwargs)
             if family_of(dataset_id) == "antmaze":
                 fixes = antmaze_eval_kwargs(env.spec, dataset.env_spec)
                 env.close()
                 env = dataset.recover_environment(eval_env=True, **kwargs, **fixes)
-        env.reset(seed=0)  # FrankaKitchen-v1 fails when made under MuJoCo >= 3.12; others would fail here
+        env.reset(seed=0)  # FrankaKitchen-v1 fails under MuJoCo >= 3.12: here, not mid-run
     except Exception as e:
-        fail(f"the environment of {dataset_id} cannot run here ({type(e).__name__}: {e}); pass --eval-episodes 0 "
-             f"to train without evaluation")
+        fail(f"the environment of {dataset_id} cannot run here ({type(e).__name__}: {e}); "
+             "pass --eval-episodes 0 to train without evaluation")
     if isinstance(env.observation_space, gym.spaces.Dict):
         dim = flat_observation(env.observation_space.sample()).shape
-        env = gym.wrappers.TransformObservation(env, flat_observation, gym.spaces.Box(-np.inf, np.inf, dim, np.float32))
-    return continuous_actions(env, dataset_id)
+        env = gym.wrappers.TransformObservation(env, flat_observation,
+                                                gym.spaces.Box(-np.inf, np.inf, dim, np.float32))
+    return env
 
 
 def antmaze_eval_kwargs(eval_spec, data_spec) -> dict:
-    """D4RL's AntMaze evaluation in Gymnasium-Robotics: the episode ends at the goal (continuing_task=False),
-    so the return is 1 on success, else 0; Minari's eval specs keep the data's continuing task, which pays 1
-    per step spent at the goal. Minari's umaze eval maze is the data's maze turned 180 degrees (Minari
-    issue #304: walls, start, goal and world coordinates all flipped); turned back, it is the data's task."""
+    """continuing_task=False (Minari's eval specs pay 1 per step at the goal), and Minari's umaze
+    eval maze, the data's turned 180 degrees (Minari issue #304), turned back."""
     kwargs = {"continuing_task": False}
-    maze, data_maze = eval_spec.kwargs.get("maze_map"), (data_spec.kwargs.get("maze_map") if data_spec else None)
-    walls = lambda m: [[cell == 1 for cell in row] for row in m]
+    maze = eval_spec.kwargs.get("maze_map")
+    data_maze = data_spec.kwargs.get("maze_map") if data_spec else None
+    walls = lambda m: [[cell == 1 for cell in row] for row in m]  # noqa: E731
     if maze and data_maze and walls(maze) != walls(data_maze):
         turned = [row[::-1] for row in maze[::-1]]
         if walls(turned) != walls(data_maze):
-            fail(f"the eval maze of the dataset ({maze}) has other walls than its data's maze ({data_maze})")
+            fail(f"the eval maze of the dataset ({maze}) has other walls than its data's "
+                 f"({data_maze})")
         kwargs["maze_map"] = turned
     return kwargs
-
-
-class ZeroContactForces(gym.ObservationWrapper):
-    """Ant-v4's observation with dims 27: (external contact forces) zeroed, as in D4RL's ant-v2 files:
-    mujoco-py with MuJoCo 2 left cfrc_ext at zero when they were collected."""
-
-    def observation(self, obs: np.ndarray) -> np.ndarray:
-        obs = obs.copy()
-        obs[27:] = 0.0
-        return obs
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -841,14 +826,15 @@ def evaluate(select, obs_buf: torch.Tensor, envs: list, seed: int) -> np.ndarray
 
 
 def forked_rng(device: torch.device):
-    """torch's RNG (CPU and this CUDA device) forked: draws inside leave the training stream as it was."""
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    """torch's RNG (CPU and this CUDA device) forked: draws inside leave the training stream."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()
+            ] if device.type == "cuda" else []
     return torch.random.fork_rng(devices=cuda)
 
 
 def reference_scores(env: str) -> Optional[tuple]:
-    """(random, expert) returns of the normalized score: a Minari dataset's own where it records them
-    (not for AntMaze: Minari's are returns of its continuing task), else d4rl's for the task, else None."""
+    """(random, expert) returns: a Minari dataset's own where it has them (not AntMaze's, which
+    score its continuing task), else d4rl's for the task, else None."""
     if is_minari(env) and family_of(env) != "antmaze":
         meta = minari_dataset(env).storage.metadata
         if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
@@ -858,56 +844,45 @@ def reference_scores(env: str) -> Optional[tuple]:
 
 def normalized_score(ref: Optional[tuple], ret: float) -> float:
     """100 (R - random) / (expert - random), as d4rl; NaN without reference returns."""
-    return float("nan") if ref is None else 100 * (ret - ref[0]) / (ref[1] - ref[0])
+    return math.nan if ref is None else 100 * (ret - ref[0]) / (ref[1] - ref[0])
 
 
-# ----------------------------------------------------------------------------- checkpoint and run folder
-def open_run(args: Args, device: torch.device) -> tuple:
-    """The --resume checkpoint (or None) and the run folder, which must not exist (or be the resumed run's)."""
-    resume = None
-    if args.resume is not None:
-        if not os.path.isfile(args.resume):
-            fail(f"checkpoint {args.resume} does not exist")
-        try:
-            resume = torch.load(args.resume, map_location=device, weights_only=False)
-        except Exception as e:  # garbage, a truncated file, a pickle of something else
-            fail(f"{args.resume} is not a readable checkpoint ({type(e).__name__})")
-        if not isinstance(resume, dict) or "script" not in resume:
-            fail(f"{args.resume} is not a checkpoint of idql.py")
-        if resume["script"] != "idql.py":
-            fail(f"{args.resume} is a checkpoint of {resume['script']}, not of idql.py")
-    if args.eval_only:  # a new folder per evaluation: the training run's outputs are never touched
-        run_dir = args.run_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume)),
-                                               f"eval__{args.selection}_N{args.num_samples}__{int(time.time())}")
-        if os.path.exists(run_dir):
-            fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
-        return resume, run_dir
-    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
-                               f"runs/{args.env.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
-        fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
-    return resume, run_dir
-
-
+# ----------------------------------------------------------------------------- checkpoints, logs
 def save_checkpoint(path: str, agent: IDQL, step: int, args: Args, evals: list):
-    state = {"script": "idql.py", "agent": agent.state_dict(), "step": step, "args": asdict(args),
-             "evaluations": evals, **{k: opt.state_dict() for k, opt in agent.optimizers().items()},
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint intact
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+           "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    opts = {k: getattr(agent, k).state_dict() for k in ("actor_opt", "critic_opt", "value_opt")}
+    torch.save({"script": "idql.py", "agent": agent.state_dict(), "step": step, "rng": rng,
+                "args": asdict(args), "evaluations": evals, **opts}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash leaves the old checkpoint intact
 
 
-def load_checkpoint(agent: IDQL, state: dict, device: torch.device):
-    """Agent, optimizers and RNG as saved, on this run's device (the checkpoint may come from another)."""
+def load_checkpoint(path: str, device: torch.device) -> dict:
+    """The checkpoint at path, or one sentence saying why it is not one of this script's."""
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # garbage, a truncated file, a pickle of something else
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(state, dict) or "script" not in state:
+        fail(f"{path} is not a checkpoint of idql.py")
+    if state["script"] != "idql.py":
+        fail(f"{path} is a checkpoint of {state['script']}, not of idql.py")
+    if len(state["value_opt"]["param_groups"][0]["params"]) == 1:  # FlatAdam's one flat tensor
+        fail(f"{path} has an older idql.py's optimizer state (FlatAdam); resume it with that one")
+    return state
+
+
+def restore(agent: IDQL, state: dict, device: torch.device) -> tuple:
+    """Agent, optimizers and RNG as saved, on this run's device; returns (step, evaluations)."""
     agent.load_state_dict(state["agent"])
-    for k, opt in agent.optimizers().items():
-        for group in state[k]["param_groups"]:  # capturable Adam on CUDA only (CPU Adam refuses it)
+    for k in ("actor_opt", "critic_opt", "value_opt"):
+        for group in state[k]["param_groups"]:  # capturable Adam on CUDA only
             group["capturable"] = device.type == "cuda"
-        opt.load_state_dict(state[k])
-    # load_state_dict put the checkpoint's lr tensor into the actor's param group: link the agent's
-    # lr tensor back in (with the saved value), or the cosine schedule no longer reaches Adam
+        getattr(agent, k).load_state_dict(state[k])
+    # load_state_dict put the saved lr tensor into Adam: link the agent's back in (with its value)
     agent.actor_lr.copy_(torch.as_tensor(agent.actor_opt.param_groups[0]["lr"]))
     agent.actor_opt.param_groups[0]["lr"] = agent.actor_lr
     torch.set_rng_state(state["rng"]["torch"].cpu())
@@ -915,81 +890,34 @@ def load_checkpoint(agent: IDQL, state: dict, device: torch.device):
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+    return state["step"], state["evaluations"]
 
 
-# ----------------------------------------------------------------------------- logging
-class Logger:
-    """The run's outputs: args.json, TensorBoard (and W&B with --track), one stdout line per log,
-    evaluations.csv; updates/s measured after the compile/capture warm-up, evaluations excluded."""
-
-    def __init__(self, run_dir: str, args: Args, hp: dict, transitions: int, start: int, end: int):
-        os.makedirs(run_dir, exist_ok=True)
-        resolved = {**{k: v for k, v in hp.items() if k != "family"}, "device": str(hp["device"]),
-                    "dataset_transitions": transitions}
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump({**asdict(args), "resolved": resolved}, f, indent=2)
-        self.run_dir, self.ref_scores, self.device = run_dir, hp["ref_scores"], hp["device"]
-        self.writer = SummaryWriter(run_dir)
-        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-        if args.track:
-            import wandb
-            wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
-                       dir=run_dir, sync_tensorboard=True)
-        self.warmup = min(start + 50, end)  # updates/s is measured after compile/capture warm-up
-        self.t0, self.n0, self.t_eval = None, 0, 0.0
-        self.bar = tqdm(total=end, initial=start, disable=not sys.stdout.isatty(), desc="idql")
-
-    def tick(self, step: int):
-        self.bar.update(1)
-        if step == self.warmup:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.t0, self.n0 = time.perf_counter(), step
-
-    def losses(self, step: int, info: dict) -> dict:
-        metrics = {k: v.item() for k, v in info.items()}  # the only host sync of the loop
-        for k, v in metrics.items():
-            if not math.isfinite(v):
-                fail(f"{k} became {v} at step {step}; lower the learning rates or check the dataset")
-            self.writer.add_scalar(k, v, step)
-        line = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("losses"))
-        if self.t0 is not None and step > self.n0:
-            metrics["updates_per_second"] = (step - self.n0) / (time.perf_counter() - self.t0 - self.t_eval)
-            self.writer.add_scalar("charts/updates_per_second", metrics["updates_per_second"], step)
-        print(f"step={step} {line} ups={metrics.get('updates_per_second', float('nan')):.0f}", flush=True)
-        return metrics
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Time spent inside (evaluation) is not counted in updates/s."""
-        t = time.perf_counter()
-        yield
-        if self.t0 is not None:
-            self.t_eval += time.perf_counter() - t
-
-    def evaluation(self, step: int, returns: np.ndarray, evals: list) -> dict:
-        ret, score = float(returns.mean()), normalized_score(self.ref_scores, float(returns.mean()))
-        evals.append((step, ret, float(returns.std()), score))
-        self.writer.add_scalar("eval/return", ret, step)
-        self.writer.add_scalar("eval/normalized_score", score, step)
-        with open(os.path.join(self.run_dir, "evaluations.csv"), "w") as f:
-            f.write("step,return,return_std,normalized_score\n")
-            f.writelines(f"{s},{r:.2f},{sd:.2f},{sc:.2f}\n" for s, r, sd, sc in evals)
-        normalized = f" normalized={score:.1f}" if math.isfinite(score) else ""  # D4RL tasks only
-        print(f"step={step} eval/return={ret:.1f} +- {returns.std():.1f}{normalized}", flush=True)
-        return {"eval/return": ret, "eval/normalized_score": score}
-
-    def close(self):
-        self.bar.close()
-        self.writer.close()
+def open_writer(args: Args, run_dir: str) -> SummaryWriter:
+    writer = SummaryWriter(run_dir)
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, config=vars(args), dir=run_dir,
+                   name=os.path.basename(run_dir), sync_tensorboard=True)
+    return writer
 
 
-# ----------------------------------------------------------------------------- CUDA graph
+def log_losses(writer: SummaryWriter, info: dict, step: int) -> dict:
+    """The update's tensors as numbers in TensorBoard; a NaN or inf stops the run, naming it."""
+    metrics = {k: v.item() for k, v in info.items()}
+    for k, v in metrics.items():
+        if not math.isfinite(v):
+            fail(f"{k} became {v} at step {step}; lower the learning rates or check the dataset")
+        writer.add_scalar(k, v, step)
+    return metrics
+
+
 def cuda_graph(fn, warmup: int = 3):
-    """fn() (no inputs: it reads static tensors) as a CUDA graph. The first `warmup` calls run fn
-    eagerly on a side stream (they allocate optimizer state, autograd buffers, cuBLAS workspaces),
-    the next one captures fn and replays it, every later one replays it. Each call is exactly one
-    call of fn, so a run does the same updates with or without the graph."""
+    """fn() (no inputs: it reads static tensors) as a CUDA graph: `warmup` eager calls on a side
+    stream (they allocate optimizer state and workspaces), then one capture, then replays. Each
+    call is one call of fn, so a run does the same updates with or without the graph."""
     graph, out, calls = None, None, 0
 
     def call():

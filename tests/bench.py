@@ -62,14 +62,14 @@ def iql_step(device, mode):
 def idql_step(device, mode):
     """idql.py: one IDQL update (diffusion BC + EMA, V, twin Q, Polyak), batch 512, Hopper sizes."""
     import idql
-    agent = idql.IDQL(11, 3, idql.Args(), expectile=0.7, device=device)
+    agent = idql.IDQL(11, 3, idql.with_family_defaults(idql.Args()), device)
     return speedup(sampled_update(agent, idql.Args.batch_size, device), mode, idql.cuda_graph), 1, "updates"
 
 
 def idql_select(device, mode):
     """idql.py: one action selection for 10 evaluation envs (N = 64 samples each, T = 5 DDPM steps)."""
     import idql
-    agent = idql.IDQL(11, 3, idql.Args(), expectile=0.7, device=device)
+    agent = idql.IDQL(11, 3, idql.with_family_defaults(idql.Args()), device)
     obs = torch.randn(10, 11, device=device)
     return speedup(lambda: agent.select(obs), mode, idql.cuda_graph), 1, "selections"
 
@@ -226,7 +226,8 @@ SCRIPTS = {"iql": iql_step, "idql": idql_step, "idql-select": idql_select,
 def use_fused_adam():
     """Every script's FlatAdam with fused=True (for --fused-adam)."""
     import importlib
-    for name in ("idql", "rlpd", "sac_20min", "fastrlap"):  # (iql.py's Adam is torch's fused one)
+    # (iql.py's Adam is torch's fused one; idql.py's is torch's unfused one, as its documented runs)
+    for name in ("rlpd", "sac_20min", "fastrlap"):
         flat_adam = importlib.import_module(name).FlatAdam
         flat_adam.__init__ = lambda self, params, _init=flat_adam.__init__, **kw: _init(self, params, fused=True, **kw)
 

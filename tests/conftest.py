@@ -66,9 +66,7 @@ def check_minari_hopper_main(module, minari_root, tmp_path, monkeypatch, **overr
 
 
 def dataset_of(module, args):
-    """module.load_dataset on the CPU, without an env (iql.py fills Args; idql.py resolves a dict beside it)."""
-    if hasattr(module, "resolve_args"):
-        return module.load_dataset(args, module.resolve_args(args), None, torch.device("cpu"))
+    """module.load_dataset on the CPU, without an env, with the family's defaults filled in."""
     return module.load_dataset(module.with_family_defaults(args), None, torch.device("cpu"))
 
 
@@ -316,8 +314,8 @@ def graph_replays_match_eager_steps(module, agent, batch_size, steps=5, n=1000, 
             assert close(out[k], ref[k]), (i, k)
         for (name, p), q in zip(agent.state_dict().items(), twin.state_dict().values()):
             assert close(p, q), (i, name)
-        for name, opt in agent.optimizers().items():
-            twin_opt = twin.optimizers()[name]
+        for name in ("actor_opt", "critic_opt", "value_opt"):
+            opt, twin_opt = getattr(agent, name), getattr(twin, name)
             for p, q in zip(opt.param_groups[0]["params"], twin_opt.param_groups[0]["params"]):
                 for k in ("exp_avg", "exp_avg_sq", "step"):
                     assert close(opt.state[p][k], twin_opt.state[q][k]), (i, name, k)

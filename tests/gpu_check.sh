@@ -68,7 +68,7 @@ timeout 60 python3 tests/bench.py --scripts sac_20min-env rlpd-env --modes $MODE
 cat "$OUT/bench.log"
 
 stamp fused-adam  # what a fused Adam step would buy (changes the last bits; see bench.py)
-timeout 100 python3 tests/bench.py --fused-adam --scripts iql idql sac_20min rlpd fastrlap --modes $MODES --steps $BENCH \
+timeout 100 python3 tests/bench.py --fused-adam --scripts iql sac_20min rlpd fastrlap --modes $MODES --steps $BENCH \
   > "$OUT/bench_fused.log" 2>&1
 cat "$OUT/bench_fused.log"
 

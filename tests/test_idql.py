@@ -4,6 +4,7 @@ hand-computed numbers, a two-mode action distribution, critic-based selection, b
 import copy
 import math
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,15 +15,10 @@ import idql
 from conftest import (assert_finite_losses, check_antmaze_eval_env, check_kitchen_trains_without_evaluation,
                       check_main_feeds_update_aligned_transitions, check_minari_antmaze_main, check_minari_errors,
                       check_minari_hopper_main, check_minari_loads_as_d4rl, check_resume_equals_the_uninterrupted_run,
-                      check_resume_refuses_non_checkpoints, compiled_matches_eager, flat_adam_steps_as_torch_adam, graph_replays_match_eager_steps,
+                      check_resume_refuses_non_checkpoints, compiled_matches_eager, graph_replays_match_eager_steps,
                       random_batch, run_script, tensorboard_events, tiny_args)
 
 TINY = dict(actor_hidden=32, num_samples=8, eval_episodes=3)
-
-
-def test_flat_adam_steps_as_torch_adam():
-    flat_adam_steps_as_torch_adam(idql)
-    flat_adam_steps_as_torch_adam(idql, weight_decay=1e-2, decoupled_weight_decay=True)  # the actor's AdamW
 
 
 def test_main_tiny_hopper(hopper_files, tmp_path):
@@ -84,8 +80,8 @@ def test_resume_keeps_the_lr_schedule_linked_and_takes_a_cuda_checkpoint(hopper_
     idql.main(args)
     ckpt = os.path.join(args.run_dir, "checkpoint.pt")
     state = torch.load(ckpt, weights_only=False)
-    agent = idql.IDQL(11, 3, args, expectile=0.7, device=torch.device("cpu"))
-    idql.load_checkpoint(agent, state, torch.device("cpu"))
+    agent = idql.IDQL(11, 3, idql.with_family_defaults(args), torch.device("cpu"))
+    idql.restore(agent, state, torch.device("cpu"))
     assert agent.actor_opt.param_groups[0]["lr"] is agent.actor_lr  # the schedule writes into AdamW's lr
     assert agent.actor_lr.item() == state["actor_opt"]["param_groups"][0]["lr"].item()
     for opt in ("actor_opt", "critic_opt", "value_opt"):  # as a run on CUDA saves them; CPU Adam refuses those
@@ -113,6 +109,14 @@ def test_resume_refuses_what_is_not_an_idql_checkpoint(hopper_files, tmp_path, m
         check_resume_refuses_non_checkpoints(idql, tmp_path, lambda path: tiny_args(
             idql, tmp_path, env=env, resume=path, eval_only=eval_only, run_dir=str(tmp_path / "new"), **TINY),
             tmp_path / "iql" / "checkpoint.pt")
+
+
+def test_resume_refuses_a_flat_adam_checkpoint(tmp_path):
+    """Older idql.py files kept each network's Adam state as one flat tensor (FlatAdam)."""
+    path = str(tmp_path / "checkpoint.pt")
+    torch.save({"script": "idql.py", "value_opt": {"state": {}, "param_groups": [{"params": [0]}]}}, path)
+    with pytest.raises(SystemExit, match="older idql.py's optimizer state"):
+        idql.load_checkpoint(path, torch.device("cpu"))
 
 
 def test_ant_evaluates_in_the_env_d4rl_recorded():
@@ -238,8 +242,8 @@ class MixtureOracle(torch.nn.Module):
 
 
 def _agent(obs_dim=2, act_dim=1, **overrides):
-    args = idql.Args(hidden_dim=64, actor_hidden=64, **overrides)
-    return idql.IDQL(obs_dim, act_dim, args, expectile=args.expectile or 0.7, device=torch.device("cpu"))
+    args = idql.with_family_defaults(idql.Args(hidden_dim=64, actor_hidden=64, **overrides))
+    return idql.IDQL(obs_dim, act_dim, args, torch.device("cpu"))
 
 
 def test_sampler_recovers_a_point_mass_with_the_exact_denoiser():
@@ -335,10 +339,10 @@ def test_selection_picks_the_mode_the_critic_prefers(two_mode_agent):
     agent = copy.copy(two_mode_agent)
     torch.manual_seed(2)
     obs = torch.randn(1000, 2)
-    agent.selection = "argmax"
+    agent.args = replace(agent.args, selection="argmax")
     assert _regions(agent.select(obs).squeeze(-1))[0] > 0.95  # reward 1 at +0.6, 0 at -0.6
     # implicit policy mu * w, w = |tau - 1(A<0)|: P(A > 0) = p tau / (p tau + (1 - p)(1 - tau)), p = mu(A > 0)
-    agent.selection, agent.expectile = "implicit", 0.9
+    agent.args = replace(agent.args, selection="implicit", expectile=0.9)
     adv = lambda a: agent.critic_target(obs, a).min(0).values - agent.value(obs).squeeze(-1)  # noqa: E731
     with torch.no_grad():
         p = (adv(agent.sample(obs)) > 0).float().mean().item()
@@ -375,13 +379,13 @@ def test_selection_reads_the_min_of_the_target_twins():
     agent.critic, agent.value = TableQ(candidates, [[5.0, 0.0, 0.0, 0.0]] * 2), ConstV()
     assert torch.equal(agent.select(torch.zeros(B, 2)), torch.full((B, 1), 0.3))
     # A = min Q - 0.5 = (-0.5, 0.5, 0.7, -5.5); tau = 0.9: w = (0.1, 0.9, 0.9, 0.1) / (that / |A|)
-    agent.selection, agent.expectile = "implicit", 0.9
     weights = {"expectile": [0.1, 0.9, 0.9, 0.1], "quantile": [0.2, 1.8, 0.9 / 0.7, 0.1 / 5.5]}
-    for agent.objective, w in weights.items():
+    for objective, w in weights.items():
+        agent.args = replace(agent.args, selection="implicit", expectile=0.9, critic_objective=objective)
         torch.manual_seed(0)
         chosen = agent.select(torch.zeros(B, 2))
         freq = [(chosen == c).float().mean().item() for c in candidates]
-        assert freq == pytest.approx([x / sum(w) for x in w], abs=0.015), (agent.objective, freq)
+        assert freq == pytest.approx([x / sum(w) for x in w], abs=0.015), (objective, freq)
 
 
 def test_quantile_objective_and_weights_by_hand():
@@ -423,14 +427,15 @@ def test_compiled_update_matches_eager():
     g = torch.Generator().manual_seed(1)
     batch = [torch.randn(64, 11, generator=g), torch.rand(64, 3, generator=g) * 2 - 1, torch.randn(64, generator=g),
              torch.ones(64), torch.randn(64, 11, generator=g)]
-    compiled_matches_eager(lambda: idql.IDQL(11, 3, idql.Args(hidden_dim=32, actor_hidden=32), expectile=0.7, device=torch.device("cpu")), batch)
+    args = idql.with_family_defaults(idql.Args(hidden_dim=32, actor_hidden=32))
+    compiled_matches_eager(lambda: idql.IDQL(11, 3, args, torch.device("cpu")), batch)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replays_equal_eager_steps():
     torch.manual_seed(0)
     args = idql.Args(lr_decay_steps=6)  # the lr changes at every step and reaches 0 within the test
-    agent = idql.IDQL(11, 3, args, expectile=0.7, device=torch.device("cuda"))
+    agent = idql.IDQL(11, 3, idql.with_family_defaults(args), torch.device("cuda"))
     graph_replays_match_eager_steps(idql, agent, batch_size=512)  # t, eps and dropout from the same RNG state
 
 
@@ -472,7 +477,7 @@ def test_cuda_graph_selection_equals_eager(selection):
     """The N-sample selection (T denoising steps + the critic's choice) replayed as one graph."""
     device = torch.device("cuda")
     torch.manual_seed(0)
-    agent = idql.IDQL(11, 3, idql.Args(selection=selection), expectile=0.7, device=device)
+    agent = idql.IDQL(11, 3, idql.with_family_defaults(idql.Args(selection=selection)), device)
     obs_buf = torch.zeros(10, 11, device=device)
     replay = idql.cuda_graph(lambda: agent.select(obs_buf))
     for _ in range(2):  # a new state each time: the graph reads the static buffer
