@@ -227,7 +227,7 @@ def use_fused_adam():
     """Every script's FlatAdam with fused=True (for --fused-adam)."""
     import importlib
     # (iql.py's Adam is torch's fused one; idql.py's is torch's unfused one, as its documented runs)
-    for name in ("rlpd", "sac_20min", "fastrlap"):
+    for name in ("rlpd", "fastrlap"):  # (sac_20min.py's Adam is torch's own)
         flat_adam = importlib.import_module(name).FlatAdam
         flat_adam.__init__ = lambda self, params, _init=flat_adam.__init__, **kw: _init(self, params, fused=True, **kw)
 

@@ -474,11 +474,11 @@ def checkpoint(run_dir):
 def check_replay_masks_termination_not_truncation(buffer):
     """A replay filled by main() on Wiring-v0: m = 0 exactly on terminal transitions; a time-limit cut keeps
     m = 1 and its true s'."""
-    obs, act, rew, mask, next_obs = buffer.split(buffer.rows)
+    obs, act, _, mask, next_obs = buffer.rows.split(buffer.dims, -1)
     terminal = next_obs[:, 1].abs() > 1.5
     cut = (next_obs[:, 0] == 1.0) & ~terminal  # the 10th step of an episode that did not end by itself
     assert terminal.sum() > 5 and cut.sum() > 5
-    torch.testing.assert_close(mask, (~terminal).float())
+    torch.testing.assert_close(mask[:, 0], (~terminal).float())
     torch.testing.assert_close(next_obs[:, 1], obs[:, 1] + act[:, 0])  # s' is the step's own, never a reset's
 
 

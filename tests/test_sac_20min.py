@@ -20,7 +20,7 @@ from conftest import (assert_finite_losses, assert_same_training_state, check_fu
                       check_actor_and_temperature_steps_by_hand,
                       check_each_critic_step_reads_its_own_slice, check_polyak_after_every_critic_step,
                       check_replay_masks_termination_not_truncation, checkpoint,
-                      compiled_matches_eager, flat_adam_steps_as_torch_adam, run_script, tensorboard_events)  # (conftest registers Wiring-v0)
+                      compiled_matches_eager, run_script, tensorboard_events)  # (conftest registers Wiring-v0)
 
 TINY = dict(env="Pendulum-v1", total_timesteps=300, learning_starts=100, utd_ratio=2, batch_size=32, hidden_dim=32,
             eval_interval=150, eval_episodes=1, log_interval=100, device="cpu")
@@ -122,10 +122,6 @@ def batch(n, seed=0):
             torch.ones(n), torch.randn(n, 3, generator=g)]
 
 
-def test_flat_adam_steps_as_torch_adam():
-    flat_adam_steps_as_torch_adam(sac_20min)
-
-
 def test_utd_block_counts_and_target_polyak():
     torch.manual_seed(0)
     agent = make_agent(utd=5)
@@ -175,8 +171,8 @@ def test_replay_masks_termination_not_truncation(tmp_path):
     buffer = sac_20min.ReplayBuffer(300, 2, 1, torch.device("cpu"))
     buffer.load_state_dict(checkpoint(args.run_dir)["buffers"]["train"])
     check_replay_masks_termination_not_truncation(buffer)
-    _, _, rew, _, next_obs = buffer.split(buffer.rows)
-    torch.testing.assert_close(rew, next_obs[:, 1])  # Wiring's reward: x after the step, the step's own
+    _, _, rew, _, next_obs = buffer.rows.split(buffer.dims, -1)
+    torch.testing.assert_close(rew[:, 0], next_obs[:, 1])  # Wiring's reward: x after the step, the step's own
 
 
 def test_critic_loss_of_a_block_by_hand():
