@@ -212,6 +212,9 @@ class SAC(nn.Module):
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), args.actor_lr, capturable=cap)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), args.critic_lr, capturable=cap)
         self.temp_opt = torch.optim.Adam([self.log_alpha], args.temp_lr, capturable=cap)
+        self.target_params = list(self.critic_target.parameters())  # built once, not per step
+        self.critic_params = list(self.critic.parameters())
+        self.actor_params = list(self.actor.parameters())
 
     def critic_target_value(self, rew, mask, next_obs) -> torch.Tensor:
         """y = r + gamma m (min_k Qtarget_k(s', a') - alpha log pi(a'|s')),  a' ~ pi(.|s')."""
@@ -235,15 +238,14 @@ class SAC(nn.Module):
             critic_loss.backward()
             self.critic_opt.step()
             with torch.no_grad():  # or autograd records every Polyak step (a graph without end)
-                torch._foreach_lerp_(list(self.critic_target.parameters()),
-                                     list(self.critic.parameters()), self.tau)
+                torch._foreach_lerp_(self.target_params, self.critic_params, self.tau)
 
         # actor on the last slice (s), on the mean of the critics (not their min), dropout still on
         alpha = self.log_alpha.exp().detach()
         new_act, log_prob = self.actor.sample(obs[s])
         actor_loss = (alpha * log_prob - self.critic(obs[s], new_act).mean(0)).mean()
         self.actor_opt.zero_grad()
-        actor_loss.backward(inputs=list(self.actor.parameters()))  # no gradient into the critics
+        actor_loss.backward(inputs=self.actor_params)  # no gradient into the critics
         self.actor_opt.step()
 
         # temperature: raise alpha when the entropy is below its target
@@ -264,93 +266,6 @@ class SAC(nn.Module):
 
     def optimizers(self) -> dict:
         return dict(actor_opt=self.actor_opt, critic_opt=self.critic_opt, temp_opt=self.temp_opt)
-
-
-# ----------------------------------------------------------------------------- the data it sees
-def make_env(args: Args, render: bool = False) -> gym.Env:
-    """The env with actions in [-1, 1] (the actor's tanh range), optionally low-pass filtered."""
-    try:
-        with warnings.catch_warnings():  # v4 on purpose (D4RL's models): not "out of date" here
-            warnings.filterwarnings("ignore", r".*is out of date", DeprecationWarning)
-            env = gym.make(args.env, **({"render_mode": "rgb_array"} if render else {}))
-    except gym.error.Error as e:
-        fail(f"unknown env '{args.env}' ({e})")
-    if not isinstance(env.action_space, gym.spaces.Box):
-        fail(f"{args.env} has a {type(env.action_space).__name__} action space; "
-             "SAC needs continuous actions")
-    if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
-        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))
-    if args.action_filter_cutoff is not None:
-        env = LowPassAction(env, args.action_filter_cutoff, fs=1.0 / env.unwrapped.dt)
-    return env
-
-
-def butterworth_lowpass(cutoff: float, fs: float) -> tuple:
-    """2nd-order Butterworth low-pass by the bilinear transform (as scipy.signal.butter(2, cutoff,
-    fs=fs)): y_n = b0 x_n + b1 x_{n-1} + b2 x_{n-2} - a1 y_{n-1} - a2 y_{n-2}."""
-    k = math.tan(math.pi * cutoff / fs)  # pre-warped analogue frequency
-    norm = 1.0 / (1.0 + math.sqrt(2) * k + k * k)
-    b0 = k * k * norm
-    return (b0, 2 * b0, b0), (2 * (k * k - 1) * norm, (1 - math.sqrt(2) * k + k * k) * norm)
-
-
-class LowPassAction(gym.Wrapper):
-    """Filters each action dimension before the env sees it; zero history after each reset."""
-
-    def __init__(self, env: gym.Env, cutoff: float, fs: float):
-        super().__init__(env)
-        self.b, self.a = butterworth_lowpass(cutoff, fs)
-        self.x = np.zeros((2,) + env.action_space.shape)  # last two inputs and outputs
-        self.y = np.zeros((2,) + env.action_space.shape)
-
-    def reset(self, **kwargs):
-        self.x[:], self.y[:] = 0.0, 0.0
-        return self.env.reset(**kwargs)
-
-    def step(self, action):
-        (b0, b1, b2), (a1, a2) = self.b, self.a
-        y = b0 * action + b1 * self.x[0] + b2 * self.x[1] - a1 * self.y[0] - a2 * self.y[1]
-        self.x = np.stack([action, self.x[0]])
-        self.y = np.stack([y, self.y[0]])
-        return self.env.step(y.astype(np.float32))
-
-
-class ReplayBuffer:
-    """Transitions as rows [s, a, r, m, s'] of one device tensor, batch indices drawn on the device
-    (n uniform integers mod size: float32 `rand * size` is not uniform over millions of rows)."""
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
-        self.capacity, self.dims = capacity, (obs_dim, act_dim, 1, 1, obs_dim)
-        self.rows = torch.zeros(capacity, sum(self.dims), device=device)
-        self.size_t = torch.zeros((), dtype=torch.long, device=device)  # (CUDA graph) the size
-        self.ptr, self.size = 0, 0
-
-    def add(self, obs, act, rew, mask, next_obs):
-        row = np.concatenate([obs, act, [rew], [mask], next_obs]).astype(np.float32)
-        self.rows[self.ptr].copy_(torch.from_numpy(row))
-        self.ptr = (self.ptr + 1) % self.capacity
-        self.size = min(self.size + 1, self.capacity)
-        self.size_t.fill_(self.size)  # (CUDA graph) a captured block samples from the new size
-
-    def indices(self, n: int) -> torch.Tensor:  # the modulo's bias is below size / 2^62
-        return torch.randint(0, 2**62, (n,), device=self.rows.device) % self.size_t
-
-    def sample(self, n: int) -> tuple:
-        """(s, a, r, m, s') of n uniform draws."""
-        obs, act, rew, mask, next_obs = self.rows[self.indices(n)].split(self.dims, dim=-1)
-        return obs, act, rew.squeeze(-1), mask.squeeze(-1), next_obs
-
-    def state_dict(self) -> dict:
-        """The rows oldest first, so that a run with another capacity can resume them."""
-        rows = torch.cat([self.rows[self.ptr:self.size], self.rows[:self.ptr]])
-        return {"rows": rows.cpu(), "size": self.size}
-
-    def load_state_dict(self, state: dict):
-        rows = state["rows"][-self.capacity:]  # the newest rows, if this run's capacity is smaller
-        self.size = len(rows)
-        self.rows[:self.size] = rows.to(self.rows.device)
-        self.ptr = self.size % self.capacity  # the next row goes after the newest; row 0 when full
-        self.size_t.fill_(self.size)
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -482,8 +397,95 @@ def main(args: Args) -> dict:
 
 
 # =============================================================================
-# Plumbing: checks, evaluation, the D4RL writer, checkpoints, the CUDA-graph helper.
+# Plumbing: the env, the replay buffer, checks, evaluation, the D4RL writer, checkpoints,
+# the CUDA-graph helper.
 # =============================================================================
+def make_env(args: Args, render: bool = False) -> gym.Env:
+    """The env with actions in [-1, 1] (the actor's tanh range), optionally low-pass filtered."""
+    try:
+        with warnings.catch_warnings():  # v4 on purpose (D4RL's models): not "out of date" here
+            warnings.filterwarnings("ignore", r".*is out of date", DeprecationWarning)
+            env = gym.make(args.env, **({"render_mode": "rgb_array"} if render else {}))
+    except gym.error.Error as e:
+        fail(f"unknown env '{args.env}' ({e})")
+    if not isinstance(env.action_space, gym.spaces.Box):
+        fail(f"{args.env} has a {type(env.action_space).__name__} action space; "
+             "SAC needs continuous actions")
+    if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
+        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))
+    if args.action_filter_cutoff is not None:
+        env = LowPassAction(env, args.action_filter_cutoff, fs=1.0 / env.unwrapped.dt)
+    return env
+
+
+def butterworth_lowpass(cutoff: float, fs: float) -> tuple:
+    """2nd-order Butterworth low-pass by the bilinear transform (as scipy.signal.butter(2, cutoff,
+    fs=fs)): y_n = b0 x_n + b1 x_{n-1} + b2 x_{n-2} - a1 y_{n-1} - a2 y_{n-2}."""
+    k = math.tan(math.pi * cutoff / fs)  # pre-warped analogue frequency
+    norm = 1.0 / (1.0 + math.sqrt(2) * k + k * k)
+    b0 = k * k * norm
+    return (b0, 2 * b0, b0), (2 * (k * k - 1) * norm, (1 - math.sqrt(2) * k + k * k) * norm)
+
+
+class LowPassAction(gym.Wrapper):
+    """Filters each action dimension before the env sees it; zero history after each reset."""
+
+    def __init__(self, env: gym.Env, cutoff: float, fs: float):
+        super().__init__(env)
+        self.b, self.a = butterworth_lowpass(cutoff, fs)
+        self.x = np.zeros((2,) + env.action_space.shape)  # last two inputs and outputs
+        self.y = np.zeros((2,) + env.action_space.shape)
+
+    def reset(self, **kwargs):
+        self.x[:], self.y[:] = 0.0, 0.0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        (b0, b1, b2), (a1, a2) = self.b, self.a
+        y = b0 * action + b1 * self.x[0] + b2 * self.x[1] - a1 * self.y[0] - a2 * self.y[1]
+        self.x = np.stack([action, self.x[0]])
+        self.y = np.stack([y, self.y[0]])
+        return self.env.step(y.astype(np.float32))
+
+
+class ReplayBuffer:
+    """Transitions as rows [s, a, r, m, s'] of one device tensor, batch indices drawn on the device
+    (n uniform integers mod size: float32 `rand * size` is not uniform over millions of rows)."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.capacity, self.dims = capacity, (obs_dim, act_dim, 1, 1, obs_dim)
+        self.rows = torch.zeros(capacity, sum(self.dims), device=device)
+        self.size_t = torch.zeros((), dtype=torch.long, device=device)  # (CUDA graph) the size
+        self.ptr, self.size = 0, 0
+
+    def add(self, obs, act, rew, mask, next_obs):
+        row = np.concatenate([obs, act, [rew], [mask], next_obs]).astype(np.float32)
+        self.rows[self.ptr].copy_(torch.from_numpy(row))
+        self.ptr = (self.ptr + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+        self.size_t.fill_(self.size)  # (CUDA graph) a captured block samples from the new size
+
+    def indices(self, n: int) -> torch.Tensor:  # the modulo's bias is below size / 2^62
+        return torch.randint(0, 2**62, (n,), device=self.rows.device) % self.size_t
+
+    def sample(self, n: int) -> tuple:
+        """(s, a, r, m, s') of n uniform draws."""
+        obs, act, rew, mask, next_obs = self.rows[self.indices(n)].split(self.dims, dim=-1)
+        return obs, act, rew.squeeze(-1), mask.squeeze(-1), next_obs
+
+    def state_dict(self) -> dict:
+        """The rows oldest first, so that a run with another capacity can resume them."""
+        rows = torch.cat([self.rows[self.ptr:self.size], self.rows[:self.ptr]])
+        return {"rows": rows.cpu(), "size": self.size}
+
+    def load_state_dict(self, state: dict):
+        rows = state["rows"][-self.capacity:]  # the newest rows, if this run's capacity is smaller
+        self.size = len(rows)
+        self.rows[:self.size] = rows.to(self.rows.device)
+        self.ptr = self.size % self.capacity  # the next row goes after the newest; row 0 when full
+        self.size_t.fill_(self.size)
+
+
 def fail(message: str):
     """Bad input: one clear sentence on stderr and exit status 1."""
     raise SystemExit(f"sac_20min.py: error: {message}")
