@@ -1,72 +1,47 @@
 """RLPD: online SAC that samples half of every batch from offline data.
 
-Paper: Ball, Smith, Kostrikov, Levine, "Efficient Online Reinforcement Learning with
-Offline Data", ICML 2023, arXiv:2302.02948. Official code (JAX): ikostrikov/rlpd.
+Ball, Smith, Kostrikov, Levine, "Efficient Online Reinforcement Learning with Offline Data",
+ICML 2023, arXiv:2302.02948; official code (JAX): ikostrikov/rlpd. Plain SAC, online from step
+0, no offline loss, with three changes: symmetric sampling (each batch of B: B/2 rows of the
+offline data D, B/2 of the online replay R), LayerNorm critics, and a large ensemble at a high
+update-to-data ratio G. After `learning_starts` random steps, each env step draws G batches
+(m = 1 - terminal) for one UTD block:
 
-No pre-training and no offline RL loss: plain SAC, run online from step 0, with three
-changes. (1) Symmetric sampling: each batch of B is B/2 transitions from the offline
-dataset D and B/2 from the online replay R. (2) LayerNorm in the critics, which keeps
-Q from extrapolating far beyond the data. (3) A large ensemble at a high update-to-data
-ratio G. Per env step, after `learning_starts` uniformly random steps:
-
-    draw G batches (each half D, half R); for g = 1..G, on batch g:
-        Z   = a random subset of num_min_qs of the num_qs target critics
+    for g = 1..G, on batch g:  (Z: a fresh random subset of num_min_qs of the num_qs critics)
         y   = r + gamma m (min_{k in Z} Qtarget_k(s', a') - alpha log pi(a'|s')),  a' ~ pi(.|s')
-        L_Q = mean_k (Q_k(s, a) - y)^2 ;  Qtarget <- (1 - tau) Qtarget + tau Q
-    on the last batch:
+        L_Q = mean_k (Q_k(s, a) - y)^2 ;   Qtarget <- (1 - tau) Qtarget + tau Q
+    on the last batch:  (a~ = tanh(u), u ~ N(mu(s), sigma(s)))
         L_pi    = E[alpha log pi(a~|s) - mean_k Q_k(s, a~)]
-        L_alpha = alpha (H - H_target),  H_target = -|A| / 2
+        L_alpha = alpha (H - H_target),  H = -E[log pi(a~|s)],  H_target = -|A| / 2
 
-sac_20min.py is the same agent without prior data (and with DroQ's dropout critics):
-`diff sac_20min.py rlpd.py` shows the differences.
-
-Usage:
-    python rlpd.py --env hopper-medium-v2                # downloads the D4RL file, runs Hopper-v4
+Usage (sac_20min.py is this agent without prior data, with DroQ's dropout: diff the two files):
+    python rlpd.py --env hopper-medium-v2                 # downloads the D4RL file, runs Hopper-v4
     python rlpd.py --env hopper-medium-v2 --dataset hopper-medium-local.hdf5
-    python rlpd.py --env Hopper-v4 --dataset replay.hdf5  # e.g. a replay saved by sac_20min.py
-    python rlpd.py --env Hopper-v4 --offline-ratio 0      # no prior data: SAC with the RLPD critics
-    python rlpd.py --env mujoco/hopper/medium-v0          # a Minari dataset, online in Hopper-v5
-    python rlpd.py --env D4RL/antmaze/umaze-v1 --total-timesteps 300000   # the official antmaze run
-    python rlpd.py --help
+    python rlpd.py --env Hopper-v4 --offline-ratio 0      # no prior data: SAC with RLPD's critics
+    python rlpd.py --env D4RL/antmaze/umaze-v1 --total-timesteps 300000   # Minari data, online
+
+Family defaults (the official README commands), each overridable: antmaze 3 hidden layers, a
+one-critic min, no entropy in the backup, r - 1 offline and online; adroit 3 hidden layers, no
+entropy in the backup. docs/rlpd.md has the environment details (D4RL's ant, Minari's AntMaze).
 
 Differences from the official code:
-- PyTorch instead of JAX; the ensemble is one batched module (stacked weights, bmm), and the
-  target's random subset indexes the stacked weights.
-- Adam steps each network as one flat tensor (FlatAdam): torch's Adam bit for bit, in fewer kernels.
-- Evaluation runs in Gymnasium's MuJoCo port (hopper-*-v2 -> Hopper-v4: the v4 envs on purpose,
-  they port the models of D4RL's data; Gymnasium's "out of date" warning about them is silenced)
-  and the D4RL files are read with h5py. ant-* runs Ant-v4 made to match D4RL's ant-v2 data,
-  which was recorded with MuJoCo 2 where the contact forces read zero: 111-dim observations with
-  dims 27: zeroed, and no contact cost in the reward (Gymnasium's Ant-v4 with contact forces
-  fills both). D4RL's AntMaze, Kitchen and Adroit names are refused (RLPD needs their envs online,
-  and those need mujoco-py); the same data from Minari runs online in the env the dataset records
-  (Gymnasium-Robotics), as iql.py evaluates it: AntMaze ends an episode at the goal as D4RL's did
-  (`continuing_task=False`; Minari's umaze eval maze, turned 180 degrees, turned back), goal dicts are
-  flattened (observation, achieved goal, desired goal), Kitchen's env does not run under MuJoCo 4.
-- With `next_observations` in the file, timeout steps are kept as non-terminal transitions
-  (d4rl.qlearning_dataset drops them); without it, s' is rebuilt as the official code does.
-- The official README commands' settings are family defaults (FAMILY_DEFAULTS), each overridable:
-  antmaze: 3 hidden layers, a one-critic min, no entropy in the backup, rewards r - 1 (offline and
-  online); adroit: 3 hidden layers, no entropy in the backup. Run lengths stay flags (official:
-  antmaze 300k steps, adroit 1M). The official adroit runs used AWAC's binary-reward pen/door/relocate
-  data (pen-binary-v0), which is not on Minari; D4RL/pen/human-v2 etc. are the dense-reward D4RL data.
-- Each of the G batches holds exactly round(B * offline_ratio) offline rows (the official code
-  interleaves one G x B/2 draw from each, which only works for a ratio of 0.5).
+- PyTorch; the ensemble is one batched module (stacked weights, bmm).
+- Evaluation in Gymnasium's MuJoCo v4 envs (D4RL's models); the files are read with h5py.
+- Files with next_observations keep timeout steps as non-terminal transitions (m = 1).
+- Each batch holds exactly round(B * offline_ratio) offline rows (official: one G x B/2 draw
+  from each, interleaved, which works only for a ratio of 0.5).
 """
 
-import contextlib
-import dataclasses
 import json
 import math
 import os
 import random
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import gymnasium as gym
@@ -85,8 +60,8 @@ class Args:
     exp_name: str = "rlpd"
     """name of this experiment (part of the run folder's name)"""
     env: str = "hopper-medium-v2"
-    """a D4RL locomotion dataset or a Minari dataset id (mujoco/hopper/medium-v0, D4RL/antmaze/umaze-v1, ...):
-    its env runs online; with --dataset also any Gymnasium id"""
+    """a D4RL locomotion dataset or a Minari dataset id (mujoco/hopper/medium-v0,
+    D4RL/antmaze/umaze-v1, ...): its env runs online; with --dataset also any Gymnasium id"""
     dataset: Optional[str] = None
     """path of a local D4RL-format .hdf5 (the prior data); skips the download"""
     seed: int = 42
@@ -94,7 +69,7 @@ class Args:
     total_timesteps: int = 250_000
     """environment steps (official locomotion runs: 250k)"""
     learning_starts: int = 5000
-    """uniformly random actions, and no updates, for this many steps (official README commands: 5000)"""
+    """uniformly random actions, and no updates, for this many steps (official commands: 5000)"""
     utd_ratio: int = 20
     """critic updates per environment step (G)"""
     batch_size: int = 256
@@ -118,11 +93,12 @@ class Args:
     hidden_dim: int = 256
     """width of the hidden layers of actor and critics"""
     hidden_layers: Optional[int] = None
-    """hidden layers of actor and critics (default: 2; antmaze, adroit: 3, as the official commands)"""
+    """hidden layers of actor and critics (default: 2; antmaze, adroit: 3, as officially)"""
     num_qs: int = 10
     """critics in the ensemble"""
     num_min_qs: Optional[int] = None
-    """size of the random subset of target critics whose min is the backup (default: 2; antmaze: 1)"""
+    """size of the random subset of target critics whose min is the backup (default: 2;
+    antmaze: 1)"""
     critic_layer_norm: bool = True
     """LayerNorm after each critic hidden layer"""
     init_temperature: float = 1.0
@@ -130,9 +106,10 @@ class Args:
     target_entropy: Optional[float] = None
     """entropy target (default: -|A| / 2)"""
     backup_entropy: Optional[bool] = None
-    """subtract gamma * m * alpha * log pi(a'|s') in the critic target (default: on; antmaze, adroit: off)"""
+    """subtract gamma * m * alpha * log pi(a'|s') in the critic target (default: on; antmaze,
+    adroit: off)"""
     reward_bias: Optional[float] = None
-    """added to every reward, offline and online (default: 0; antmaze: -1, as the official code)"""
+    """added to every reward, offline and online (default: 0; antmaze: -1, as officially)"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005
@@ -152,14 +129,27 @@ class Args:
     save_model: bool = False
     """write run_dir/checkpoint.pt (agent, optimizers, replay) at each evaluation and at the end"""
     resume: Optional[str] = None
-    """continue from a checkpoint.pt (a new episode starts; outputs go to its folder unless --run-dir)"""
+    """continue from a checkpoint.pt (a new episode starts; outputs: its folder, or --run-dir)"""
     run_dir: Optional[str] = None
     """output folder (default: runs/{env}__{exp_name}__{seed}__{time}); must not exist"""
 
 
+FAMILY_DEFAULTS = {  # the official README commands: locomotion (config defaults), antmaze, adroit
+    "locomotion": dict(hidden_layers=2, num_min_qs=2, backup_entropy=True, reward_bias=0.0),
+    "antmaze": dict(hidden_layers=3, num_min_qs=1, backup_entropy=False, reward_bias=-1.0),
+    "adroit": dict(hidden_layers=3, num_min_qs=2, backup_entropy=False, reward_bias=0.0),
+}
+
+
+def with_family_defaults(args: Args) -> Args:
+    """Args with the unset (None) flags filled from FAMILY_DEFAULTS for the dataset's family."""
+    defaults = FAMILY_DEFAULTS.get(family_of(args.env), FAMILY_DEFAULTS["locomotion"])
+    return replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+
+
 # ----------------------------------------------------------------------------- networks
 class EnsembleLinear(nn.Module):
-    """k independent linear layers applied as one batched matmul: (k, B, in) -> (k, B, out);
+    """k independent linear layers as one batched matmul: (k, B, in) -> (k, B, out);
     `members` (indices) applies only those layers."""
 
     def __init__(self, k: int, n_in: int, n_out: int):
@@ -167,7 +157,7 @@ class EnsembleLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(k, n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(k, 1, n_out))
         for w in self.weight.data:
-            nn.init.xavier_uniform_(w)  # the official default_init (flax xavier_uniform; fans of a (in, out) matrix)
+            nn.init.xavier_uniform_(w)  # the official default_init (flax xavier_uniform)
 
     def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
         if members is None:
@@ -184,31 +174,28 @@ class EnsembleLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(k, 1, dim))
 
     def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
-        w, b = (self.weight, self.bias) if members is None else (self.weight[members], self.bias[members])
+        w, b = (self.weight, self.bias) if members is None else (
+            self.weight[members], self.bias[members])
         return F.layer_norm(x, x.shape[-1:], eps=1e-6) * w + b  # flax's eps
 
 
 class Critics(nn.Module):
-    """k Q-functions, each Dense -> [Dropout] -> [LayerNorm] -> ReLU (x layers) -> Dense(1): (k, B), or
+    """k Q-functions, each Dense -> [LayerNorm] -> ReLU (x layers) -> Dense(1): (k, B), or
     (len(members), B) for a subset of them."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, k: int, dropout: float = 0.0, layer_norm: bool = True,
-                 layers: int = 2):
+    def __init__(self, obs_dim, act_dim, hidden, k, layer_norm=True, layers=2):
         super().__init__()
-        self.k, self.dropout = k, dropout
-        self.linears = nn.ModuleList([EnsembleLinear(k, obs_dim + act_dim, hidden)] + [
-            EnsembleLinear(k, hidden, hidden) for _ in range(layers - 1)] + [EnsembleLinear(k, hidden, 1)])
-        self.norms = nn.ModuleList([EnsembleLayerNorm(k, hidden) for _ in range(layers)]) if layer_norm else None
+        self.k = k
+        sizes = [(obs_dim + act_dim, hidden)] + [(hidden, hidden)] * (layers - 1) + [(hidden, 1)]
+        self.linears = nn.ModuleList([EnsembleLinear(k, n_in, n_out) for n_in, n_out in sizes])
+        norms = range(layers * layer_norm)
+        self.norms = nn.ModuleList([EnsembleLayerNorm(k, hidden) for _ in norms])
 
-    def forward(self, obs: torch.Tensor, act: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, obs, act, members: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = torch.cat([obs, act], -1).expand(self.k if members is None else len(members), -1, -1)
         for i in range(len(self.linears) - 1):  # the hidden layers
             x = self.linears[i](x, members)
-            if self.dropout > 0:
-                x = F.dropout(x, self.dropout, self.training)  # DroQ: on in train mode, for the target too
-            if self.norms is not None:
-                x = self.norms[i](x, members)
-            x = F.relu(x)
+            x = F.relu(self.norms[i](x, members) if self.norms else x)
         return self.linears[-1](x, members).squeeze(-1)
 
 
@@ -218,7 +205,8 @@ class TanhGaussianActor(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int = 2):
         super().__init__()
         sizes = [obs_dim] + [hidden] * layers
-        self.trunk = nn.Sequential(*(m for i in range(layers) for m in (nn.Linear(sizes[i], hidden), nn.ReLU())))
+        self.trunk = nn.Sequential(*(m for i in range(layers)
+                                     for m in (nn.Linear(sizes[i], hidden), nn.ReLU())))
         self.mu, self.log_std = nn.Linear(hidden, act_dim), nn.Linear(hidden, act_dim)
         for layer in (*self.trunk[::2], self.mu, self.log_std):
             nn.init.xavier_uniform_(layer.weight)  # the official default_init
@@ -232,74 +220,42 @@ class TanhGaussianActor(nn.Module):
         h = self.trunk(obs)
         mu, log_std = self.mu(h), self.log_std(h).clamp(-20.0, 2.0)
         u = mu + log_std.exp() * torch.randn_like(mu)
-        log_prob = (-0.5 * ((u - mu) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        # log |d tanh(u)/du| = log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), stable for large |u|
-        log_prob = log_prob - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+        gauss = -0.5 * ((u - mu) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+        # log |d tanh(u)/du| = log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), stable in |u|
+        log_prob = gauss.sum(-1) - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
         return torch.tanh(u), log_prob
 
 
-def tie_(params: list, flat: torch.Tensor):
-    """Make each of `params` a view into `flat` and its grad a view into flat.grad, in order."""
-    offset = 0
-    for p in params:
-        p.data = flat.detach()[offset:offset + p.numel()].view_as(p)
-        p.grad = flat.grad[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
-
-
-class FlatAdam(torch.optim.Adam):
-    """torch's Adam on one flat tensor holding all of a network's parameters, its layers' parameters and grads
-    becoming views into it: the same steps bit for bit, in ~7 kernels per step instead of ~7 per layer
-    (1.03x for the UTD block on 2 CPU threads, whose ensemble is already a few stacked tensors). zero_grad
-    zeroes the flat grad, never drops it; a deep copy ties the copied layers to the copied flat tensor
-    again."""
-
-    def __init__(self, params, **kwargs):
-        self.layers = list(params)
-        flat = torch.cat([p.detach().reshape(-1) for p in self.layers]).requires_grad_()
-        flat.grad = torch.zeros_like(flat)
-        tie_(self.layers, flat)
-        super().__init__([flat], **kwargs)
-
-    def zero_grad(self, set_to_none: bool = False):
-        super().zero_grad(set_to_none=False)
-
-    def __getstate__(self):
-        return {**super().__getstate__(), "layers": self.layers}
-
-    def __setstate__(self, state: dict):
-        super().__setstate__(state)
-        tie_(self.layers, self.param_groups[0]["params"][0])
-
-
-# ----------------------------------------------------------------------------- the method: losses and the UTD block
+# ----------------------------------------------------------------------------- the method
 class RLPD(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
         super().__init__()
-        args = with_family_defaults(args)  # (main() has filled them already; an Args() made by hand has not)
-        self.utd, self.gamma, self.tau, self.backup_entropy = args.utd_ratio, args.gamma, args.tau, args.backup_entropy
-        self.num_qs, self.num_min_qs = args.num_qs, args.num_min_qs
+        args = with_family_defaults(args)  # (main() has filled them; an Args() by hand has not)
+        self.utd, self.gamma, self.tau = args.utd_ratio, args.gamma, args.tau
+        self.backup_entropy, self.num_qs, self.num_min_qs = (
+            args.backup_entropy, args.num_qs, args.num_min_qs)
         self.target_entropy = -act_dim / 2 if args.target_entropy is None else args.target_entropy
         self.actor = TanhGaussianActor(obs_dim, act_dim, args.hidden_dim, args.hidden_layers)
-        self.critic = Critics(obs_dim, act_dim, args.hidden_dim, args.num_qs, 0.0,  # no dropout
-                              args.critic_layer_norm, args.hidden_layers)
-        self.critic_target = Critics(obs_dim, act_dim, args.hidden_dim, args.num_qs, 0.0,
-                                     args.critic_layer_norm, args.hidden_layers)
+        critic = (obs_dim, act_dim, args.hidden_dim, args.num_qs, args.critic_layer_norm,
+                  args.hidden_layers)
+        self.critic, self.critic_target = Critics(*critic), Critics(*critic)
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(args.init_temperature)))
         self.to(device)
-        capturable = device.type == "cuda"  # CUDA graphs: Adam's step count on the GPU, so a graph can replay it
-        self.actor_opt = FlatAdam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
-        self.critic_opt = FlatAdam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
-        self.temp_opt = torch.optim.Adam([self.log_alpha], lr=args.temp_lr, capturable=capturable)
-        self.target_params, self.online_params = list(self.critic_target.parameters()), list(self.critic.parameters())
+        cap = device.type == "cuda"  # (CUDA graph) capturable: Adam's step count on the GPU
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), args.actor_lr, capturable=cap)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), args.critic_lr, capturable=cap)
+        self.temp_opt = torch.optim.Adam([self.log_alpha], args.temp_lr, capturable=cap)
+        self.target_params = list(self.critic_target.parameters())  # built once, not per step
+        self.critic_params = list(self.critic.parameters())
+        self.actor_params = list(self.actor.parameters())
 
     def critic_target_value(self, rew, mask, next_obs) -> torch.Tensor:
-        """y = r + gamma m (min_{k in Z} Qtarget_k(s', a') - alpha log pi(a'|s')), Z a random subset."""
+        """y = r + gamma m (min_{k in Z} Qtarget_k(s', a') - alpha log pi(a'|s')), Z random."""
         with torch.no_grad():
             next_act, next_log_prob = self.actor.sample(next_obs)
-            subset = torch.rand(self.num_qs, device=rew.device).argsort()[:self.num_min_qs]  # no host sync
+            subset = torch.rand(self.num_qs, device=rew.device).argsort()[:self.num_min_qs]
             next_q = self.critic_target(next_obs, next_act, members=subset).min(0).values
             if self.backup_entropy:
                 next_q = next_q - self.log_alpha.exp() * next_log_prob
@@ -317,16 +273,15 @@ class RLPD(nn.Module):
             self.critic_opt.zero_grad()
             critic_loss.backward()
             self.critic_opt.step()
-            with torch.no_grad():  # or autograd records every Polyak step (a graph growing without end)
-                torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
+            with torch.no_grad():  # or autograd records every Polyak step (a graph without end)
+                torch._foreach_lerp_(self.target_params, self.critic_params, self.tau)
 
-        # actor on the mean of all critics
-        last = slice((self.utd - 1) * B, self.utd * B)
+        # actor on the last slice (s), on the mean of all critics (not their min)
         alpha = self.log_alpha.exp().detach()
-        new_act, log_prob = self.actor.sample(obs[last])
-        actor_loss = (alpha * log_prob - self.critic(obs[last], new_act).mean(0)).mean()
+        new_act, log_prob = self.actor.sample(obs[s])
+        actor_loss = (alpha * log_prob - self.critic(obs[s], new_act).mean(0)).mean()
         self.actor_opt.zero_grad()
-        actor_loss.backward(inputs=self.actor_opt.layers)  # no gradient into the critics
+        actor_loss.backward(inputs=self.actor_params)  # no gradient into the critics
         self.actor_opt.step()
 
         # temperature: raise alpha when the entropy is below its target
@@ -335,282 +290,234 @@ class RLPD(nn.Module):
         self.temp_opt.zero_grad()
         temp_loss.backward()
         self.temp_opt.step()
-        return {"losses/critic_loss": critic_loss.detach(), "losses/actor_loss": actor_loss.detach(),
+        return {"losses/critic_loss": critic_loss.detach(),
+                "losses/actor_loss": actor_loss.detach(),
                 "losses/temperature_loss": temp_loss.detach(), "values/q": q.detach().mean(),
                 "values/entropy": entropy, "values/alpha": alpha}
 
     def optimizers(self) -> dict:
-        return {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "temp_opt": self.temp_opt}
+        return dict(actor_opt=self.actor_opt, critic_opt=self.critic_opt, temp_opt=self.temp_opt)
 
 
-def symmetric_sample(offline: "ReplayBuffer", online: "ReplayBuffer", utd: int, batch: int, ratio: float) -> tuple:
+def symmetric_sample(offline: "ReplayBuffer", online: "ReplayBuffer", utd: int, batch: int,
+                     ratio: float) -> tuple:
     """G batches of B rows, each with round(B * ratio) offline rows and the rest online,
     laid end to end (G x B rows) so that slice g is batch g."""
     n_off = round(batch * ratio)
-    rows_off = offline.sample_rows(utd * n_off).view(utd, n_off, -1)
-    rows_on = online.sample_rows(utd * (batch - n_off)).view(utd, batch - n_off, -1)
+    rows_off = offline.rows[offline.indices(utd * n_off)].view(utd, n_off, -1)
+    rows_on = online.rows[online.indices(utd * (batch - n_off))].view(utd, batch - n_off, -1)
     return online.split(torch.cat([rows_off, rows_on], 1).view(utd * batch, -1))
 
 
-# ----------------------------------------------------------------------------- main: the training loop
+# ----------------------------------------------------------------------------- the data it sees
+def qlearning_transitions(data: dict) -> dict:
+    """(s, a, r, m, s') as float32 arrays, m = 1 - terminal."""
+    obs, terminals = data["observations"], data["terminals"].astype(bool)
+    timeouts = data["timeouts"].astype(bool)
+    if "next_observations" in data:
+        next_obs, keep = data["next_observations"], np.ones(len(obs), dtype=bool)
+    else:  # rebuild s' from the next row; a timeout's next row is another episode's start
+        next_obs = np.concatenate([obs[1:], obs[-1:]])
+        keep = terminals | ~np.append(timeouts[:-1], True)
+    t = dict(observations=obs[keep], actions=data["actions"][keep], rewards=data["rewards"][keep],
+             masks=1.0 - terminals[keep], next_observations=next_obs[keep])
+    return {k: v.astype(np.float32) for k, v in t.items()}
+
+
+def load_prior_data(args: Args, env: gym.Env, device: torch.device) -> "ReplayBuffer":
+    """D: the dataset's transitions, checked against the env, actions mapped to [-1, 1], rewards
+    plus the family's bias, all on the device."""
+    raw = read_minari(args.env) if is_minari(args.env) else read_d4rl(dataset_path(args))
+    data = qlearning_transitions(raw)
+    data["rewards"] = data["rewards"] + np.float32(args.reward_bias)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
+        fail(f"the dataset's observations/actions have {data['observations'].shape[1]}/"
+             f"{data['actions'].shape[1]} dims but {args.env} has {obs_dim}/{act_dim}")
+    space = env.unwrapped.action_space
+    if np.any(data["actions"] < space.low - 1e-3) or np.any(data["actions"] > space.high + 1e-3):
+        fail(f"the dataset's actions leave {args.env}'s bounds [{space.low}, {space.high}]")
+    actions = 2 * (data["actions"] - space.low) / (space.high - space.low) - 1
+    data["actions"] = np.clip(actions, -1 + 1e-5, 1 - 1e-5).astype(np.float32)  # official clip
+    n = len(data["observations"])
+    offline = ReplayBuffer(n, obs_dim, act_dim, device)
+    offline.rows.copy_(torch.as_tensor(np.concatenate([data[k].reshape(n, -1) for k in (
+        "observations", "actions", "rewards", "masks", "next_observations")], 1)))
+    offline.size = n
+    offline.size_t.fill_(n)
+    return offline
+
+
+# ----------------------------------------------------------------------------- the training loop
 def main(args: Args) -> dict:
-    args = with_family_defaults(args)  # the dataset family's official settings for the flags left unset
-    device = check_args(args)
-    resume = load_resume(args, device)
-    run_dir = choose_run_dir(args, resume)
+    args = with_family_defaults(args)  # the dataset family's official settings for unset flags
+    device = torch.device(args.device if args.device != "auto" else
+                          "cuda" if torch.cuda.is_available() else "cpu")
+    check_args(args, device)
+    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
+                               f"runs/{args.env.replace('/', '-')}__{args.exp_name}__{args.seed}"
+                               f"__{int(time.time())}")
+    if os.path.exists(run_dir) and not (args.resume and os.path.samefile(
+            run_dir, os.path.dirname(args.resume) or ".")):
+        fail(f"run folder {run_dir} already exists; choose another --run-dir "
+             "(runs are never overwritten)")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    env, eval_env = make_env(args), make_env(args, render=args.capture_video)
+    env = gym.wrappers.RecordEpisodeStatistics(make_env(args))
+    eval_env = make_env(args, render=args.capture_video)
     env.action_space.seed(args.seed)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    offline = load_prior_data(args, env, device) if args.offline_ratio > 0 else None  # D, all of it on the device
-
     agent = RLPD(obs_dim, act_dim, args, device)
     online = ReplayBuffer(args.buffer_size or args.total_timesteps, obs_dim, act_dim, device)  # R
-    start, evals = restore(resume, agent, online, args, device)
+    start, evals = 0, []  # or where the checkpoint left off (checked before any data is read)
+    if args.resume:
+        start, evals = load_checkpoint(args.resume, agent, online, device)
+    offline = load_prior_data(args, env, device) if args.offline_ratio > 0 else None  # D
 
-    def train_step():  # the UTD block: indices drawn on the device, then G critic + 1 actor + 1 temperature step
+    def train_step():  # the UTD block: indices drawn on the device, G critic + actor + temperature
         if offline is None:
             return agent.update(*online.sample(args.utd_ratio * args.batch_size))
-        return agent.update(*symmetric_sample(offline, online, args.utd_ratio, args.batch_size, args.offline_ratio))
+        return agent.update(*symmetric_sample(offline, online, args.utd_ratio, args.batch_size,
+                                              args.offline_ratio))
 
     step_fn = torch.compile(train_step) if args.compile else train_step
     if args.cuda_graph and device.type == "cuda":
-        step_fn = cuda_graph(step_fn)  # CUDA graphs: 3 eager warm-up calls, then replays; each call is one block
-    run = Run(run_dir, args, start, evals, device, resolved=dict(
-        target_entropy=agent.target_entropy, device=str(device),
-        cuda_graph=args.cuda_graph and device.type == "cuda", offline_transitions=offline.size if offline else 0,
-        ref_scores=reference_scores(args.env)))
+        step_fn = cuda_graph(step_fn)  # (CUDA graph) 3 eager warm-ups, then replays; each a block
+    ref_scores = reference_scores(args.env)
+    os.makedirs(run_dir, exist_ok=True)
+    resolved = dict(target_entropy=agent.target_entropy, device=str(device),
+                    cuda_graph=args.cuda_graph and device.type == "cuda",
+                    offline_transitions=offline.size if offline else 0, ref_scores=ref_scores)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({**asdict(args), "resolved": resolved}, f, indent=2)
+    writer = open_writer(args, run_dir)
     if args.eval_episodes > 0 and args.capture_video:
         eval_env = gym.wrappers.RecordVideo(eval_env, os.path.join(run_dir, "videos"),
                                             episode_trigger=lambda e: e % args.eval_episodes == 0)
 
-    info, updates = None, 0
+    results, info, updates, t0, t_eval = {}, None, 0, None, 0.0
+    warmup = max(start, args.learning_starts) + 50  # updates/s after compile/capture warm-up
     obs, _ = env.reset(seed=args.seed + start)
-    for step in range(start + 1, args.total_timesteps + 1):
+    for step in tqdm(range(start + 1, args.total_timesteps + 1), initial=start, desc="rlpd",
+                     total=args.total_timesteps, disable=None):  # None: off when not a terminal
         # act: uniformly at random for the first learning_starts steps, then a ~ pi(.|s)
         if step <= args.learning_starts:
             action = env.action_space.sample()
         else:
             with torch.no_grad():
-                action = agent.actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0][0]
-            action = action.cpu().numpy()
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-
-        # store (s, a, r, m, s'), m = 1 - terminated: a time-limit cut is no terminal state, its s' bootstraps
+                s = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+                action = agent.actor.sample(s)[0][0].cpu().numpy()
+        next_obs, reward, terminated, truncated, ep = env.step(action)
+        # store (s, a, r, m, s'), m = 1 - terminated: a time-limit cut is no terminal, s' bootstraps
         online.add(obs, action, reward + args.reward_bias, 1.0 - terminated, next_obs)
-        run.env_step(step, reward, terminated or truncated)
         obs = env.reset()[0] if terminated or truncated else next_obs
+        if "episode" in ep:
+            results["train/episodic_return"] = float(ep["episode"]["r"])
+            writer.add_scalar("charts/episodic_return", ep["episode"]["r"], step)
+            writer.add_scalar("charts/episodic_length", ep["episode"]["l"], step)
 
         # update: one UTD block per env step
         if step > args.learning_starts:
             info = step_fn()
             updates += args.utd_ratio
-            run.updated(step, updates)
+        if step == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
 
         last = step == args.total_timesteps
         if info is not None and (step % args.log_interval == 0 or last):
-            run.log(step, {k: v.item() for k, v in info.items()})  # the only host sync of the update path
-        if args.eval_episodes > 0 and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
-            with run.untimed():
-                returns = evaluate(agent.actor, eval_env, args.eval_episodes, device, args.seed + 10_000 + step)
-            run.evaluation(step, returns)
-        if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, online, step, args, run.evals)
-    run.close()
+            metrics = {k: v.item() for k, v in info.items()}  # the update path's only host sync
+            for k, v in metrics.items():
+                if not math.isfinite(v):
+                    fail(f"{k} became {v} at step {step}; lower the learning rates")
+                writer.add_scalar(k, v, step)
+            results.update(metrics)
+            if t0 is not None and step > warmup:
+                sps = (step - warmup) / (time.perf_counter() - t0 - t_eval)
+                results.update(env_steps_per_second=sps, updates_per_second=sps * args.utd_ratio)
+                writer.add_scalar("charts/updates_per_second", sps * args.utd_ratio, step)
+                writer.add_scalar("charts/SPS", sps, step)
+            losses = " ".join(f"{k[7:]}={v:.4g}" for k, v in metrics.items() if k[:7] == "losses/")
+            ups = results.get("updates_per_second", math.nan)
+            print(f"step={step} {losses} ups={ups:.0f}", flush=True)
+        checkpoint = last or (args.eval_interval > 0 and step % args.eval_interval == 0)
+        if args.eval_episodes > 0 and checkpoint:
+            t = time.perf_counter()
+            returns = evaluate(agent.actor, eval_env, args.eval_episodes, device,
+                               args.seed + 10_000 + step)
+            t_eval += time.perf_counter() - t if t0 is not None else 0.0  # not in updates/s
+            ret, std = float(returns.mean()), float(returns.std())
+            score = normalized_score(ref_scores, ret)
+            evals.append((step, ret, std, score))
+            writer.add_scalar("eval/return", ret, step)
+            writer.add_scalar("eval/normalized_score", score, step)
+            with open(os.path.join(run_dir, "evaluations.csv"), "w") as f:
+                f.write("step,return,return_std,normalized_score\n")
+                f.writelines(f"{s},{r:.2f},{sd:.2f},{sc:.2f}\n" for s, r, sd, sc in evals)
+            normalized = f" normalized={score:.1f}" if math.isfinite(score) else ""
+            print(f"step={step} eval/return={ret:.1f} +- {std:.1f}{normalized}", flush=True)
+            results.update({"eval/return": ret, "eval/normalized_score": score})
+        if args.save_model and checkpoint:
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, online, step, args,
+                            evals)
+    writer.close()
     env.close()
     eval_env.close()
-    return run.results(updates=updates, env_steps=args.total_timesteps - start)
+    return {"updates_per_second": math.nan, **results, "updates": updates, "run_dir": run_dir,
+            "env_steps": args.total_timesteps - start, "evaluations": evals}
 
 
-# ============================================================================= plumbing
-# Everything below serves the loop above: input checks, resume, the run folder and logging, the
-# D4RL data, the environment, the replay buffer, evaluation, checkpoints and the CUDA-graph helper.
+# =============================================================================
+# Plumbing: checks, D4RL and Minari data, environments, the replay buffer, evaluation,
+# checkpoints, logging, the CUDA-graph helper.
+# =============================================================================
 def fail(message: str):
     """Bad input: one clear sentence on stderr and exit status 1."""
     raise SystemExit(f"rlpd.py: error: {message}")
 
 
-FAMILY_DEFAULTS = {  # the official README commands: locomotion (config defaults), antmaze, adroit
-    "locomotion": dict(hidden_layers=2, num_min_qs=2, backup_entropy=True, reward_bias=0.0),
-    "antmaze": dict(hidden_layers=3, num_min_qs=1, backup_entropy=False, reward_bias=-1.0),
-    "adroit": dict(hidden_layers=3, num_min_qs=2, backup_entropy=False, reward_bias=0.0),
-}
-
-
-def with_family_defaults(args: Args) -> Args:
-    """Args with the unset (None) flags filled from FAMILY_DEFAULTS for the dataset's family."""
-    defaults = FAMILY_DEFAULTS.get(family_of(args.env), FAMILY_DEFAULTS["locomotion"])
-    return dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
-
-
-def check_args(args: Args) -> torch.device:
-    """Bad flags fail here, before anything is written; returns the device to run on."""
+def check_args(args: Args, device: torch.device):
     if min(args.total_timesteps, args.utd_ratio, args.batch_size, args.log_interval) < 1:
         fail("--total-timesteps, --utd-ratio, --batch-size and --log-interval must be positive")
     if args.dataset is not None and is_minari(args.env):
-        fail(f"--dataset is a D4RL-format file, and '{args.env}' is a Minari id (read from Minari's cache); pass one of them")
+        fail(f"--dataset is a D4RL-format file, and '{args.env}' is a Minari id (read from "
+             "Minari's cache); pass one of them")
     if args.hidden_layers < 1:
         fail(f"--hidden-layers must be positive, got {args.hidden_layers}")
     if not 0 <= args.offline_ratio < 1:
         fail(f"--offline-ratio must be in [0, 1), got {args.offline_ratio}")
     if not 1 <= args.num_min_qs <= args.num_qs:
         fail(f"--num-min-qs must be between 1 and --num-qs ({args.num_qs}), got {args.num_min_qs}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but CUDA is not available")
-    return device
-
-
-# ----------------------------------------------------------------------------- resume and the run folder
-def load_resume(args: Args, device: torch.device) -> Optional[dict]:
-    if args.resume is None:
-        return None
-    if not os.path.isfile(args.resume):
+    if args.resume and not os.path.isfile(args.resume):
         fail(f"checkpoint {args.resume} does not exist")
-    try:
-        ck = torch.load(args.resume, map_location=device, weights_only=False)
-    except Exception as e:  # garbage, a truncated file, ...
-        fail(f"{args.resume} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ck, dict) or "script" not in ck:
-        fail(f"{args.resume} is not a checkpoint of rlpd.py")
-    if ck["script"] != "rlpd.py":
-        fail(f"{args.resume} is a checkpoint of {ck['script']}, not of rlpd.py")
-    return ck
 
 
-def choose_run_dir(args: Args, resume: Optional[dict]) -> str:
-    """--run-dir, the resumed checkpoint's folder, or a new runs/{env}__{exp_name}__{seed}__{time}; never
-    another run's folder."""
-    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
-                               f"runs/{args.env.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
-        fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
-    return run_dir
-
-
-def restore(resume: Optional[dict], agent: RLPD, online: "ReplayBuffer", args: Args, device: torch.device) -> tuple:
-    """(first step, evaluations): a fresh run's, or the checkpoint's with the agent, optimizers,
-    online replay and RNG states put back as they were when it was written."""
-    if resume is None:
-        return 0, []
-    agent.load_state_dict(resume["agent"])
-    for k, opt in agent.optimizers().items():
-        load_optimizer(opt, resume[k], device)
-    online.load_state_dict(resume["online"])
-    torch.set_rng_state(resume["rng"]["torch"].cpu())  # map_location moved it to the device
-    np.random.set_state(resume["rng"]["numpy"])
-    random.setstate(resume["rng"]["python"])
-    if resume["rng"]["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state_all([state.cpu() for state in resume["rng"]["cuda"]])
-    print(f"resumed from {args.resume} at step {resume['step']} (a new episode starts)")
-    return resume["step"], resume["evaluations"]
-
-
-class Run:
-    """A run's outputs: its folder (args.json, TensorBoard, W&B), the progress bar and stdout lines,
-    evaluations.csv, updates/s (from the 50th UTD block on, after compile/capture warm-up, without the
-    evaluations' time) and the results main() returns."""
-
-    def __init__(self, run_dir: str, args: Args, start: int, evals: list, device: torch.device, resolved: dict):
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump({**asdict(args), "resolved": resolved}, f, indent=2)
-        self.writer = SummaryWriter(run_dir)
-        self.writer.add_text("hyperparameters",
-                             "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-        if args.track:
-            import wandb
-            wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
-                       dir=run_dir, sync_tensorboard=True)
-        self.dir, self.args, self.evals, self.device, self.metrics = run_dir, args, evals, device, {}
-        self.ref_scores = resolved["ref_scores"]
-        self.bar = tqdm(total=args.total_timesteps, initial=start, disable=not sys.stdout.isatty(), desc="rlpd")
-        self.episode_return, self.episode_length = 0.0, 0
-        self.t0, self.n0, self.t_eval = None, 0, 0.0
-
-    def env_step(self, step: int, reward: float, done: bool):
-        self.episode_return, self.episode_length = self.episode_return + float(reward), self.episode_length + 1
-        if done:
-            self.writer.add_scalar("charts/episodic_return", self.episode_return, step)
-            self.writer.add_scalar("charts/episodic_length", self.episode_length, step)
-            self.metrics["train/episodic_return"] = self.episode_return
-            self.episode_return, self.episode_length = 0.0, 0
-        self.bar.update(1)
-
-    def updated(self, step: int, updates: int):
-        if self.t0 is None and updates >= 50 * self.args.utd_ratio:  # measured after compile/capture warm-up
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.t0, self.n0 = time.perf_counter(), step
-
-    @contextlib.contextmanager
-    def untimed(self):
-        """Time spent inside (evaluation) does not count against updates/s."""
-        te = time.perf_counter()
-        yield
-        if self.t0 is not None:
-            self.t_eval += time.perf_counter() - te
-
-    def log(self, step: int, metrics: dict):
-        for k, v in metrics.items():
-            if not math.isfinite(v):
-                fail(f"{k} became {v} at step {step}; lower the learning rates or check the dataset")
-            self.writer.add_scalar(k, v, step)
-        self.metrics.update(metrics)
-        if self.t0 is not None and step > self.n0:
-            elapsed = time.perf_counter() - self.t0 - self.t_eval
-            self.metrics["env_steps_per_second"] = (step - self.n0) / elapsed
-            self.metrics["updates_per_second"] = (step - self.n0) * self.args.utd_ratio / elapsed
-            self.writer.add_scalar("charts/updates_per_second", self.metrics["updates_per_second"], step)
-            self.writer.add_scalar("charts/SPS", self.metrics["env_steps_per_second"], step)
-        line = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("losses"))
-        print(f"step={step} {line} ups={self.metrics.get('updates_per_second', float('nan')):.0f}", flush=True)
-
-    def evaluation(self, step: int, returns: np.ndarray):
-        ret, score = float(returns.mean()), normalized_score(self.ref_scores, float(returns.mean()))
-        self.evals.append((step, ret, float(returns.std()), score))
-        self.writer.add_scalar("eval/return", ret, step)
-        self.writer.add_scalar("eval/normalized_score", score, step)
-        with open(os.path.join(self.dir, "evaluations.csv"), "w") as f:
-            f.write("step,return,return_std,normalized_score\n")
-            f.writelines(f"{s},{r:.2f},{sd:.2f},{sc:.2f}\n" for s, r, sd, sc in self.evals)
-        normalized = "" if math.isnan(score) else f" normalized={score:.1f}"  # none without d4rl reference returns
-        print(f"step={step} eval/return={ret:.1f} +- {returns.std():.1f}{normalized}", flush=True)
-        self.metrics.update({"eval/return": ret, "eval/normalized_score": score})
-
-    def close(self):
-        self.bar.close()
-        self.writer.close()
-
-    def results(self, **counts) -> dict:
-        results = {**self.metrics, **counts, "run_dir": self.dir, "evaluations": self.evals}
-        results.setdefault("updates_per_second", float("nan"))
-        return results
-
-
-# ----------------------------------------------------------------------------- D4RL data
-D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"  # D4RL_BASE_URL overrides it (a mirror)
-LOCOMOTION = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "ant": "Ant-v4"}
+# ----------------------------------------------------------------------------- D4RL files
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"  # D4RL_BASE_URL: a mirror
+LOCOMOTION = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4",
+              "ant": "Ant-v4"}
 LEVELS = ("random", "medium", "expert", "medium-replay", "medium-expert", "full-replay")
 REF_SCORES = {  # d4rl's (random, expert) returns for the normalized score
-    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7), "antmaze": (0.0, 1.0), "kitchen": (0.0, 4.0), "pen": (96.262799, 3076.8331),
-    "hammer": (-274.856578, 12794.134825), "door": (-56.512833, 2880.5693), "relocate": (-6.425911, 4233.877797),
+    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3), "ant": (-325.6, 3879.7), "antmaze": (0.0, 1.0),
+    "kitchen": (0.0, 4.0), "pen": (96.262799, 3076.8331), "hammer": (-274.856578, 12794.134825),
+    "door": (-56.512833, 2880.5693), "relocate": (-6.425911, 4233.877797),
 }
 ADROIT = ("pen", "hammer", "door", "relocate")
+
+
+def task_of(env: str) -> str:
+    """hopper for hopper-medium-v2, Hopper-v4 and mujoco/hopper/medium-v0."""
+    return (env.split("/")[-2] if is_minari(env) else env.split("-")[0]).lower()
 
 
 def family_of(env: str) -> str:
     task = task_of(env)
     return task if task in ("antmaze", "kitchen") else "adroit" if task in ADROIT else "locomotion"
-
-
-def task_of(env: str) -> str:
-    """hopper for hopper-medium-v2, Hopper-v4 and mujoco/hopper/medium-v0; antmaze for D4RL/antmaze/umaze-v1."""
-    return (env.split("/")[-2] if is_minari(env) else env.split("-")[0]).lower()
 
 
 def d4rl_url(name: str) -> Optional[str]:
@@ -639,8 +546,8 @@ def download(url: str, path: str):
         read_d4rl(tmp)  # refuse to cache a file that is not a D4RL dataset
         os.replace(tmp, path)
     except (urllib.error.URLError, OSError) as e:
-        fail(f"could not download {url} ({e}); with no network, download it elsewhere and put it at "
-             f"{path}, or pass --dataset PATH")
+        fail(f"could not download {url} ({e}); with no network, download it elsewhere and put it "
+             f"at {path}, or pass --dataset PATH")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -653,8 +560,8 @@ def dataset_path(args: Args) -> str:
         return args.dataset
     url = d4rl_url(args.env)
     if url is None:
-        fail(f"'{args.env}' is not a D4RL locomotion dataset (e.g. hopper-medium-v2); for a Gymnasium env "
-             f"pass --dataset PATH")
+        fail(f"'{args.env}' is not a D4RL locomotion dataset (e.g. hopper-medium-v2); for a "
+             "Gymnasium env pass --dataset PATH")
     folder = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser("~/.d4rl/datasets"))
     path = os.path.join(folder, url.split("/")[-1])
     if not os.path.isfile(path):
@@ -664,14 +571,14 @@ def dataset_path(args: Args) -> str:
 
 
 def read_d4rl(path: str) -> dict:
-    """The D4RL HDF5 layout: observations, actions, rewards, terminals, timeouts, [next_observations]."""
+    """The D4RL HDF5 layout: observations, actions, rewards, terminals, timeouts, [next_obs...]."""
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
+            missing = [k for k in keys[:4] if k not in f]
             if missing:
                 fail(f"{path} is not a D4RL dataset: it has no {', '.join(missing)}")
-            data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts",
-                                          "next_observations") if k in f}
+            data = {k: f[k][()] for k in keys if k in f}
     except OSError as e:
         fail(f"{path} is not a readable HDF5 file ({e}); delete it and download it again")
     n = len(data["observations"])
@@ -682,76 +589,43 @@ def read_d4rl(path: str) -> dict:
     return data
 
 
-def qlearning_transitions(data: dict) -> dict:
-    """(s, a, r, m, s') as float32 arrays, m = 1 - terminal."""
-    obs, terminals, timeouts = data["observations"], data["terminals"].astype(bool), data["timeouts"].astype(bool)
-    if "next_observations" in data:
-        next_obs, keep = data["next_observations"], np.ones(len(obs), dtype=bool)
-    else:  # rebuild s' from the next row; a timeout's next row is another episode's start
-        next_obs = np.concatenate([obs[1:], obs[-1:]])
-        keep = terminals | ~np.append(timeouts[:-1], True)
-    t = dict(observations=obs[keep], actions=data["actions"][keep], rewards=data["rewards"][keep],
-             masks=1.0 - terminals[keep], next_observations=next_obs[keep])
-    return {k: v.astype(np.float32) for k, v in t.items()}
-
-
-def load_prior_data(args: Args, env: gym.Env, device: torch.device) -> "ReplayBuffer":
-    """D: the dataset's transitions, checked against the env, actions mapped to [-1, 1], all on the device."""
-    data = qlearning_transitions(read_minari(args.env) if is_minari(args.env) else read_d4rl(dataset_path(args)))
-    data["rewards"] = data["rewards"] + np.float32(args.reward_bias)
-    obs_dim, act_dim, space = env.observation_space.shape[0], env.action_space.shape[0], env.unwrapped.action_space
-    if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
-        fail(f"the dataset's observations/actions have {data['observations'].shape[1]}/"
-             f"{data['actions'].shape[1]} dims but {args.env} has {obs_dim}/{act_dim}")
-    if np.any(data["actions"] < space.low - 1e-3) or np.any(data["actions"] > space.high + 1e-3):
-        fail(f"the dataset's actions leave {args.env}'s bounds [{space.low}, {space.high}]")
-    actions = 2 * (data["actions"] - space.low) / (space.high - space.low) - 1
-    data["actions"] = np.clip(actions, -1 + 1e-5, 1 - 1e-5).astype(np.float32)  # official clip
-    n = len(data["observations"])
-    offline = ReplayBuffer(n, obs_dim, act_dim, device)
-    offline.rows.copy_(torch.as_tensor(np.concatenate([data[k].reshape(n, -1) for k in (
-        "observations", "actions", "rewards", "masks", "next_observations")], 1)))
-    offline.size = n
-    offline.size_t.fill_(n)
-    return offline
-
-
-# ----------------------------------------------------------------------------- data: Minari datasets
-GOAL_KEYS = ("observation", "achieved_goal", "desired_goal")  # a goal-conditioned observation, flattened in this order
+# ----------------------------------------------------------------------------- Minari datasets
+GOAL_KEYS = ("observation", "achieved_goal", "desired_goal")  # a goal dict, flattened in order
 
 
 def is_minari(env: str) -> bool:
-    """Minari ids are paths (mujoco/hopper/medium-v0, D4RL/antmaze/umaze-v1); D4RL names and Gymnasium ids are not."""
+    """Minari ids are paths (mujoco/hopper/medium-v0); D4RL names and Gymnasium ids are not."""
     return "/" in env
 
 
 def minari_dataset(dataset_id: str):
-    """The Minari dataset, downloaded on first use (with Minari's own progress) to its cache folder."""
+    """The Minari dataset, downloaded on first use (with Minari's own progress) to its cache."""
     try:
         import minari
         from minari.storage.datasets_root_dir import get_dataset_path
     except ImportError:
-        fail(f"'{dataset_id}' is a Minari dataset id, which needs minari: pip install 'minari[hdf5]'")
+        fail(f"'{dataset_id}' is a Minari dataset id, which needs minari: "
+             "pip install 'minari[hdf5]'")
     path = get_dataset_path(dataset_id)
     if os.path.isdir(os.path.join(path, "data")):
         try:
             return minari.load_dataset(dataset_id)
         except Exception as e:
-            fail(f"the Minari dataset at {path} is unreadable ({type(e).__name__}: {e}); delete it and run again")
+            fail(f"the Minari dataset at {path} is unreadable ({type(e).__name__}: {e}); "
+                 "delete it and run again")
     try:
         return minari.load_dataset(dataset_id, download=True)
     except ValueError as e:  # Minari's answer for an id or version its server does not have
         fail(f"Minari has no dataset '{dataset_id}': {e}")
     except Exception as e:  # no network: huggingface_hub's connection errors
-        fail(f"could not download the Minari dataset '{dataset_id}' ({type(e).__name__}: {e}); with no network, "
-             f"run `minari download {dataset_id}` elsewhere and copy the folder to {path} "
-             f"(MINARI_DATASETS_PATH moves Minari's cache)")
+        fail(f"could not download the Minari dataset '{dataset_id}' ({type(e).__name__}: {e}); "
+             f"with no network, run `minari download {dataset_id}` elsewhere and copy the folder "
+             f"to {path} (MINARI_DATASETS_PATH moves Minari's cache)")
 
 
 def flat_observation(obs) -> np.ndarray:
-    """A goal-conditioned dict observation as one vector, keys in GOAL_KEYS' order (then any others, and
-    nested dicts such as Kitchen's per-task goals, sorted). AntMaze: the ant's 27 body dims, its x-y, the
-    goal's x-y (D4RL's 29 dims were the x-y and the body: its goal was fixed per maze, so left out)."""
+    """A goal-conditioned dict observation as one vector, GOAL_KEYS first (then the others and
+    nested dicts, sorted). AntMaze: the ant's 27 body dims, its x-y, the goal's x-y."""
     if not isinstance(obs, dict):
         return np.asarray(obs, dtype=np.float32)
     keys = [k for k in GOAL_KEYS if k in obs] + sorted(set(obs) - set(GOAL_KEYS))
@@ -759,26 +633,28 @@ def flat_observation(obs) -> np.ndarray:
 
 
 def read_minari(dataset_id: str) -> dict:
-    """The episodes in D4RL's layout, next_observations included: Minari stores each episode's last
-    observation, so every step, a truncated last one too, keeps its true s'. Terminations are terminals,
-    truncations are timeouts."""
+    """The episodes in D4RL's layout, next_observations included (Minari stores each episode's
+    last observation); terminations are terminals, truncations are timeouts."""
     dataset = minari_dataset(dataset_id)
     if not isinstance(dataset.action_space, gym.spaces.Box):
-        fail(f"{dataset_id} has a {type(dataset.action_space).__name__} action space; the policy needs continuous actions")
-    columns = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")}
+        fail(f"{dataset_id} has a {type(dataset.action_space).__name__} action space; the policy "
+             "needs continuous actions")
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
+    columns = {k: [] for k in keys}
     for episode in dataset.iterate_episodes():
         obs = flat_observation(episode.observations)  # T + 1 rows: s_0 .. s_T
         if obs.ndim != 2:
-            fail(f"{dataset_id} has observations of shape {obs.shape[1:]}; these networks take vectors")
-        for k, v in zip(columns, (obs[:-1], episode.actions, episode.rewards, episode.terminations,
-                                  episode.truncations, obs[1:])):
+            fail(f"{dataset_id} has observations of shape {obs.shape[1:]}; these networks take "
+                 "vectors")
+        for k, v in zip(keys, (obs[:-1], episode.actions, episode.rewards, episode.terminations,
+                               episode.truncations, obs[1:])):
             columns[k].append(np.asarray(v))
     if not columns["observations"]:
         fail(f"the Minari dataset {dataset_id} has no episodes")
     return {k: np.concatenate(v) for k, v in columns.items()}
 
 
-# ----------------------------------------------------------------------------- environment
+# ----------------------------------------------------------------------------- environments
 def make_env(args: Args, render: bool = False) -> gym.Env:
     env_id, kwargs = args.env, ({"render_mode": "rgb_array"} if render else {})
     if is_minari(env_id):
@@ -786,85 +662,84 @@ def make_env(args: Args, render: bool = False) -> gym.Env:
     task = env_id.split("-")[0]
     if task in LOCOMOTION:
         env_id = LOCOMOTION[task]
-        if task == "ant":  # D4RL's ant: 111 dims, contact forces (27:) all zero, no contact cost in the reward
+        if task == "ant":  # D4RL's ant: 111 dims, contact forces (27:) zero, no contact cost
             kwargs.update(use_contact_forces=True, contact_cost_weight=0.0)
-    elif task.lower() in ("antmaze", "kitchen", "pen", "hammer", "door", "relocate"):
-        fail(f"{env_id}: RLPD runs the environment online, and D4RL's {task} environment needs mujoco-py; the same "
-             f"data from Minari runs in Gymnasium-Robotics (--env D4RL/{task}/{'-'.join(env_id.split('-')[1:-1])}-v"
-             f"{1 if task == 'antmaze' else 2})")
+    elif task.lower() in ("antmaze", "kitchen", *ADROIT):
+        version = 1 if task == "antmaze" else 2
+        fail(f"{env_id}: RLPD runs the environment online, and D4RL's {task} environment needs "
+             f"mujoco-py; the same data from Minari runs in Gymnasium-Robotics (--env D4RL/{task}/"
+             f"{'-'.join(env_id.split('-')[1:-1])}-v{version})")
     try:
-        with warnings.catch_warnings():  # v4 on purpose (D4RL's models, see the docstring): not "out of date" here
-            warnings.filterwarnings("ignore", message=r".*is out of date", category=DeprecationWarning)
+        with warnings.catch_warnings():  # v4 on purpose (D4RL's models): not "out of date" here
+            warnings.filterwarnings("ignore", r".*is out of date", DeprecationWarning)
             env = gym.make(env_id, **kwargs)
     except gym.error.Error as e:
         fail(f"unknown env '{env_id}' ({e})")
-    if task == "ant":
-        env = gym.wrappers.TransformObservation(env, zero_contact_forces, env.observation_space)
+    if task == "ant":  # MuJoCo 2 (mujoco-py) left D4RL's cfrc_ext at zero
+        zeroed = lambda obs: np.concatenate([obs[:27], np.zeros_like(obs[27:])])
+        env = gym.wrappers.TransformObservation(env, zeroed, env.observation_space)
     return continuous_actions(env, env_id)
 
 
 def continuous_actions(env: gym.Env, name: str) -> gym.Env:
-    """The env with its actions in [-1, 1] (rescaled if its bounds differ), or a clear error if they are not continuous."""
+    """The env with actions in [-1, 1] (the actor's tanh range), or an error if not continuous."""
     if not isinstance(env.action_space, gym.spaces.Box):
-        fail(f"{name} has a {type(env.action_space).__name__} action space; SAC needs continuous actions")
+        fail(f"{name} has a {type(env.action_space).__name__} action space; SAC needs continuous "
+             "actions")
     if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
-        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))  # the actor acts in [-1, 1] (tanh)
+        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))
     return env
 
 
 def minari_env(dataset_id: str, kwargs: dict) -> gym.Env:
-    """The dataset's evaluation env as Minari recorded it (the data's own env if it names none), its dict
-    observation flattened as the data's. AntMaze is evaluated as in D4RL: the episode ends at the goal."""
+    """The dataset's evaluation env as Minari recorded it, its dict observation flattened as the
+    data's. AntMaze is evaluated as in D4RL: the episode ends at the goal."""
     dataset = minari_dataset(dataset_id)
     try:
-        with warnings.catch_warnings():  # Minari's AntMaze data are recorded in the -v4 envs: no "out of date" warning
+        with warnings.catch_warnings():  # Minari's AntMaze data are recorded in the -v4 envs
             warnings.filterwarnings("ignore", ".*is out of date")
             env = dataset.recover_environment(eval_env=True, **kwargs)
             if family_of(dataset_id) == "antmaze":
                 fixes = antmaze_eval_kwargs(env.spec, dataset.env_spec)
                 env.close()
                 env = dataset.recover_environment(eval_env=True, **kwargs, **fixes)
-        env.reset(seed=0)  # FrankaKitchen-v1 fails when made under MuJoCo >= 3.12; others would fail here
+        env.reset(seed=0)  # FrankaKitchen-v1 fails when made under MuJoCo >= 3.12
     except Exception as e:
-        fail(f"the environment of {dataset_id} cannot run here ({type(e).__name__}: {e}), and RLPD needs it online")
+        fail(f"the environment of {dataset_id} cannot run here ({type(e).__name__}: {e}), and RLPD "
+             "needs it online")
     if isinstance(env.observation_space, gym.spaces.Dict):
         dim = flat_observation(env.observation_space.sample()).shape
-        env = gym.wrappers.TransformObservation(env, flat_observation, gym.spaces.Box(-np.inf, np.inf, dim, np.float32))
+        space = gym.spaces.Box(-np.inf, np.inf, dim, np.float32)
+        env = gym.wrappers.TransformObservation(env, flat_observation, space)
     return continuous_actions(env, dataset_id)
 
 
 def antmaze_eval_kwargs(eval_spec, data_spec) -> dict:
-    """D4RL's AntMaze evaluation in Gymnasium-Robotics: the episode ends at the goal (continuing_task=False),
-    so the return is 1 on success, else 0; Minari's eval specs keep the data's continuing task, which pays 1
-    per step spent at the goal. Minari's umaze eval maze is the data's maze turned 180 degrees (Minari
-    issue #304: walls, start, goal and world coordinates all flipped); turned back, it is the data's task."""
+    """D4RL's AntMaze: the episode ends at the goal (continuing_task=False), so the return is 1 on
+    success, else 0. Minari's umaze eval maze is the data's turned 180 degrees (Minari #304):
+    turned back, it is the data's task."""
     kwargs = {"continuing_task": False}
-    maze, data_maze = eval_spec.kwargs.get("maze_map"), (data_spec.kwargs.get("maze_map") if data_spec else None)
+    maze, data_maze = eval_spec.kwargs.get("maze_map"), (
+        data_spec.kwargs.get("maze_map") if data_spec else None)
     walls = lambda m: [[cell == 1 for cell in row] for row in m]
     if maze and data_maze and walls(maze) != walls(data_maze):
         turned = [row[::-1] for row in maze[::-1]]
         if walls(turned) != walls(data_maze):
-            fail(f"the eval maze of the dataset ({maze}) has other walls than its data's maze ({data_maze})")
+            fail(f"the eval maze of the dataset ({maze}) has other walls than its data's maze "
+                 f"({data_maze})")
         kwargs["maze_map"] = turned
     return kwargs
 
 
-def zero_contact_forces(obs: np.ndarray) -> np.ndarray:
-    """Ant's observation as D4RL's ant-v2 files hold it: MuJoCo 2 (mujoco-py) left cfrc_ext at zero."""
-    obs = obs.copy()
-    obs[27:] = 0.0
-    return obs
-
-
 # ----------------------------------------------------------------------------- replay buffer
 class ReplayBuffer:
-    """Transitions as rows [s, a, r, m, s'] of one device tensor: one host-to-device copy per
-    step, and batch indices drawn on the device (graph-safe: the size is a device tensor)."""
+    """Transitions as rows [s, a, r, m, s'] of one device tensor, batch indices drawn on the device
+    (n uniform integers mod size: float32 `rand * size` is not uniform over millions of rows)."""
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
         self.capacity, self.dims = capacity, (obs_dim, act_dim, 1, 1, obs_dim)
         self.rows = torch.zeros(capacity, sum(self.dims), device=device)
-        self.size_t = torch.zeros((), dtype=torch.long, device=device)  # CUDA graphs: the size, read on the device
+        self.size_t = torch.zeros((), dtype=torch.long, device=device)  # (CUDA graph) the size
         self.ptr, self.size = 0, 0
 
     def add(self, obs, act, rew, mask, next_obs):
@@ -872,15 +747,10 @@ class ReplayBuffer:
         self.rows[self.ptr].copy_(torch.from_numpy(row))
         self.ptr = (self.ptr + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
-        self.size_t.fill_(self.size)  # CUDA graphs: a captured block samples from the new size
+        self.size_t.fill_(self.size)  # (CUDA graph) a captured block samples from the new size
 
-    def indices(self, n: int) -> torch.Tensor:
-        """n uniform row indices (with replacement): integers mod size, as float32 `rand * size` is not
-        uniform over millions of rows; the modulo's bias is below size / 2^62."""
+    def indices(self, n: int) -> torch.Tensor:  # the modulo's bias is below size / 2^62
         return torch.randint(0, 2**62, (n,), device=self.rows.device) % self.size_t
-
-    def sample_rows(self, n: int) -> torch.Tensor:
-        return self.rows[self.indices(n)]
 
     def split(self, rows: torch.Tensor) -> tuple:
         obs, act, rew, mask, next_obs = rows.split(self.dims, dim=-1)
@@ -888,32 +758,32 @@ class ReplayBuffer:
 
     def sample(self, n: int) -> tuple:
         """(s, a, r, m, s') of n uniform draws."""
-        return self.split(self.sample_rows(n))
+        return self.split(self.rows[self.indices(n)])
 
     def state_dict(self) -> dict:
         """The rows oldest first, so that a run with another capacity can resume them."""
-        return {"rows": torch.cat([self.rows[self.ptr:self.size], self.rows[:self.ptr]]).cpu(), "size": self.size}
+        rows = torch.cat([self.rows[self.ptr:self.size], self.rows[:self.ptr]])
+        return {"rows": rows.cpu(), "size": self.size}
 
     def load_state_dict(self, state: dict):
-        rows = state["rows"].roll(-state.get("ptr", 0), 0)  # ("ptr": older checkpoints stored the ring as is)
-        rows = rows[-self.capacity:]  # the newest rows, if this run's capacity is smaller
+        rows = state["rows"][-self.capacity:]  # the newest rows, if this run's capacity is smaller
         self.size = len(rows)
         self.rows[:self.size] = rows.to(self.rows.device)
-        self.ptr = self.size % self.capacity  # the next row goes after the newest; row 0 only when full
+        self.ptr = self.size % self.capacity  # the next row goes after the newest; row 0 when full
         self.size_t.fill_(self.size)
 
 
-# ----------------------------------------------------------------------------- evaluation and checkpoints
+# ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(actor: TanhGaussianActor, env: gym.Env, episodes: int, device: torch.device, seed: int) -> np.ndarray:
+def evaluate(actor: TanhGaussianActor, env: gym.Env, episodes: int, device, seed: int):
     """Returns of `episodes` episodes of the deterministic policy tanh(mu(s))."""
     returns = []
     for i in range(episodes):
         obs, _ = env.reset(seed=seed if i == 0 else None)
         done, total = False, 0.0
         while not done:
-            act = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
-            obs, reward, terminated, truncated, _ = env.step(act)
+            s = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+            obs, reward, terminated, truncated, _ = env.step(actor(s)[0].cpu().numpy())
             total += float(reward)
             done = terminated or truncated
         returns.append(total)
@@ -921,8 +791,8 @@ def evaluate(actor: TanhGaussianActor, env: gym.Env, episodes: int, device: torc
 
 
 def reference_scores(env: str) -> Optional[tuple]:
-    """(random, expert) returns of the normalized score: a Minari dataset's own where it records them
-    (not for AntMaze: Minari's are returns of its continuing task), else d4rl's for the task, else None."""
+    """(random, expert) returns of the normalized score: a Minari dataset's own where it has them
+    (not AntMaze's: returns of its continuing task), else d4rl's for the task, else None."""
     if is_minari(env) and family_of(env) != "antmaze":
         meta = minari_dataset(env).storage.metadata
         if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
@@ -935,31 +805,60 @@ def normalized_score(ref: Optional[tuple], ret: float) -> float:
     return float("nan") if ref is None else 100 * (ret - ref[0]) / (ref[1] - ref[0])
 
 
-def load_optimizer(opt: torch.optim.Optimizer, state: dict, device: torch.device):
-    """Optimizer state from a checkpoint, with Adam's `capturable` set for this run's device: the saved
-    flag is the saving run's (True from CUDA fails on CPU; False fails inside a CUDA graph)."""
-    opt.load_state_dict(state)
-    for group in opt.param_groups:
-        group["capturable"] = device.type == "cuda"
+# ----------------------------------------------------------------------------- checkpoints, logs
+def save_checkpoint(path: str, agent: RLPD, online: ReplayBuffer, step: int, args, evals: list):
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+           "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save({"script": "rlpd.py", "agent": agent.state_dict(), "step": step, "rng": rng,
+                "args": asdict(args), "evaluations": evals, "online": online.state_dict(),
+                **{k: opt.state_dict() for k, opt in agent.optimizers().items()}}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash leaves the old checkpoint intact
 
 
-def save_checkpoint(path: str, agent: RLPD, online: ReplayBuffer, step: int, args: Args, evals: list):
-    state = {"script": "rlpd.py", "agent": agent.state_dict(), "step": step, "args": asdict(args),
-             "evaluations": evals, "online": online.state_dict(),
-             **{k: opt.state_dict() for k, opt in agent.optimizers().items()},
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint intact
+def load_checkpoint(path: str, agent: RLPD, online: ReplayBuffer, device: torch.device) -> tuple:
+    """Agent, optimizers, online replay and RNG from a checkpoint of this script: (step, evals)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # garbage, a truncated file, ...
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(state, dict) or "script" not in state:
+        fail(f"{path} is not a checkpoint of rlpd.py")
+    if state["script"] != "rlpd.py":
+        fail(f"{path} is a checkpoint of {state['script']}, not of rlpd.py")
+    try:
+        agent.load_state_dict(state["agent"])
+        for k, opt in agent.optimizers().items():
+            for group in state[k]["param_groups"]:  # (CUDA graph) capturable Adam on CUDA only
+                group["capturable"] = device.type == "cuda"
+            opt.load_state_dict(state[k])
+    except (RuntimeError, ValueError) as e:  # other sizes, or an older rlpd.py's flat Adam
+        fail(f"{path} does not fit this run ({str(e).splitlines()[0]})")
+    online.load_state_dict(state["online"])
+    torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location moved it to the device
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+    print(f"resumed from {path} at step {state['step']} (a new episode starts)", flush=True)
+    return state["step"], state["evaluations"]
 
 
-# ----------------------------------------------------------------------------- CUDA graphs
+def open_writer(args: Args, run_dir: str) -> SummaryWriter:
+    writer = SummaryWriter(run_dir)
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, config=vars(args), dir=run_dir,
+                   name=os.path.basename(run_dir), sync_tensorboard=True)
+    return writer
+
+
 def cuda_graph(fn, warmup: int = 3):
-    """fn() (no inputs: it reads static tensors) as a CUDA graph. The first `warmup` calls run fn
-    eagerly on a side stream (they allocate optimizer state, autograd buffers, cuBLAS workspaces),
-    the next one captures and replays it; every call is one real call of fn, so a GPU run does
-    exactly the updates of a CPU run (the capture itself runs nothing)."""
+    """fn() (no inputs: it reads static tensors) as a CUDA graph: `warmup` eager calls on a side
+    stream (they allocate optimizer state and workspaces), then one capture, then replays. Each
+    call is one call of fn, so a GPU run does exactly the updates of a CPU run."""
     graph, out, calls = None, None, 0
 
     def call():
@@ -974,7 +873,7 @@ def cuda_graph(fn, warmup: int = 3):
             return result
         if graph is None:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph):  # records fn's kernels without running them
                 out = fn()
         graph.replay()
         return out

@@ -11,7 +11,7 @@ gradient steps (for UTD scripts: critic updates, 20 per block) or, for the "-env
 environment steps of the whole online loop (policy sample, Hopper-v4 step, replay write,
 one UTD block). Quote the ratios of one run (same machine, same moment), not absolute numbers.
 
---fused-adam builds each FlatAdam with fused=True (a single Adam kernel per step where PyTorch has a fused Adam for
+--fused-adam builds every Adam with fused=True (a single Adam kernel per step where PyTorch has a fused Adam for
 the device): an A/B of what a fused step would buy. It changes the last bits, so the scripts do not use it.
 
 --peers times a script's eager update beside its peers', round after round (median of --rounds),
@@ -224,12 +224,9 @@ SCRIPTS = {"iql": iql_step, "idql": idql_step, "idql-select": idql_select,
 
 
 def use_fused_adam():
-    """Every script's FlatAdam with fused=True (for --fused-adam)."""
-    import importlib
-    # (iql.py's Adam is torch's fused one; idql.py's is torch's unfused one, as its documented runs)
-    for name in ("rlpd", "fastrlap"):  # (sac_20min.py's Adam is torch's own)
-        flat_adam = importlib.import_module(name).FlatAdam
-        flat_adam.__init__ = lambda self, params, _init=flat_adam.__init__, **kw: _init(self, params, fused=True, **kw)
+    """Every Adam the scripts build (torch's, and fastrlap.py's FlatAdam on top of it) with fused=True."""
+    init = torch.optim.Adam.__init__
+    torch.optim.Adam.__init__ = lambda self, params, *a, **kw: init(self, params, *a, **{"fused": True, **kw})
 
 
 def measure(step, steps, device):
@@ -296,7 +293,7 @@ def main():
     parser.add_argument("--scripts", nargs="+", default=None, choices=list(SCRIPTS), help="default: all (with --peers: all that have a peer)")
     parser.add_argument("--modes", nargs="+", default=["eager", "compile", "cuda-graph"])
     parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--fused-adam", action="store_true", help="FlatAdam with fused=True (see above)")
+    parser.add_argument("--fused-adam", action="store_true", help="every Adam with fused=True (see above)")
     parser.add_argument("--peers", action="store_true", help="iql.py's update beside the peers' (see above)")
     parser.add_argument("--peers-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "peers"))
     parser.add_argument("--peer-jax-python", default=sys.executable, help="python of the venv that has JAX")

@@ -2,6 +2,7 @@
 target subset, the batched ensemble, download from a mirror, bad input."""
 
 import copy
+import dataclasses
 import os
 
 import gymnasium as gym
@@ -18,7 +19,7 @@ from conftest import (assert_finite_losses, assert_same_training_state, check_an
                       check_actor_and_temperature_steps_by_hand,
                       check_each_critic_step_reads_its_own_slice, check_polyak_after_every_critic_step,
                       check_replay_masks_termination_not_truncation, checkpoint,
-                      compiled_matches_eager, flat_adam_steps_as_torch_adam, run_script, tensorboard_events)  # (conftest registers Wiring-v0)
+                      compiled_matches_eager, run_script, tensorboard_events)  # (conftest registers Wiring-v0)
 
 TINY = dict(env="hopper-medium-v2", total_timesteps=300, learning_starts=100, utd_ratio=2, batch_size=32,
             hidden_dim=32, num_qs=4, eval_interval=150, eval_episodes=1, log_interval=100, device="cpu")
@@ -84,10 +85,6 @@ def constant_critics(num_qs: int, num_min_qs: int, **kw) -> rlpd.RLPD:
     last.weight.data.zero_()
     last.bias.data.copy_(torch.arange(num_qs, dtype=torch.float32).view(num_qs, 1, 1))
     return agent
-
-
-def test_flat_adam_steps_as_torch_adam():
-    flat_adam_steps_as_torch_adam(rlpd)
 
 
 def test_target_is_the_min_over_a_random_subset():
@@ -272,6 +269,22 @@ MINARI_TINY = {k: v for k, v in TINY.items() if k != "env"}
 
 def test_minari_hopper_through_main(minari_root, tmp_path, monkeypatch):
     check_minari_hopper_main(rlpd, minari_root, tmp_path, monkeypatch, **MINARI_TINY)
+
+
+def test_prior_actions_are_mapped_from_the_env_bounds_to_the_actors_range(tmp_path):
+    """Pendulum's torque is in [-2, 2]: the offline rows hold a / 2 (the actor's tanh range), clipped
+    1e-5 inside it as the official loader; actions outside the bounds are refused."""
+    n, act = 40, np.linspace(-2, 2, 40)[:, None]
+    path = datasets.write_d4rl(str(tmp_path / "p.hdf5"), np.zeros((n, 3)), act, np.ones(n), np.zeros(n),
+                               np.arange(n) % 10 == 9, np.zeros((n, 3)))
+    args = rlpd.with_family_defaults(tiny(tmp_path, env="Pendulum-v1", dataset=path))
+    offline = rlpd.load_prior_data(args, rlpd.make_env(args), torch.device("cpu"))
+    expected = np.clip(act[:, 0] / 2, -1 + 1e-5, 1 - 1e-5)
+    assert np.allclose(offline.rows[:, 3].numpy(), expected, atol=1e-6) and offline.rows[:, 3].abs().max() < 1
+    wide = datasets.write_d4rl(str(tmp_path / "w.hdf5"), np.zeros((n, 3)), 1.5 * act, np.ones(n), np.zeros(n),
+                               np.arange(n) % 10 == 9, np.zeros((n, 3)))
+    with pytest.raises(SystemExit, match="actions leave Pendulum-v1's bounds"):
+        rlpd.load_prior_data(dataclasses.replace(args, dataset=wide), rlpd.make_env(args), torch.device("cpu"))
 
 
 def test_minari_prior_data_equals_the_d4rl_file(minari_root, tmp_path, monkeypatch):
