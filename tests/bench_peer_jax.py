@@ -7,6 +7,8 @@ tensorflow-probability 0.25, ml_collections (newer JAX breaks tfp's JAX substrat
 checkout of the official repository (its Python package is imported from there; nothing of it
 is in this project):
 
+  iql        ikostrikov/implicit_q_learning  Learner at configs/mujoco_config.py, batch 256 (shimmed
+                                         for newer JAX as tests/parity_peer_jax.py trains it)
   idql       philippe-eecs/IDQL          DDPMIQLLearner at its launcher's settings (T 5, ResNet
                                          actor of 3 blocks, dropout 0.1), batch 512; one update
                                          is actor + V + Q, as idql.py's
@@ -29,6 +31,7 @@ import types
 import numpy as np
 
 SYSTEMS = {  # package, learner, create() kwargs, batch rows per update call, critic updates per call
+    "iql": None,  # (a class, not a create() learner: time_iql)
     "idql": ("jaxrl5.agents", "DDPMIQLLearner",
              dict(actor_dropout_rate=0.1, actor_num_blocks=3, decay_steps=int(3e6), T=5, N=64, M=0,
                   actor_layer_norm=True, value_layer_norm=True, actor_tau=0.001, beta_schedule="vp"), 512, 1),
@@ -68,6 +71,8 @@ def main():
     p.add_argument("--src", required=True, help="checkout of the official repository")
     p.add_argument("--seconds", type=float, default=15.0)
     cli = p.parse_args()
+    if cli.system == "iql":
+        return time_iql(cli)
     stub_modules("gym", "gym.spaces", "gym.utils", "gym.utils.seeding", "gym.wrappers",
                  "gym.wrappers.flatten_observation", "wandb", "d4rl", "dmcgym")
     sys.path.insert(0, cli.src)
@@ -93,6 +98,31 @@ def main():
         calls += 1
     rate = calls * per_call / (time.perf_counter() - t0)
     print(json.dumps({"peer": f"official-jax-{cli.system}", "updates_per_second": round(rate, 1),
+                      "backend": jax.default_backend()}))
+
+
+def time_iql(cli):
+    """The official IQL Learner (a class that updates itself), imported and shimmed as
+    tests/parity_peer_jax.py trains it, at configs/mujoco_config.py, on random batches of 256."""
+    import jax
+    from parity_peer_jax import MUJOCO_CONFIG, import_learner
+    Batch, Learner = import_learner(cli.src)
+    rng = np.random.default_rng(0)
+    learner = Learner(0, np.zeros((1, 11), np.float32), np.zeros((1, 3), np.float32), max_steps=1_000_000,
+                      **MUJOCO_CONFIG)
+    batches = [Batch(observations=rng.standard_normal((256, 11), dtype=np.float32),
+                     actions=rng.uniform(-1, 1, (256, 3)).astype(np.float32),
+                     rewards=rng.standard_normal(256, dtype=np.float32), masks=np.ones(256, np.float32),
+                     next_observations=rng.standard_normal((256, 11), dtype=np.float32)) for _ in range(8)]
+    for i in range(3):  # jit compilation
+        learner.update(batches[i])
+    jax.block_until_ready(learner.critic.params)
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < cli.seconds:
+        learner.update(batches[calls % 8])
+        jax.block_until_ready(learner.critic.params)
+        calls += 1
+    print(json.dumps({"peer": "official-jax-iql", "updates_per_second": round(calls / (time.perf_counter() - t0), 1),
                       "backend": jax.default_backend()}))
 
 

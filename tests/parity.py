@@ -1,0 +1,162 @@
+"""Learning curves of a script beside its official implementation: the same data, steps, seeds and evaluation.
+
+    python tests/parity.py iql --dataset hopper-medium-local.hdf5 --steps 100000 --seeds 0 1 2 \
+        --out runs/parity_iql --peer-python JAXVENV/bin/python --peer-src IQL_CHECKOUT --plot docs/iql_parity.png
+
+Pairs (more to come): iql  iql.py against ikostrikov/implicit_q_learning's Learner, run by
+tests/parity_peer_jax.py in the JAX venv (its docstring has the set-up and what it copies of the
+official train_offline.py: d4rl.qlearning_dataset's data, its reward scaling and action clip).
+
+Each run is one process on one thread (OMP_NUM_THREADS=1; XLA without its thread pool), --jobs at a
+time. Ours runs through its own main() (`python iql.py ...`) with the official defaults and only the
+run length, seed and evaluation set; both evaluate --eval-episodes deterministic episodes every
+--eval-interval steps in the same Gymnasium env, each evaluation's first episode reset with seed + step.
+Runs land in --out/{ours,peer}_s{seed}; a finished run there is reused (the study can be continued), an
+unfinished one stops the harness. Without --peer-src only our side runs. Prints, per evaluation step,
+the normalized score's mean +- 95% CI (t over seeds) on each side and their difference (Welch).
+"""
+import argparse
+import csv
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from scipy import stats
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAIRS = {"iql": dict(script="iql.py", peer="parity_peer_jax.py", official="ikostrikov/implicit_q_learning")}
+
+
+def ours_command(cli, seed: int, out: str) -> list:
+    return [sys.executable, os.path.join(ROOT, PAIRS[cli.pair]["script"]), "--env", cli.env, "--dataset", cli.dataset,
+            "--max-steps", str(cli.steps), "--seed", str(seed), "--eval-interval", str(cli.eval_interval),
+            "--eval-episodes", str(cli.eval_episodes), "--log-interval", str(cli.eval_interval), "--device", "cpu",
+            "--run-dir", out]
+
+
+def peer_command(cli, seed: int, out: str) -> list:
+    return [cli.peer_python, os.path.join(ROOT, "tests", PAIRS[cli.pair]["peer"]), "--src", cli.peer_src,
+            "--env", cli.env, "--dataset", cli.dataset, "--steps", str(cli.steps), "--seed", str(seed),
+            "--eval-interval", str(cli.eval_interval), "--eval-episodes", str(cli.eval_episodes), "--out", out]
+
+
+def read_scores(folder: str) -> dict:
+    """{step: normalized score} of a run's evaluations.csv ({} when it has none)."""
+    path = os.path.join(folder, "evaluations.csv")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return {int(r["step"]): float(r["normalized_score"]) for r in csv.DictReader(f)}
+
+
+def run(command: list, out: str, steps: int) -> str:
+    """Runs command unless out already holds a finished run; the log goes to out + '.log'."""
+    if os.path.exists(out):
+        if steps in read_scores(out):
+            return f"reused {out}"
+        raise SystemExit(f"parity.py: error: {out} holds an unfinished run; remove it to run it again")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
+    with open(out + ".log", "w") as log:
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if proc.returncode != 0 or steps not in read_scores(out):
+        raise SystemExit(f"parity.py: error: {' '.join(command[:2])} failed (exit {proc.returncode}); see {out}.log")
+    return f"ran {out}"
+
+
+def mean_ci(values) -> tuple:
+    """Mean and the half-width of its 95% t interval (nan for one value)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float(v.mean()), math.nan
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def difference_ci(a, b) -> tuple:
+    """mean(a) - mean(b) and the half-width of its 95% Welch interval."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb > 0 else math.inf
+    return float(a.mean() - b.mean()), float(stats.t.ppf(0.975, df) * math.sqrt(va + vb))
+
+
+def table(ours: list, peer: list, script: str, official: str) -> str:
+    """Markdown: per evaluation step, each side's mean +- 95% CI over seeds and the difference."""
+    steps = sorted(set.intersection(*(set(r) for r in ours + peer)))
+    head = f"| step | {script} | {official} | difference |\n|---|---|---|---|\n" if peer else \
+        f"| step | {script} |\n|---|---|\n"
+    rows = []
+    for s in steps:
+        cells = ["%.1f +- %.1f" % mean_ci([r[s] for r in ours])]
+        if peer:
+            cells.append("%.1f +- %.1f" % mean_ci([r[s] for r in peer]))
+            cells.append("%+.1f +- %.1f" % difference_ci([r[s] for r in ours], [r[s] for r in peer]))
+        label = f"{s // 1000}k" if s % 1000 == 0 else str(s)
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows)
+
+
+def plot(path: str, ours: list, peer: list, script: str, official: str, title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for runs, label in ((ours, script), (peer, official)):
+        if not runs:
+            continue
+        steps = sorted(set.intersection(*(set(r) for r in runs)))
+        m, ci = np.array([mean_ci([r[s] for r in runs]) for s in steps]).T
+        ax.plot(steps, m, marker="o", label=f"{label} ({len(runs)} seeds)")
+        ax.fill_between(steps, m - np.nan_to_num(ci), m + np.nan_to_num(ci), alpha=0.2)
+    ax.set_xlabel("gradient steps")
+    ax.set_ylabel("normalized score")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("pair", choices=sorted(PAIRS))
+    p.add_argument("--dataset", required=True, help="a D4RL-layout .hdf5 both sides train on")
+    p.add_argument("--env", default="hopper-medium-v2", help="the dataset's D4RL name (its env evaluates)")
+    p.add_argument("--steps", type=int, default=100_000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--eval-interval", type=int, default=10_000)
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--out", required=True, help="folder of the runs")
+    p.add_argument("--peer-python", default=None, help="python of the JAX venv")
+    p.add_argument("--peer-src", default=None, help="checkout of the official repository")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    p.add_argument("--plot", default=None, help="write the curves to this PNG (needs matplotlib)")
+    cli = p.parse_args(argv)
+    if not os.path.isfile(cli.dataset):
+        raise SystemExit(f"parity.py: error: dataset {cli.dataset} does not exist")
+    if (cli.peer_src is None) != (cli.peer_python is None):
+        raise SystemExit("parity.py: error: --peer-src and --peer-python go together")
+    cli.dataset = os.path.abspath(cli.dataset)
+    out = os.path.abspath(cli.out)
+    os.makedirs(out, exist_ok=True)
+    jobs = [(ours_command(cli, s, f"{out}/ours_s{s}"), f"{out}/ours_s{s}") for s in cli.seeds]
+    if cli.peer_src:
+        jobs += [(peer_command(cli, s, f"{out}/peer_s{s}"), f"{out}/peer_s{s}") for s in cli.seeds]
+    with ThreadPoolExecutor(cli.jobs) as pool:
+        for message in pool.map(lambda job: run(*job, cli.steps), jobs):
+            print(message, flush=True)
+    ours = [read_scores(f"{out}/ours_s{s}") for s in cli.seeds]
+    peer = [read_scores(f"{out}/peer_s{s}") for s in cli.seeds] if cli.peer_src else []
+    script, official = PAIRS[cli.pair]["script"], PAIRS[cli.pair]["official"]
+    result = table(ours, peer, script, official)
+    print(f"\nnormalized score, mean +- 95% CI over seeds {cli.seeds}, {cli.env} ({os.path.basename(cli.dataset)})\n")
+    print(result)
+    if cli.plot:
+        plot(cli.plot, ours, peer, script, official, f"{cli.env} ({os.path.basename(cli.dataset)})")
+    return result
+
+
+if __name__ == "__main__":
+    main()
