@@ -31,7 +31,6 @@ import types
 import numpy as np
 
 SYSTEMS = {  # package, learner, create() kwargs, batch rows per update call, critic updates per call
-    "iql": None,  # (a class, not a create() learner: time_iql)
     "idql": ("jaxrl5.agents", "DDPMIQLLearner",
              dict(actor_dropout_rate=0.1, actor_num_blocks=3, decay_steps=int(3e6), T=5, N=64, M=0,
                   actor_layer_norm=True, value_layer_norm=True, actor_tau=0.001, beta_schedule="vp"), 512, 1),
@@ -67,7 +66,7 @@ def stub_modules(*names):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--system", choices=list(SYSTEMS), required=True)
+    p.add_argument("--system", choices=["iql", *SYSTEMS], required=True)  # iql: a class, time_iql
     p.add_argument("--src", required=True, help="checkout of the official repository")
     p.add_argument("--seconds", type=float, default=15.0)
     cli = p.parse_args()

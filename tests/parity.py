@@ -83,9 +83,14 @@ def difference_ci(a, b) -> tuple:
     return float(a.mean() - b.mean()), float(stats.t.ppf(0.975, df) * math.sqrt(va + vb))
 
 
+def common_steps(runs: list) -> list:
+    """The evaluation steps every run has."""
+    return sorted(set.intersection(*(set(r) for r in runs)))
+
+
 def table(ours: list, peer: list, script: str, official: str) -> str:
     """Markdown: per evaluation step, each side's mean +- 95% CI over seeds and the difference."""
-    steps = sorted(set.intersection(*(set(r) for r in ours + peer)))
+    steps = common_steps(ours + peer)
     head = f"| step | {script} | {official} | difference |\n|---|---|---|---|\n" if peer else \
         f"| step | {script} |\n|---|---|\n"
     rows = []
@@ -107,7 +112,7 @@ def plot(path: str, ours: list, peer: list, script: str, official: str, title: s
     for runs, label in ((ours, script), (peer, official)):
         if not runs:
             continue
-        steps = sorted(set.intersection(*(set(r) for r in runs)))
+        steps = common_steps(runs)
         m, ci = np.array([mean_ci([r[s] for r in runs]) for s in steps]).T
         ax.plot(steps, m, marker="o", label=f"{label} ({len(runs)} seeds)")
         ax.fill_between(steps, m - np.nan_to_num(ci), m + np.nan_to_num(ci), alpha=0.2)
