@@ -33,7 +33,7 @@ def load_run(run: str) -> tuple:
     saved = json.load(open(os.path.join(run, "args.json")))
     args = revind.Args(**{k: v for k, v in saved.items() if k in revind.Args.__dataclass_fields__})
     world = revind.World(args.world_seed, (args.image_height, args.image_width))
-    state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
+    state = torch.load(os.path.join(run, "checkpoint.pt"), map_location="cpu", weights_only=False)
     agent = revind.ReViND(args, torch.device("cpu"))
     agent.load_state_dict(state["agent"])
     return args, world, revind.load_or_collect(world, args), state, agent.eval()

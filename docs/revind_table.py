@@ -1,8 +1,9 @@
 """The results table of docs/revind.md from run folders: python docs/revind_table.py runs/revind_study
 
-Each run folder's evaluations.csv (its last evaluation) is grouped by the run's user reward and actor
-(from args.json); per variant: mean +- sample std (ddof 1) over seeds of success, collisions, and, over
-the successful episodes, path length and the shares of steps on grass and in sun."""
+Each run folder's evaluations.csv (its last evaluation) is grouped by the run's user reward (with
+its lambda where not the official 0.75) and actor (from args.json); per variant: mean +- sample std
+(ddof 1) over seeds of success, collisions, and, over the successful episodes, path length and the
+shares of steps on grass and in sun."""
 import csv
 import json
 import os
@@ -22,7 +23,10 @@ for name in sorted(os.listdir(root)):
     last = max(int(r["step"]) for r in rows)
     for r in rows:
         if int(r["step"]) == last:
-            groups[(args["user_reward"], args["actor"], last)][r["variant"]].append(r)
+            reward = args["user_reward"]
+            if reward != "none" and args["reward_scale"] != 0.75:  # lambda other than the official
+                reward += f", lambda {args['reward_scale']}"
+            groups[(reward, args["actor"], last)][r["variant"]].append(r)
 
 print("| user reward | actor | steps | variant | seeds | success | collisions | length (m), successes "
       "| on grass, successes | in sun, successes |")
