@@ -2,18 +2,25 @@
 
     python tests/parity.py iql --dataset hopper-medium-local.hdf5 --steps 100000 --seeds 0 1 2 \
         --out runs/parity_iql --peer-python JAXVENV/bin/python --peer-src IQL_CHECKOUT --plot docs/iql_parity.png
+    python tests/parity.py sac_20min --steps 15000 --utd-ratio 4 --out runs/parity_sac_20min \
+        --peer-python JAXVENV/bin/python --peer-src WALK_IN_THE_PARK --plot docs/sac_20min_parity.png
 
-Pairs (more to come): iql  iql.py against ikostrikov/implicit_q_learning's Learner, run by
-tests/parity_peer_jax.py in the JAX venv (its docstring has the set-up and what it copies of the
-official train_offline.py: d4rl.qlearning_dataset's data, its reward scaling and action clip).
+Pairs: iql        iql.py against ikostrikov/implicit_q_learning's Learner, run by
+                  tests/parity_peer_jax.py in the JAX venv (its docstring has the set-up and what it
+                  copies of the official train_offline.py: d4rl.qlearning_dataset's data, its reward
+                  scaling and action clip); scores are D4RL-normalized, steps are gradient steps.
+       sac_20min  sac_20min.py (with no held-out transitions, as the official loop) against
+                  ikostrikov/walk_in_the_park's DroQ SACLearner, run by tests/parity_peer_online.py
+                  (what it copies of the official train_online.py is in its docstring) on a Gymnasium
+                  env; scores are returns, steps are environment steps at --utd-ratio.
 
 Each run is one process on one thread (OMP_NUM_THREADS=1; XLA without its thread pool), --jobs at a
 time. Ours runs through its own main() (`python iql.py ...`) with the official defaults and only the
-run length, seed and evaluation set; both evaluate --eval-episodes deterministic episodes every
+run length, seed and evaluation set (and sac_20min's UTD and no held-out split); both evaluate --eval-episodes deterministic episodes every
 --eval-interval steps in the same Gymnasium env, each evaluation's first episode reset with seed + step.
 Runs land in --out/{ours,peer}_s{seed}; a finished run there is reused (the study can be continued), an
 unfinished one stops the harness. Without --peer-src only our side runs. Prints, per evaluation step,
-the normalized score's mean +- 95% CI (t over seeds) on each side and their difference (Welch).
+the score's mean +- 95% CI (t over seeds) on each side and their difference (Welch).
 """
 import argparse
 import csv
@@ -27,42 +34,55 @@ import numpy as np
 from scipy import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAIRS = {"iql": dict(script="iql.py", peer="parity_peer_jax.py", official="ikostrikov/implicit_q_learning")}
+PAIRS = {  # the defaults of each pair's flags, and what its table reads
+    "iql": dict(script="iql.py", peer="parity_peer_jax.py", official="ikostrikov/implicit_q_learning",
+                env="hopper-medium-v2", steps=100_000, eval_interval=10_000, metric="normalized_score",
+                x="gradient steps"),
+    "sac_20min": dict(script="sac_20min.py", peer="parity_peer_online.py", official="ikostrikov/walk_in_the_park",
+                      env="Hopper-v4", steps=15_000, eval_interval=1000, metric="return", x="environment steps"),
+}
 
 
 def ours_command(cli, seed: int, out: str) -> list:
-    return [sys.executable, os.path.join(ROOT, PAIRS[cli.pair]["script"]), "--env", cli.env, "--dataset", cli.dataset,
-            "--max-steps", str(cli.steps), "--seed", str(seed), "--eval-interval", str(cli.eval_interval),
-            "--eval-episodes", str(cli.eval_episodes), "--log-interval", str(cli.eval_interval), "--device", "cpu",
-            "--run-dir", out]
+    common = ["--env", cli.env, "--seed", str(seed), "--eval-interval", str(cli.eval_interval),
+              "--eval-episodes", str(cli.eval_episodes), "--log-interval", str(cli.eval_interval),
+              "--device", "cpu", "--run-dir", out]
+    script = [sys.executable, os.path.join(ROOT, PAIRS[cli.pair]["script"])]
+    if cli.pair == "iql":
+        return script + common + ["--dataset", cli.dataset, "--max-steps", str(cli.steps)]
+    return script + common + ["--total-timesteps", str(cli.steps), "--utd-ratio", str(cli.utd_ratio),
+                              "--validation-fraction", "0"]
 
 
 def peer_command(cli, seed: int, out: str) -> list:
-    return [cli.peer_python, os.path.join(ROOT, "tests", PAIRS[cli.pair]["peer"]), "--src", cli.peer_src,
-            "--env", cli.env, "--dataset", cli.dataset, "--steps", str(cli.steps), "--seed", str(seed),
-            "--eval-interval", str(cli.eval_interval), "--eval-episodes", str(cli.eval_episodes), "--out", out]
+    command = [cli.peer_python, os.path.join(ROOT, "tests", PAIRS[cli.pair]["peer"]), "--src", cli.peer_src,
+               "--env", cli.env, "--steps", str(cli.steps), "--seed", str(seed), "--eval-interval",
+               str(cli.eval_interval), "--eval-episodes", str(cli.eval_episodes), "--out", out]
+    if cli.pair == "iql":
+        return command + ["--dataset", cli.dataset]
+    return command + ["--system", cli.pair, "--utd-ratio", str(cli.utd_ratio)]
 
 
-def read_scores(folder: str) -> dict:
-    """{step: normalized score} of a run's evaluations.csv ({} when it has none)."""
+def read_scores(folder: str, metric: str = "normalized_score") -> dict:
+    """{step: metric} of a run's evaluations.csv ({} when it has none)."""
     path = os.path.join(folder, "evaluations.csv")
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
-        return {int(r["step"]): float(r["normalized_score"]) for r in csv.DictReader(f)}
+        return {int(r["step"]): float(r[metric]) for r in csv.DictReader(f)}
 
 
-def run(command: list, out: str, steps: int) -> str:
+def run(command: list, out: str, steps: int, metric: str) -> str:
     """Runs command unless out already holds a finished run; the log goes to out + '.log'."""
     if os.path.exists(out):
-        if steps in read_scores(out):
+        if steps in read_scores(out, metric):
             return f"reused {out}"
         raise SystemExit(f"parity.py: error: {out} holds an unfinished run; remove it to run it again")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
     with open(out + ".log", "w") as log:
         proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if proc.returncode != 0 or steps not in read_scores(out):
+    if proc.returncode != 0 or steps not in read_scores(out, metric):
         raise SystemExit(f"parity.py: error: {' '.join(command[:2])} failed (exit {proc.returncode}); see {out}.log")
     return f"ran {out}"
 
@@ -104,7 +124,7 @@ def table(ours: list, peer: list, script: str, official: str) -> str:
     return head + "\n".join(rows)
 
 
-def plot(path: str, ours: list, peer: list, script: str, official: str, title: str):
+def plot(path: str, ours: list, peer: list, script: str, official: str, title: str, x: str, y: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -116,8 +136,8 @@ def plot(path: str, ours: list, peer: list, script: str, official: str, title: s
         m, ci = np.array([mean_ci([r[s] for r in runs]) for s in steps]).T
         ax.plot(steps, m, marker="o", label=f"{label} ({len(runs)} seeds)")
         ax.fill_between(steps, m - np.nan_to_num(ci), m + np.nan_to_num(ci), alpha=0.2)
-    ax.set_xlabel("gradient steps")
-    ax.set_ylabel("normalized score")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
@@ -127,11 +147,13 @@ def plot(path: str, ours: list, peer: list, script: str, official: str, title: s
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pair", choices=sorted(PAIRS))
-    p.add_argument("--dataset", required=True, help="a D4RL-layout .hdf5 both sides train on")
-    p.add_argument("--env", default="hopper-medium-v2", help="the dataset's D4RL name (its env evaluates)")
-    p.add_argument("--steps", type=int, default=100_000)
+    p.add_argument("--dataset", default=None, help="iql: a D4RL-layout .hdf5 both sides train on")
+    p.add_argument("--env", default=None, help="iql: the dataset's D4RL name (its env evaluates); "
+                   "sac_20min: a Gymnasium id (default: the pair's)")
+    p.add_argument("--steps", type=int, default=None, help="run length (default: the pair's)")
+    p.add_argument("--utd-ratio", type=int, default=4, help="sac_20min: updates per environment step")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--eval-interval", type=int, default=10_000)
+    p.add_argument("--eval-interval", type=int, default=None, help="default: the pair's")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", required=True, help="folder of the runs")
     p.add_argument("--peer-python", default=None, help="python of the JAX venv")
@@ -139,27 +161,33 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--plot", default=None, help="write the curves to this PNG (needs matplotlib)")
     cli = p.parse_args(argv)
-    if not os.path.isfile(cli.dataset):
-        raise SystemExit(f"parity.py: error: dataset {cli.dataset} does not exist")
+    pair = PAIRS[cli.pair]
+    for k in ("env", "steps", "eval_interval"):
+        setattr(cli, k, getattr(cli, k) or pair[k])
+    if cli.pair == "iql" and (cli.dataset is None or not os.path.isfile(cli.dataset)):
+        raise SystemExit(f"parity.py: error: iql needs --dataset, an existing file (got {cli.dataset})")
+    if cli.pair != "iql" and cli.dataset is not None:
+        raise SystemExit(f"parity.py: error: {cli.pair} trains online; it takes no --dataset")
     if (cli.peer_src is None) != (cli.peer_python is None):
         raise SystemExit("parity.py: error: --peer-src and --peer-python go together")
-    cli.dataset = os.path.abspath(cli.dataset)
+    cli.dataset = cli.dataset and os.path.abspath(cli.dataset)
     out = os.path.abspath(cli.out)
     os.makedirs(out, exist_ok=True)
     jobs = [(ours_command(cli, s, f"{out}/ours_s{s}"), f"{out}/ours_s{s}") for s in cli.seeds]
     if cli.peer_src:
         jobs += [(peer_command(cli, s, f"{out}/peer_s{s}"), f"{out}/peer_s{s}") for s in cli.seeds]
     with ThreadPoolExecutor(cli.jobs) as pool:
-        for message in pool.map(lambda job: run(*job, cli.steps), jobs):
+        for message in pool.map(lambda job: run(*job, cli.steps, pair["metric"]), jobs):
             print(message, flush=True)
-    ours = [read_scores(f"{out}/ours_s{s}") for s in cli.seeds]
-    peer = [read_scores(f"{out}/peer_s{s}") for s in cli.seeds] if cli.peer_src else []
-    script, official = PAIRS[cli.pair]["script"], PAIRS[cli.pair]["official"]
-    result = table(ours, peer, script, official)
-    print(f"\nnormalized score, mean +- 95% CI over seeds {cli.seeds}, {cli.env} ({os.path.basename(cli.dataset)})\n")
+    ours = [read_scores(f"{out}/ours_s{s}", pair["metric"]) for s in cli.seeds]
+    peer = [read_scores(f"{out}/peer_s{s}", pair["metric"]) for s in cli.seeds] if cli.peer_src else []
+    result = table(ours, peer, pair["script"], pair["official"])
+    y = pair["metric"].replace("_", " ")
+    where = f"{cli.env} ({os.path.basename(cli.dataset)})" if cli.dataset else f"{cli.env}, UTD {cli.utd_ratio}"
+    print(f"\n{y}, mean +- 95% CI over seeds {cli.seeds}, {where}\n")
     print(result)
     if cli.plot:
-        plot(cli.plot, ours, peer, script, official, f"{cli.env} ({os.path.basename(cli.dataset)})")
+        plot(cli.plot, ours, peer, pair["script"], pair["official"], where, pair["x"], y)
     return result
 
 

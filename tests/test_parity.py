@@ -2,6 +2,8 @@
 hand-computed numbers, d4rl.qlearning_dataset's semantics on a hand-made file, and the harness end to
 end on a tiny file (our side only: the peer needs its JAX venv and checkout)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -59,3 +61,18 @@ def test_harness_runs_our_side_and_prints_the_table(hopper_files, tmp_path, caps
         parity.main(common)
     with pytest.raises(SystemExit, match="--peer-src and --peer-python go together"):
         parity.main(common + ["--peer-src", str(tmp_path)])
+
+
+def test_online_pair_runs_our_side_with_the_official_loops_data(tmp_path):
+    """sac_20min: environment steps, returns, the UTD set, and no held-out transitions (the official
+    loop trains on all of them)."""
+    out = tmp_path / "online"
+    result = parity.main(["sac_20min", "--steps", "40", "--utd-ratio", "2", "--seeds", "0", "--eval-interval", "20",
+                          "--eval-episodes", "1", "--out", str(out)])
+    assert result.splitlines()[0] == "| step | sac_20min.py |"
+    assert sorted(parity.read_scores(str(out / "ours_s0"), "return")) == [20, 40]
+    args = json.load(open(out / "ours_s0" / "args.json"))
+    assert (args["env"], args["total_timesteps"], args["utd_ratio"], args["validation_fraction"]) == \
+        ("Hopper-v4", 40, 2, 0.0)
+    with pytest.raises(SystemExit, match="trains online; it takes no --dataset"):
+        parity.main(["sac_20min", "--dataset", str(tmp_path), "--out", str(out)])
