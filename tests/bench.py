@@ -17,8 +17,8 @@ the device): an A/B of what a fused step would buy. It changes the last bits, so
 --peers times a script's eager update beside its peers', round after round (median of --rounds),
 for every peer whose flags are given (the peers' code and the JAX venv stay outside this repository):
   iql        the official JAX learner (--peer-jax-src: a checkout of ikostrikov/implicit_q_learning), run by
-             tests/bench_peer_jax.py in the JAX venv, and CORL's PyTorch trainer (--peer-corl), run by its
-             script in --peers-dir (a folder outside this repository)
+             tests/bench_peer_jax.py in the JAX venv, and CORL's PyTorch trainer (--peer-corl: its
+             algorithms/offline/iql.py), run by tests/bench_peer_corl.py in this venv
   idql, rlpd, sac_20min
              the official JAX learner in a checkout of philippe-eecs/IDQL, ikostrikov/rlpd or
              ikostrikov/walk_in_the_park (--peer-idql-src, --peer-rlpd-src, --peer-sac_20min-src),
@@ -252,7 +252,7 @@ def peers_of(cli) -> dict:
         peers["iql"]["official JAX"] = [cli.peer_jax_python, os.path.join(here, "bench_peer_jax.py"), "--system", "iql",
                                         "--src", cli.peer_jax_src, "--seconds", str(cli.peer_seconds)]
     if cli.peer_corl:
-        peers["iql"]["CORL"] = [sys.executable, os.path.join(cli.peers_dir, "peer_iql_bench.py"), "--corl-iql", cli.peer_corl,
+        peers["iql"]["CORL"] = [sys.executable, os.path.join(here, "bench_peer_corl.py"), "--corl-iql", cli.peer_corl,
                                 "--seconds", str(cli.peer_seconds), "--threads", str(torch.get_num_threads())]
     for name in ("idql", "rlpd", "sac_20min"):
         src = getattr(cli, f"peer_{name}_src")
@@ -296,7 +296,6 @@ def main():
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--fused-adam", action="store_true", help="every Adam with fused=True (see above)")
     parser.add_argument("--peers", action="store_true", help="iql.py's update beside the peers' (see above)")
-    parser.add_argument("--peers-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "peers"))
     parser.add_argument("--peer-jax-python", default=sys.executable, help="python of the venv that has JAX")
     parser.add_argument("--peer-jax-src", default=None, help="checkout of ikostrikov/implicit_q_learning")
     parser.add_argument("--peer-corl", default=None, help="CORL's algorithms/offline/iql.py")
