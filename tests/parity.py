@@ -4,6 +4,8 @@
         --out runs/parity_iql --peer-python JAXVENV/bin/python --peer-src IQL_CHECKOUT --plot docs/iql_parity.png
     python tests/parity.py sac_20min --steps 15000 --utd-ratio 4 --out runs/parity_sac_20min \
         --peer-python JAXVENV/bin/python --peer-src WALK_IN_THE_PARK --plot docs/sac_20min_parity.png
+    python tests/parity.py rlpd --dataset hopper-medium-local.hdf5 --steps 15000 --utd-ratio 4 \
+        --out runs/parity_rlpd --peer-python JAXVENV/bin/python --peer-src RLPD --plot docs/rlpd_parity.png
 
 Pairs: iql        iql.py against ikostrikov/implicit_q_learning's Learner, run by
                   tests/parity_peer_jax.py in the JAX venv (its docstring has the set-up and what it
@@ -13,6 +15,9 @@ Pairs: iql        iql.py against ikostrikov/implicit_q_learning's Learner, run b
                   ikostrikov/walk_in_the_park's DroQ SACLearner, run by tests/parity_peer_online.py
                   (what it copies of the official train_online.py is in its docstring) on a Gymnasium
                   env; scores are returns, steps are environment steps at --utd-ratio.
+       rlpd       rlpd.py against ikostrikov/rlpd's SACLearner (train_finetuning.py's loop, in
+                  tests/parity_peer_online.py), --dataset as the offline half of every batch, online
+                  in the dataset's Gymnasium env; returns, environment steps.
 
 Each run is one process on one thread (OMP_NUM_THREADS=1; XLA without its thread pool), --jobs at a
 time. Ours runs through its own main() (`python iql.py ...`) with the official defaults and only the
@@ -33,13 +38,19 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from scipy import stats
 
+from parity_peer_jax import LOCOMOTION
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIRS = {  # the defaults of each pair's flags, and what its table reads
     "iql": dict(script="iql.py", peer="parity_peer_jax.py", official="ikostrikov/implicit_q_learning",
                 env="hopper-medium-v2", steps=100_000, eval_interval=10_000, metric="normalized_score",
-                x="gradient steps"),
+                x="gradient steps", data=True),
     "sac_20min": dict(script="sac_20min.py", peer="parity_peer_online.py", official="ikostrikov/walk_in_the_park",
-                      env="Hopper-v4", steps=15_000, eval_interval=1000, metric="return", x="environment steps"),
+                      env="Hopper-v4", steps=15_000, eval_interval=1000, metric="return", x="environment steps",
+                      data=False, learning_starts=1000),
+    "rlpd": dict(script="rlpd.py", peer="parity_peer_online.py", official="ikostrikov/rlpd", env="hopper-medium-v2",
+                 steps=15_000, eval_interval=1000, metric="return", x="environment steps", data=True,
+                 learning_starts=5000),
 }
 
 
@@ -50,17 +61,23 @@ def ours_command(cli, seed: int, out: str) -> list:
     script = [sys.executable, os.path.join(ROOT, PAIRS[cli.pair]["script"])]
     if cli.pair == "iql":
         return script + common + ["--dataset", cli.dataset, "--max-steps", str(cli.steps)]
-    return script + common + ["--total-timesteps", str(cli.steps), "--utd-ratio", str(cli.utd_ratio),
-                              "--validation-fraction", "0"]
+    online = ["--total-timesteps", str(cli.steps), "--utd-ratio", str(cli.utd_ratio)]
+    if cli.pair == "rlpd":
+        return script + common + online + ["--dataset", cli.dataset]
+    return script + common + online + ["--validation-fraction", "0"]
 
 
 def peer_command(cli, seed: int, out: str) -> list:
-    command = [cli.peer_python, os.path.join(ROOT, "tests", PAIRS[cli.pair]["peer"]), "--src", cli.peer_src,
-               "--env", cli.env, "--steps", str(cli.steps), "--seed", str(seed), "--eval-interval",
+    pair = PAIRS[cli.pair]
+    env = LOCOMOTION[cli.env.split("-")[0]] if cli.pair == "rlpd" else cli.env  # D4RL name -> Gymnasium id
+    command = [cli.peer_python, os.path.join(ROOT, "tests", pair["peer"]), "--src", cli.peer_src,
+               "--env", env, "--steps", str(cli.steps), "--seed", str(seed), "--eval-interval",
                str(cli.eval_interval), "--eval-episodes", str(cli.eval_episodes), "--out", out]
+    command += ["--dataset", cli.dataset] if pair["data"] else []
     if cli.pair == "iql":
-        return command + ["--dataset", cli.dataset]
-    return command + ["--system", cli.pair, "--utd-ratio", str(cli.utd_ratio)]
+        return command
+    return command + ["--system", cli.pair, "--utd-ratio", str(cli.utd_ratio),
+                      "--learning-starts", str(pair["learning_starts"])]
 
 
 def read_scores(folder: str, metric: str = "normalized_score") -> dict:
@@ -147,11 +164,11 @@ def plot(path: str, ours: list, peer: list, script: str, official: str, title: s
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pair", choices=sorted(PAIRS))
-    p.add_argument("--dataset", default=None, help="iql: a D4RL-layout .hdf5 both sides train on")
-    p.add_argument("--env", default=None, help="iql: the dataset's D4RL name (its env evaluates); "
+    p.add_argument("--dataset", default=None, help="iql, rlpd: a D4RL-layout .hdf5 both sides train on")
+    p.add_argument("--env", default=None, help="iql, rlpd: the dataset's D4RL name (its env evaluates); "
                    "sac_20min: a Gymnasium id (default: the pair's)")
     p.add_argument("--steps", type=int, default=None, help="run length (default: the pair's)")
-    p.add_argument("--utd-ratio", type=int, default=4, help="sac_20min: updates per environment step")
+    p.add_argument("--utd-ratio", type=int, default=4, help="sac_20min, rlpd: updates per environment step")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--eval-interval", type=int, default=None, help="default: the pair's")
     p.add_argument("--eval-episodes", type=int, default=10)
@@ -164,9 +181,9 @@ def main(argv=None):
     pair = PAIRS[cli.pair]
     for k in ("env", "steps", "eval_interval"):
         setattr(cli, k, getattr(cli, k) or pair[k])
-    if cli.pair == "iql" and (cli.dataset is None or not os.path.isfile(cli.dataset)):
-        raise SystemExit(f"parity.py: error: iql needs --dataset, an existing file (got {cli.dataset})")
-    if cli.pair != "iql" and cli.dataset is not None:
+    if pair["data"] and (cli.dataset is None or not os.path.isfile(cli.dataset)):
+        raise SystemExit(f"parity.py: error: {cli.pair} needs --dataset, an existing file (got {cli.dataset})")
+    if not pair["data"] and cli.dataset is not None:
         raise SystemExit(f"parity.py: error: {cli.pair} trains online; it takes no --dataset")
     if (cli.peer_src is None) != (cli.peer_python is None):
         raise SystemExit("parity.py: error: --peer-src and --peer-python go together")
@@ -183,7 +200,8 @@ def main(argv=None):
     peer = [read_scores(f"{out}/peer_s{s}", pair["metric"]) for s in cli.seeds] if cli.peer_src else []
     result = table(ours, peer, pair["script"], pair["official"])
     y = pair["metric"].replace("_", " ")
-    where = f"{cli.env} ({os.path.basename(cli.dataset)})" if cli.dataset else f"{cli.env}, UTD {cli.utd_ratio}"
+    where = f"{cli.env} ({os.path.basename(cli.dataset)})" if cli.dataset else cli.env
+    where += f", UTD {cli.utd_ratio}" if cli.pair != "iql" else ""
     print(f"\n{y}, mean +- 95% CI over seeds {cli.seeds}, {where}\n")
     print(result)
     if cli.plot:

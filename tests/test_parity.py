@@ -76,3 +76,20 @@ def test_online_pair_runs_our_side_with_the_official_loops_data(tmp_path):
         ("Hopper-v4", 40, 2, 0.0)
     with pytest.raises(SystemExit, match="trains online; it takes no --dataset"):
         parity.main(["sac_20min", "--dataset", str(tmp_path), "--out", str(out)])
+
+
+def test_rlpd_pair_gives_both_sides_the_dataset_and_the_official_start(hopper_files, tmp_path):
+    out = tmp_path / "rlpd"
+    result = parity.main(["rlpd", "--dataset", hopper_files["next"], "--steps", "30", "--seeds", "0",
+                          "--eval-interval", "15", "--eval-episodes", "1", "--out", str(out)])
+    assert result.splitlines()[0] == "| step | rlpd.py |"
+    args = json.load(open(out / "ours_s0" / "args.json"))
+    assert (args["dataset"], args["total_timesteps"], args["utd_ratio"], args["learning_starts"]) == \
+        (hopper_files["next"], 30, 4, 5000)
+    cli = type("Cli", (), dict(pair="rlpd", peer_python="py", peer_src="src", env="hopper-medium-v2", steps=30,
+                               eval_interval=15, eval_episodes=1, dataset=hopper_files["next"], utd_ratio=4))
+    peer = parity.peer_command(cli, 0, "out")
+    assert peer[peer.index("--env") + 1] == "Hopper-v4" and peer[peer.index("--dataset") + 1] == hopper_files["next"]
+    assert peer[peer.index("--learning-starts") + 1] == "5000" and peer[peer.index("--system") + 1] == "rlpd"
+    with pytest.raises(SystemExit, match="rlpd needs --dataset"):
+        parity.main(["rlpd", "--out", str(out)])
