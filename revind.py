@@ -1,61 +1,35 @@
 """ReViND: offline RL for visual navigation with user rewards and a topological graph.
 
-Paper: Shah, Bhorkar, Leen, Kostrikov, Rhinehart, Levine, "Offline Reinforcement Learning for
-Visual Navigation", CoRL 2022, arXiv:2212.08244. Official code (JAX, training only):
-arjunbhorkar/ReViND.
+Shah, Bhorkar, Leen, Kostrikov, Rhinehart, Levine, "Offline Reinforcement Learning for Visual
+Navigation", CoRL 2022, arXiv:2212.08244. Official code (JAX, training only): arjunbhorkar/ReViND.
 
-From reward-agnostic exploration data (images, positions) ReViND learns goal-conditioned
-navigation offline, for a reward the user picks, and reaches far goals by planning over a graph
-of the data's observations weighted by the learned value:
-
-    data:   trajectories of (o_t, p_t); action a_t = the next 5 waypoints in the robot's frame;
-            goal g relabelled from p_{t+k}, k ~ U{1..50}, as (sin, cos, distance) of g in the
-            robot's frame
-    reward: r_t = -1 + lambda d(o_t)  (d: a detector on the image's lower middle: grass or sun);
+    data:   trajectories of (o_t, p_t); a_t = the next 5 waypoints in the robot's frame; goals g
+            relabelled from p_{t+k}, k ~ U{1..50}, as (sin, cos, distance) in the robot's frame
+    reward: r_t = -1 + lambda d(o_t) (d: a grass or sun detector on the image's lower middle);
             terminal when o_{t+1} is the goal; a collision is terminal with r = collision_reward
-    IQL on pixels: conv features f(aug(o)) trained by the Q loss only; V(sg(f), g) by expectile
-            tau, pi(a | sg(f), g) by AWR exp(beta (Q' - V)), Q(f, g, a) -> r + gamma m V(f', g'),
-            Q' <- Polyak(Q)                                      (iql.py's update, on images)
+    IQL:    conv features f(aug(o)) trained by the Q loss only; V(sg(f), g) by expectile tau,
+            pi(a | sg(f), g) by AWR exp(beta (Q' - V)), Q(f, g, a) -> r + gamma m V(f', g'),
+            Q' <- Polyak(Q)
     graph:  nodes = subsampled observations; edge i -> j if |p_j - p_i| <= edge_max_distance, its
-            cost the step count V(o_i, g_ij) implies, n = log(1 + (1 - gamma) V) / log gamma
-            (r = -1 per step gives V = -(1 - gamma^n) / (1 - gamma)), at least 1 (V <= -1),
-            pruned above max_edge_cost;
-            Dijkstra to the goal's node; every 4 steps the robot joins the graph through edges
-            from its current image (weighted the same way), and the policy drives to the next node
-            on the shortest path.
+            cost the steps V(o_i, g_ij) implies, n = log(1 + (1 - gamma) V) / log gamma, at least
+            1, pruned above max_edge_cost; Dijkstra to the goal's node; every 4 steps the robot
+            joins the graph from its current image and the policy drives to the next node
 
 Usage:
     python revind.py --encoder conv --batch-size 256            # grass reward (a CPU-sized run)
-    python revind.py --user-reward sunny
-    python revind.py --user-reward none --actor bc              # goal-conditioned BC; also filtered-bc
-    python revind.py --help
+    python revind.py --user-reward none --actor bc              # goal-conditioned BC; filtered-bc
+    python revind.py --resume runs/X/checkpoint.pt --eval-only  # evaluate a checkpoint again
 
-The file reads top to bottom: Args, the networks, the method (pixel IQL), main(); then the graph
-and planner, the world (map, robot, camera), the data, the evaluation and the plumbing.
-
-Differences from the official code (see docs/revind.md for why each matters):
-- PyTorch; a world of its own (numpy, in this file) instead of the RECON data and a robot;
-  24 x 32 images by default (official 48 x 64), for CPU time. `--encoder conv` swaps the official
-  IMPALA trunk for 3 conv layers, about 5x cheaper (the CPU runs in the docs use it).
-- Goals are relabelled k ~ U{1..50} steps ahead, the step reaching the goal terminal (its first
-  commit's sampler). HEAD draws 10..50 and anchors V with stored `dones` frames (goal 0-1 steps
-  ahead, 2 frames in 30, or a collision near) that give r = 0, m = 0: goals 2-9 steps ahead, as
-  long as the graph's short edges, are never drawn. 30% of goals are any frame of the data
-  (`--random-goal-fraction`; not in the official code): goals no transition reaches, as the far
-  goals are; they do not make V prune edges through walls (docs/revind.md measures it).
-- Collisions are terminal with `collision_reward` (-100: never arriving). The official code gives
-  r = 0 on a collision, the reward of reaching the goal: a bug (its first commit gave -51).
-- Batch 512 as the official config; HEAD trains with batch 1, a bug.
-- Kept from the official code: the mean (not min) of the two Q heads, the unit-std Gaussian policy
-  on waypoints in metres (AWR = weighted squared error), per-head Dense(50)-LayerNorm-tanh
-  projections, the same random shift for o and o', the actor's cosine lr decay, HSV detectors.
-- Filtered BC cuts trajectories into 15-step fragments (official: random ~15-step chunks between
-  done flags) and keeps the top 20% by mean reward; no waypoint noise (official sd 0.007).
-- The graph, the planner and the closed-loop evaluation are not in the official release (its
-  issue #1): they follow the paper's description, with the choices above named in Args.
+Differences from the official code that change the algorithm (docs/revind.md says why):
+- A numpy world of its own instead of RECON; 24 x 32 images (official 48 x 64); `--encoder conv`.
+- Goals k ~ U{1..50} steps ahead (its first commit); HEAD draws 10..50 plus stored `dones` frames.
+- 30% of goals are any frame of the data (`--random-goal-fraction`; not in the official code).
+- Collisions are terminal with r = collision_reward (-100); official r = 0, a goal's reward.
+- Batch 512 (the official config; HEAD trains with batch 1).
+- Filtered BC: 15-step fragments (official: random ~15-step chunks), no waypoint noise (sd 0.007).
+- The graph, the planner and the closed-loop evaluation (not in the official release).
 """
 
-import contextlib
 import json
 import math
 import os
@@ -88,9 +62,9 @@ class Args:
     collision_reward: float = -100.0
     """reward of a collision, which ends the episode (-1 / (1 - gamma): never reaching the goal)"""
     actor: Literal["awr", "bc", "filtered-bc"] = "awr"
-    """the actor's loss: AWR (ReViND), goal-conditioned BC, or BC on the top 20% of fragments by reward"""
+    """the actor's loss: AWR (ReViND), goal-conditioned BC, or BC on the top 20% of fragments"""
     max_steps: int = 20_000
-    """number of gradient steps (the actor's lr decays to 0 over them, as the official cosine schedule)"""
+    """number of gradient steps (the actor's lr decays to 0 over them, official cosine schedule)"""
     batch_size: int = 512
     """transitions per gradient step (official config 512)"""
     eval_interval: int = 0
@@ -132,7 +106,7 @@ class Args:
     """share of goals drawn from any frame of the data instead (not in the official code): goals
     that no transition reaches, often far or behind walls"""
     encoder: Literal["impala", "conv"] = "impala"
-    """image encoder: the official IMPALA trunk, or a 3-layer conv trunk about 5x cheaper (for CPUs)"""
+    """image encoder: the official IMPALA trunk, or 3 conv layers about 5x cheaper (for CPUs)"""
     image_height: int = 24
     """camera image height (official 48: halved for CPU time)"""
     image_width: int = 32
@@ -148,9 +122,9 @@ class Args:
     max_edge_cost: float = 50.0
     """edges whose value-implied step count exceeds this are pruned (the relabelling horizon)"""
     subgoal_distance: float = 3.0
-    """the policy drives to the first node on the path at least this far away (and to the goal once this near)"""
+    """the policy drives to the first path node at least this far away (the goal once this near)"""
     replan_every: int = 4
-    """steps between replans (sooner when the subgoal is within goal_radius); 1 = replan every step"""
+    """steps between replans (sooner when the subgoal is within goal_radius); 1 = every step"""
     episode_steps: int = 300
     """step limit of an evaluation episode"""
     goal_radius: float = 1.0
@@ -170,12 +144,15 @@ class Args:
     resume: Optional[str] = None
     """continue from a checkpoint.pt (outputs go to its folder unless --run-dir)"""
     eval_only: bool = False
-    """with --resume: no training, one evaluation of the checkpoint (planner flags may differ), in a new folder"""
+    """with --resume: no training, one evaluation (planner flags may differ), in a new folder"""
     run_dir: Optional[str] = None
-    """output folder (default: runs/revind__{user_reward}__{actor}__{seed}__{time}); must not exist"""
+    """new output folder (default: runs/revind__{user_reward}__{actor}__{seed}__{time})"""
 
 
 # ----------------------------------------------------------------------------- networks
+GOAL_DIM, ACT_DIM = 3, 10  # goal (sin, cos, distance); action: 5 waypoints (x, y)
+
+
 class ResidualBlock(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
@@ -189,17 +166,19 @@ def conv_trunk(kind: str) -> nn.Sequential:
     """Image -> flat conv features. IMPALA (official): 3 stacks of (conv 3x3, max-pool 3x3 stride 2,
     2 residual blocks) with 16, 32, 32 channels. conv: 3 plain conv layers of 16 channels."""
     if kind == "conv":
-        return nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2), nn.ReLU(),
+        return nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(),
+                             nn.Conv2d(16, 16, 3, stride=2), nn.ReLU(),
                              nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Flatten())
     layers, n_in = [], 3
     for ch in (16, 32, 32):
-        layers += [nn.Conv2d(n_in, ch, 3, padding=1), nn.MaxPool2d(3, 2, padding=1), ResidualBlock(ch), ResidualBlock(ch)]
+        layers += [nn.Conv2d(n_in, ch, 3, padding=1), nn.MaxPool2d(3, 2, padding=1),
+                   ResidualBlock(ch), ResidualBlock(ch)]
         n_in = ch
     return nn.Sequential(*layers, nn.ReLU(), nn.Flatten())
 
 
 class Encoder(nn.Module):
-    """uint8 image (B, 3, H, W) -> conv features (the trunk the critic trains, shared by all heads)."""
+    """uint8 image (B, 3, H, W) -> conv features (trained by the critic, read by every head)."""
 
     def __init__(self, kind: str, image_hw: tuple):
         super().__init__()
@@ -211,21 +190,22 @@ class Encoder(nn.Module):
 
 
 class Head(nn.Module):
-    """One network on s = (conv features, goal): its own projection Dense(50) -> LayerNorm -> tanh,
-    the goal (sin, cos, distance) appended, then an MLP (256, 256) (official per-head layout)."""
+    """A network on s = (conv features, goal) (official per-head layout): its own Dense(50) ->
+    LayerNorm -> tanh, the goal appended, an MLP (256, 256); k heads that also take the action."""
 
-    def __init__(self, n_features: int, feature_dim: int, hidden: int, n_out: int, k: Optional[int] = None):
+    def __init__(self, n_features: int, feature_dim: int, hidden: int, n_out: int, k=None):
         super().__init__()
-        self.project = nn.Sequential(nn.Linear(n_features, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
+        self.project = nn.Sequential(nn.Linear(n_features, feature_dim), nn.LayerNorm(feature_dim),
+                                     nn.Tanh())
         nn.init.orthogonal_(self.project[0].weight, gain=math.sqrt(2))
         nn.init.zeros_(self.project[0].bias)
         self.k = k
         n_in = feature_dim + GOAL_DIM + (ACT_DIM if k else 0)  # Q also takes the action
         self.mlp = mlp(n_in, hidden, n_out) if k is None else nn.Sequential(
-            EnsembleLinear(k, n_in, hidden), nn.ReLU(), EnsembleLinear(k, hidden, hidden), nn.ReLU(),
-            EnsembleLinear(k, hidden, n_out))
+            EnsembleLinear(k, n_in, hidden), nn.ReLU(), EnsembleLinear(k, hidden, hidden),
+            nn.ReLU(), EnsembleLinear(k, hidden, n_out))
 
-    def forward(self, features: torch.Tensor, goal: torch.Tensor, act: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, goal: torch.Tensor, act=None) -> torch.Tensor:
         s = torch.cat([self.project(features), goal], -1)
         if self.k is None:
             return self.mlp(s)
@@ -247,7 +227,8 @@ class EnsembleLinear(nn.Module):
 
 
 def mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
-    layers = [nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_out)]
+    layers = [nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+              nn.Linear(hidden, n_out)]
     for layer in layers[::2]:
         nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
         nn.init.zeros_(layer.bias)
@@ -277,14 +258,12 @@ class UnitStdActor(nn.Module):
     def forward(self, features: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
         return self.mu(features, goal)  # the evaluation action: the mean
 
-    def log_prob(self, features: torch.Tensor, goal: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        return -0.5 * (act - self(features, goal)).pow(2).sum(-1) - 0.5 * ACT_DIM * math.log(2 * math.pi)
+    def log_prob(self, features: torch.Tensor, goal: torch.Tensor, act: torch.Tensor):
+        log_norm = 0.5 * ACT_DIM * math.log(2 * math.pi)
+        return -0.5 * (act - self(features, goal)).pow(2).sum(-1) - log_norm
 
 
-GOAL_DIM, ACT_DIM = 3, 10  # goal (sin, cos, distance); action: 5 waypoints (x, y)
-
-
-# ----------------------------------------------------------------------------- the method: pixel IQL
+# ----------------------------------------------------------------------------- the method
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
     """|tau - 1(u < 0)| u^2: an asymmetric square whose minimiser is the tau-expectile."""
     weight = torch.where(diff > 0, expectile, 1 - expectile)
@@ -292,8 +271,8 @@ def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
 
 
 def random_shift(image: torch.Tensor, next_image: torch.Tensor, pad: int) -> tuple:
-    """DrQ's augmentation: pad by `pad` pixels (edge values) and crop back at a random offset, the
-    same offset for o and o' of a transition (official)."""
+    """DrQ's augmentation: pad by `pad` pixels (edge values), crop back at a random offset,
+    the same for o and o' (official)."""
     b, _, h, w = image.shape
     dy, dx = torch.randint(0, 2 * pad + 1, (2, b, 1), device=image.device)
     rows = (torch.arange(h, device=image.device) + dy)[:, :, None]  # (B, H, 1)
@@ -309,8 +288,9 @@ def random_shift(image: torch.Tensor, next_image: torch.Tensor, pad: int) -> tup
 class ReViND(nn.Module):
     def __init__(self, args: Args, device: torch.device):
         super().__init__()
-        self.expectile, self.beta, self.gamma, self.tau = args.expectile, args.beta, args.gamma, args.tau
-        self.exp_adv_max, self.shift_pad, self.awr = args.exp_adv_max, args.shift_pad, args.actor == "awr"
+        self.expectile, self.beta, self.exp_adv_max = args.expectile, args.beta, args.exp_adv_max
+        self.gamma, self.tau, self.shift_pad = args.gamma, args.tau, args.shift_pad
+        self.awr = args.actor == "awr"
         self.lr_decay_steps = args.max_steps if args.lr_decay_steps is None else args.lr_decay_steps
         self.critic = Critic(args)
         self.critic_target = Critic(args)
@@ -320,25 +300,28 @@ class ReViND(nn.Module):
         self.value = Head(n_features, args.feature_dim, args.hidden_dim, 1)
         self.actor = UnitStdActor(n_features, args)
         self.to(device)
-        capturable = device.type == "cuda"  # (CUDA graph) Adam keeps its step count on the GPU, replayable
-        self.actor_lr = torch.tensor(args.actor_lr, device=device)  # (CUDA graph) the schedule writes a tensor
-        self.actor_lr0 = args.actor_lr
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.actor_lr, capturable=capturable)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
-        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
+
+        def adam(module, lr):  # (CUDA graph) capturable: the step count on the GPU; a tensor lr
+            return torch.optim.Adam(module.parameters(), lr=lr, capturable=device.type == "cuda")
+        self.actor_lr0, self.actor_lr = args.actor_lr, torch.tensor(args.actor_lr, device=device)
+        self.actor_opt = adam(self.actor, self.actor_lr)
+        self.critic_opt = adam(self.critic, args.critic_lr)
+        self.value_opt = adam(self.value, args.value_lr)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
-        self.target_params, self.online_params = list(self.critic_target.parameters()), list(self.critic.parameters())
+        self.target_params = list(self.critic_target.parameters())
+        self.online_params = list(self.critic.parameters())
 
     def update(self, image, goal, act, rew, mask, next_image, next_goal) -> dict:
         image, next_image = random_shift(image, next_image, self.shift_pad)
         features = self.critic.encoder(image)  # trained by the Q loss only
         features_sg = features.detach()  # V and the actor see the conv features with stop-gradient
         with torch.no_grad():
-            q_target = self.critic_target(image, goal, act).mean(0)  # official critic_reduction "mean"
+            q_target = self.critic_target(image, goal, act).mean(0)  # official reduction "mean"
             next_features = self.critic.encoder(next_image)
 
         # 1) V: expectile regression onto the target twin Q
-        value_loss = expectile_loss(q_target - self.value(features_sg, goal).squeeze(-1), self.expectile).mean()
+        v = self.value(features_sg, goal).squeeze(-1)
+        value_loss = expectile_loss(q_target - v, self.expectile).mean()
         self.value_opt.zero_grad()
         value_loss.backward()
         self.value_opt.step()
@@ -346,12 +329,13 @@ class ReViND(nn.Module):
         # 2) pi: AWR with the V just updated (BC: weight 1; filtered BC is BC on the kept fragments)
         with torch.no_grad():
             adv = q_target - self.value(features_sg, goal).squeeze(-1)
-            weight = torch.exp(self.beta * adv).clamp(max=self.exp_adv_max) if self.awr else torch.ones_like(adv)
+            weight = (torch.exp(self.beta * adv).clamp(max=self.exp_adv_max) if self.awr
+                      else torch.ones_like(adv))
         actor_loss = -(weight * self.actor.log_prob(features_sg, goal, act)).mean()
         self.actor_opt.zero_grad()
         actor_loss.backward()
         progress = self.num_updates.clamp(max=self.lr_decay_steps) / self.lr_decay_steps
-        self.actor_lr.copy_(self.actor_lr0 * 0.5 * (1 + torch.cos(math.pi * progress)))  # cosine decay
+        self.actor_lr.copy_(self.actor_lr0 * 0.5 * (1 + torch.cos(math.pi * progress)))  # cosine
         self.actor_opt.step()
 
         # 3) Q and the encoder: regress both heads onto r + gamma * m * V(s'), with the new V
@@ -362,7 +346,7 @@ class ReViND(nn.Module):
         critic_loss.backward()
         self.critic_opt.step()
 
-        # 4) Polyak average of the whole critic, encoder included; no_grad, or autograd records every step
+        # 4) Polyak average of the whole critic, encoder included (no_grad: autograd records none)
         with torch.no_grad():
             torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
         self.num_updates += 1
@@ -375,81 +359,230 @@ class ReViND(nn.Module):
         return self.actor(self.critic.encoder(image), goal)
 
     def optimizers(self) -> dict:
-        return {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt, "value_opt": self.value_opt}
+        return dict(actor_opt=self.actor_opt, critic_opt=self.critic_opt, value_opt=self.value_opt)
 
 
-# ----------------------------------------------------------------------------- main: the training loop
+# ----------------------------------------------------------------------------- the data it sees
+def detector(images: np.ndarray, kind: str) -> np.ndarray:
+    """1 when more than H * W / 27 pixels of the image's lower middle (bottom third x middle
+    third) match (official HSV thresholds): grass = hue 56-172 degrees, saturation >= 50/255;
+    sunny = value >= 100/255."""
+    n, h, w, _ = images.shape
+    if kind == "none":
+        return np.zeros(n, np.float32)
+    patch = images[:, 2 * h // 3:, w // 3:2 * w // 3].astype(np.float32)
+    value, low = patch.max(-1), patch.min(-1)
+    if kind == "sunny":
+        match = value >= 100
+    else:
+        saturation = np.where(value > 0, (value - low) / np.maximum(value, 1e-6) * 255, 0)
+        r, g, b = patch[..., 0], patch[..., 1], patch[..., 2]
+        chroma = np.maximum(value - low, 1e-6)
+        hue = np.where(value == r, ((g - b) / chroma) % 6,
+                       np.where(value == g, (b - r) / chroma + 2, (r - g) / chroma + 4)) * 60
+        match = (hue >= 56) & (hue <= 172) & (saturation >= 50)
+    return (match.sum((1, 2)) > h * w // 27).astype(np.float32)
+
+
+def goal_vector(pos: torch.Tensor, yaw: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+    """(sin phi, cos phi, rho): the goal's bearing phi and distance rho in the robot's frame."""
+    d = goal - pos
+    bearing = torch.atan2(d[..., 1], d[..., 0]) - yaw
+    return torch.stack([torch.sin(bearing), torch.cos(bearing), d.norm(dim=-1)], -1)
+
+
+def waypoints(data: dict) -> np.ndarray:
+    """a_t: the commanded positions of steps t..t+4 in the robot's frame at t, (x, y) x 5 in
+    metres; past the trajectory's end the last one repeats (a stop)."""
+    n, traj = len(data["pos"]), data["traj"]
+    idx = np.arange(n)[:, None] + np.arange(5)[None]
+    last = np.searchsorted(traj, traj, side="right") - 1  # each frame's trajectory ends here
+    idx = np.minimum(idx, last[:, None] - 1)  # the last frame has no command of its own
+    d = data["target"][idx] - data["pos"][:, None]
+    c, s = np.cos(data["yaw"])[:, None], np.sin(data["yaw"])[:, None]
+    a = np.stack([c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1]], -1)
+    return a.reshape(n, 10).astype(np.float32)
+
+
+class RelabelBuffer:
+    """The dataset on the device and batches drawn there (official sampler): t uniform over
+    frames with a successor (filtered BC: in the kept fragments); g = p_{t+k}, k ~ U{goal_min..
+    goal_max} clipped to the trajectory's end, or (random_goal_fraction) any frame;
+    r = -1 + lambda d(o_t), m = 0 when o_{t+1} is g; a collision: r = collision_reward, m = 0."""
+
+    def __init__(self, data: dict, args: Args, device: torch.device):
+        t = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
+        traj = data["traj"]
+        last = np.searchsorted(traj, traj, side="right") - 1  # each frame's trajectory ends here
+        starts = np.nonzero(np.arange(len(traj)) < last)[0]
+        bonus = args.reward_scale * detector(data["images"], args.user_reward)
+        if args.actor == "filtered-bc":
+            starts = starts[top_fragments(starts, traj, bonus - 1.0, data["collision"],
+                                          args.collision_reward)]
+        self.last, self.bonus, self.starts = t(last), t(bonus), t(starts)
+        self.images = t(data["images"]).permute(0, 3, 1, 2)  # uint8 (N, 3, H, W)
+        self.pos, self.yaw, self.collision = t(data["pos"]), t(data["yaw"]), t(data["collision"])
+        self.actions = t(waypoints(data))
+        self.goal_min, self.goal_max = args.goal_min, args.goal_max
+        self.collision_reward = args.collision_reward
+        self.random_goal_fraction = args.random_goal_fraction
+
+    def sample(self, batch_size: int) -> tuple:
+        device = self.starts.device
+        i = self.starts[torch.randint(0, len(self.starts), (batch_size,), device=device)]
+        k = torch.randint(self.goal_min, self.goal_max + 1, (batch_size,), device=device)
+        g = torch.minimum(i + k, self.last[i])  # the goal frame, in the same trajectory ...
+        anywhere = torch.randint(0, len(self.pos), (batch_size,), device=device)
+        random_goal = torch.rand(batch_size, device=device) < self.random_goal_fraction
+        g = torch.where(random_goal, anywhere, g)  # ... or any frame
+        collided = self.collision[i]
+        rew = torch.where(collided, self.collision_reward, -1.0 + self.bonus[i])
+        mask = (~collided & (g != i + 1)).float()
+        goal = goal_vector(self.pos[i], self.yaw[i], self.pos[g])
+        next_goal = goal_vector(self.pos[i + 1], self.yaw[i + 1], self.pos[g])
+        return self.images[i], goal, self.actions[i], rew, mask, self.images[i + 1], next_goal
+
+
+def top_fragments(starts: np.ndarray, traj: np.ndarray, reward: np.ndarray, collision: np.ndarray,
+                  collision_reward: float, length: int = 15, top: float = 0.2) -> np.ndarray:
+    """Filtered BC's data: 15-step fragments of one trajectory, scored by their mean reward;
+    a mask over `starts` of those at or above the (1 - top) quantile."""
+    r = np.where(collision[starts], collision_reward, reward[starts])
+    first = np.r_[True, traj[starts][1:] != traj[starts][:-1]]  # a trajectory begins
+    index = np.arange(len(starts))
+    position = index - np.maximum.accumulate(np.where(first, index, 0))  # within its trajectory
+    fragment = np.cumsum(first | (position % length == 0)) - 1
+    score = np.bincount(fragment, r) / np.bincount(fragment)
+    return score[fragment] >= np.quantile(score, 1 - top)
+
+
+# ----------------------------------------------------------------------------- the training loop
 def main(args: Args) -> dict:
-    device = resolve_args(args)
-    resume, run_dir = open_run(args, device)
+    device = check_args(args)
+    here = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None  # its folder
+    if args.eval_only:  # a new folder per evaluation: the training run's outputs are never touched
+        run_dir = args.run_dir or os.path.join(here, f"eval__{int(time.time())}")
+    else:
+        new = f"runs/revind__{args.user_reward}__{args.actor}__{args.seed}__{int(time.time())}"
+        run_dir = args.run_dir or here or new
+    if os.path.exists(run_dir) and (args.eval_only or not here
+                                    or not os.path.samefile(run_dir, here)):
+        fail(f"run folder {run_dir} already exists; choose another --run-dir "
+             "(runs are never overwritten)")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-
-    # the world and its exploration data (reward-agnostic: the user's reward is computed from the images)
+    agent = ReViND(args, device)
+    start, evals = load_checkpoint(args.resume, agent, device) if args.resume else (0, [])
+    evals = [] if args.eval_only else evals
+    # the world and its exploration data (reward-agnostic: the user's reward is read off the images)
     world = World(args.world_seed, (args.image_height, args.image_width))
     data = load_or_collect(world, args)
     buffer = RelabelBuffer(data, args, device)
-
-    agent = ReViND(args, device)
-    start, evals = 0, []
-    if resume:
-        load_checkpoint(agent, resume, device)
-        start, evals = resume["step"], ([] if args.eval_only else resume["evaluations"])
+    if args.resume:
         print(f"{'evaluating' if args.eval_only else 'resumed from'} {args.resume} at step {start}")
 
-    def train_step():
-        return agent.update(*buffer.sample(args.batch_size))  # relabelled goals and rewards, drawn on the device
+    def train_step():  # relabelled goals and rewards, drawn on the device
+        return agent.update(*buffer.sample(args.batch_size))
 
     step_fn = cuda_graph(train_step) if device.type == "cuda" and args.cuda_graph else train_step
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        resolved = {"device": str(device), "transitions": len(buffer.starts)}
+        json.dump({**asdict(args), "resolved": resolved}, f, indent=2)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                    "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, config=vars(args), dir=run_dir,
+                   name=os.path.basename(run_dir), sync_tensorboard=True)
     end = start if args.eval_only else args.max_steps  # --eval-only: no update, one evaluation
-    log = Logger(run_dir, args, device, len(buffer.starts), start, end)
+    warmup = min(start + 20, end)  # updates/s is measured after the capture warm-up ...
+    results, t0, t_eval = {}, None, 0.0
 
-    def evaluate_and_log(step: int) -> dict:
-        with log.paused():  # far goals, each variant on the same episodes
-            graph = build_graph(agent, data, args, device)
-            episodes = evaluate(agent, world, graph, args, device, seed=args.seed + step)
-            return log.evaluation(step, episodes, graph, evals, world)
+    def evaluate_and_log(step: int):  # far goals, each variant on the same episodes
+        nonlocal t_eval
+        t = time.perf_counter()
+        graph = build_graph(agent, data, args, device)
+        episodes = evaluate(agent, world, graph, args, device, seed=args.seed + step)
+        for variant, eps in episodes.items():
+            s = summarize(eps)
+            evals.append((step, variant, s["success"], s["collision"], s["length"], s["grass"],
+                          s["sun"]))
+            for k, v in s.items():
+                results[f"eval/{variant}/{k}"] = v
+                writer.add_scalar(f"eval/{variant}/{k}", v, step)
+            print(f"step={step} eval {variant}: success={s['success']:.2f} "
+                  f"collision={s['collision']:.2f} length={s['length']:.1f} "
+                  f"grass={s['grass']:.2f} sun={s['sun']:.2f}", flush=True)
+        with open(os.path.join(run_dir, "evaluations.csv"), "w") as f:
+            f.write("step,variant,success,collision,length,grass,sun\n")
+            f.writelines(f"{s},{v},{a:.3f},{b:.3f},{c:.2f},{d:.3f},{e:.3f}\n"
+                         for s, v, a, b, c, d, e in evals)
+        results["graph/nodes"], results["graph/edges"] = len(graph["nodes"]), len(graph["src"])
+        writer.add_scalar("graph/nodes", results["graph/nodes"], step)
+        writer.add_scalar("graph/edges", results["graph/edges"], step)
+        plot_routes(world, episodes, graph, os.path.join(run_dir, f"routes_{step}.png"),
+                    f"user reward: {args.user_reward}, actor: {args.actor}, step {step}")
+        t_eval += time.perf_counter() - t if t0 is not None else 0.0  # ... without evaluations
 
-    results, step = {}, start
     if args.eval_only:
-        results.update(evaluate_and_log(step))
-    while step < end:
-        info = step_fn()  # one gradient step: V, then pi, then Q and the encoder, then the target critic
-        step += 1
-        log.tick(step)
+        evaluate_and_log(start)
+    for step in tqdm(range(start + 1, end + 1), initial=start, total=end, desc="revind",
+                     disable=not sys.stdout.isatty()):
+        info = step_fn()  # one gradient step: V, then pi, then Q and the encoder, then the target
+        if step == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
         last = step == end
         if step % args.log_interval == 0 or last:
-            results.update(log.losses(step, info))
-        if args.eval_episodes > 0 and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
-            results.update(evaluate_and_log(step))
-        if args.save_model and (last or (args.eval_interval > 0 and step % args.eval_interval == 0)):
+            metrics = {k: v.item() for k, v in info.items()}  # the only host sync of the loop
+            for k, v in metrics.items():
+                if not math.isfinite(v):
+                    fail(f"{k} became {v} at step {step}; lower the learning rates")
+                writer.add_scalar(k, v, step)
+            if t0 is not None and step > warmup:
+                ups = (step - warmup) / (time.perf_counter() - t0 - t_eval)
+                metrics["updates_per_second"] = ups
+                writer.add_scalar("charts/updates_per_second", ups, step)
+            results.update(metrics)
+            losses = " ".join(f"{k[7:]}={v:.4g}" for k, v in metrics.items() if k[:7] == "losses/")
+            ups = metrics.get("updates_per_second", math.nan)
+            print(f"step={step} {losses} ups={ups:.1f}", flush=True)
+        checkpoint = last or (args.eval_interval > 0 and step % args.eval_interval == 0)
+        if args.eval_episodes > 0 and checkpoint:
+            evaluate_and_log(step)
+        if args.save_model and checkpoint:
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, step, args, evals)
-    log.close()
-    return {"updates_per_second": float("nan"), **results, "updates": step - start, "run_dir": run_dir,
+    writer.close()
+    return {"updates_per_second": math.nan, **results, "updates": end - start, "run_dir": run_dir,
             "evaluations": evals}
 
 
-# ----------------------------------------------------------------------------- the graph and the planner
+# ----------------------------------------------------------------------------- graph and planner
 def build_graph(agent: ReViND, data: dict, args: Args, device: torch.device) -> dict:
-    """The topological graph. Nodes: dataset observations, at most one per node_spacing cell and
-    90-degree heading bin. Edge i -> j: nodes at most edge_max_distance apart, its cost the step
-    count that V(o_i, g_ij) implies (value_to_steps); an edge costing more than max_edge_cost steps
-    (or whose V says the goal is never reached: a predicted collision or a wall between) is pruned.
-    distance_cost weighs the same edges by metres (the ViNG-like baseline)."""
+    """Nodes: dataset frames, at most one per node_spacing cell and 90-degree heading bin. Edge
+    i -> j: nodes within edge_max_distance, cost value_to_steps(V(o_i, g_ij)), pruned above
+    max_edge_cost (or when V says never); distance_cost: its metres (the ViNG-like baseline)."""
     pos, yaw = data["pos"], data["yaw"]
     cell = np.floor(pos / args.node_spacing).astype(np.int64)
     heading = np.floor((yaw + np.pi) / (np.pi / 2)).astype(np.int64) % 4
-    nodes = np.sort(np.unique(np.stack([cell[:, 0], cell[:, 1], heading], 1), axis=0, return_index=True)[1])
+    keys = np.stack([cell[:, 0], cell[:, 1], heading], 1)
+    nodes = np.sort(np.unique(keys, axis=0, return_index=True)[1])
     npos = torch.as_tensor(pos[nodes], device=device)
-    src, dst = torch.nonzero((torch.cdist(npos, npos) <= args.edge_max_distance) & ~torch.eye(len(nodes), dtype=torch.bool,
-                                                                                           device=device), as_tuple=True)
+    near = torch.cdist(npos, npos) <= args.edge_max_distance
+    src, dst = torch.nonzero(near & ~torch.eye(len(nodes), dtype=torch.bool, device=device),
+                             as_tuple=True)
     goals = goal_vector(npos[src], torch.as_tensor(yaw[nodes], device=device)[src], npos[dst])
     with torch.no_grad():  # V's projection once per node, its MLP once per edge
         images = torch.as_tensor(data["images"][nodes], device=device).permute(0, 3, 1, 2)
-        z = torch.cat([agent.value.project(agent.critic.encoder(images[i:i + 1024])) for i in range(0, len(nodes), 1024)])
-        values = torch.cat([agent.value.mlp(torch.cat([z[src[i:i + 65536]], goals[i:i + 65536]], -1)).squeeze(-1)
-                            for i in range(0, len(src), 65536)])
+        z = torch.cat([agent.value.project(agent.critic.encoder(images[i:i + 1024]))
+                       for i in range(0, len(nodes), 1024)])
+        edges = (torch.cat([z[src[i:i + 65536]], goals[i:i + 65536]], -1)
+                 for i in range(0, len(src), 65536))
+        values = torch.cat([agent.value.mlp(s).squeeze(-1) for s in edges])
     cost = value_to_steps(values.cpu().numpy(), args.gamma)
     keep = cost <= args.max_edge_cost
     src, dst, cost = src.cpu().numpy()[keep], dst.cpu().numpy()[keep], cost[keep]
@@ -459,30 +592,28 @@ def build_graph(agent: ReViND, data: dict, args: Args, device: torch.device) -> 
 
 
 def value_to_steps(value: np.ndarray, gamma: float) -> np.ndarray:
-    """n with -(1 - gamma^n) / (1 - gamma) = V: the steps that r = -1 per step gives a value V (inf
-    where V is at or below -1 / (1 - gamma), what never arriving earns). An edge is at least one
-    step: V above -1 (an over-estimate, V > 0 even) counts as one step, never as 0 or less."""
+    """n with -(1 - gamma^n) / (1 - gamma) = V (inf at or below -1 / (1 - gamma), never
+    arriving); at least one step: V above -1 (an over-estimate) counts as one, never 0 or less."""
     inside = 1 + (1 - gamma) * np.minimum(np.asarray(value, np.float64), -1.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(inside > 0, np.log(np.clip(inside, 1e-300, None)) / np.log(gamma), np.inf)
 
 
 def shortest_paths(graph: dict, goal: int) -> tuple:
-    """Dijkstra (scipy's) from every node to `goal`: (cost to go, next node on the path), inf / -1
-    where no path leads to the goal. It runs from the goal over the reversed edges."""
+    """Dijkstra (scipy's) from the goal over the reversed edges: (cost to go, next node on the
+    path) per node, inf / -1 where no path leads to the goal."""
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import dijkstra
     n = len(graph["nodes"])
     reverse = csr_matrix((graph["cost"], (graph["dst"], graph["src"])), shape=(n, n))
     to_go, previous = dijkstra(reverse, indices=goal, return_predecessors=True)
-    return to_go, np.where(previous < 0, -1, previous)  # previous in the reversed graph = next toward the goal
+    return to_go, np.where(previous < 0, -1, previous)  # previous when reversed: next toward goal
 
 
 def edges_from_here(agent: ReViND, image: torch.Tensor, pose: np.ndarray, graph: dict, args: Args,
                     weights: str) -> np.ndarray:
-    """The robot's own edges into the graph, as the graph's: to each node within edge_max_distance,
-    the step count V(o_t, g) implies from the current image, pruned above max_edge_cost; weighted by
-    it ("value") or by metres ("distance"). inf where there is no edge."""
+    """The robot's own edges, as the graph's: to the nodes within edge_max_distance, the steps
+    V(o_t, g) implies, pruned above max_edge_cost, weighted by them or by metres; inf: no edge."""
     gap = np.linalg.norm(graph["pos"] - pose[:2], axis=1)
     near = np.nonzero(gap <= args.edge_max_distance)[0]
     cost = np.full(len(gap), np.inf)
@@ -491,15 +622,17 @@ def edges_from_here(agent: ReViND, image: torch.Tensor, pose: np.ndarray, graph:
         goals = goal_vector(t(pose[:2]), t(pose[2]), t(graph["pos"][near]))
         with torch.no_grad():  # the image's features once, V's MLP once per node
             features = agent.critic.encoder(image).expand(len(near), -1)
-            steps = value_to_steps(agent.value(features, goals).squeeze(-1).cpu().numpy(), args.gamma)
-        cost[near] = np.where(steps <= args.max_edge_cost, steps if weights == "value" else gap[near], np.inf)
+            steps = value_to_steps(agent.value(features, goals).squeeze(-1).cpu().numpy(),
+                                   args.gamma)
+        weight = steps if weights == "value" else gap[near]
+        cost[near] = np.where(steps <= args.max_edge_cost, weight, np.inf)
     return cost
 
 
-def next_subgoal(graph: dict, plan: tuple, position: np.ndarray, cost_from_here: np.ndarray, lookahead: float):
-    """Localise: the node that minimises (cost from here + cost to go), the robot joining the graph as
-    one more node; then follow the path from it to the first node at least `lookahead` m away: the
-    policy's next goal (None: no path)."""
+def next_subgoal(graph: dict, plan: tuple, position: np.ndarray, cost_from_here: np.ndarray,
+                 lookahead: float):
+    """Join the graph at the node minimising (cost from here + cost to go), then follow the
+    path to the first node `lookahead` m away: the policy's next goal (None: no path)."""
     to_go, nxt = plan
     total = cost_from_here + to_go
     if not np.isfinite(total).any():
@@ -510,22 +643,18 @@ def next_subgoal(graph: dict, plan: tuple, position: np.ndarray, cost_from_here:
     return graph["pos"][node]
 
 
-# ----------------------------------------------------------------------------- the world: map, robot, camera
+# ----------------------------------------------------------------------------- the world
 ROAD, GRASS, DIRT, WALL = 0, 1, 2, 3
-TERRAIN_RGB = np.array([[0.52, 0.52, 0.54], [0.30, 0.62, 0.22], [0.60, 0.44, 0.27], [0.45, 0.08, 0.10]])
+TERRAIN_RGB = np.array([[0.52, 0.52, 0.54], [0.30, 0.62, 0.22], [0.60, 0.44, 0.27],
+                        [0.45, 0.08, 0.10]])
 SHADE = 0.5  # brightness of shaded ground
 SKY_RGB = np.array([0.70, 0.80, 0.95])  # beyond the camera's far range
+MAX_TURN, MAX_STEP = 0.5, 0.5  # rad and metres per control step
 
 
 class World:
-    """A 40 x 40 m outdoor map (cells of `res` m) with a unicycle robot and an egocentric camera.
-
-    Layout (x right, y up): the robot's region is the bottom band (y < 13). Wall A (y = 13) has two
-    gaps: a near one (x 9-12.5) whose way north crosses shaded dirt, and a far one (x 31-34.5) over
-    sunny grass; wall B (y = 26) has one gap (x 18-22) into the top band. A goal in the top band seen
-    from the bottom band is behind two walls whose gaps do not line up: driving straight at it fails.
-    From the bottom centre to wall B's gap the route through the near gap is about 28 m, through the
-    far gap about 33 m. The seed places a few small obstacles and the ground's texture."""
+    """A 40 x 40 m map (cells of `res` m; x right, y up; docs/revind.md shows it) with a unicycle
+    robot and an egocentric camera. The seed places six small obstacles and the texture."""
 
     size, res = 40.0, 0.25
 
@@ -548,14 +677,15 @@ class World:
             t[c(y0):c(y0 + 0.75), wall] = WALL
         for _ in range(6):  # small obstacles (rocks, bins) away from the walls and gaps
             while True:
-                x, y = rng.uniform(2, 38), rng.choice([rng.uniform(2, 11), rng.uniform(15.5, 24), rng.uniform(28.5, 38)])
+                x = rng.uniform(2, 38)
+                y = rng.choice([rng.uniform(2, 11), rng.uniform(15.5, 24), rng.uniform(28.5, 38)])
                 if not (17 < x < 23 or 8 < x < 14 or 30 < x < 36):
                     break
             t[c(y):c(y + 1.0), c(x):c(x + 1.0)] = WALL
         t[0, :] = t[-1, :] = t[:, 0] = t[:, -1] = WALL  # the map's boundary
         self.terrain, self.shade, self.n = t, shade, n
         rgb = TERRAIN_RGB[t] * np.where(shade, SHADE, 1.0)[..., None]
-        self.rgb = np.clip(rgb * rng.uniform(0.9, 1.1, (n, n, 1)), 0, 1)  # texture: per-cell brightness
+        self.rgb = np.clip(rgb * rng.uniform(0.9, 1.1, (n, n, 1)), 0, 1)  # texture: per cell
         self.camera = ground_projection(*image_hw)
 
     # -- geometry
@@ -565,7 +695,8 @@ class World:
         return iy, ix
 
     def inside(self, xy: np.ndarray) -> np.ndarray:
-        return (xy[..., 0] >= 0) & (xy[..., 0] < self.size) & (xy[..., 1] >= 0) & (xy[..., 1] < self.size)
+        x, y = xy[..., 0], xy[..., 1]
+        return (x >= 0) & (x < self.size) & (y >= 0) & (y < self.size)
 
     def blocked(self, xy: np.ndarray) -> np.ndarray:
         return ~self.inside(xy) | (self.terrain[self.cell(xy)] == WALL)
@@ -577,9 +708,8 @@ class World:
 
     # -- the robot
     def move(self, pose: np.ndarray, waypoint: np.ndarray) -> tuple:
-        """Unicycle step toward a waypoint (x, y) in the robot's frame: turn by its bearing (at most
-        MAX_TURN), drive its distance (at most MAX_STEP). A segment that touches a wall is a collision
-        and the robot stays where it was. Returns (new pose, collided)."""
+        """Turn toward a waypoint (x, y) in the robot's frame (at most MAX_TURN), drive its distance
+        (at most MAX_STEP); a segment that touches a wall is a collision: the robot stays."""
         turn = np.clip(np.arctan2(waypoint[1], waypoint[0]), -MAX_TURN, MAX_TURN)
         dist = np.clip(np.hypot(waypoint[0], waypoint[1]), 0.0, MAX_STEP)
         theta = pose[2] + turn
@@ -587,7 +717,7 @@ class World:
         path = pose[:2] + np.linspace(0.25, 1.0, 4)[:, None] * dist * heading
         if self.blocked(path).any():
             return np.array([pose[0], pose[1], theta]), True
-        return np.array([*path[-1], wrap(theta)]), False
+        return np.array([*path[-1], (theta + np.pi) % (2 * np.pi) - np.pi]), False  # wrapped
 
     def render(self, pose: np.ndarray) -> np.ndarray:
         """The egocentric image (H, W, 3) uint8: each pixel shows the ground point it looks at."""
@@ -599,64 +729,55 @@ class World:
         img = np.where(valid[..., None], img, SKY_RGB)
         return (img * 255).astype(np.uint8)
 
-    def free_pose(self, rng: np.random.Generator, region: Optional[tuple] = None, clearance: float = 0.75) -> np.ndarray:
-        """A random pose whose position is at least `clearance` m from any wall, inside region (x0, x1, y0, y1)."""
+    def free_pose(self, rng: np.random.Generator, region: Optional[tuple] = None,
+                  clearance: float = 0.75) -> np.ndarray:
+        """A random pose at least `clearance` m from any wall, inside region (x0, x1, y0, y1)."""
         x0, x1, y0, y1 = region or (0.0, self.size, 0.0, self.size)
-        ring = clearance * np.stack([np.cos(np.linspace(0, 2 * np.pi, 9)), np.sin(np.linspace(0, 2 * np.pi, 9))], -1)
+        angles = np.linspace(0, 2 * np.pi, 9)
+        ring = clearance * np.stack([np.cos(angles), np.sin(angles)], -1)
         while True:
             p = np.array([rng.uniform(x0, x1), rng.uniform(y0, y1)])
             if not self.blocked(p[None] + np.vstack([[0, 0], ring])).any():
                 return np.array([*p, rng.uniform(-np.pi, np.pi)])
 
 
-MAX_TURN, MAX_STEP = 0.5, 0.5  # rad and metres per control step
-
-
-def wrap(angle):
-    return (angle + np.pi) % (2 * np.pi) - np.pi
-
-
-def ground_projection(h: int, w: int, height: float = 0.6, near: float = 0.3, far: float = 8.0, fov: float = np.pi / 2):
-    """Where each pixel of a forward camera `height` m above flat ground looks: (forward, left) in
-    metres in the robot's frame, and whether it sees ground within `far` (else sky). Rows look from
-    above the far range (top) down to `near` m ahead (bottom), columns across a `fov` wide view."""
-    below = np.linspace(np.arctan2(height, far) - 0.15, np.arctan2(height, near), h)  # angle below the horizon
+def ground_projection(h: int, w: int, height: float = 0.6, near: float = 0.3, far: float = 8.0,
+                      fov: float = np.pi / 2):
+    """The ground point each pixel of a camera `height` m up sees, (forward, left) m in the
+    robot's frame, from above `far` (top row: sky) down to `near` m ahead, `fov` wide."""
+    below = np.linspace(np.arctan2(height, far) - 0.15, np.arctan2(height, near), h)  # (horizon)
     fwd = height / np.tan(np.clip(below, 1e-3, None))[:, None] * np.ones((1, w))
     left = fwd * np.tan(np.linspace(fov / 2, -fov / 2, w))[None, :]
     return fwd, left, (below[:, None] > 0) & (fwd <= far)
 
 
-# ----------------------------------------------------------------------------- data: exploration, detectors, relabelling
+# ----------------------------------------------------------------------------- exploration data
 def explore(world: World, trajectories: int, length: int, seed: int) -> dict:
-    """RECON-like reward-agnostic data: from random free poses, a random walk of the heading at a
-    random speed; on a collision the robot stays, turns on the spot for a few steps and goes on.
-    Per frame: image, position, yaw, trajectory id, the commanded next position (world frame) and
-    whether that command collided."""
-    rng = np.random.default_rng(seed)
-    out = {k: [] for k in ("images", "pos", "yaw", "traj", "target", "collision")}
+    """RECON-like reward-agnostic data: a random walk of the heading at a random speed from free
+    poses, turning on the spot for 6 steps after a collision. Per frame: image, position, yaw,
+    trajectory, the commanded next position (world frame) and whether that command collided."""
+    rng, rows = np.random.default_rng(seed), []
     for i in range(trajectories):
         pose, speed, turn, spin = world.free_pose(rng), rng.uniform(0.2, MAX_STEP), 0.0, 0
         for t in range(length + 1):
-            turn = np.clip(0.7 * turn + rng.normal(0.0, 0.2), -MAX_TURN, MAX_TURN)  # a smooth random walk
+            turn = np.clip(0.7 * turn + rng.normal(0.0, 0.2), -MAX_TURN, MAX_TURN)  # smooth walk
             cmd_turn, cmd_dist = (np.sign(turn) * MAX_TURN, 0.05) if spin > 0 else (turn, speed)
             waypoint = cmd_dist * np.array([np.cos(cmd_turn), np.sin(cmd_turn)])
             new_pose, hit = world.move(pose, waypoint)
             heading = pose[2] + cmd_turn
-            out["images"].append(world.render(pose))
-            out["pos"].append(pose[:2])
-            out["yaw"].append(pose[2])
-            out["traj"].append(i)
-            out["target"].append(pose[:2] + cmd_dist * np.array([np.cos(heading), np.sin(heading)]))
-            out["collision"].append(hit and t < length)
+            target = pose[:2] + cmd_dist * np.array([np.cos(heading), np.sin(heading)])
+            rows.append((world.render(pose), pose[:2], pose[2], i, target, hit and t < length))
             spin = 6 if hit else spin - 1  # bounce: turn on the spot, then walk on
             pose = new_pose
-    data = {k: np.asarray(v) for k, v in out.items()}
-    data["pos"], data["yaw"], data["target"] = (data[k].astype(np.float32) for k in ("pos", "yaw", "target"))
+    keys = ("images", "pos", "yaw", "traj", "target", "collision")
+    data = {k: np.asarray(column) for k, column in zip(keys, zip(*rows))}
+    for k in ("pos", "yaw", "target"):
+        data[k] = data[k].astype(np.float32)
     return data
 
 
 def load_or_collect(world: World, args: Args) -> dict:
-    """The exploration dataset, written once to data_dir and read back after (keyed by its settings)."""
+    """The exploration dataset, collected once into data_dir (keyed by its settings)."""
     name = (f"explore_w{args.world_seed}_n{args.trajectories}_l{args.trajectory_length}_"
             f"{args.image_height}x{args.image_width}.npz")
     path = os.path.join(os.path.expanduser(args.data_dir), name)
@@ -670,114 +791,26 @@ def load_or_collect(world: World, args: Args) -> dict:
     with np.load(path) as f:
         data = {k: f[k] for k in f.files}
     if data["images"].shape[1:] != (args.image_height, args.image_width, 3):
-        fail(f"{path} holds {data['images'].shape[1:3]} images, not {args.image_height}x{args.image_width}; delete it")
+        fail(f"{path} holds {data['images'].shape[1:3]} images, not "
+             f"{args.image_height}x{args.image_width}; delete it")
     return data
 
 
-def detector(images: np.ndarray, kind: str) -> np.ndarray:
-    """The user's detector on each image's lower middle (bottom third x middle third), 1 when more
-    than H * W / 27 of its pixels match (official): grass = hue 56-172 degrees with saturation >= 50/255
-    (OpenCV's H 28-86, S 50-255); sunny = value >= 100/255. kind none: all zeros."""
-    n, h, w, _ = images.shape
-    if kind == "none":
-        return np.zeros(n, np.float32)
-    patch = images[:, 2 * h // 3:, w // 3:2 * w // 3].astype(np.float32)
-    value, low = patch.max(-1), patch.min(-1)
-    if kind == "sunny":
-        match = value >= 100
-    else:
-        saturation = np.where(value > 0, (value - low) / np.maximum(value, 1e-6) * 255, 0)
-        r, g, b = patch[..., 0], patch[..., 1], patch[..., 2]
-        chroma = np.maximum(value - low, 1e-6)
-        hue = np.where(value == r, ((g - b) / chroma) % 6, np.where(value == g, (b - r) / chroma + 2, (r - g) / chroma + 4)) * 60
-        match = (hue >= 56) & (hue <= 172) & (saturation >= 50)
-    return (match.sum((1, 2)) > h * w // 27).astype(np.float32)
-
-
-def goal_vector(pos: torch.Tensor, yaw: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
-    """(sin phi, cos phi, rho) of the goal in the robot's frame: phi its bearing, rho its distance in metres."""
-    d = goal - pos
-    bearing = torch.atan2(d[..., 1], d[..., 0]) - yaw
-    return torch.stack([torch.sin(bearing), torch.cos(bearing), d.norm(dim=-1)], -1)
-
-
-def waypoints(data: dict) -> np.ndarray:
-    """a_t: the commanded positions of steps t..t+4 (p_{t+1..t+5} where nothing collided) in the robot's
-    frame at t, (x, y) x 5 in metres; past the trajectory's end the last one repeats (a stop)."""
-    n, traj = len(data["pos"]), data["traj"]
-    idx = np.arange(n)[:, None] + np.arange(5)[None]
-    last = np.searchsorted(traj, traj, side="right") - 1  # each frame's trajectory ends here (frames are in order)
-    idx = np.minimum(idx, last[:, None] - 1)  # the last frame has no command of its own
-    d = data["target"][idx] - data["pos"][:, None]
-    c, s = np.cos(data["yaw"])[:, None], np.sin(data["yaw"])[:, None]
-    return np.stack([c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1]], -1).reshape(n, 10).astype(np.float32)
-
-
-class RelabelBuffer:
-    """The dataset on the device, and batches with relabelled goals drawn there (official sampler):
-    t uniform over frames that have a successor; g = p_{t+k}, k ~ U{goal_min..goal_max}, clipped to
-    the trajectory's end (or, a random_goal_fraction of the time, any frame of the data);
-    r = -1 + lambda d(o_t), m = 0 when o_{t+1} is the goal frame (reached),
-    and a collision is terminal with r = collision_reward. For filtered BC only the kept fragments'
-    frames are drawn."""
-
-    def __init__(self, data: dict, args: Args, device: torch.device):
-        t = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
-        traj = data["traj"]
-        self.last = t(np.searchsorted(traj, traj, side="right") - 1)
-        starts = np.nonzero(np.arange(len(traj)) < self.last.cpu().numpy())[0]
-        self.bonus = t(args.reward_scale * detector(data["images"], args.user_reward))
-        if args.actor == "filtered-bc":
-            starts = starts[top_fragments(starts, traj, self.bonus.cpu().numpy() - 1.0, data["collision"], args.collision_reward)]
-        self.starts = t(starts)
-        self.images = t(data["images"]).permute(0, 3, 1, 2)  # uint8 (N, 3, H, W)
-        self.pos, self.yaw, self.collision = t(data["pos"]), t(data["yaw"]), t(data["collision"])
-        self.actions = t(waypoints(data))
-        self.goal_min, self.goal_max, self.collision_reward = args.goal_min, args.goal_max, args.collision_reward
-        self.random_goal_fraction = args.random_goal_fraction
-
-    def sample(self, batch_size: int) -> tuple:
-        i = self.starts[torch.randint(0, len(self.starts), (batch_size,), device=self.starts.device)]
-        k = torch.randint(self.goal_min, self.goal_max + 1, (batch_size,), device=i.device)
-        g = torch.minimum(i + k, self.last[i])  # the goal frame, in the same trajectory ...
-        anywhere = torch.randint(0, len(self.pos), (batch_size,), device=i.device)
-        g = torch.where(torch.rand(batch_size, device=i.device) < self.random_goal_fraction, anywhere, g)  # ... or any frame
-        collided = self.collision[i]
-        rew = torch.where(collided, self.collision_reward, -1.0 + self.bonus[i])
-        mask = (~collided & (g != i + 1)).float()
-        goal = goal_vector(self.pos[i], self.yaw[i], self.pos[g])
-        next_goal = goal_vector(self.pos[i + 1], self.yaw[i + 1], self.pos[g])
-        return self.images[i], goal, self.actions[i], rew, mask, self.images[i + 1], next_goal
-
-
-def top_fragments(starts: np.ndarray, traj: np.ndarray, reward: np.ndarray, collision: np.ndarray,
-                  collision_reward: float, length: int = 15, top: float = 0.2) -> np.ndarray:
-    """Filtered BC's data (official): cut the transitions into fragments (here 15 steps of one
-    trajectory; official: random ~15-step chunks between done flags), score each by its mean reward,
-    keep the fragments at or above the (1 - top) quantile. Returns a mask over `starts`."""
-    r = np.where(collision[starts], collision_reward, reward[starts])
-    first = np.r_[True, traj[starts][1:] != traj[starts][:-1]]  # a trajectory begins
-    position = np.arange(len(starts)) - np.maximum.accumulate(np.where(first, np.arange(len(starts)), 0))
-    fragment = np.cumsum(first | (position % length == 0)) - 1
-    score = np.bincount(fragment, r) / np.bincount(fragment)
-    return score[fragment] >= np.quantile(score, 1 - top)
-
-
-# ----------------------------------------------------------------------------- evaluation: far goals, closed loop
-VARIANTS = ("graph", "policy", "distance-graph")  # ReViND; the policy alone on the far goal; ViNG-like weights
+# ----------------------------------------------------------------------------- evaluation
+VARIANTS = ("graph", "policy", "distance-graph")  # ReViND; the policy alone; ViNG-like weights
 
 
 def far_goal_tasks(world: World, episodes: int, seed: int) -> list:
-    """Start poses in the bottom band's middle, goals in the top band: two walls whose gaps do not
-    line up lie between (20-35 m straight, longer by road), far beyond the 50-step relabelling window."""
+    """Starts in the bottom band's middle, goals in the top band: two walls whose gaps do not
+    line up between, far beyond the 50-step relabelling window."""
     rng = np.random.default_rng(seed)
-    return [(world.free_pose(rng, (14.0, 26.0, 1.5, 7.0)), world.free_pose(rng, (6.0, 34.0, 29.0, 38.0))[:2])
-            for _ in range(episodes)]
+    return [(world.free_pose(rng, (14.0, 26.0, 1.5, 7.0)),
+             world.free_pose(rng, (6.0, 34.0, 29.0, 38.0))[:2]) for _ in range(episodes)]
 
 
-def evaluate(agent: ReViND, world: World, graph: dict, args: Args, device: torch.device, seed: int) -> dict:
-    """Every variant on the same far-goal episodes: per episode success, steps, path length, whether it
-    collided, the fractions of steps on grass and in sun, and its route."""
+def evaluate(agent: ReViND, world: World, graph: dict, args: Args, device: torch.device,
+             seed: int) -> dict:
+    """Every variant on the same far-goal episodes."""
     distance_graph = {**graph, "cost": graph["distance_cost"]}
     results = {v: [] for v in VARIANTS}
     for start, goal in far_goal_tasks(world, args.eval_episodes, seed):
@@ -786,15 +819,20 @@ def evaluate(agent: ReViND, world: World, graph: dict, args: Args, device: torch
             g = distance_graph if variant == "distance-graph" else graph
             plan = shortest_paths(g, goal_node) if variant != "policy" else None
             weights = "distance" if variant == "distance-graph" else "value"
-            results[variant].append(drive(agent, world, g, plan, start, goal, args, device, weights))
+            results[variant].append(drive(agent, world, g, plan, start, goal, args, device,
+                                          weights))
     return results
 
 
-def drive(agent: ReViND, world: World, graph: dict, plan: Optional[tuple], start: np.ndarray, goal: np.ndarray,
-          args: Args, device: torch.device, weights: str = "value") -> dict:
-    """One episode: every replan_every steps (or on reaching its subgoal) the robot joins the graph from
-    its current image and takes the next subgoal on the plan; the policy drives to the subgoal (to the
-    goal itself once within subgoal_distance, or without a plan); the robot follows its first waypoint."""
+def mean_or_nan(values: list) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def drive(agent: ReViND, world: World, graph: dict, plan: Optional[tuple], start: np.ndarray,
+          goal: np.ndarray, args: Args, device: torch.device, weights: str = "value") -> dict:
+    """One episode: every replan_every steps (or at its subgoal) the robot joins the graph from
+    its image and takes the next subgoal (the goal once within subgoal_distance or without a
+    plan); the policy drives there; the robot follows the first waypoint."""
     pose, route, grass, sun, length = start.copy(), [start[:2].copy()], [], [], 0.0
     success = collided = False
     target, since = None, 0
@@ -802,15 +840,17 @@ def drive(agent: ReViND, world: World, graph: dict, plan: Optional[tuple], start
         image = torch.as_tensor(world.render(pose), device=device).permute(2, 0, 1)[None]
         if plan is None or np.linalg.norm(goal - pose[:2]) < args.subgoal_distance:
             target = goal
-        elif target is None or since >= args.replan_every or np.linalg.norm(target - pose[:2]) < args.goal_radius:
+        elif (target is None or since >= args.replan_every
+              or np.linalg.norm(target - pose[:2]) < args.goal_radius):
             here = edges_from_here(agent, image, pose, graph, args, weights)
             target, since = next_subgoal(graph, plan, pose[:2], here, args.subgoal_distance), 0
             if target is None:
                 break  # no path from here on the graph
         since += 1
-        g = goal_vector(torch.as_tensor(pose[:2], device=device), torch.tensor(float(pose[2]), device=device),
-                        torch.as_tensor(target, dtype=torch.float32, device=device))[None]
-        waypoint = agent.act(image, g.float())[0, :2].cpu().numpy()
+        position = torch.as_tensor(pose[:2], device=device)  # (float64, as the pose)
+        yaw = torch.tensor(float(pose[2]), device=device)
+        g = goal_vector(position, yaw, torch.as_tensor(target, dtype=torch.float32, device=device))
+        waypoint = agent.act(image, g[None].float())[0, :2].cpu().numpy()
         new_pose, collided = world.move(pose, waypoint)
         if collided:
             break
@@ -824,17 +864,18 @@ def drive(agent: ReViND, world: World, graph: dict, plan: Optional[tuple], start
             success = True
             break
     return {"success": success, "collided": collided, "steps": len(route) - 1, "length": length,
-            "grass": float(np.mean(grass)) if grass else float("nan"), "sun": float(np.mean(sun)) if sun else float("nan"),
-            "route": np.array(route), "start": start, "goal": goal}
+            "grass": mean_or_nan(grass), "sun": mean_or_nan(sun), "route": np.array(route),
+            "start": start, "goal": goal}
 
 
 def summarize(episodes: list) -> dict:
+    """Success and collision rates; length, grass and sun over the successful episodes only."""
     ok = [e for e in episodes if e["success"]]
-    return {"success": float(np.mean([e["success"] for e in episodes])),
-            "collision": float(np.mean([e["collided"] for e in episodes])),
-            "length": float(np.mean([e["length"] for e in ok])) if ok else float("nan"),
-            "grass": float(np.mean([e["grass"] for e in ok])) if ok else float("nan"),  # over successes
-            "sun": float(np.mean([e["sun"] for e in ok])) if ok else float("nan")}
+    return {"success": mean_or_nan([e["success"] for e in episodes]),
+            "collision": mean_or_nan([e["collided"] for e in episodes]),
+            "length": mean_or_nan([e["length"] for e in ok]),
+            "grass": mean_or_nan([e["grass"] for e in ok]),
+            "sun": mean_or_nan([e["sun"] for e in ok])}
 
 
 def plot_routes(world: World, episodes: dict, graph: dict, path: str, title: str):
@@ -848,12 +889,13 @@ def plot_routes(world: World, episodes: dict, graph: dict, path: str, title: str
         ax.imshow(world.rgb, origin="lower", extent=(0, world.size, 0, world.size))
         ax.scatter(graph["pos"][:, 0], graph["pos"][:, 1], s=1, c="k", alpha=0.15)
         for i, e in enumerate(eps):
-            r = e["route"]
-            ax.plot(r[:, 0], r[:, 1], color=colours[i % 10], lw=1.2, ls="-" if e["success"] else ":")
-            ax.plot(*e["start"][:2], "o", color=colours[i % 10], ms=3)
-            ax.plot(*e["goal"], "*", color=colours[i % 10], ms=7)
+            r, colour = e["route"], colours[i % 10]
+            ax.plot(r[:, 0], r[:, 1], color=colour, lw=1.2, ls="-" if e["success"] else ":")
+            ax.plot(*e["start"][:2], "o", color=colour, ms=3)
+            ax.plot(*e["goal"], "*", color=colour, ms=7)
         s = summarize(eps)
-        ax.set_title(f"{variant}: success {s['success']:.0%}, grass {s['grass']:.0%}, sun {s['sun']:.0%}", fontsize=9)
+        ax.set_title(f"{variant}: success {s['success']:.0%}, grass {s['grass']:.0%}, "
+                     f"sun {s['sun']:.0%}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title, fontsize=10)
@@ -863,7 +905,7 @@ def plot_routes(world: World, episodes: dict, graph: dict, path: str, title: str
 
 
 # =============================================================================
-# Plumbing: arguments, checkpoints, run folder, logging, the CUDA-graph helper.
+# Plumbing: argument checks, checkpoints, the CUDA-graph helper.
 # Nothing below changes what the algorithm does.
 # =============================================================================
 def fail(message: str):
@@ -871,7 +913,7 @@ def fail(message: str):
     raise SystemExit(f"revind.py: error: {message}")
 
 
-def resolve_args(args: Args) -> torch.device:
+def check_args(args: Args) -> torch.device:
     if not 0 < args.expectile < 1:
         fail(f"--expectile must be in (0, 1), got {args.expectile}")
     if args.max_steps < 1 or args.batch_size < 1 or args.log_interval < 1:
@@ -883,145 +925,58 @@ def resolve_args(args: Args) -> torch.device:
     if args.eval_only and (args.resume is None or args.eval_episodes < 1):
         fail("--eval-only needs --resume CHECKPOINT and --eval-episodes >= 1")
     if args.image_height < 16 or args.image_width < 16:
-        fail(f"images must be at least 16 x 16 pixels, got {args.image_height} x {args.image_width}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+        fail(f"images must be at least 16 x 16 pixels, got {args.image_height} x "
+             f"{args.image_width}")
+    if args.resume is not None and not os.path.isfile(args.resume):
+        fail(f"checkpoint {args.resume} does not exist")
+    device = torch.device(args.device if args.device != "auto" else
+                          "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but CUDA is not available")
     return device
 
 
-def open_run(args: Args, device: torch.device) -> tuple:
-    """The --resume checkpoint (or None) and the run folder, which must not exist (or be the resumed run's)."""
-    resume = None
-    if args.resume is not None:
-        if not os.path.isfile(args.resume):
-            fail(f"checkpoint {args.resume} does not exist")
-        try:
-            resume = torch.load(args.resume, map_location=device, weights_only=False)
-        except Exception as e:
-            fail(f"{args.resume} is not a readable checkpoint ({type(e).__name__})")
-        if not isinstance(resume, dict) or "script" not in resume:
-            fail(f"{args.resume} is not a checkpoint of revind.py")
-        if resume["script"] != "revind.py":
-            fail(f"{args.resume} is a checkpoint of {resume['script']}, not of revind.py")
-    if args.eval_only:  # a new folder per evaluation: the training run's outputs are never touched
-        run_dir = args.run_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume)), f"eval__{int(time.time())}")
-        if os.path.exists(run_dir):
-            fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
-        return resume, run_dir
-    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
-                               f"runs/revind__{args.user_reward}__{args.actor}__{args.seed}__{int(time.time())}")
-    if os.path.exists(run_dir) and not (resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
-        fail(f"run folder {run_dir} already exists; choose another --run-dir (runs are never overwritten)")
-    return resume, run_dir
-
-
 def save_checkpoint(path: str, agent: ReViND, step: int, args: Args, evals: list):
-    state = {"script": "revind.py", "agent": agent.state_dict(), "step": step, "args": asdict(args), "evaluations": evals,
-             **{k: opt.state_dict() for k, opt in agent.optimizers().items()},
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint intact
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+           "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save({"script": "revind.py", "agent": agent.state_dict(), "step": step,
+                "args": asdict(args), "evaluations": evals,
+                **{k: opt.state_dict() for k, opt in agent.optimizers().items()}, "rng": rng},
+               path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash leaves the old checkpoint intact
 
 
-def load_checkpoint(agent: ReViND, state: dict, device: torch.device):
-    """Agent, optimizers and RNG as saved, on this run's device (the checkpoint may come from another)."""
+def load_checkpoint(path: str, agent: ReViND, device: torch.device) -> tuple:
+    """Agent, optimizers and RNG from a checkpoint of this script: (step, evaluations)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # garbage, a truncated file, ...
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(state, dict) or "script" not in state:
+        fail(f"{path} is not a checkpoint of revind.py")
+    if state["script"] != "revind.py":
+        fail(f"{path} is a checkpoint of {state['script']}, not of revind.py")
     agent.load_state_dict(state["agent"])
     for k, opt in agent.optimizers().items():
         for group in state[k]["param_groups"]:  # capturable Adam on CUDA only (CPU Adam refuses it)
             group["capturable"] = device.type == "cuda"
         opt.load_state_dict(state[k])
-    # load_state_dict put the checkpoint's lr tensor into the actor's param group: link the agent's
-    # lr tensor back in (with the saved value), or the cosine schedule no longer reaches Adam
+    # the loaded param group holds the checkpoint's lr tensor: link the agent's back in (with the
+    # saved value), or the cosine schedule no longer reaches Adam
     agent.actor_lr.copy_(torch.as_tensor(agent.actor_opt.param_groups[0]["lr"]))
     agent.actor_opt.param_groups[0]["lr"] = agent.actor_lr
-    torch.set_rng_state(state["rng"]["torch"].cpu())
+    torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location moved it to the device
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+    return state["step"], state["evaluations"]
 
 
-class Logger:
-    """The run's outputs: args.json, TensorBoard (and W&B with --track), one stdout line per log,
-    evaluations.csv (one row per variant) and routes_{step}.png; updates/s after the warm-up."""
-
-    def __init__(self, run_dir: str, args: Args, device: torch.device, transitions: int, start: int, end: int):
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump({**asdict(args), "resolved": {"device": str(device), "transitions": transitions}}, f, indent=2)
-        self.run_dir, self.device, self.args = run_dir, device, args
-        self.writer = SummaryWriter(run_dir)
-        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-        if args.track:
-            import wandb
-            wandb.init(project=args.wandb_project_name, config=vars(args), name=os.path.basename(run_dir),
-                       dir=run_dir, sync_tensorboard=True)
-        self.warmup = min(start + 20, end)  # updates/s is measured after the capture warm-up
-        self.t0, self.n0, self.t_eval = None, 0, 0.0
-        self.bar = tqdm(total=end, initial=start, disable=not sys.stdout.isatty(), desc="revind")
-
-    def tick(self, step: int):
-        self.bar.update(1)
-        if step == self.warmup:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.t0, self.n0 = time.perf_counter(), step
-
-    def losses(self, step: int, info: dict) -> dict:
-        metrics = {k: v.item() for k, v in info.items()}  # the only host sync of the loop
-        for k, v in metrics.items():
-            if not math.isfinite(v):
-                fail(f"{k} became {v} at step {step}; lower the learning rates")
-            self.writer.add_scalar(k, v, step)
-        line = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("losses"))
-        if self.t0 is not None and step > self.n0:
-            metrics["updates_per_second"] = (step - self.n0) / (time.perf_counter() - self.t0 - self.t_eval)
-            self.writer.add_scalar("charts/updates_per_second", metrics["updates_per_second"], step)
-        print(f"step={step} {line} ups={metrics.get('updates_per_second', float('nan')):.1f}", flush=True)
-        return metrics
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Time spent inside (evaluation) is not counted in updates/s."""
-        t = time.perf_counter()
-        yield
-        if self.t0 is not None:
-            self.t_eval += time.perf_counter() - t
-
-    def evaluation(self, step: int, episodes: dict, graph: dict, evals: list, world: World) -> dict:
-        metrics = {}
-        for variant, eps in episodes.items():
-            s = summarize(eps)
-            evals.append((step, variant, s["success"], s["collision"], s["length"], s["grass"], s["sun"]))
-            for k, v in s.items():
-                metrics[f"eval/{variant}/{k}"] = v
-                self.writer.add_scalar(f"eval/{variant}/{k}", v, step)
-            print(f"step={step} eval {variant}: success={s['success']:.2f} collision={s['collision']:.2f} "
-                  f"length={s['length']:.1f} grass={s['grass']:.2f} sun={s['sun']:.2f}", flush=True)
-        with open(os.path.join(self.run_dir, "evaluations.csv"), "w") as f:
-            f.write("step,variant,success,collision,length,grass,sun\n")
-            f.writelines(f"{s},{v},{a:.3f},{b:.3f},{c:.2f},{d:.3f},{e:.3f}\n" for s, v, a, b, c, d, e in evals)
-        metrics["graph/nodes"], metrics["graph/edges"] = len(graph["nodes"]), len(graph["src"])
-        self.writer.add_scalar("graph/nodes", metrics["graph/nodes"], step)
-        self.writer.add_scalar("graph/edges", metrics["graph/edges"], step)
-        plot_routes(world, episodes, graph, os.path.join(self.run_dir, f"routes_{step}.png"),
-                    f"user reward: {self.args.user_reward}, actor: {self.args.actor}, step {step}")
-        return metrics
-
-    def close(self):
-        self.bar.close()
-        self.writer.close()
-
-
-# ----------------------------------------------------------------------------- CUDA graph
 def cuda_graph(fn, warmup: int = 3):
-    """fn() (no inputs: it reads static tensors) as a CUDA graph. The first `warmup` calls run fn
-    eagerly on a side stream, the next one captures fn and replays it, every later one replays it.
-    Each call is exactly one call of fn, so a run does the same updates with or without the graph."""
+    """fn() (no inputs: it reads static tensors) as a CUDA graph: `warmup` eager calls on a side
+    stream, then one capture, then replays; each call is one call of fn, as without the graph."""
     graph, out, calls = None, None, 0
 
     def call():
