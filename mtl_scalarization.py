@@ -57,7 +57,7 @@ ACTOR_WEIGHT_DECAY = {"unitary": 3e-4, "imtl": 3e-4, "rlw-dirichlet": 3e-4, "rlw
 @dataclass
 class Args:
     exp_name: str = "mtl_scalarization"
-    """name of this experiment (part of the run folder's name)"""
+    """a label for this experiment, saved in args.json"""
     mtl: str = "unitary"
     """the method: unitary, mgda-ub, imtl, pcgrad, graddrop, rlw-dirichlet, rlw-normal, cagrad"""
     dataset: str = "multi-digits"
