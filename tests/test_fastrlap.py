@@ -177,12 +177,24 @@ def test_the_clock_counts_backing_up_and_runs_on_through_plain_resets(env):
     assert env.step(np.zeros(2))[4]["time"] == pytest.approx(0.1)
 
 
-def test_laps_are_logged_at_the_simulators_clock(tmp_path):
-    """laps.csv's practice minutes are the clock's (steps and backing up), not step x 0.1 s."""
-    run = fastrlap.Run(str(tmp_path / "run"), tiny(tmp_path), torch.device("cpu"))
-    run.env_step(600, 1.0, {"crash": False, "stuck": False, "lap_time": 30.5, "time": 90.0})
-    run.close()
-    assert open(tmp_path / "run" / "laps.csv").read().splitlines()[1] == "600,1.500,30.50,0"
+def test_laps_are_logged_at_the_simulators_clock(tmp_path, monkeypatch):
+    """laps.csv's practice minutes are the clock's (steps and backing up), not step x 0.1 s: main()'s
+    practice, its 50th step reporting a 30.5 s lap at 90 s on the clock."""
+    demo_lap, infos = fastrlap.demo_lap, []
+
+    def lap_at_fifty(env, *a):
+        lap, step = demo_lap(env, *a), env.step
+
+        def practice_step(action):
+            obs, reward, term, trunc, info = step(action)
+            infos.append({**info, "lap_time": 30.5, "time": 90.0} if len(infos) == 49 else info)
+            return obs, reward, term, trunc, infos[-1]
+        env.step = practice_step
+        return lap
+    monkeypatch.setattr(fastrlap, "demo_lap", lap_at_fifty)
+    fastrlap.main(tiny(tmp_path, encoder="random"))
+    collisions = sum(info["crash"] for info in infos[:50])  # since the start: the first lap
+    assert open(tmp_path / "run" / "laps.csv").read().splitlines()[1:] == [f"50,1.500,30.50,{collisions}"]
 
 
 def test_the_action_is_rate_limited_and_clipped(env):
