@@ -87,14 +87,14 @@ def import_learner(src: str):
     return Batch, Learner
 
 
-def evaluate(agent, env, episodes: int, seed: int) -> np.ndarray:
+def evaluate(act, env, episodes: int, seed: int) -> np.ndarray:
+    """Returns of `episodes` episodes of act(float32 observation) -> action, the first reset with seed."""
     returns = []
     for i in range(episodes):
         obs, _ = env.reset(seed=seed if i == 0 else None)
         done, total = False, 0.0
         while not done:
-            action = agent.sample_actions(obs.astype(np.float32), temperature=0.0)
-            obs, reward, terminated, truncated, _ = env.step(action)
+            obs, reward, terminated, truncated, _ = env.step(act(obs.astype(np.float32)))
             total += float(reward)
             done = terminated or truncated
         returns.append(total)
@@ -134,7 +134,8 @@ def main():
                            rewards=data["rewards"][idx], masks=1.0 - data["terminals"][idx],
                            next_observations=data["next_observations"][idx]))
         if step % a.eval_interval == 0 or step == a.steps:
-            returns = evaluate(agent, env, a.eval_episodes, a.seed + step)
+            act = lambda obs: agent.sample_actions(obs, temperature=0.0)  # deterministic
+            returns = evaluate(act, env, a.eval_episodes, a.seed + step)
             ref = REF_SCORES[task]
             score = 100 * (returns.mean() - ref[0]) / (ref[1] - ref[0])
             evals.append((step, returns.mean(), returns.std(), score))

@@ -37,19 +37,7 @@ import time
 import numpy as np
 
 from bench_peer_jax import SYSTEMS, Box, stub_modules
-
-
-def evaluate(agent, env, episodes: int, seed: int) -> np.ndarray:
-    returns = []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed if i == 0 else None)
-        done, total = False, 0.0
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(agent.eval_actions(obs.astype(np.float32)))
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    return np.array(returns)
+from parity_peer_jax import evaluate, qlearning_dataset
 
 
 def main():
@@ -90,7 +78,6 @@ def main():
                next_observations=np.zeros((n, obs_dim), np.float32))
     rng = np.random.default_rng(a.seed)
     if a.dataset:  # rlpd's offline half
-        from parity_peer_jax import qlearning_dataset
         d = qlearning_dataset(a.dataset)
         prior = {k: d[k] for k in ("observations", "actions", "rewards", "next_observations")}
         prior.update(masks=1.0 - d["terminals"], dones=d["dones"].astype(np.float32))
@@ -122,7 +109,7 @@ def main():
                 batch = {k: v[idx] for k, v in buf.items()}
             agent, _ = agent.update(batch, a.utd_ratio)
         if step % a.eval_interval == 0 or step == n:
-            returns = evaluate(agent, eval_env, a.eval_episodes, a.seed + 10_000 + step)
+            returns = evaluate(agent.eval_actions, eval_env, a.eval_episodes, a.seed + 10_000 + step)
             evals.append((step, returns.mean(), returns.std()))
             with open(os.path.join(a.out, "evaluations.csv"), "w") as f:
                 f.write("step,return,return_std\n")
