@@ -17,6 +17,13 @@ Usage (rlpd.py is this agent with prior data: diff the two files):
     python sac_20min.py --env Hopper-v4 --total-timesteps 100000
     python sac_20min.py --action-filter-cutoff 4.0      # 2nd-order Butterworth low-pass, 4 Hz
     python sac_20min.py --save-dataset ant-20min.hdf5   # the replay in D4RL's layout, for iql/rlpd
+    python sac_20min.py --avtd droq layer_norm none     # AVTD: the lowest held-out TD error acts
+
+AVTD (Li, Kumar, Kostrikov, Levine, ICLR 2023, arXiv:2304.10466): one agent per candidate critic
+regulariser, all updated on the same batches of one shared replay; every `avtd_interval` steps each
+agent's TD error on all held-out transitions is measured (dropout off), and the agent with the
+lowest acts and is evaluated. The candidates' rates (CANDIDATES), the interval and measuring with
+dropout off are this file's choices (no official code was released).
 
 Differences from the official code (docs/sac_20min.md has the environment details):
 - PyTorch; both critics are one batched module (stacked weights, bmm).
@@ -33,7 +40,7 @@ import random
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import h5py
@@ -84,6 +91,12 @@ class Args:
     """dropout rate in the critics (DroQ); kept on in target and actor evaluations"""
     critic_layer_norm: bool = True
     """LayerNorm after each critic hidden layer's dropout (DroQ)"""
+    critic_weight_decay: float = 0.0
+    """decoupled weight decay of the critics (AdamW; 0 = Adam, as the official code)"""
+    avtd: tuple[Literal["none", "dropout", "layer_norm", "droq", "weight_decay"], ...] = ()
+    """AVTD: one agent per named candidate (CANDIDATES); the lowest held-out TD error acts"""
+    avtd_interval: int = 1000
+    """environment steps between AVTD's measurements and choices of the acting agent"""
     init_temperature: float = 0.1
     """initial entropy temperature alpha"""
     target_entropy: Optional[float] = None
@@ -210,7 +223,8 @@ class SAC(nn.Module):
         self.to(device)
         cap = device.type == "cuda"  # (CUDA graph) capturable: Adam's step count on the GPU
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), args.actor_lr, capturable=cap)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), args.critic_lr, capturable=cap)
+        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), args.critic_lr,
+                                            weight_decay=args.critic_weight_decay, capturable=cap)
         self.temp_opt = torch.optim.Adam([self.log_alpha], args.temp_lr, capturable=cap)
         self.target_params = list(self.critic_target.parameters())  # built once, not per step
         self.critic_params = list(self.critic.parameters())
@@ -268,6 +282,27 @@ class SAC(nn.Module):
         return dict(actor_opt=self.actor_opt, critic_opt=self.critic_opt, temp_opt=self.temp_opt)
 
 
+# AVTD's candidates: name -> the critics' (dropout rate, LayerNorm, AdamW weight decay)
+CANDIDATES = {"none": (0.0, False, 0.0), "dropout": (0.01, False, 0.0),
+              "layer_norm": (0.0, True, 0.0), "droq": (0.01, True, 0.0),
+              "weight_decay": (0.0, False, 0.1)}
+
+
+def avtd_select(agents: list, buffers: dict) -> tuple:
+    """Each agent's mean squared TD error on all held-out transitions (the same rows for all) and
+    on as many training ones: (the lowest held-out error's index, train errors, held-out errors)."""
+    held_out = buffers["validation"]
+    rows = held_out.take(torch.arange(held_out.size, device=held_out.rows.device))
+    train = buffers["train"].sample(held_out.size)
+    errors = []
+    for agent in agents:
+        agent.eval()  # dropout off: the critics' prediction (dropout's noise is 2-3x the error)
+        errors.append((agent.td_error(*train).item(), agent.td_error(*rows).item()))
+        agent.train()
+    train_td, val_td = zip(*errors)
+    return min(range(len(agents)), key=val_td.__getitem__), list(train_td), list(val_td)
+
+
 # ----------------------------------------------------------------------------- the training loop
 def main(args: Args) -> dict:
     device = torch.device(args.device if args.device != "auto" else
@@ -287,17 +322,21 @@ def main(args: Args) -> dict:
     eval_env = make_env(args, render=args.capture_video)
     env.action_space.seed(args.seed)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    agent = SAC(obs_dim, act_dim, args, device)
-    args = replace(args, target_entropy=agent.target_entropy)
+    regularisers = [CANDIDATES[name] for name in args.avtd]  # AVTD: one agent per candidate
+    agents = [SAC(obs_dim, act_dim, replace(args, critic_dropout=p, critic_layer_norm=norm,
+                                            critic_weight_decay=decay), device)
+              for p, norm, decay in regularisers] or [SAC(obs_dim, act_dim, args, device)]
+    args = replace(args, target_entropy=agents[0].target_entropy)
     buffers = {"train": ReplayBuffer(args.buffer_size, obs_dim, act_dim, device),  # trained on
                "validation": ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)}  # held out
-    start, evals, log = 0, [], []  # or where the checkpoint left off
+    start, evals, log, acting, choices = 0, [], [], 0, []  # or where the checkpoint left off
     if args.resume:
-        start, evals, log = load_checkpoint(args.resume, agent, buffers, device)
+        start, evals, log, acting, choices = load_checkpoint(args.resume, agents, buffers, args)
     log = log if args.save_dataset else []  # every transition, for --save-dataset
 
     def train_step():  # the UTD block: indices drawn on the device, G critic + actor + temperature
-        return agent.update(*buffers["train"].sample(args.utd_ratio * args.batch_size))
+        batch = buffers["train"].sample(args.utd_ratio * args.batch_size)
+        return [agent.update(*batch) for agent in agents]  # AVTD: every agent, the same batch
 
     step_fn = torch.compile(train_step) if args.compile else train_step
     if args.cuda_graph:
@@ -327,7 +366,7 @@ def main(args: Args) -> dict:
         else:
             with torch.no_grad():
                 s = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
-                action = agent.actor.sample(s)[0][0].cpu().numpy()
+                action = agents[acting].actor.sample(s)[0][0].cpu().numpy()
         next_obs, reward, terminated, truncated, ep = env.step(action)
         # store (s, a, r, m, s'), m = 1 - terminated: a time-limit cut is no terminal, s' bootstraps
         held_out = args.validation_fraction > 0 and random.random() < args.validation_fraction
@@ -350,13 +389,30 @@ def main(args: Args) -> dict:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
 
+        if args.avtd and step > args.learning_starts and step % args.avtd_interval == 0 and \
+                buffers["validation"].size > 0:  # AVTD: the lowest held-out TD error acts from now
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                acting, train_td, val_td = avtd_select(agents, buffers)
+            choices.append((step, acting, *train_td, *val_td))
+            for name, train_error, val_error in zip(args.avtd, train_td, val_td):
+                writer.add_scalar(f"avtd/{name}_train_td_error", train_error, step)
+                writer.add_scalar(f"avtd/{name}_validation_td_error", val_error, step)
+            writer.add_scalar("avtd/acting", acting, step)
+            with open(os.path.join(run_dir, "avtd.csv"), "w") as f:
+                f.write(",".join(["step", "acting", *(f"{n}_train_td_error" for n in args.avtd),
+                                  *(f"{n}_validation_td_error" for n in args.avtd)]) + "\n")
+                f.writelines(",".join(f"{x:.6g}" for x in row) + "\n" for row in choices)
+            results["avtd/acting"] = args.avtd[acting]
+            print(f"step={step} avtd: {args.avtd[acting]} acts (held-out TD error "
+                  + " ".join(f"{n}={v:.4g}" for n, v in zip(args.avtd, val_td)) + ")", flush=True)
+
         last = step == args.total_timesteps
         if info is not None and (step % args.log_interval == 0 or last):
-            metrics = {k: v.item() for k, v in info.items()}  # the update path's only host sync
+            metrics = {k: v.item() for k, v in info[acting].items()}  # the updates' only host sync
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 for k, b in buffers.items():  # the overfitting signal, from a forked RNG: logging
                     if b.size > 0:  # leaves the training run alone
-                        td = agent.td_error(*b.sample(args.batch_size))
+                        td = agents[acting].td_error(*b.sample(args.batch_size))
                         metrics[f"losses/{k}_td_error"] = td.item()
             for k, v in metrics.items():
                 if not math.isfinite(v):
@@ -375,7 +431,7 @@ def main(args: Args) -> dict:
         if args.eval_episodes > 0 and checkpoint:
             t = time.perf_counter()
             seed = args.seed + 10_000 + step
-            returns = evaluate(agent.actor, eval_env, args.eval_episodes, device, seed)
+            returns = evaluate(agents[acting].actor, eval_env, args.eval_episodes, device, seed)
             t_eval += time.perf_counter() - t if t0 is not None else 0.0  # not in updates/s
             evals.append((step, float(returns.mean()), float(returns.std())))
             results["eval/return"] = evals[-1][1]
@@ -385,15 +441,15 @@ def main(args: Args) -> dict:
                 f.writelines(f"{s},{r:.2f},{sd:.2f}\n" for s, r, sd in evals)
             print(f"step={step} eval/return={evals[-1][1]:.1f} +- {evals[-1][2]:.1f}", flush=True)
         if args.save_model and checkpoint:
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, buffers, log, step,
-                            args, evals)
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agents, buffers, log, step,
+                            args, evals, acting, choices)
     writer.close()
     if log:
         write_d4rl(args.save_dataset, log, env)
     env.close()
     eval_env.close()
     return {"updates_per_second": math.nan, **results, "updates": updates, "run_dir": run_dir,
-            "env_steps": args.total_timesteps - start, "evaluations": evals}
+            "env_steps": args.total_timesteps - start, "evaluations": evals, "avtd": choices}
 
 
 # =============================================================================
@@ -470,7 +526,11 @@ class ReplayBuffer:
 
     def sample(self, n: int) -> tuple:
         """(s, a, r, m, s') of n uniform draws."""
-        obs, act, rew, mask, next_obs = self.rows[self.indices(n)].split(self.dims, dim=-1)
+        return self.take(self.indices(n))
+
+    def take(self, idx: torch.Tensor) -> tuple:
+        """(s, a, r, m, s') of the rows idx."""
+        obs, act, rew, mask, next_obs = self.rows[idx].split(self.dims, dim=-1)
         return obs, act, rew.squeeze(-1), mask.squeeze(-1), next_obs
 
     def state_dict(self) -> dict:
@@ -492,8 +552,12 @@ def fail(message: str):
 
 
 def check_args(args: Args, device: torch.device):
-    if min(args.total_timesteps, args.utd_ratio, args.batch_size, args.log_interval) < 1:
-        fail("--total-timesteps, --utd-ratio, --batch-size and --log-interval must be positive")
+    if min(args.total_timesteps, args.utd_ratio, args.batch_size, args.log_interval,
+           args.avtd_interval) < 1:
+        fail("--total-timesteps, --utd-ratio, --batch-size, --log-interval and --avtd-interval "
+             "must be positive")
+    if args.avtd and (args.validation_fraction == 0 or len(set(args.avtd)) < len(args.avtd)):
+        fail("--avtd needs distinct candidates and held-out transitions (--validation-fraction>0)")
     if not 0 <= args.validation_fraction < 1:
         fail(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
     if args.save_dataset and os.path.exists(args.save_dataset):
@@ -535,19 +599,24 @@ def write_d4rl(path: str, log: list, env: gym.Env):
     print(f"wrote {len(log)} transitions to {path}", flush=True)
 
 
-def save_checkpoint(path: str, agent: SAC, buffers: dict, log: list, step: int, args, evals: list):
+def save_checkpoint(path: str, agents: list, buffers: dict, log: list, step: int, args,
+                    evals: list, acting: int, choices: list):
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
            "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save({"script": "sac_20min.py", "agent": agent.state_dict(), "step": step, "rng": rng,
-                "args": asdict(args), "evaluations": evals, "log": log,
-                **{k: opt.state_dict() for k, opt in agent.optimizers().items()},
+    torch.save({"script": "sac_20min.py", "step": step, "rng": rng, "args": asdict(args),
+                "agents": [{"agent": agent.state_dict(), **{k: opt.state_dict() for k, opt in
+                                                            agent.optimizers().items()}}
+                           for agent in agents],
+                "acting": acting, "avtd": choices, "evaluations": evals, "log": log,
                 "buffers": {k: b.state_dict() for k, b in buffers.items()}}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash leaves the old checkpoint intact
 
 
-def load_checkpoint(path: str, agent: SAC, buffers: dict, device: torch.device) -> tuple:
-    """Agent, optimizers, replay and RNG from a checkpoint of this script: (step, evals, log)."""
+def load_checkpoint(path: str, agents: list, buffers: dict, args: Args) -> tuple:
+    """Agents, optimizers, replay and RNG from a checkpoint of this script:
+    (step, evals, log, acting agent, AVTD's choices)."""
+    device = torch.device(args.device)
     try:
         state = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # garbage, a truncated file, ...
@@ -556,12 +625,17 @@ def load_checkpoint(path: str, agent: SAC, buffers: dict, device: torch.device) 
         fail(f"{path} is not a checkpoint of sac_20min.py")
     if state["script"] != "sac_20min.py":
         fail(f"{path} is a checkpoint of {state['script']}, not of sac_20min.py")
+    if "agents" not in state:  # one agent under other keys
+        fail(f"{path} is a checkpoint of an earlier sac_20min.py (before AVTD); start a new run")
+    if tuple(state["args"]["avtd"]) != args.avtd:
+        fail(f"{path} is not a checkpoint of a run with --avtd {' '.join(args.avtd) or '(none)'}")
     try:
-        agent.load_state_dict(state["agent"])
-        for k, opt in agent.optimizers().items():
-            for group in state[k]["param_groups"]:  # (CUDA graph) capturable Adam on CUDA only
-                group["capturable"] = device.type == "cuda"
-            opt.load_state_dict(state[k])
+        for agent, saved in zip(agents, state["agents"]):
+            agent.load_state_dict(saved["agent"])
+            for k, opt in agent.optimizers().items():
+                for group in saved[k]["param_groups"]:  # (CUDA graph) capturable Adam on CUDA only
+                    group["capturable"] = device.type == "cuda"
+                opt.load_state_dict(saved[k])
     except (RuntimeError, ValueError) as e:  # other sizes, or an older sac_20min.py's flat Adam
         fail(f"{path} does not fit this run ({str(e).splitlines()[0]})")
     for k, b in buffers.items():
@@ -572,7 +646,7 @@ def load_checkpoint(path: str, agent: SAC, buffers: dict, device: torch.device) 
     if state["rng"]["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
     print(f"resumed from {path} at step {state['step']} (a new episode starts)", flush=True)
-    return state["step"], state["evaluations"], state["log"]
+    return state["step"], state["evaluations"], state["log"], state["acting"], state["avtd"]
 
 
 def cuda_graph(fn, warmup: int = 3):

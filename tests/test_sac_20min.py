@@ -228,12 +228,23 @@ def test_log_interval_does_not_change_the_run(tmp_path):
         args = tiny(tmp_path, run_dir=str(tmp_path / f"log{interval}"), log_interval=interval, validation_fraction=0.2,
                     eval_episodes=0, save_model=True)
         sac_20min.main(args)
-        states.append(checkpoint(args.run_dir)["agent"])
+        states.append(checkpoint(args.run_dir)["agents"][0]["agent"])
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
 
 
 # ----------------------------------------------------------------------------- resume
+def assert_same_agents(a, b):
+    """Two checkpoints hold the same agents: weights, and the optimizers' moments and step counts."""
+    assert len(a["agents"]) == len(b["agents"])
+    for x, y in zip(a["agents"], b["agents"]):
+        for k in x["agent"]:
+            assert torch.equal(x["agent"][k], y["agent"][k]), k
+        for name in ("actor_opt", "critic_opt", "temp_opt"):
+            for s, t in zip(x[name]["state"].values(), y[name]["state"].values()):
+                assert all(torch.equal(s[k], t[k]) for k in s), name
+
+
 def test_stopped_and_resumed_run_ends_as_the_uninterrupted_run(tmp_path):
     """CPU, one process: 300 steps in one go, or 150 (a checkpoint at an episode's end, the buffer full
     at the stop's capacity) then resumed to 300: the same weights, optimizer states, replay and scores."""
@@ -245,11 +256,7 @@ def test_stopped_and_resumed_run_ends_as_the_uninterrupted_run(tmp_path):
     assert resumed["evaluations"] == whole["evaluations"] and resumed["updates"] == 150 * 2
     a, b = checkpoint(tmp_path / "whole"), checkpoint(tmp_path / "second")
     assert a["step"] == b["step"] == 300
-    for k in a["agent"]:
-        assert torch.equal(a["agent"][k], b["agent"][k]), k
-    for name in ("actor_opt", "critic_opt", "temp_opt"):
-        for s, t in zip(a[name]["state"].values(), b[name]["state"].values()):
-            assert all(torch.equal(s[k], t[k]) for k in s), name
+    assert_same_agents(a, b)
     for k in ("train", "validation"):
         assert a["buffers"][k]["size"] == b["buffers"][k]["size"] and torch.equal(a["buffers"][k]["rows"],
                                                                                  b["buffers"][k]["rows"])
@@ -284,7 +291,7 @@ def test_resume_with_a_checkpoint_from_cuda(tmp_path):
     sac_20min.main(args)
     state = checkpoint(args.run_dir)
     for name in ("actor_opt", "critic_opt", "temp_opt"):
-        for group in state[name]["param_groups"]:
+        for group in state["agents"][0][name]["param_groups"]:
             group["capturable"] = True
     torch.save(state, tmp_path / "from_cuda.pt")
     results = sac_20min.main(tiny(tmp_path, run_dir=str(tmp_path / "resumed"), total_timesteps=350, eval_episodes=0,
@@ -337,10 +344,148 @@ def test_cuda_graph_run_does_the_updates_of_a_cpu_run_and_resumes_across_devices
                                                   "total_timesteps": 350}))
         runs[name] = sac_20min.main(args)
         assert_finite_losses(runs[name])
-        critic_steps = int(next(iter(checkpoint(args.run_dir)["critic_opt"]["state"].values()))["step"])
+        critic_steps = int(next(iter(checkpoint(args.run_dir)["agents"][0]["critic_opt"]["state"].values()))["step"])
         assert critic_steps == (300 - 100 + (0 if resume is None else 50)) * 2, name
     assert runs["cuda"]["updates"] == runs["cpu"]["updates"] == 400
     assert runs["cpu_to_cuda"]["updates"] == runs["cuda_to_cpu"]["updates"] == 100
+
+
+# ----------------------------------------------------------------------------- AVTD
+def constant_critic_agent(c):
+    """An agent whose critics (and target critics) predict c for every input: last layer 0, bias c."""
+    agent = make_agent()
+    with torch.no_grad():
+        for critic in (agent.critic, agent.critic_target):
+            critic.linears[2].weight.zero_()
+            critic.linears[2].bias.fill_(c)
+    return agent
+
+
+def terminal_rows(rewards):
+    """A replay of terminal rows (m = 0: the TD target is r alone) with these rewards."""
+    buffer = sac_20min.ReplayBuffer(len(rewards), 3, 1, torch.device("cpu"))
+    for r in rewards:
+        buffer.add(np.random.randn(3), np.random.uniform(-1, 1, 1), r, 0.0, np.random.randn(3))
+    return buffer
+
+
+def test_avtd_picks_the_lowest_held_out_td_error():
+    """A critic that predicts c has TD error mean (c - r)^2 on terminal rows. Held-out rewards 1,
+    training ones 3: by hand, held-out errors 4, 0.04, 4 (agent 1 acts) and training ones 0, 3.24, 16
+    (the training rows would pick agent 0)."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    agents = [constant_critic_agent(c) for c in (3.0, 1.2, -1.0)]
+    buffers = {"train": terminal_rows([3.0] * 40), "validation": terminal_rows([1.0] * 10)}
+    acting, train_td, val_td = sac_20min.avtd_select(agents, buffers)
+    assert acting == 1
+    np.testing.assert_allclose(val_td, [4.0, 0.04, 4.0], rtol=1e-5)
+    np.testing.assert_allclose(train_td, [0.0, 3.24, 16.0], rtol=1e-5, atol=1e-6)
+
+
+def test_avtd_measures_with_dropout_off_and_training_keeps_it_on():
+    """On terminal rows the held-out TD error is deterministic unless dropout is on; after the
+    measurement every module is back in training mode (DroQ's dropout in the updates)."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    agents = [make_agent(critic_dropout=0.5), make_agent(critic_dropout=0.5, critic_layer_norm=False)]
+    buffers = {"train": terminal_rows([0.5] * 40), "validation": terminal_rows([1.0] * 10)}
+    assert sac_20min.avtd_select(agents, buffers)[2] == sac_20min.avtd_select(agents, buffers)[2]
+    assert all(m.training for agent in agents for m in agent.modules())
+
+
+def test_weight_decay_is_decoupled_and_only_in_its_candidate():
+    """AdamW: with zero gradients Adam's own step is 0, so one critic step scales every critic
+    parameter by 1 - lr * decay = 1 - 3e-4 * 0.1; no other candidate decays."""
+    for name, decay in (("weight_decay", 0.1), ("none", 0.0), ("droq", 0.0)):
+        dropout, norm, weight_decay = sac_20min.CANDIDATES[name]
+        agent = make_agent(critic_dropout=dropout, critic_layer_norm=norm, critic_weight_decay=weight_decay)
+        before = [q.detach().clone() for q in agent.critic.parameters()]
+        for q in agent.critic.parameters():
+            q.grad = torch.zeros_like(q)
+        agent.critic_opt.step()
+        for q, q0 in zip(agent.critic.parameters(), before):
+            torch.testing.assert_close(q.detach(), q0 * (1 - 3e-4 * decay), rtol=0, atol=1e-9)
+
+
+def test_avtd_agents_train_on_the_same_batches_never_on_held_out_rows(tmp_path, monkeypatch):
+    """main() with four candidates: each UTD block is one batch that every agent (each with its own
+    critics) updates on; no held-out row ever enters an update; a choice every 50 steps after learning
+    starts, written to avtd.csv."""
+    seen, update = [], sac_20min.SAC.update
+    monkeypatch.setattr(sac_20min.SAC, "update", lambda self, *b: seen.append((self, b)) or update(self, *b))
+    names = ("none", "layer_norm", "droq", "weight_decay")
+    args = tiny(tmp_path, total_timesteps=200, avtd=names, avtd_interval=50, validation_fraction=0.2,
+                eval_episodes=0, save_model=True)
+    results = sac_20min.main(args)
+    assert len(seen) == 4 * 100  # learning starts at 100: 100 blocks, one per agent each
+    agents = [agent for agent, _ in seen[:4]]
+    assert [(a.critic.dropout, len(a.critic.norms), a.critic_opt.param_groups[0]["weight_decay"])
+            for a in agents] == [(0.0, 0, 0.0), (0.0, 2, 0.0), (0.01, 2, 0.0), (0.0, 0, 0.1)]
+    for i in range(0, len(seen), 4):
+        assert [agent for agent, _ in seen[i:i + 4]] == agents
+        first = seen[i][1]
+        assert all(torch.equal(x, y) for _, other in seen[i + 1:i + 4] for x, y in zip(first, other))
+    state = checkpoint(args.run_dir)
+    pairs = lambda rows: {tuple(r) for r in rows[:, :4].tolist()}  # noqa: E731  (s, a): 3 + 1 columns
+    trained = pairs(torch.cat([torch.cat(b[:2], -1) for _, b in seen[::4]]))
+    held_out = pairs(state["buffers"]["validation"]["rows"])
+    assert len(held_out) > 15 and not trained & held_out
+    assert trained <= pairs(state["buffers"]["train"]["rows"])
+    assert [c[0] for c in results["avtd"]] == [150, 200] and state["acting"] == results["avtd"][-1][1]
+    with open(os.path.join(args.run_dir, "avtd.csv")) as f:
+        lines = f.read().splitlines()
+    assert lines[0].split(",")[:3] == ["step", "acting", "none_train_td_error"] and len(lines) == 3
+    assert results["avtd/acting"] == names[state["acting"]]
+
+
+def test_avtd_with_one_candidate_is_its_plain_run(tmp_path):
+    """`--avtd droq` (choices every 50 steps, from a forked RNG) trains as the plain DroQ run."""
+    runs = [sac_20min.main(tiny(tmp_path, run_dir=str(tmp_path / name), validation_fraction=0.2, save_model=True, **kw))
+            for name, kw in (("plain", {}), ("avtd", dict(avtd=("droq",), avtd_interval=50)))]
+    assert runs[0]["evaluations"] == runs[1]["evaluations"] and len(runs[1]["avtd"]) == 4
+    assert_same_agents(checkpoint(tmp_path / "plain"), checkpoint(tmp_path / "avtd"))
+
+
+def test_avtd_the_chosen_agent_acts_and_is_evaluated(tmp_path, monkeypatch):
+    """Choices fixed to the last agent: agent 0 acts from step 101 (learning starts) to 150, the
+    first choice; then only the chosen one acts, and the evaluations (at 150 and 300) are its own."""
+    monkeypatch.setattr(sac_20min, "avtd_select", lambda agents, buffers: (len(agents) - 1, [0.0] * 2, [1.0] * 2))
+    acts, evaluated = [], []
+    sample, forward = sac_20min.TanhGaussianActor.sample, sac_20min.TanhGaussianActor.forward
+    monkeypatch.setattr(sac_20min.TanhGaussianActor, "sample",
+                        lambda self, s: (len(s) == 1 and acts.append(self)) or sample(self, s))  # env steps
+    monkeypatch.setattr(sac_20min.TanhGaussianActor, "forward", lambda self, s: evaluated.append(self) or forward(self, s))
+    seen, update = [], sac_20min.SAC.update
+    monkeypatch.setattr(sac_20min.SAC, "update", lambda self, *b: seen.append(self) or update(self, *b))
+    sac_20min.main(tiny(tmp_path, avtd=("none", "droq"), avtd_interval=50, validation_fraction=0.2))
+    first, chosen = seen[0].actor, seen[1].actor
+    assert acts == [first] * 50 + [chosen] * 150
+    assert len(evaluated) == 2 * 200 and set(evaluated) == {chosen}  # 2 episodes of 200 steps
+
+
+def test_avtd_resume_restores_the_acting_agent(tmp_path, monkeypatch):
+    """Stopped at step 150 (an episode's end) right after a choice, then resumed: the run in one go. The
+    choice is fixed to the last agent, so a resume that forgot it would act with agent 0 until the
+    next choice at 200. A checkpoint of other candidates, or of one agent before AVTD, is refused."""
+    monkeypatch.setattr(sac_20min, "avtd_select", lambda agents, buffers: (len(agents) - 1, [0.0] * 2, [1.0] * 2))
+    common = dict(env="WiringNoEnd-v0", avtd=("none", "droq"), avtd_interval=50, validation_fraction=0.2,
+                  save_model=True, seed=3)
+    whole = sac_20min.main(tiny(tmp_path, run_dir=str(tmp_path / "whole"), **common))
+    sac_20min.main(tiny(tmp_path, run_dir=str(tmp_path / "first"), total_timesteps=150, **common))
+    assert checkpoint(tmp_path / "first")["acting"] == 1
+    resumed = sac_20min.main(tiny(tmp_path, run_dir=str(tmp_path / "second"), **common,
+                                  resume=str(tmp_path / "first" / "checkpoint.pt")))
+    assert resumed["evaluations"] == whole["evaluations"] and resumed["avtd"] == whole["avtd"]
+    assert_same_agents(checkpoint(tmp_path / "whole"), checkpoint(tmp_path / "second"))
+    with pytest.raises(SystemExit, match="is not a checkpoint of a run with --avtd droq none"):
+        sac_20min.main(tiny(tmp_path, run_dir=str(tmp_path / "third"), **{**common, "avtd": ("droq", "none")},
+                            resume=str(tmp_path / "first" / "checkpoint.pt")))
+    state = checkpoint(tmp_path / "first")
+    state["agent"] = state.pop("agents")[0]["agent"]  # as a checkpoint of one agent before AVTD
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(SystemExit, match="is a checkpoint of an earlier sac_20min.py"):
+        sac_20min.main(tiny(tmp_path, run_dir=str(tmp_path / "fourth"), **common, resume=str(tmp_path / "old.pt")))
 
 
 # ----------------------------------------------------------------------------- learning
@@ -378,6 +523,10 @@ def test_nan_in_a_loss_stops_and_names_it(tmp_path):
     (["--env", "CartPole-v1"], "needs continuous actions"),
     (["--validation-fraction", "1.5"], "--validation-fraction must be in [0, 1)"),
     (["--utd-ratio", "0"], "must be positive"),
+    (["--avtd-interval", "0"], "must be positive"),
+    (["--avtd", "none", "--validation-fraction", "0"], "--avtd needs distinct candidates and held-out"),
+    (["--avtd", "none", "droq", "none"], "--avtd needs distinct candidates"),
+    (["--avtd", "l2"], "l2"),
 ])
 def test_bad_input(tmp_path, cli, message):
     proc = run_script("sac_20min.py", "--run-dir", str(tmp_path / "run"), "--total-timesteps", "10", *cli)
