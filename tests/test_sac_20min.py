@@ -439,6 +439,11 @@ def test_avtd_agents_train_on_the_same_batches_never_on_held_out_rows(tmp_path, 
     assert results["avtd/acting"] == names[state["acting"]]
 
 
+def choose_last(agents, buffers):
+    """avtd_select's stand-in: always the last agent (dummy errors)."""
+    return len(agents) - 1, [0.0] * len(agents), [1.0] * len(agents)
+
+
 def test_avtd_with_one_candidate_is_its_plain_run(tmp_path):
     """`--avtd droq` (choices every 50 steps, from a forked RNG) trains as the plain DroQ run."""
     runs = [sac_20min.main(tiny(tmp_path, run_dir=str(tmp_path / name), validation_fraction=0.2, save_model=True, **kw))
@@ -450,7 +455,7 @@ def test_avtd_with_one_candidate_is_its_plain_run(tmp_path):
 def test_avtd_the_chosen_agent_acts_and_is_evaluated(tmp_path, monkeypatch):
     """Choices fixed to the last agent: agent 0 acts from step 101 (learning starts) to 150, the
     first choice; then only the chosen one acts, and the evaluations (at 150 and 300) are its own."""
-    monkeypatch.setattr(sac_20min, "avtd_select", lambda agents, buffers: (len(agents) - 1, [0.0] * 2, [1.0] * 2))
+    monkeypatch.setattr(sac_20min, "avtd_select", choose_last)
     acts, evaluated = [], []
     sample, forward = sac_20min.TanhGaussianActor.sample, sac_20min.TanhGaussianActor.forward
     monkeypatch.setattr(sac_20min.TanhGaussianActor, "sample",
@@ -468,7 +473,7 @@ def test_avtd_resume_restores_the_acting_agent(tmp_path, monkeypatch):
     """Stopped at step 150 (an episode's end) right after a choice, then resumed: the run in one go. The
     choice is fixed to the last agent, so a resume that forgot it would act with agent 0 until the
     next choice at 200. A checkpoint of other candidates, or of one agent before AVTD, is refused."""
-    monkeypatch.setattr(sac_20min, "avtd_select", lambda agents, buffers: (len(agents) - 1, [0.0] * 2, [1.0] * 2))
+    monkeypatch.setattr(sac_20min, "avtd_select", choose_last)
     common = dict(env="WiringNoEnd-v0", avtd=("none", "droq"), avtd_interval=50, validation_fraction=0.2,
                   save_model=True, seed=3)
     whole = sac_20min.main(tiny(tmp_path, run_dir=str(tmp_path / "whole"), **common))
