@@ -29,7 +29,6 @@ Differences from the official code that change the algorithm (docs/revind.md say
 - Filtered BC: 15-step fragments (official: random ~15-step chunks), no waypoint noise (sd 0.007).
 - The graph, the planner and the closed-loop evaluation (not in the official release).
 """
-
 import json
 import math
 import os
@@ -49,100 +48,56 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    exp_name: str = "revind"
-    """name of this experiment (part of the run folder's name)"""
-    seed: int = 0
-    """seed of python, numpy and torch (training and evaluation)"""
-    world_seed: int = 0
-    """seed of the map's obstacles and texture and of the exploration data"""
-    user_reward: Literal["none", "grass", "sunny"] = "grass"
-    """the user's term in r = -1 + lambda * detector(image): none, grass or sunny"""
-    reward_scale: float = 0.75
-    """lambda: weight of the detector in the reward (official 0.75)"""
-    collision_reward: float = -100.0
-    """reward of a collision, which ends the episode (-1 / (1 - gamma): never reaching the goal)"""
+    exp_name: str = "revind"  # name of this experiment (part of the run folder's name)
+    seed: int = 0  # seed of python, numpy and torch (training and evaluation)
+    world_seed: int = 0  # seed of the map's obstacles and texture and of the exploration data
+    user_reward: Literal["none", "grass", "sunny"] = "grass"  # detector in r = -1 + lambda d(image)
+    reward_scale: float = 0.75  # lambda: weight of the detector in the reward (official 0.75)
+    collision_reward: float = -100.0  # reward of a collision, which ends the episode
     actor: Literal["awr", "bc", "filtered-bc"] = "awr"
     """the actor's loss: AWR (ReViND), goal-conditioned BC, or BC on the top 20% of fragments"""
-    max_steps: int = 20_000
-    """number of gradient steps (the actor's lr decays to 0 over them, official cosine schedule)"""
-    batch_size: int = 512
-    """transitions per gradient step (official config 512)"""
-    eval_interval: int = 0
-    """gradient steps between evaluations; 0 = evaluate only at the end"""
-    eval_episodes: int = 20
-    """far-goal navigation episodes per evaluation and variant (0 = never evaluate)"""
-    log_interval: int = 500
-    """gradient steps between logged losses"""
-    expectile: float = 0.9
-    """tau of the expectile value loss (official 0.9)"""
-    beta: float = 1.0
-    """inverse temperature of the AWR actor (official 1.0)"""
-    exp_adv_max: float = 100.0
-    """upper clip of the AWR weight exp(beta * A)"""
-    actor_lr: float = 3e-4
-    """actor learning rate (cosine-decayed to 0, as the official code)"""
-    lr_decay_steps: Optional[int] = None
-    """horizon of the actor's cosine lr decay (default: --max-steps, as the official code)"""
-    critic_lr: float = 3e-4
-    """Q (and encoder) learning rate"""
-    value_lr: float = 3e-4
-    """V learning rate"""
-    hidden_dim: int = 256
-    """width of the two hidden layers of the V, Q and actor heads"""
-    feature_dim: int = 50
-    """size of the encoder's output z"""
-    gamma: float = 0.99
-    """discount factor"""
-    tau: float = 0.005
-    """Polyak rate of the target Q (encoder included)"""
-    shift_pad: int = 2
-    """random-shift augmentation: pad by this many pixels and crop back (official 4 at 48 x 64)"""
-    goal_min: int = 1
-    """relabelled goals lie goal_min..goal_max steps ahead in the same trajectory (official HEAD
-    10..50 plus stored 0-1-step goals; its first commit 1..50)"""
-    goal_max: int = 50
-    """see goal_min"""
-    random_goal_fraction: float = 0.3
-    """share of goals drawn from any frame of the data instead (not in the official code): goals
-    that no transition reaches, often far or behind walls"""
+    max_steps: int = 20_000  # gradient steps (the actor's lr decays to 0 over them)
+    batch_size: int = 512  # transitions per gradient step (official config 512)
+    eval_interval: int = 0  # gradient steps between evaluations; 0 = evaluate only at the end
+    eval_episodes: int = 20  # far-goal episodes per evaluation and variant (0 = never evaluate)
+    log_interval: int = 500  # gradient steps between logged losses
+    expectile: float = 0.9  # tau of the expectile value loss (official 0.9)
+    beta: float = 1.0  # inverse temperature of the AWR actor (official 1.0)
+    exp_adv_max: float = 100.0  # upper clip of the AWR weight exp(beta * A)
+    actor_lr: float = 3e-4  # actor learning rate (cosine-decayed to 0, as the official code)
+    lr_decay_steps: Optional[int] = None  # the actor's cosine lr decay horizon (None: --max-steps)
+    critic_lr: float = 3e-4  # Q (and encoder) learning rate
+    value_lr: float = 3e-4  # V learning rate
+    hidden_dim: int = 256  # width of the two hidden layers of the V, Q and actor heads
+    feature_dim: int = 50  # size of the encoder's output z
+    gamma: float = 0.99  # discount factor
+    tau: float = 0.005  # Polyak rate of the target Q (encoder included)
+    shift_pad: int = 2  # random shift: pad by this many pixels, crop back (official 4 at 48 x 64)
+    goal_min: int = 1  # relabelled goals lie goal_min..goal_max steps ahead in the same trajectory
+    goal_max: int = 50  # see goal_min
+    random_goal_fraction: float = 0.3  # share of goals drawn from any frame (not in official code)
     encoder: Literal["impala", "conv"] = "impala"
     """image encoder: the official IMPALA trunk, or 3 conv layers about 5x cheaper (for CPUs)"""
-    image_height: int = 24
-    """camera image height (official 48: halved for CPU time)"""
-    image_width: int = 32
-    """camera image width (official 64)"""
-    trajectories: int = 400
-    """exploration trajectories in the offline dataset"""
-    trajectory_length: int = 80
-    """steps per exploration trajectory (fewer when it ends in a collision)"""
-    node_spacing: float = 1.5
-    """graph nodes: at most one per node_spacing x node_spacing m cell and 90-degree heading bin"""
-    edge_max_distance: float = 6.0
-    """graph edges join nodes at most this far apart (goals 10 / 50 data steps on: 2.2 / 4.1 m)"""
-    max_edge_cost: float = 50.0
-    """edges whose value-implied step count exceeds this are pruned (the relabelling horizon)"""
+    image_height: int = 24  # camera image height (official 48: halved for CPU time)
+    image_width: int = 32  # camera image width (official 64)
+    trajectories: int = 400  # exploration trajectories in the offline dataset
+    trajectory_length: int = 80  # steps per exploration trajectory
+    node_spacing: float = 1.5  # at most one graph node per node_spacing-m cell and heading quadrant
+    edge_max_distance: float = 6.0  # graph edges join nodes at most this many metres apart
+    max_edge_cost: float = 50.0  # prune edges of more value-implied steps (the relabelling horizon)
     subgoal_distance: float = 3.0
     """the policy drives to the first path node at least this far away (the goal once this near)"""
     replan_every: int = 4
     """steps between replans (sooner when the subgoal is within goal_radius); 1 = every step"""
-    episode_steps: int = 300
-    """step limit of an evaluation episode"""
-    goal_radius: float = 1.0
-    """an evaluation episode succeeds within this many metres of its goal"""
-    data_dir: str = "~/.cache/revind"
-    """where the generated exploration dataset is cached"""
-    device: str = "auto"
-    """'auto' (cuda if available), 'cpu' or 'cuda'"""
-    cuda_graph: bool = True
-    """capture the update as one CUDA graph (applies only on a CUDA device)"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project_name: str = "rl-reference"
-    """W&B project"""
-    save_model: bool = False
-    """write run_dir/checkpoint.pt at each evaluation and at the end"""
-    resume: Optional[str] = None
-    """continue from a checkpoint.pt (outputs go to its folder unless --run-dir)"""
+    episode_steps: int = 300  # step limit of an evaluation episode
+    goal_radius: float = 1.0  # an evaluation episode succeeds within this many metres of its goal
+    data_dir: str = "~/.cache/revind"  # where the generated exploration dataset is cached
+    device: str = "auto"  # 'auto' (cuda if available), 'cpu' or 'cuda'
+    cuda_graph: bool = True  # capture the update as one CUDA graph (applies only on a CUDA device)
+    track: bool = False  # log to Weights & Biases
+    wandb_project_name: str = "rl-reference"  # W&B project
+    save_model: bool = False  # write run_dir/checkpoint.pt at each evaluation and at the end
+    resume: Optional[str] = None  # resume from a checkpoint.pt (outputs: its folder, or --run-dir)
     eval_only: bool = False
     """with --resume: no training, one evaluation (planner flags may differ), in a new folder"""
     run_dir: Optional[str] = None
@@ -162,54 +117,23 @@ class ResidualBlock(nn.Module):
         return x + self.conv2(torch.relu(self.conv1(torch.relu(x))))
 
 
-def conv_trunk(kind: str) -> nn.Sequential:
-    """Image -> flat conv features. IMPALA (official): 3 stacks of (conv 3x3, max-pool 3x3 stride 2,
-    2 residual blocks) with 16, 32, 32 channels. conv: 3 plain conv layers of 16 channels."""
-    if kind == "conv":
-        return nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(),
-                             nn.Conv2d(16, 16, 3, stride=2), nn.ReLU(),
-                             nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Flatten())
-    layers, n_in = [], 3
-    for ch in (16, 32, 32):
-        layers += [nn.Conv2d(n_in, ch, 3, padding=1), nn.MaxPool2d(3, 2, padding=1),
-                   ResidualBlock(ch), ResidualBlock(ch)]
-        n_in = ch
-    return nn.Sequential(*layers, nn.ReLU(), nn.Flatten())
-
-
 class Encoder(nn.Module):
-    """uint8 image (B, 3, H, W) -> conv features (trained by the critic, read by every head)."""
+    """uint8 image (B, 3, H, W) -> conv features (trained by the critic, read by every head).
+    IMPALA (official): 3 stacks of (conv 3x3, max-pool 3x3 stride 2, 2 residual blocks) with 16,
+    32, 32 channels. conv: 3 plain conv layers of 16 channels."""
 
     def __init__(self, kind: str, image_hw: tuple):
         super().__init__()
-        self.trunk = conv_trunk(kind)
+        layers = [nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2),
+                  nn.ReLU(), nn.Conv2d(16, 16, 3)] if kind == "conv" else []
+        for n_in, ch in ((3, 16), (16, 32), (32, 32)) if kind == "impala" else ():
+            layers += [nn.Conv2d(n_in, ch, 3, padding=1), nn.MaxPool2d(3, 2, padding=1),
+                       ResidualBlock(ch), ResidualBlock(ch)]
+        self.trunk = nn.Sequential(*layers, nn.ReLU(), nn.Flatten())
         self.n_out = self.trunk(torch.zeros(1, 3, *image_hw)).shape[1]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.trunk(image.float() / 255.0)
-
-
-class Head(nn.Module):
-    """A network on s = (conv features, goal) (official per-head layout): its own Dense(50) ->
-    LayerNorm -> tanh, the goal appended, an MLP (256, 256); k heads that also take the action."""
-
-    def __init__(self, n_features: int, feature_dim: int, hidden: int, n_out: int, k=None):
-        super().__init__()
-        self.project = nn.Sequential(nn.Linear(n_features, feature_dim), nn.LayerNorm(feature_dim),
-                                     nn.Tanh())
-        nn.init.orthogonal_(self.project[0].weight, gain=math.sqrt(2))
-        nn.init.zeros_(self.project[0].bias)
-        self.k = k
-        n_in = feature_dim + GOAL_DIM + (ACT_DIM if k else 0)  # Q also takes the action
-        self.mlp = mlp(n_in, hidden, n_out) if k is None else nn.Sequential(
-            EnsembleLinear(k, n_in, hidden), nn.ReLU(), EnsembleLinear(k, hidden, hidden),
-            nn.ReLU(), EnsembleLinear(k, hidden, n_out))
-
-    def forward(self, features: torch.Tensor, goal: torch.Tensor, act=None) -> torch.Tensor:
-        s = torch.cat([self.project(features), goal], -1)
-        if self.k is None:
-            return self.mlp(s)
-        return self.mlp(torch.cat([s, act], -1).expand(self.k, -1, -1)).squeeze(-1)  # (k, B)
 
 
 class EnsembleLinear(nn.Module):
@@ -219,20 +143,42 @@ class EnsembleLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(k, n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(k, 1, n_out))
-        for w in self.weight.data:
-            nn.init.orthogonal_(w, gain=math.sqrt(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-def mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
-    layers = [nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-              nn.Linear(hidden, n_out)]
-    for layer in layers[::2]:
-        nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
+def mlp(n_in: int, hidden: int, n_out: int, k: Optional[int] = None) -> nn.Sequential:
+    """Two hidden ReLU layers; with k, an ensemble of k on (k, B, n_in) as batched matmuls."""
+    linear = nn.Linear if k is None else lambda i, o: EnsembleLinear(k, i, o)
+    layers = [linear(n_in, hidden), nn.ReLU(), linear(hidden, hidden), nn.ReLU(),
+              linear(hidden, n_out)]
+    for layer in layers[::2]:  # orthogonal weights, zero biases (official)
+        for w in layer.weight.data.view(-1, *layer.weight.shape[-2:]):  # each ensemble member
+            nn.init.orthogonal_(w, gain=math.sqrt(2))
         nn.init.zeros_(layer.bias)
     return nn.Sequential(*layers)
+
+
+class Head(nn.Module):
+    """A network on s = (conv features, goal) (official per-head layout): its own Dense(50) ->
+    LayerNorm -> tanh, the goal appended, an MLP (256, 256); k heads that also take the action."""
+
+    def __init__(self, n_features: int, args: Args, n_out: int, k: Optional[int] = None):
+        super().__init__()
+        self.project = nn.Sequential(nn.Linear(n_features, args.feature_dim),
+                                     nn.LayerNorm(args.feature_dim), nn.Tanh())
+        nn.init.orthogonal_(self.project[0].weight, gain=math.sqrt(2))
+        nn.init.zeros_(self.project[0].bias)
+        self.k = k
+        n_in = args.feature_dim + GOAL_DIM + (ACT_DIM if k else 0)  # Q also takes the action
+        self.mlp = mlp(n_in, args.hidden_dim, n_out, k)
+
+    def forward(self, features: torch.Tensor, goal: torch.Tensor, act=None) -> torch.Tensor:
+        s = torch.cat([self.project(features), goal], -1)
+        if self.k is None:
+            return self.mlp(s)
+        return self.mlp(torch.cat([s, act], -1).expand(self.k, -1, -1)).squeeze(-1)  # (k, B)
 
 
 class Critic(nn.Module):
@@ -241,7 +187,7 @@ class Critic(nn.Module):
     def __init__(self, args: Args):
         super().__init__()
         self.encoder = Encoder(args.encoder, (args.image_height, args.image_width))
-        self.q = Head(self.encoder.n_out, args.feature_dim, args.hidden_dim, 1, k=2)
+        self.q = Head(self.encoder.n_out, args, 1, k=2)
 
     def forward(self, image: torch.Tensor, goal: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         return self.q(self.encoder(image), goal, act)
@@ -253,7 +199,7 @@ class UnitStdActor(nn.Module):
 
     def __init__(self, n_features: int, args: Args):
         super().__init__()
-        self.mu = Head(n_features, args.feature_dim, args.hidden_dim, ACT_DIM)
+        self.mu = Head(n_features, args, ACT_DIM)
 
     def forward(self, features: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
         return self.mu(features, goal)  # the evaluation action: the mean
@@ -266,8 +212,7 @@ class UnitStdActor(nn.Module):
 # ----------------------------------------------------------------------------- the method
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
     """|tau - 1(u < 0)| u^2: an asymmetric square whose minimiser is the tau-expectile."""
-    weight = torch.where(diff > 0, expectile, 1 - expectile)
-    return weight * diff.pow(2)
+    return torch.where(diff > 0, expectile, 1 - expectile) * diff.pow(2)
 
 
 def random_shift(image: torch.Tensor, next_image: torch.Tensor, pad: int) -> tuple:
@@ -278,7 +223,6 @@ def random_shift(image: torch.Tensor, next_image: torch.Tensor, pad: int) -> tup
     rows = (torch.arange(h, device=image.device) + dy)[:, :, None]  # (B, H, 1)
     cols = (torch.arange(w, device=image.device) + dx)[:, None, :]  # (B, 1, W)
     batch = torch.arange(b, device=image.device)[:, None, None]
-
     def shift(x):
         padded = nn.functional.pad(x.float(), (pad, pad, pad, pad), mode="replicate")
         return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
@@ -288,31 +232,25 @@ def random_shift(image: torch.Tensor, next_image: torch.Tensor, pad: int) -> tup
 class ReViND(nn.Module):
     def __init__(self, args: Args, device: torch.device):
         super().__init__()
-        self.expectile, self.beta, self.exp_adv_max = args.expectile, args.beta, args.exp_adv_max
-        self.gamma, self.tau, self.shift_pad = args.gamma, args.tau, args.shift_pad
-        self.awr = args.actor == "awr"
-        self.lr_decay_steps = args.max_steps if args.lr_decay_steps is None else args.lr_decay_steps
+        self.args = args
         self.critic = Critic(args)
-        self.critic_target = Critic(args)
+        self.critic_target = Critic(args).requires_grad_(False)
         self.critic_target.load_state_dict(self.critic.state_dict())
-        self.critic_target.requires_grad_(False)
-        n_features = self.critic.encoder.n_out
-        self.value = Head(n_features, args.feature_dim, args.hidden_dim, 1)
-        self.actor = UnitStdActor(n_features, args)
+        self.value = Head(self.critic.encoder.n_out, args, 1)
+        self.actor = UnitStdActor(self.critic.encoder.n_out, args)
         self.to(device)
 
         def adam(module, lr):  # (CUDA graph) capturable: the step count on the GPU; a tensor lr
             return torch.optim.Adam(module.parameters(), lr=lr, capturable=device.type == "cuda")
-        self.actor_lr0, self.actor_lr = args.actor_lr, torch.tensor(args.actor_lr, device=device)
+        self.actor_lr = torch.tensor(args.actor_lr, device=device)
         self.actor_opt = adam(self.actor, self.actor_lr)
         self.critic_opt = adam(self.critic, args.critic_lr)
         self.value_opt = adam(self.value, args.value_lr)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
-        self.target_params = list(self.critic_target.parameters())
-        self.online_params = list(self.critic.parameters())
 
     def update(self, image, goal, act, rew, mask, next_image, next_goal) -> dict:
-        image, next_image = random_shift(image, next_image, self.shift_pad)
+        args = self.args
+        image, next_image = random_shift(image, next_image, args.shift_pad)
         features = self.critic.encoder(image)  # trained by the Q loss only
         features_sg = features.detach()  # V and the actor see the conv features with stop-gradient
         with torch.no_grad():
@@ -321,7 +259,7 @@ class ReViND(nn.Module):
 
         # 1) V: expectile regression onto the target twin Q
         v = self.value(features_sg, goal).squeeze(-1)
-        value_loss = expectile_loss(q_target - v, self.expectile).mean()
+        value_loss = expectile_loss(q_target - v, args.expectile).mean()
         self.value_opt.zero_grad()
         value_loss.backward()
         self.value_opt.step()
@@ -329,18 +267,19 @@ class ReViND(nn.Module):
         # 2) pi: AWR with the V just updated (BC: weight 1; filtered BC is BC on the kept fragments)
         with torch.no_grad():
             adv = q_target - self.value(features_sg, goal).squeeze(-1)
-            weight = (torch.exp(self.beta * adv).clamp(max=self.exp_adv_max) if self.awr
+            weight = (torch.exp(args.beta * adv).clamp(max=args.exp_adv_max) if args.actor == "awr"
                       else torch.ones_like(adv))
         actor_loss = -(weight * self.actor.log_prob(features_sg, goal, act)).mean()
         self.actor_opt.zero_grad()
         actor_loss.backward()
-        progress = self.num_updates.clamp(max=self.lr_decay_steps) / self.lr_decay_steps
-        self.actor_lr.copy_(self.actor_lr0 * 0.5 * (1 + torch.cos(math.pi * progress)))  # cosine
+        decay = args.max_steps if args.lr_decay_steps is None else args.lr_decay_steps
+        progress = self.num_updates.clamp(max=decay) / decay
+        self.actor_lr.copy_(args.actor_lr * 0.5 * (1 + torch.cos(math.pi * progress)))  # cosine
         self.actor_opt.step()
 
         # 3) Q and the encoder: regress both heads onto r + gamma * m * V(s'), with the new V
         with torch.no_grad():
-            q_backup = rew + self.gamma * mask * self.value(next_features, next_goal).squeeze(-1)
+            q_backup = rew + args.gamma * mask * self.value(next_features, next_goal).squeeze(-1)
         critic_loss = (self.critic.q(features, goal, act) - q_backup).pow(2).mean()
         self.critic_opt.zero_grad()
         critic_loss.backward()
@@ -348,7 +287,8 @@ class ReViND(nn.Module):
 
         # 4) Polyak average of the whole critic, encoder included (no_grad: autograd records none)
         with torch.no_grad():
-            torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
+            torch._foreach_lerp_(list(self.critic_target.parameters()),
+                                 list(self.critic.parameters()), args.tau)
         self.num_updates += 1
         return {"losses/value_loss": value_loss.detach(), "losses/actor_loss": actor_loss.detach(),
                 "losses/critic_loss": critic_loss.detach(), "values/adv_mean": adv.mean(),
@@ -357,9 +297,6 @@ class ReViND(nn.Module):
     @torch.no_grad()
     def act(self, image: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
         return self.actor(self.critic.encoder(image), goal)
-
-    def optimizers(self) -> dict:
-        return dict(actor_opt=self.actor_opt, critic_opt=self.critic_opt, value_opt=self.value_opt)
 
 
 # ----------------------------------------------------------------------------- the data it sees
@@ -395,9 +332,8 @@ def waypoints(data: dict) -> np.ndarray:
     """a_t: the commanded positions of steps t..t+4 in the robot's frame at t, (x, y) x 5 in
     metres; past the trajectory's end the last one repeats (a stop)."""
     n, traj = len(data["pos"]), data["traj"]
-    idx = np.arange(n)[:, None] + np.arange(5)[None]
     last = np.searchsorted(traj, traj, side="right") - 1  # each frame's trajectory ends here
-    idx = np.minimum(idx, last[:, None] - 1)  # the last frame has no command of its own
+    idx = np.minimum(np.arange(n)[:, None] + np.arange(5), last[:, None] - 1)  # last: no command
     d = data["target"][idx] - data["pos"][:, None]
     c, s = np.cos(data["yaw"])[:, None], np.sin(data["yaw"])[:, None]
     a = np.stack([c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1]], -1)
@@ -422,21 +358,18 @@ class RelabelBuffer:
         self.last, self.bonus, self.starts = t(last), t(bonus), t(starts)
         self.images = t(data["images"]).permute(0, 3, 1, 2)  # uint8 (N, 3, H, W)
         self.pos, self.yaw, self.collision = t(data["pos"]), t(data["yaw"]), t(data["collision"])
-        self.actions = t(waypoints(data))
-        self.goal_min, self.goal_max = args.goal_min, args.goal_max
-        self.collision_reward = args.collision_reward
-        self.random_goal_fraction = args.random_goal_fraction
+        self.actions, self.args = t(waypoints(data)), args
 
     def sample(self, batch_size: int) -> tuple:
-        device = self.starts.device
+        device, args = self.starts.device, self.args
         i = self.starts[torch.randint(0, len(self.starts), (batch_size,), device=device)]
-        k = torch.randint(self.goal_min, self.goal_max + 1, (batch_size,), device=device)
+        k = torch.randint(args.goal_min, args.goal_max + 1, (batch_size,), device=device)
         g = torch.minimum(i + k, self.last[i])  # the goal frame, in the same trajectory ...
         anywhere = torch.randint(0, len(self.pos), (batch_size,), device=device)
-        random_goal = torch.rand(batch_size, device=device) < self.random_goal_fraction
+        random_goal = torch.rand(batch_size, device=device) < args.random_goal_fraction
         g = torch.where(random_goal, anywhere, g)  # ... or any frame
         collided = self.collision[i]
-        rew = torch.where(collided, self.collision_reward, -1.0 + self.bonus[i])
+        rew = torch.where(collided, args.collision_reward, -1.0 + self.bonus[i])
         mask = (~collided & (g != i + 1)).float()
         goal = goal_vector(self.pos[i], self.yaw[i], self.pos[g])
         next_goal = goal_vector(self.pos[i + 1], self.yaw[i + 1], self.pos[g])
@@ -454,193 +387,6 @@ def top_fragments(starts: np.ndarray, traj: np.ndarray, reward: np.ndarray, coll
     fragment = np.cumsum(first | (position % length == 0)) - 1
     score = np.bincount(fragment, r) / np.bincount(fragment)
     return score[fragment] >= np.quantile(score, 1 - top)
-
-
-# ----------------------------------------------------------------------------- the training loop
-def main(args: Args) -> dict:
-    device = check_args(args)
-    here = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None  # its folder
-    if args.eval_only:  # a new folder per evaluation: the training run's outputs are never touched
-        run_dir = args.run_dir or os.path.join(here, f"eval__{int(time.time())}")
-    else:
-        new = f"runs/revind__{args.user_reward}__{args.actor}__{args.seed}__{int(time.time())}"
-        run_dir = args.run_dir or here or new
-    if os.path.exists(run_dir) and (args.eval_only or not here
-                                    or not os.path.samefile(run_dir, here)):
-        fail(f"run folder {run_dir} already exists; choose another --run-dir "
-             "(runs are never overwritten)")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    agent = ReViND(args, device)
-    start, evals = load_checkpoint(args.resume, agent, device) if args.resume else (0, [])
-    evals = [] if args.eval_only else evals
-    # the world and its exploration data (reward-agnostic: the user's reward is read off the images)
-    world = World(args.world_seed, (args.image_height, args.image_width))
-    data = load_or_collect(world, args)
-    buffer = RelabelBuffer(data, args, device)
-    if args.resume:
-        print(f"{'evaluating' if args.eval_only else 'resumed from'} {args.resume} at step {start}")
-
-    def train_step():  # relabelled goals and rewards, drawn on the device
-        return agent.update(*buffer.sample(args.batch_size))
-
-    step_fn = cuda_graph(train_step) if device.type == "cuda" and args.cuda_graph else train_step
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        resolved = {"device": str(device), "transitions": len(buffer.starts)}
-        json.dump({**asdict(args), "resolved": resolved}, f, indent=2)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                    "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project_name, config=vars(args), dir=run_dir,
-                   name=os.path.basename(run_dir), sync_tensorboard=True)
-    end = start if args.eval_only else args.max_steps  # --eval-only: no update, one evaluation
-    warmup = min(start + 20, end)  # updates/s is measured after the capture warm-up ...
-    results, t0, t_eval = {}, None, 0.0
-
-    def evaluate_and_log(step: int):  # far goals, each variant on the same episodes
-        nonlocal t_eval
-        t = time.perf_counter()
-        graph = build_graph(agent, data, args, device)
-        episodes = evaluate(agent, world, graph, args, device, seed=args.seed + step)
-        for variant, eps in episodes.items():
-            s = summarize(eps)
-            evals.append((step, variant, s["success"], s["collision"], s["length"], s["grass"],
-                          s["sun"]))
-            for k, v in s.items():
-                results[f"eval/{variant}/{k}"] = v
-                writer.add_scalar(f"eval/{variant}/{k}", v, step)
-            print(f"step={step} eval {variant}: success={s['success']:.2f} "
-                  f"collision={s['collision']:.2f} length={s['length']:.1f} "
-                  f"grass={s['grass']:.2f} sun={s['sun']:.2f}", flush=True)
-        with open(os.path.join(run_dir, "evaluations.csv"), "w") as f:
-            f.write("step,variant,success,collision,length,grass,sun\n")
-            f.writelines(f"{s},{v},{a:.3f},{b:.3f},{c:.2f},{d:.3f},{e:.3f}\n"
-                         for s, v, a, b, c, d, e in evals)
-        results["graph/nodes"], results["graph/edges"] = len(graph["nodes"]), len(graph["src"])
-        writer.add_scalar("graph/nodes", results["graph/nodes"], step)
-        writer.add_scalar("graph/edges", results["graph/edges"], step)
-        plot_routes(world, episodes, graph, os.path.join(run_dir, f"routes_{step}.png"),
-                    f"user reward: {args.user_reward}, actor: {args.actor}, step {step}")
-        t_eval += time.perf_counter() - t if t0 is not None else 0.0  # ... without evaluations
-
-    if args.eval_only:
-        evaluate_and_log(start)
-    for step in tqdm(range(start + 1, end + 1), initial=start, total=end, desc="revind",
-                     disable=not sys.stdout.isatty()):
-        info = step_fn()  # one gradient step: V, then pi, then Q and the encoder, then the target
-        if step == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        last = step == end
-        if step % args.log_interval == 0 or last:
-            metrics = {k: v.item() for k, v in info.items()}  # the only host sync of the loop
-            for k, v in metrics.items():
-                if not math.isfinite(v):
-                    fail(f"{k} became {v} at step {step}; lower the learning rates")
-                writer.add_scalar(k, v, step)
-            if t0 is not None and step > warmup:
-                ups = (step - warmup) / (time.perf_counter() - t0 - t_eval)
-                metrics["updates_per_second"] = ups
-                writer.add_scalar("charts/updates_per_second", ups, step)
-            results.update(metrics)
-            losses = " ".join(f"{k[7:]}={v:.4g}" for k, v in metrics.items() if k[:7] == "losses/")
-            ups = metrics.get("updates_per_second", math.nan)
-            print(f"step={step} {losses} ups={ups:.1f}", flush=True)
-        checkpoint = last or (args.eval_interval > 0 and step % args.eval_interval == 0)
-        if args.eval_episodes > 0 and checkpoint:
-            evaluate_and_log(step)
-        if args.save_model and checkpoint:
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, step, args, evals)
-    writer.close()
-    return {"updates_per_second": math.nan, **results, "updates": end - start, "run_dir": run_dir,
-            "evaluations": evals}
-
-
-# ----------------------------------------------------------------------------- graph and planner
-def build_graph(agent: ReViND, data: dict, args: Args, device: torch.device) -> dict:
-    """Nodes: dataset frames, at most one per node_spacing cell and 90-degree heading bin. Edge
-    i -> j: nodes within edge_max_distance, cost value_to_steps(V(o_i, g_ij)), pruned above
-    max_edge_cost (or when V says never); distance_cost: its metres (the ViNG-like baseline)."""
-    pos, yaw = data["pos"], data["yaw"]
-    cell = np.floor(pos / args.node_spacing).astype(np.int64)
-    heading = np.floor((yaw + np.pi) / (np.pi / 2)).astype(np.int64) % 4
-    keys = np.stack([cell[:, 0], cell[:, 1], heading], 1)
-    nodes = np.sort(np.unique(keys, axis=0, return_index=True)[1])
-    npos = torch.as_tensor(pos[nodes], device=device)
-    near = torch.cdist(npos, npos) <= args.edge_max_distance
-    src, dst = torch.nonzero(near & ~torch.eye(len(nodes), dtype=torch.bool, device=device),
-                             as_tuple=True)
-    goals = goal_vector(npos[src], torch.as_tensor(yaw[nodes], device=device)[src], npos[dst])
-    with torch.no_grad():  # V's projection once per node, its MLP once per edge
-        images = torch.as_tensor(data["images"][nodes], device=device).permute(0, 3, 1, 2)
-        z = torch.cat([agent.value.project(agent.critic.encoder(images[i:i + 1024]))
-                       for i in range(0, len(nodes), 1024)])
-        edges = (torch.cat([z[src[i:i + 65536]], goals[i:i + 65536]], -1)
-                 for i in range(0, len(src), 65536))
-        values = torch.cat([agent.value.mlp(s).squeeze(-1) for s in edges])
-    cost = value_to_steps(values.cpu().numpy(), args.gamma)
-    keep = cost <= args.max_edge_cost
-    src, dst, cost = src.cpu().numpy()[keep], dst.cpu().numpy()[keep], cost[keep]
-    distance = np.linalg.norm(pos[nodes][src] - pos[nodes][dst], axis=1)
-    return {"nodes": nodes, "pos": pos[nodes], "src": src, "dst": dst, "cost": cost,
-            "distance_cost": distance}
-
-
-def value_to_steps(value: np.ndarray, gamma: float) -> np.ndarray:
-    """n with -(1 - gamma^n) / (1 - gamma) = V (inf at or below -1 / (1 - gamma), never
-    arriving); at least one step: V above -1 (an over-estimate) counts as one, never 0 or less."""
-    inside = 1 + (1 - gamma) * np.minimum(np.asarray(value, np.float64), -1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(inside > 0, np.log(np.clip(inside, 1e-300, None)) / np.log(gamma), np.inf)
-
-
-def shortest_paths(graph: dict, goal: int) -> tuple:
-    """Dijkstra (scipy's) from the goal over the reversed edges: (cost to go, next node on the
-    path) per node, inf / -1 where no path leads to the goal."""
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import dijkstra
-    n = len(graph["nodes"])
-    reverse = csr_matrix((graph["cost"], (graph["dst"], graph["src"])), shape=(n, n))
-    to_go, previous = dijkstra(reverse, indices=goal, return_predecessors=True)
-    return to_go, np.where(previous < 0, -1, previous)  # previous when reversed: next toward goal
-
-
-def edges_from_here(agent: ReViND, image: torch.Tensor, pose: np.ndarray, graph: dict, args: Args,
-                    weights: str) -> np.ndarray:
-    """The robot's own edges, as the graph's: to the nodes within edge_max_distance, the steps
-    V(o_t, g) implies, pruned above max_edge_cost, weighted by them or by metres; inf: no edge."""
-    gap = np.linalg.norm(graph["pos"] - pose[:2], axis=1)
-    near = np.nonzero(gap <= args.edge_max_distance)[0]
-    cost = np.full(len(gap), np.inf)
-    if len(near):
-        t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=image.device)  # noqa: E731
-        goals = goal_vector(t(pose[:2]), t(pose[2]), t(graph["pos"][near]))
-        with torch.no_grad():  # the image's features once, V's MLP once per node
-            features = agent.critic.encoder(image).expand(len(near), -1)
-            steps = value_to_steps(agent.value(features, goals).squeeze(-1).cpu().numpy(),
-                                   args.gamma)
-        weight = steps if weights == "value" else gap[near]
-        cost[near] = np.where(steps <= args.max_edge_cost, weight, np.inf)
-    return cost
-
-
-def next_subgoal(graph: dict, plan: tuple, position: np.ndarray, cost_from_here: np.ndarray,
-                 lookahead: float):
-    """Join the graph at the node minimising (cost from here + cost to go), then follow the
-    path to the first node `lookahead` m away: the policy's next goal (None: no path)."""
-    to_go, nxt = plan
-    total = cost_from_here + to_go
-    if not np.isfinite(total).any():
-        return None
-    node = int(np.argmin(total))
-    while nxt[node] >= 0 and np.linalg.norm(graph["pos"][node] - position) < lookahead:
-        node = nxt[node]
-    return graph["pos"][node]
 
 
 # ----------------------------------------------------------------------------- the world
@@ -690,13 +436,12 @@ class World:
 
     # -- geometry
     def cell(self, xy: np.ndarray) -> tuple:
-        ix = np.clip((xy[..., 0] / self.res).astype(int), 0, self.n - 1)
-        iy = np.clip((xy[..., 1] / self.res).astype(int), 0, self.n - 1)
+        """(iy, ix): the cell under each position (x, y), clipped to the map."""
+        ix, iy = np.moveaxis(np.clip((xy / self.res).astype(int), 0, self.n - 1), -1, 0)
         return iy, ix
 
     def inside(self, xy: np.ndarray) -> np.ndarray:
-        x, y = xy[..., 0], xy[..., 1]
-        return (x >= 0) & (x < self.size) & (y >= 0) & (y < self.size)
+        return ((xy >= 0) & (xy < self.size)).all(-1)
 
     def blocked(self, xy: np.ndarray) -> np.ndarray:
         return ~self.inside(xy) | (self.terrain[self.cell(xy)] == WALL)
@@ -713,8 +458,7 @@ class World:
         turn = np.clip(np.arctan2(waypoint[1], waypoint[0]), -MAX_TURN, MAX_TURN)
         dist = np.clip(np.hypot(waypoint[0], waypoint[1]), 0.0, MAX_STEP)
         theta = pose[2] + turn
-        heading = np.array([np.cos(theta), np.sin(theta)])
-        path = pose[:2] + np.linspace(0.25, 1.0, 4)[:, None] * dist * heading
+        path = pose[:2] + np.linspace(0.25, 1.0, 4)[:, None] * dist * unit(theta)
         if self.blocked(path).any():
             return np.array([pose[0], pose[1], theta]), True
         return np.array([*path[-1], (theta + np.pi) % (2 * np.pi) - np.pi]), False  # wrapped
@@ -724,25 +468,25 @@ class World:
         fwd, left, valid = self.camera
         c, s = np.cos(pose[2]), np.sin(pose[2])
         xy = np.stack([pose[0] + c * fwd - s * left, pose[1] + s * fwd + c * left], -1)
-        iy, ix = self.cell(xy)
-        img = np.where(self.inside(xy)[..., None], self.rgb[iy, ix], TERRAIN_RGB[WALL])
-        img = np.where(valid[..., None], img, SKY_RGB)
-        return (img * 255).astype(np.uint8)
+        img = np.where(self.inside(xy)[..., None], self.rgb[self.cell(xy)], TERRAIN_RGB[WALL])
+        return (np.where(valid[..., None], img, SKY_RGB) * 255).astype(np.uint8)
 
-    def free_pose(self, rng: np.random.Generator, region: Optional[tuple] = None,
-                  clearance: float = 0.75) -> np.ndarray:
+    def free_pose(self, rng, region=None, clearance: float = 0.75) -> np.ndarray:
         """A random pose at least `clearance` m from any wall, inside region (x0, x1, y0, y1)."""
         x0, x1, y0, y1 = region or (0.0, self.size, 0.0, self.size)
-        angles = np.linspace(0, 2 * np.pi, 9)
-        ring = clearance * np.stack([np.cos(angles), np.sin(angles)], -1)
+        ring = np.vstack([[0, 0], clearance * unit(np.linspace(0, 2 * np.pi, 9))])
         while True:
             p = np.array([rng.uniform(x0, x1), rng.uniform(y0, y1)])
-            if not self.blocked(p[None] + np.vstack([[0, 0], ring])).any():
+            if not self.blocked(p[None] + ring).any():
                 return np.array([*p, rng.uniform(-np.pi, np.pi)])
 
 
-def ground_projection(h: int, w: int, height: float = 0.6, near: float = 0.3, far: float = 8.0,
-                      fov: float = np.pi / 2):
+def unit(angle) -> np.ndarray:
+    """(cos, sin) of each angle, on the last axis."""
+    return np.stack([np.cos(angle), np.sin(angle)], -1)
+
+
+def ground_projection(h: int, w: int, height=0.6, near=0.3, far=8.0, fov=np.pi / 2):
     """The ground point each pixel of a camera `height` m up sees, (forward, left) m in the
     robot's frame, from above `far` (top row: sky) down to `near` m ahead, `fov` wide."""
     below = np.linspace(np.arctan2(height, far) - 0.15, np.arctan2(height, near), h)  # (horizon)
@@ -762,18 +506,14 @@ def explore(world: World, trajectories: int, length: int, seed: int) -> dict:
         for t in range(length + 1):
             turn = np.clip(0.7 * turn + rng.normal(0.0, 0.2), -MAX_TURN, MAX_TURN)  # smooth walk
             cmd_turn, cmd_dist = (np.sign(turn) * MAX_TURN, 0.05) if spin > 0 else (turn, speed)
-            waypoint = cmd_dist * np.array([np.cos(cmd_turn), np.sin(cmd_turn)])
-            new_pose, hit = world.move(pose, waypoint)
-            heading = pose[2] + cmd_turn
-            target = pose[:2] + cmd_dist * np.array([np.cos(heading), np.sin(heading)])
+            new_pose, hit = world.move(pose, cmd_dist * unit(cmd_turn))
+            target = pose[:2] + cmd_dist * unit(pose[2] + cmd_turn)
             rows.append((world.render(pose), pose[:2], pose[2], i, target, hit and t < length))
             spin = 6 if hit else spin - 1  # bounce: turn on the spot, then walk on
             pose = new_pose
     keys = ("images", "pos", "yaw", "traj", "target", "collision")
-    data = {k: np.asarray(column) for k, column in zip(keys, zip(*rows))}
-    for k in ("pos", "yaw", "target"):
-        data[k] = data[k].astype(np.float32)
-    return data
+    return {k: np.asarray(column, np.float32 if k in ("pos", "yaw", "target") else None)
+            for k, column in zip(keys, zip(*rows))}
 
 
 def load_or_collect(world: World, args: Args) -> dict:
@@ -785,15 +525,189 @@ def load_or_collect(world: World, args: Args) -> dict:
         print(f"collecting {args.trajectories} exploration trajectories into {path}")
         data = explore(world, args.trajectories, args.trajectory_length, args.world_seed)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, **data)
-        os.replace(tmp, path)  # atomic: an interrupted collection leaves no half file
-    with np.load(path) as f:
-        data = {k: f[k] for k in f.files}
+        np.savez(path + ".tmp.npz", **data)
+        os.replace(path + ".tmp.npz", path)  # atomic: an interrupted collection leaves no half file
+    data = dict(np.load(path))
     if data["images"].shape[1:] != (args.image_height, args.image_width, 3):
         fail(f"{path} holds {data['images'].shape[1:3]} images, not "
              f"{args.image_height}x{args.image_width}; delete it")
     return data
+
+
+# ----------------------------------------------------------------------------- the training loop
+def main(args: Args) -> dict:
+    device = check_args(args)
+    here = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None  # its folder
+    # --eval-only: a new folder per evaluation, the training run's outputs are never touched
+    run_dir = args.run_dir or (os.path.join(here, f"eval__{int(time.time())}") if args.eval_only
+                               else here or f"runs/revind__{args.user_reward}__{args.actor}__"
+                               f"{args.seed}__{int(time.time())}")
+    if os.path.exists(run_dir) and (args.eval_only or not here
+                                    or not os.path.samefile(run_dir, here)):
+        fail(f"run folder {run_dir} already exists; choose another --run-dir "
+             "(runs are never overwritten)")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    agent = ReViND(args, device)
+    start, evals = load_checkpoint(args.resume, agent, device) if args.resume else (0, [])
+    evals = [] if args.eval_only else evals
+    # the world and its exploration data (reward-agnostic: the user's reward is read off the images)
+    world = World(args.world_seed, (args.image_height, args.image_width))
+    data = load_or_collect(world, args)
+    buffer = RelabelBuffer(data, args, device)
+    if args.resume:
+        print(f"{'evaluating' if args.eval_only else 'resumed from'} {args.resume} at step {start}")
+
+    def train_step():  # relabelled goals and rewards, drawn on the device
+        return agent.update(*buffer.sample(args.batch_size))
+    step_fn = cuda_graph(train_step) if device.type == "cuda" and args.cuda_graph else train_step
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        resolved = {"device": str(device), "transitions": len(buffer.starts)}
+        json.dump({**asdict(args), "resolved": resolved}, f, indent=2)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                    "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, config=vars(args), dir=run_dir,
+                   name=os.path.basename(run_dir), sync_tensorboard=True)
+    end = start if args.eval_only else args.max_steps  # --eval-only: no update, one evaluation
+    warmup = min(start + 20, end)  # updates/s is measured after the capture warm-up ...
+    results, t0, t_eval = {}, None, 0.0
+
+    def evaluate_and_log(step: int):  # far goals, each variant on the same episodes
+        nonlocal t_eval
+        t = time.perf_counter()
+        graph = build_graph(agent, data, args, device)
+        episodes = evaluate(agent, world, graph, args, device, seed=args.seed + step)
+        for variant, eps in episodes.items():
+            s = summarize(eps)
+            evals.append((step, variant, *s.values()))
+            results.update({f"eval/{variant}/{k}": v for k, v in s.items()})
+            print(f"step={step} eval {variant}: success={s['success']:.2f} collision="
+                  f"{s['collision']:.2f} length={s['length']:.1f} grass={s['grass']:.2f} "
+                  f"sun={s['sun']:.2f}", flush=True)
+        results.update({"graph/nodes": len(graph["nodes"]), "graph/edges": len(graph["src"])})
+        for k, v in results.items():
+            if k.startswith(("eval/", "graph/")):  # this evaluation's numbers
+                writer.add_scalar(k, v, step)
+        with open(os.path.join(run_dir, "evaluations.csv"), "w") as f:
+            f.write("step,variant,success,collision,length,grass,sun\n")
+            f.writelines(f"{s},{v},{a:.3f},{b:.3f},{c:.2f},{d:.3f},{e:.3f}\n"
+                         for s, v, a, b, c, d, e in evals)
+        plot_routes(world, episodes, graph, os.path.join(run_dir, f"routes_{step}.png"),
+                    f"user reward: {args.user_reward}, actor: {args.actor}, step {step}")
+        t_eval += time.perf_counter() - t if t0 is not None else 0.0  # ... without evaluations
+
+    if args.eval_only:
+        evaluate_and_log(start)
+    for step in tqdm(range(start + 1, end + 1), initial=start, total=end, desc="revind",
+                     disable=not sys.stdout.isatty()):
+        info = step_fn()  # one gradient step: V, then pi, then Q and the encoder, then the target
+        if step == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        last = step == end
+        if step % args.log_interval == 0 or last:
+            metrics = {k: v.item() for k, v in info.items()}  # the only host sync of the loop
+            for k, v in metrics.items():
+                if not math.isfinite(v):
+                    fail(f"{k} became {v} at step {step}; lower the learning rates")
+                writer.add_scalar(k, v, step)
+            if t0 is not None and step > warmup:
+                ups = (step - warmup) / (time.perf_counter() - t0 - t_eval)
+                metrics["updates_per_second"] = ups
+                writer.add_scalar("charts/updates_per_second", ups, step)
+            results.update(metrics)
+            losses = " ".join(f"{k[7:]}={v:.4g}" for k, v in metrics.items() if k[:7] == "losses/")
+            ups = metrics.get("updates_per_second", math.nan)
+            print(f"step={step} {losses} ups={ups:.1f}", flush=True)
+        checkpoint = last or (args.eval_interval > 0 and step % args.eval_interval == 0)
+        if args.eval_episodes > 0 and checkpoint:
+            evaluate_and_log(step)
+        if args.save_model and checkpoint:
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, step, args, evals)
+    writer.close()
+    return {"updates_per_second": math.nan, **results, "updates": end - start, "run_dir": run_dir,
+            "evaluations": evals}
+
+
+# ----------------------------------------------------------------------------- graph and planner
+@torch.no_grad()
+def build_graph(agent: ReViND, data: dict, args: Args, device: torch.device) -> dict:
+    """Nodes: dataset frames, at most one per node_spacing cell and 90-degree heading bin. Edge
+    i -> j: nodes within edge_max_distance, cost value_to_steps(V(o_i, g_ij)), pruned above
+    max_edge_cost (or when V says never); distance_cost: its metres (the ViNG-like baseline)."""
+    pos, yaw = data["pos"], data["yaw"]
+    heading = np.floor((yaw + np.pi) / (np.pi / 2)).astype(np.int64) % 4
+    keys = np.c_[np.floor(pos / args.node_spacing).astype(np.int64), heading]
+    nodes = np.sort(np.unique(keys, axis=0, return_index=True)[1])
+    npos = torch.as_tensor(pos[nodes], device=device)
+    near = (torch.cdist(npos, npos) <= args.edge_max_distance).fill_diagonal_(False)
+    src, dst = near.nonzero(as_tuple=True)
+    goals = goal_vector(npos[src], torch.as_tensor(yaw[nodes], device=device)[src], npos[dst])
+    images = torch.as_tensor(data["images"][nodes], device=device).permute(0, 3, 1, 2)
+    # V's projection once per node, its MLP once per edge
+    z = torch.cat([agent.value.project(agent.critic.encoder(x)) for x in images.split(1024)])
+    values = torch.cat([agent.value.mlp(torch.cat([z[s], g], -1)).squeeze(-1)
+                        for s, g in zip(src.split(65536), goals.split(65536))])
+    cost = value_to_steps(values.cpu().numpy(), args.gamma)
+    keep = cost <= args.max_edge_cost
+    src, dst, cost = src.cpu().numpy()[keep], dst.cpu().numpy()[keep], cost[keep]
+    return {"nodes": nodes, "pos": pos[nodes], "src": src, "dst": dst, "cost": cost,
+            "distance_cost": np.linalg.norm(pos[nodes][src] - pos[nodes][dst], axis=1)}
+
+
+def value_to_steps(value: np.ndarray, gamma: float) -> np.ndarray:
+    """n with -(1 - gamma^n) / (1 - gamma) = V (inf at or below -1 / (1 - gamma), never
+    arriving); at least one step: V above -1 (an over-estimate) counts as one, never 0 or less."""
+    inside = 1 + (1 - gamma) * np.minimum(np.asarray(value, np.float64), -1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(inside > 0, np.log(np.clip(inside, 1e-300, None)) / np.log(gamma), np.inf)
+
+
+def shortest_paths(graph: dict, goal: int) -> tuple:
+    """Dijkstra (scipy's) from the goal over the reversed edges: (cost to go, next node on the
+    path) per node, inf / -1 where no path leads to the goal."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import dijkstra
+    n = len(graph["nodes"])
+    reverse = csr_matrix((graph["cost"], (graph["dst"], graph["src"])), shape=(n, n))
+    to_go, previous = dijkstra(reverse, indices=goal, return_predecessors=True)
+    return to_go, np.where(previous < 0, -1, previous)  # previous when reversed: next toward goal
+
+
+@torch.no_grad()
+def edges_from_here(agent: ReViND, image: torch.Tensor, pose: np.ndarray, graph: dict, args: Args,
+                    weights: str) -> np.ndarray:
+    """The robot's own edges, as the graph's: to the nodes within edge_max_distance, the steps
+    V(o_t, g) implies, pruned above max_edge_cost, weighted by them or by metres; inf: no edge."""
+    gap = np.linalg.norm(graph["pos"] - pose[:2], axis=1)
+    near = np.nonzero(gap <= args.edge_max_distance)[0]
+    t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=image.device)  # noqa: E731
+    goals = goal_vector(t(pose[:2]), t(pose[2]), t(graph["pos"][near]))
+    features = agent.critic.encoder(image).expand(len(near), -1)  # the image's features once
+    steps = value_to_steps(agent.value(features, goals).squeeze(-1).cpu().numpy(), args.gamma)
+    weight = steps if weights == "value" else gap[near]
+    cost = np.full(len(gap), np.inf)
+    cost[near] = np.where(steps <= args.max_edge_cost, weight, np.inf)
+    return cost
+
+
+def next_subgoal(graph: dict, plan: tuple, position, cost_from_here, lookahead: float):
+    """Join the graph at the node minimising (cost from here + cost to go), then follow the
+    path to the first node `lookahead` m away: the policy's next goal (None: no path)."""
+    to_go, nxt = plan
+    total = cost_from_here + to_go
+    if not np.isfinite(total).any():
+        return None
+    node = int(np.argmin(total))
+    while nxt[node] >= 0 and np.linalg.norm(graph["pos"][node] - position) < lookahead:
+        node = nxt[node]
+    return graph["pos"][node]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -808,34 +722,29 @@ def far_goal_tasks(world: World, episodes: int, seed: int) -> list:
              world.free_pose(rng, (6.0, 34.0, 29.0, 38.0))[:2]) for _ in range(episodes)]
 
 
-def evaluate(agent: ReViND, world: World, graph: dict, args: Args, device: torch.device,
-             seed: int) -> dict:
+def evaluate(agent: ReViND, world: World, graph: dict, args: Args, device, seed: int) -> dict:
     """Every variant on the same far-goal episodes."""
-    distance_graph = {**graph, "cost": graph["distance_cost"]}
     results = {v: [] for v in VARIANTS}
     for start, goal in far_goal_tasks(world, args.eval_episodes, seed):
         goal_node = int(np.argmin(np.linalg.norm(graph["pos"] - goal, axis=1)))
-        for variant in VARIANTS:
-            g = distance_graph if variant == "distance-graph" else graph
-            plan = shortest_paths(g, goal_node) if variant != "policy" else None
+        for variant, runs in results.items():
             weights = "distance" if variant == "distance-graph" else "value"
-            results[variant].append(drive(agent, world, g, plan, start, goal, args, device,
-                                          weights))
+            g = {**graph, "cost": graph["distance_cost"]} if weights == "distance" else graph
+            plan = shortest_paths(g, goal_node) if variant != "policy" else None
+            runs.append(drive(agent, world, g, plan, start, goal, args, device, weights))
     return results
 
 
-def mean_or_nan(values: list) -> float:
-    return float(np.mean(values)) if values else math.nan
+def mean_or_nan(values) -> float:
+    return float(np.mean(values)) if len(values) else math.nan
 
 
-def drive(agent: ReViND, world: World, graph: dict, plan: Optional[tuple], start: np.ndarray,
-          goal: np.ndarray, args: Args, device: torch.device, weights: str = "value") -> dict:
+def drive(agent, world, graph, plan, start, goal, args, device, weights="value") -> dict:
     """One episode: every replan_every steps (or at its subgoal) the robot joins the graph from
     its image and takes the next subgoal (the goal once within subgoal_distance or without a
     plan); the policy drives there; the robot follows the first waypoint."""
-    pose, route, grass, sun, length = start.copy(), [start[:2].copy()], [], [], 0.0
+    pose, route, length, target, since = start.copy(), [start[:2].copy()], 0.0, None, 0
     success = collided = False
-    target, since = None, 0
     for _ in range(args.episode_steps):
         image = torch.as_tensor(world.render(pose), device=device).permute(2, 0, 1)[None]
         if plan is None or np.linalg.norm(goal - pose[:2]) < args.subgoal_distance:
@@ -856,16 +765,13 @@ def drive(agent: ReViND, world: World, graph: dict, plan: Optional[tuple], start
             break
         length += float(np.linalg.norm(new_pose[:2] - pose[:2]))
         pose = new_pose
-        on_grass, in_sun = world.ground(pose[:2])
-        grass.append(bool(on_grass))
-        sun.append(bool(in_sun))
         route.append(pose[:2].copy())
-        if np.linalg.norm(goal - pose[:2]) < args.goal_radius:
-            success = True
+        success = bool(np.linalg.norm(goal - pose[:2]) < args.goal_radius)
+        if success:
             break
-    return {"success": success, "collided": collided, "steps": len(route) - 1, "length": length,
-            "grass": mean_or_nan(grass), "sun": mean_or_nan(sun), "route": np.array(route),
-            "start": start, "goal": goal}
+    grass, sun = world.ground(np.reshape(route[1:], (-1, 2)))  # the ground of each step
+    return {"success": success, "collided": collided, "length": length, "grass": mean_or_nan(grass),
+            "sun": mean_or_nan(sun), "route": np.array(route), "start": start, "goal": goal}
 
 
 def summarize(episodes: list) -> dict:
@@ -873,19 +779,16 @@ def summarize(episodes: list) -> dict:
     ok = [e for e in episodes if e["success"]]
     return {"success": mean_or_nan([e["success"] for e in episodes]),
             "collision": mean_or_nan([e["collided"] for e in episodes]),
-            "length": mean_or_nan([e["length"] for e in ok]),
-            "grass": mean_or_nan([e["grass"] for e in ok]),
-            "sun": mean_or_nan([e["sun"] for e in ok])}
+            **{k: mean_or_nan([e[k] for e in ok]) for k in ("length", "grass", "sun")}}
 
 
 def plot_routes(world: World, episodes: dict, graph: dict, path: str, title: str):
     """The map with each variant's routes (matplotlib)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(episodes), figsize=(4.2 * len(episodes), 4.4))
-    colours = plt.cm.tab10(np.arange(10))
-    for ax, (variant, eps) in zip(np.atleast_1d(axes), episodes.items()):
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing to close
+    fig = Figure(figsize=(4.2 * len(episodes), 4.4))
+    colours = colormaps["tab10"](np.arange(10))
+    for ax, (variant, eps) in zip(np.atleast_1d(fig.subplots(1, len(episodes))), episodes.items()):
         ax.imshow(world.rgb, origin="lower", extent=(0, world.size, 0, world.size))
         ax.scatter(graph["pos"][:, 0], graph["pos"][:, 1], s=1, c="k", alpha=0.15)
         for i, e in enumerate(eps):
@@ -896,12 +799,10 @@ def plot_routes(world: World, episodes: dict, graph: dict, path: str, title: str
         s = summarize(eps)
         ax.set_title(f"{variant}: success {s['success']:.0%}, grass {s['grass']:.0%}, "
                      f"sun {s['sun']:.0%}", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # =============================================================================
@@ -936,14 +837,16 @@ def check_args(args: Args) -> torch.device:
     return device
 
 
+OPTIMIZERS = ("actor_opt", "critic_opt", "value_opt")  # ReViND's, by attribute name
+
+
 def save_checkpoint(path: str, agent: ReViND, step: int, args: Args, evals: list):
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
            "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save({"script": "revind.py", "agent": agent.state_dict(), "step": step,
-                "args": asdict(args), "evaluations": evals,
-                **{k: opt.state_dict() for k, opt in agent.optimizers().items()}, "rng": rng},
-               path + ".tmp")
+    state = {"script": "revind.py", "agent": agent.state_dict(), "step": step, "args": asdict(args),
+             "evaluations": evals, **{k: getattr(agent, k).state_dict() for k in OPTIMIZERS}}
+    torch.save({**state, "rng": rng}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash leaves the old checkpoint intact
 
 
@@ -953,17 +856,16 @@ def load_checkpoint(path: str, agent: ReViND, device: torch.device) -> tuple:
         state = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # garbage, a truncated file, ...
         fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(state, dict) or "script" not in state:
-        fail(f"{path} is not a checkpoint of revind.py")
-    if state["script"] != "revind.py":
-        fail(f"{path} is a checkpoint of {state['script']}, not of revind.py")
+    script = state.get("script") if isinstance(state, dict) else None
+    if script != "revind.py":
+        fail(f"{path} is {f'a checkpoint of {script}, not' if script else 'not a checkpoint'} "
+             "of revind.py")
     agent.load_state_dict(state["agent"])
-    for k, opt in agent.optimizers().items():
+    for k in OPTIMIZERS:
         for group in state[k]["param_groups"]:  # capturable Adam on CUDA only (CPU Adam refuses it)
             group["capturable"] = device.type == "cuda"
-        opt.load_state_dict(state[k])
-    # the loaded param group holds the checkpoint's lr tensor: link the agent's back in (with the
-    # saved value), or the cosine schedule no longer reaches Adam
+        getattr(agent, k).load_state_dict(state[k])
+    # Adam now holds the checkpoint's lr tensor: relink the schedule's one (with the saved value)
     agent.actor_lr.copy_(torch.as_tensor(agent.actor_opt.param_groups[0]["lr"]))
     agent.actor_opt.param_groups[0]["lr"] = agent.actor_lr
     torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location moved it to the device
