@@ -7,9 +7,8 @@ Navigation", CoRL 2022, arXiv:2212.08244. Official code (JAX, training only): ar
             relabelled from p_{t+k}, k ~ U{1..50}, as (sin, cos, distance) in the robot's frame
     reward: r_t = -1 + lambda d(o_t) (d: a grass or sun detector on the image's lower middle);
             terminal when o_{t+1} is the goal; a collision is terminal with r = collision_reward
-    IQL:    conv features f(aug(o)) trained by the Q loss only; V(sg(f), g) by expectile tau,
-            pi(a | sg(f), g) by AWR exp(beta (Q' - V)), Q(f, g, a) -> r + gamma m V(f', g'),
-            Q' <- Polyak(Q)
+    IQL:    f = conv(aug(o)), trained by the Q loss only; V(sg(f), g) by expectile tau on Q' =
+            Polyak(Q); pi(a | sg(f), g): AWR exp(beta (Q' - V)); Q(f, g, a) -> r + gamma m V(f', g')
     graph:  nodes = subsampled observations; edge i -> j if |p_j - p_i| <= edge_max_distance, its
             cost the steps V(o_i, g_ij) implies, n = log(1 + (1 - gamma) V) / log gamma, at least
             1, pruned above max_edge_cost; Dijkstra to the goal's node; every 4 steps the robot
@@ -76,8 +75,7 @@ class Args:
     goal_min: int = 1  # relabelled goals lie goal_min..goal_max steps ahead in the same trajectory
     goal_max: int = 50  # see goal_min
     random_goal_fraction: float = 0.3  # share of goals drawn from any frame (not in official code)
-    encoder: Literal["impala", "conv"] = "impala"
-    """image encoder: the official IMPALA trunk, or 3 conv layers about 5x cheaper (for CPUs)"""
+    encoder: Literal["impala", "conv"] = "impala"  # IMPALA (official) or 3 conv layers, ~5x cheaper
     image_height: int = 24  # camera image height (official 48: halved for CPU time)
     image_width: int = 32  # camera image width (official 64)
     trajectories: int = 400  # exploration trajectories in the offline dataset
@@ -85,10 +83,8 @@ class Args:
     node_spacing: float = 1.5  # at most one graph node per node_spacing-m cell and heading quadrant
     edge_max_distance: float = 6.0  # graph edges join nodes at most this many metres apart
     max_edge_cost: float = 50.0  # prune edges of more value-implied steps (the relabelling horizon)
-    subgoal_distance: float = 3.0
-    """the policy drives to the first path node at least this far away (the goal once this near)"""
-    replan_every: int = 4
-    """steps between replans (sooner when the subgoal is within goal_radius); 1 = every step"""
+    subgoal_distance: float = 3.0  # subgoal: first path node this far on (the goal once this near)
+    replan_every: int = 4  # steps between replans (sooner near the subgoal; 1 = every step)
     episode_steps: int = 300  # step limit of an evaluation episode
     goal_radius: float = 1.0  # an evaluation episode succeeds within this many metres of its goal
     data_dir: str = "~/.cache/revind"  # where the generated exploration dataset is cached
@@ -98,8 +94,7 @@ class Args:
     wandb_project_name: str = "rl-reference"  # W&B project
     save_model: bool = False  # write run_dir/checkpoint.pt at each evaluation and at the end
     resume: Optional[str] = None  # resume from a checkpoint.pt (outputs: its folder, or --run-dir)
-    eval_only: bool = False
-    """with --resume: no training, one evaluation (planner flags may differ), in a new folder"""
+    eval_only: bool = False  # with --resume: evaluate once in a new folder (planner flags may vary)
     run_dir: Optional[str] = None
     """new output folder (default: runs/revind__{user_reward}__{actor}__{seed}__{time})"""
 
@@ -216,8 +211,7 @@ def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
 
 
 def random_shift(image: torch.Tensor, next_image: torch.Tensor, pad: int) -> tuple:
-    """DrQ's augmentation: pad by `pad` pixels (edge values), crop back at a random offset,
-    the same for o and o' (official)."""
+    """DrQ's shift: pad `pad` edge pixels, crop back at a random offset, the same for o and o'."""
     b, _, h, w = image.shape
     dy, dx = torch.randint(0, 2 * pad + 1, (2, b, 1), device=image.device)
     rows = (torch.arange(h, device=image.device) + dy)[:, :, None]  # (B, H, 1)
@@ -293,10 +287,6 @@ class ReViND(nn.Module):
         return {"losses/value_loss": value_loss.detach(), "losses/actor_loss": actor_loss.detach(),
                 "losses/critic_loss": critic_loss.detach(), "values/adv_mean": adv.mean(),
                 "values/q": q_target.mean(), "values/actor_lr": self.actor_lr.clone()}
-
-    @torch.no_grad()
-    def act(self, image: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
-        return self.actor(self.critic.encoder(image), goal)
 
 
 # ----------------------------------------------------------------------------- the data it sees
@@ -376,8 +366,7 @@ class RelabelBuffer:
         return self.images[i], goal, self.actions[i], rew, mask, self.images[i + 1], next_goal
 
 
-def top_fragments(starts: np.ndarray, traj: np.ndarray, reward: np.ndarray, collision: np.ndarray,
-                  collision_reward: float, length: int = 15, top: float = 0.2) -> np.ndarray:
+def top_fragments(starts, traj, reward, collision, collision_reward, length=15, top=0.2):
     """Filtered BC's data: 15-step fragments of one trajectory, scored by their mean reward;
     a mask over `starts` of those at or above the (1 - top) quantile."""
     r = np.where(collision[starts], collision_reward, reward[starts])
@@ -434,7 +423,6 @@ class World:
         self.rgb = np.clip(rgb * rng.uniform(0.9, 1.1, (n, n, 1)), 0, 1)  # texture: per cell
         self.camera = ground_projection(*image_hw)
 
-    # -- geometry
     def cell(self, xy: np.ndarray) -> tuple:
         """(iy, ix): the cell under each position (x, y), clipped to the map."""
         ix, iy = np.moveaxis(np.clip((xy / self.res).astype(int), 0, self.n - 1), -1, 0)
@@ -451,7 +439,6 @@ class World:
         cell = self.cell(xy)
         return self.terrain[cell] == GRASS, ~self.shade[cell]
 
-    # -- the robot
     def move(self, pose: np.ndarray, waypoint: np.ndarray) -> tuple:
         """Turn toward a waypoint (x, y) in the robot's frame (at most MAX_TURN), drive its distance
         (at most MAX_STEP); a segment that touches a wall is a collision: the robot stays."""
@@ -481,8 +468,7 @@ class World:
                 return np.array([*p, rng.uniform(-np.pi, np.pi)])
 
 
-def unit(angle) -> np.ndarray:
-    """(cos, sin) of each angle, on the last axis."""
+def unit(angle) -> np.ndarray:  # (cos, sin) on the last axis
     return np.stack([np.cos(angle), np.sin(angle)], -1)
 
 
@@ -495,11 +481,9 @@ def ground_projection(h: int, w: int, height=0.6, near=0.3, far=8.0, fov=np.pi /
     return fwd, left, (below[:, None] > 0) & (fwd <= far)
 
 
-# ----------------------------------------------------------------------------- exploration data
 def explore(world: World, trajectories: int, length: int, seed: int) -> dict:
-    """RECON-like reward-agnostic data: a random walk of the heading at a random speed from free
-    poses, turning on the spot for 6 steps after a collision. Per frame: image, position, yaw,
-    trajectory, the commanded next position (world frame) and whether that command collided."""
+    """RECON-like reward-agnostic data: from free poses, a random walk of the heading at a random
+    speed, turning on the spot for 6 steps after a collision; per frame: command and collision."""
     rng, rows = np.random.default_rng(seed), []
     for i in range(trajectories):
         pose, speed, turn, spin = world.free_pose(rng), rng.uniform(0.2, MAX_STEP), 0.0, 0
@@ -610,8 +594,7 @@ def main(args: Args) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        last = step == end
-        if step % args.log_interval == 0 or last:
+        if step % args.log_interval == 0 or step == end:
             metrics = {k: v.item() for k, v in info.items()}  # the only host sync of the loop
             for k, v in metrics.items():
                 if not math.isfinite(v):
@@ -625,7 +608,7 @@ def main(args: Args) -> dict:
             losses = " ".join(f"{k[7:]}={v:.4g}" for k, v in metrics.items() if k[:7] == "losses/")
             ups = metrics.get("updates_per_second", math.nan)
             print(f"step={step} {losses} ups={ups:.1f}", flush=True)
-        checkpoint = last or (args.eval_interval > 0 and step % args.eval_interval == 0)
+        checkpoint = step == end or (args.eval_interval > 0 and step % args.eval_interval == 0)
         if args.eval_episodes > 0 and checkpoint:
             evaluate_and_log(step)
         if args.save_model and checkpoint:
@@ -635,7 +618,7 @@ def main(args: Args) -> dict:
             "evaluations": evals}
 
 
-# ----------------------------------------------------------------------------- graph and planner
+# ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def build_graph(agent: ReViND, data: dict, args: Args, device: torch.device) -> dict:
     """Nodes: dataset frames, at most one per node_spacing cell and 90-degree heading bin. Edge
@@ -670,8 +653,7 @@ def value_to_steps(value: np.ndarray, gamma: float) -> np.ndarray:
 
 
 def shortest_paths(graph: dict, goal: int) -> tuple:
-    """Dijkstra (scipy's) from the goal over the reversed edges: (cost to go, next node on the
-    path) per node, inf / -1 where no path leads to the goal."""
+    """Dijkstra from the goal over reversed edges: (cost to go, next node), inf and -1: no path."""
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import dijkstra
     n = len(graph["nodes"])
@@ -681,8 +663,7 @@ def shortest_paths(graph: dict, goal: int) -> tuple:
 
 
 @torch.no_grad()
-def edges_from_here(agent: ReViND, image: torch.Tensor, pose: np.ndarray, graph: dict, args: Args,
-                    weights: str) -> np.ndarray:
+def edges_from_here(agent, image, pose, graph, args, weights: str) -> np.ndarray:
     """The robot's own edges, as the graph's: to the nodes within edge_max_distance, the steps
     V(o_t, g) implies, pruned above max_edge_cost, weighted by them or by metres; inf: no edge."""
     gap = np.linalg.norm(graph["pos"] - pose[:2], axis=1)
@@ -710,13 +691,11 @@ def next_subgoal(graph: dict, plan: tuple, position, cost_from_here, lookahead: 
     return graph["pos"][node]
 
 
-# ----------------------------------------------------------------------------- evaluation
 VARIANTS = ("graph", "policy", "distance-graph")  # ReViND; the policy alone; ViNG-like weights
 
 
 def far_goal_tasks(world: World, episodes: int, seed: int) -> list:
-    """Starts in the bottom band's middle, goals in the top band: two walls whose gaps do not
-    line up between, far beyond the 50-step relabelling window."""
+    """Starts in the bottom band's middle, goals in the top band beyond two walls' offset gaps."""
     rng = np.random.default_rng(seed)
     return [(world.free_pose(rng, (14.0, 26.0, 1.5, 7.0)),
              world.free_pose(rng, (6.0, 34.0, 29.0, 38.0))[:2]) for _ in range(episodes)]
@@ -739,6 +718,7 @@ def mean_or_nan(values) -> float:
     return float(np.mean(values)) if len(values) else math.nan
 
 
+@torch.no_grad()
 def drive(agent, world, graph, plan, start, goal, args, device, weights="value") -> dict:
     """One episode: every replan_every steps (or at its subgoal) the robot joins the graph from
     its image and takes the next subgoal (the goal once within subgoal_distance or without a
@@ -759,7 +739,7 @@ def drive(agent, world, graph, plan, start, goal, args, device, weights="value")
         position = torch.as_tensor(pose[:2], device=device)  # (float64, as the pose)
         yaw = torch.tensor(float(pose[2]), device=device)
         g = goal_vector(position, yaw, torch.as_tensor(target, dtype=torch.float32, device=device))
-        waypoint = agent.act(image, g[None].float())[0, :2].cpu().numpy()
+        waypoint = agent.actor(agent.critic.encoder(image), g[None].float())[0, :2].cpu().numpy()
         new_pose, collided = world.move(pose, waypoint)
         if collided:
             break
