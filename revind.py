@@ -113,9 +113,8 @@ class ResidualBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """uint8 image (B, 3, H, W) -> conv features (trained by the critic, read by every head).
-    IMPALA (official): 3 stacks of (conv 3x3, max-pool 3x3 stride 2, 2 residual blocks) with 16,
-    32, 32 channels. conv: 3 plain conv layers of 16 channels."""
+    """uint8 (B, 3, H, W) -> features. IMPALA (official): 3 stacks of (conv 3x3, max-pool 3x3
+    stride 2, 2 residual blocks), 16, 32, 32 channels; conv: 3 plain conv layers of 16 channels."""
 
     def __init__(self, kind: str, image_hw: tuple):
         super().__init__()
@@ -217,10 +216,8 @@ def random_shift(image: torch.Tensor, next_image: torch.Tensor, pad: int) -> tup
     rows = (torch.arange(h, device=image.device) + dy)[:, :, None]  # (B, H, 1)
     cols = (torch.arange(w, device=image.device) + dx)[:, None, :]  # (B, 1, W)
     batch = torch.arange(b, device=image.device)[:, None, None]
-    def shift(x):
-        padded = nn.functional.pad(x.float(), (pad, pad, pad, pad), mode="replicate")
-        return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
-    return shift(image), shift(next_image)
+    return tuple(nn.functional.pad(x.float(), (pad,) * 4, mode="replicate")[batch, :, rows, cols]
+                 .permute(0, 3, 1, 2) for x in (image, next_image))  # (B, C, H, W)
 
 
 class ReViND(nn.Module):
@@ -536,15 +533,12 @@ def main(args: Args) -> dict:
     agent = ReViND(args, device)
     start, evals = load_checkpoint(args.resume, agent, device) if args.resume else (0, [])
     evals = [] if args.eval_only else evals
-    # the world and its exploration data (reward-agnostic: the user's reward is read off the images)
     world = World(args.world_seed, (args.image_height, args.image_width))
-    data = load_or_collect(world, args)
+    data = load_or_collect(world, args)  # reward-agnostic: the user's reward is read off the images
     buffer = RelabelBuffer(data, args, device)
     if args.resume:
         print(f"{'evaluating' if args.eval_only else 'resumed from'} {args.resume} at step {start}")
-
-    def train_step():  # relabelled goals and rewards, drawn on the device
-        return agent.update(*buffer.sample(args.batch_size))
+    train_step = lambda: agent.update(*buffer.sample(args.batch_size))  # noqa: E731  (relabelled)
     step_fn = cuda_graph(train_step) if device.type == "cuda" and args.cuda_graph else train_step
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
@@ -723,7 +717,7 @@ def drive(agent, world, graph, plan, start, goal, args, device, weights="value")
     """One episode: every replan_every steps (or at its subgoal) the robot joins the graph from
     its image and takes the next subgoal (the goal once within subgoal_distance or without a
     plan); the policy drives there; the robot follows the first waypoint."""
-    pose, route, length, target, since = start.copy(), [start[:2].copy()], 0.0, None, 0
+    pose, route, target, since = start.copy(), [start[:2].copy()], None, 0
     success = collided = False
     for _ in range(args.episode_steps):
         image = torch.as_tensor(world.render(pose), device=device).permute(2, 0, 1)[None]
@@ -740,18 +734,18 @@ def drive(agent, world, graph, plan, start, goal, args, device, weights="value")
         yaw = torch.tensor(float(pose[2]), device=device)
         g = goal_vector(position, yaw, torch.as_tensor(target, dtype=torch.float32, device=device))
         waypoint = agent.actor(agent.critic.encoder(image), g[None].float())[0, :2].cpu().numpy()
-        new_pose, collided = world.move(pose, waypoint)
+        pose, collided = world.move(pose, waypoint)
         if collided:
             break
-        length += float(np.linalg.norm(new_pose[:2] - pose[:2]))
-        pose = new_pose
         route.append(pose[:2].copy())
         success = bool(np.linalg.norm(goal - pose[:2]) < args.goal_radius)
         if success:
             break
-    grass, sun = world.ground(np.reshape(route[1:], (-1, 2)))  # the ground of each step
+    route = np.array(route)
+    length = sum(float(np.linalg.norm(b - a)) for a, b in zip(route[:-1], route[1:]))
+    grass, sun = world.ground(route[1:])  # the ground under the robot after each step
     return {"success": success, "collided": collided, "length": length, "grass": mean_or_nan(grass),
-            "sun": mean_or_nan(sun), "route": np.array(route), "start": start, "goal": goal}
+            "sun": mean_or_nan(sun), "route": route, "start": start, "goal": goal}
 
 
 def summarize(episodes: list) -> dict:
@@ -797,17 +791,15 @@ def fail(message: str):
 def check_args(args: Args) -> torch.device:
     if not 0 < args.expectile < 1:
         fail(f"--expectile must be in (0, 1), got {args.expectile}")
-    if args.max_steps < 1 or args.batch_size < 1 or args.log_interval < 1:
-        fail("--max-steps, --batch-size and --log-interval must be positive")
-    if not 1 <= args.goal_min <= args.goal_max:
-        fail(f"need 1 <= --goal-min <= --goal-max, got {args.goal_min} and {args.goal_max}")
-    if args.trajectory_length <= args.goal_min or args.trajectories < 1:
-        fail("--trajectory-length must exceed --goal-min, and --trajectories must be positive")
+    if min(args.max_steps, args.batch_size, args.log_interval, args.trajectories) < 1:
+        fail("--max-steps, --batch-size, --log-interval and --trajectories must be positive")
+    if not 1 <= args.goal_min <= args.goal_max or args.goal_min >= args.trajectory_length:
+        fail(f"need 1 <= --goal-min <= --goal-max and --goal-min < --trajectory-length, got "
+             f"{args.goal_min}, {args.goal_max} and {args.trajectory_length}")
     if args.eval_only and (args.resume is None or args.eval_episodes < 1):
         fail("--eval-only needs --resume CHECKPOINT and --eval-episodes >= 1")
     if args.image_height < 16 or args.image_width < 16:
-        fail(f"images must be at least 16 x 16 pixels, got {args.image_height} x "
-             f"{args.image_width}")
+        fail(f"images must be at least 16 x 16, got {args.image_height} x {args.image_width}")
     if args.resume is not None and not os.path.isfile(args.resume):
         fail(f"checkpoint {args.resume} does not exist")
     device = torch.device(args.device if args.device != "auto" else
@@ -821,9 +813,8 @@ OPTIMIZERS = ("actor_opt", "critic_opt", "value_opt")  # ReViND's, by attribute 
 
 
 def save_checkpoint(path: str, agent: ReViND, step: int, args: Args, evals: list):
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-           "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     state = {"script": "revind.py", "agent": agent.state_dict(), "step": step, "args": asdict(args),
              "evaluations": evals, **{k: getattr(agent, k).state_dict() for k in OPTIMIZERS}}
     torch.save({**state, "rng": rng}, path + ".tmp")
