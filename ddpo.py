@@ -18,7 +18,6 @@ The log-density is averaged over the latent's dimensions (as officially; eps = 1
 Usage:
     python ddpo.py                               # SD v1.4 + LoRA, JPEG compressibility
     python ddpo.py --reward aesthetic --aesthetic-head sac+logos+ava1-l14-linearMSE.pth
-    python ddpo.py --model path/to/diffusers-folder --prompts my_prompts.txt --reward clip_score
     accelerate launch --num_processes 8 ddpo.py  # every process samples; rewards are gathered
     python ddpo.py --model tiny --no-use-lora --learning-rate 3e-5 --sample-num-steps 20  # CPU
 
@@ -38,20 +37,17 @@ import os
 import random
 import sys
 import time
-from collections import defaultdict, deque
-from dataclasses import asdict, dataclass
+from collections import deque
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-
-Reward = Literal["jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clip_score"]
 
 
 @dataclass
@@ -61,7 +57,8 @@ class Args:
     model: str = "CompVis/stable-diffusion-v1-4"  # a diffusers SD pipeline (hub id, folder) or tiny
     tiny_pretrain_steps: int = 1500  # --model tiny: noise-prediction steps before DDPO (cached)
     revision: Optional[str] = None  # hub revision of --model
-    reward: Reward = "jpeg_compressibility"  # the reward r(x_0, c)
+    reward: Literal["jpeg_compressibility", "jpeg_incompressibility",  # the reward r(x_0, c)
+                    "aesthetic", "clip_score"] = "jpeg_compressibility"
     prompts: str = "simple_animals"  # `simple_animals` (built in) or a file with one prompt a line
     clip_model: str = "openai/clip-vit-large-patch14"  # CLIP of the aesthetic, clip_score rewards
     aesthetic_head: Optional[str] = None  # LAION's aesthetic MLP, sac+logos+ava1-l14-linearMSE.pth
@@ -105,7 +102,6 @@ class Args:
 
 
 # ======== The policy: a DDIM step is a Gaussian p_theta(x_{t-1} | x_t, c) with an exact density
-
 def encode_prompts(model, prompts) -> tuple:
     """The text encoder's embeddings c of the prompts (B, 77, D), and their token ids."""
     _, text_encoder, tokenizer, _, _ = model
@@ -116,12 +112,12 @@ def encode_prompts(model, prompts) -> tuple:
 
 def guided_eps(unet, x, t, embeds, neg_embeds, guidance_scale: float, cfg: bool = True):
     """eps_theta with classifier-free guidance, eps_u + w (eps_c - eps_u), in one batched call."""
-    t = t.expand(x.shape[0]) if t.ndim == 0 else t
+    t = t.expand(x.shape[0])  # a scalar t for every row
     if not cfg:
         return unet(x, t, encoder_hidden_states=embeds).sample
-    out = unet(torch.cat([x, x]), torch.cat([t, t]),
-               encoder_hidden_states=torch.cat([neg_embeds, embeds]))
-    eps_u, eps_c = out.sample.chunk(2)
+    neg_embeds = neg_embeds.expand_as(embeds)  # the empty prompt's, for every row
+    eps_u, eps_c = unet(torch.cat([x, x]), torch.cat([t, t]),
+                        encoder_hidden_states=torch.cat([neg_embeds, embeds])).sample.chunk(2)
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
@@ -129,22 +125,20 @@ def ddim_step_with_logprob(scheduler, model_output, t, x_t, eta: float, prev_sam
                            generator=None):
     """One DDIM step x_t -> x_{t-1} ~ N(mu, sigma_t^2 I) (DDIM eqs. 12, 16) and the log-density of
     x_{t-1} (given as prev_sample, or drawn), averaged over all but the batch; t: scalar or (B,)."""
-    t = t.to(x_t.device).long()
-    t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+    t = t.to(x_t.device).long().expand(x_t.shape[0])
     shape = (-1,) + (1,) * (x_t.ndim - 1)
     alphas = scheduler.alphas_cumprod.to(x_t.device)
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     a_t = alphas[t].view(shape)
     final = scheduler.final_alpha_cumprod.to(x_t.device)  # a_prev of the last step, for x_{-1}
     a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], final).view(shape)
-    kind = scheduler.config.prediction_type
+    kind, sqrt_a, sqrt_b = scheduler.config.prediction_type, a_t.sqrt(), (1 - a_t).sqrt()
     if kind == "epsilon":
-        x0, eps = (x_t - (1 - a_t).sqrt() * model_output) / a_t.sqrt(), model_output
+        x0, eps = (x_t - sqrt_b * model_output) / sqrt_a, model_output
     elif kind == "v_prediction":
-        x0 = a_t.sqrt() * x_t - (1 - a_t).sqrt() * model_output
-        eps = a_t.sqrt() * model_output + (1 - a_t).sqrt() * x_t
+        x0, eps = sqrt_a * x_t - sqrt_b * model_output, sqrt_a * model_output + sqrt_b * x_t
     else:  # "sample"
-        x0, eps = model_output, (x_t - a_t.sqrt() * model_output) / (1 - a_t).sqrt()
+        x0, eps = model_output, (x_t - sqrt_a * model_output) / sqrt_b
     if scheduler.config.clip_sample:
         x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
     sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()  # sigma_t(eta)
@@ -157,17 +151,11 @@ def ddim_step_with_logprob(scheduler, model_output, t, x_t, eta: float, prev_sam
     return prev_sample, log_prob.mean(dim=tuple(range(1, x_t.ndim)))
 
 
-def latent_scale(vae) -> int:
-    """Image pixels per latent pixel: the VAE halves the side once per extra block; pixels: 1."""
-    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-
-
 @torch.no_grad()
-def sample_with_logprob(model, embeds, neg_embeds, args: Args, image_size: int, generator=None):
-    """Run the sampler, keeping the trajectory: images in [0, 1], latents (B, T + 1, ...),
-    log-probs (B, T), timesteps (T,)."""
+def sample_with_logprob(model, embeds, neg_embeds, args: Args, side: int, generator=None):
+    """Run the sampler from side x side latents, keeping the trajectory: images in [0, 1], latents
+    (B, T + 1, ...), log-probs (B, T), timesteps (T,)."""
     unet, _, _, scheduler, vae = model
-    side = image_size // latent_scale(vae)
     scheduler.set_timesteps(args.sample_num_steps, device=embeds.device)
     x = torch.randn((embeds.shape[0], unet.config.in_channels, side, side), generator=generator,
                     device=embeds.device, dtype=embeds.dtype) * scheduler.init_noise_sigma
@@ -184,72 +172,54 @@ def sample_with_logprob(model, embeds, neg_embeds, args: Args, image_size: int, 
 
 
 # ======== The method: rewards, advantages, DDPO's loss, one epoch of sampling and of training
-
-def jpeg_size_kb(images: torch.Tensor) -> np.ndarray:
-    """Size in kB of each image (B, 3, H, W) in [0, 1] saved as JPEG at quality 95."""
-    pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    sizes = []
-    for p in pixels:
-        buffer = io.BytesIO()
-        Image.fromarray(p).save(buffer, format="JPEG", quality=95)
-        sizes.append(buffer.tell() / 1000)
-    return np.array(sizes)
-
-
-def clip_features(out) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5: an object
-
-
 def make_reward(args: Args, device: torch.device):
-    """fn(images in [0, 1] (B, 3, H, W), prompts) -> rewards (B,) as numpy."""
-    if args.reward == "jpeg_compressibility":
-        return lambda images, prompts: -jpeg_size_kb(images)
-    if args.reward == "jpeg_incompressibility":
-        return lambda images, prompts: jpeg_size_kb(images)
+    """fn(images in [0, 1] (B, 3, H, W), prompts) -> rewards (B,) as numpy: -kB (or kB) of each
+    image as JPEG at quality 95, LAION's aesthetic score, or the CLIP cosine of image and prompt."""
+    to_uint8 = lambda images: (images * 255).round().clamp(0, 255).to(torch.uint8).cpu()  # noqa
+    if args.reward.startswith("jpeg"):
+        sign = -1 if args.reward == "jpeg_compressibility" else 1
+
+        def jpeg(images, prompts):
+            buffers = [io.BytesIO() for _ in images]
+            for pixels, buffer in zip(to_uint8(images).permute(0, 2, 3, 1).numpy(), buffers):
+                Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+            return sign * np.array([buffer.tell() for buffer in buffers]) / 1000
+        return jpeg
     from transformers import CLIPModel, CLIPProcessor
-    head_file = args.aesthetic_head
-    if args.reward == "aesthetic" and (head_file is None or not os.path.isfile(head_file)):
+    if args.reward == "aesthetic" and not os.path.isfile(args.aesthetic_head or ""):
         fail(f"--reward aesthetic needs --aesthetic-head, the file "
-             f"sac+logos+ava1-l14-linearMSE.pth (got {head_file})")
+             f"sac+logos+ava1-l14-linearMSE.pth (got {args.aesthetic_head})")
     try:
         clip = CLIPModel.from_pretrained(args.clip_model).to(device).eval()
         processor = CLIPProcessor.from_pretrained(args.clip_model)
     except (OSError, ValueError) as e:
         fail(f"--clip-model {args.clip_model} could not be loaded ({e})")
-
-    def image_embeddings(images):
-        pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).cpu()
-        inputs = processor(images=list(pixels), return_tensors="pt")
-        e = clip_features(clip.get_image_features(pixel_values=inputs["pixel_values"].to(device)))
-        return e / e.norm(dim=-1, keepdim=True)
-
-    if args.reward == "aesthetic":  # the LAION predictor's MLP, sizes from the file (dropouts idle)
-        state = torch.load(head_file, map_location="cpu")
-        s = [state[f"layers.{i}.weight"].shape for i in (0, 2, 4, 6, 7)]
-        head = nn.Sequential(nn.Linear(s[0][1], s[0][0]), nn.Dropout(0.2), nn.Linear(*s[1][::-1]),
-                             nn.Dropout(0.2), nn.Linear(*s[2][::-1]), nn.Dropout(0.1),
-                             nn.Linear(*s[3][::-1]), nn.Linear(*s[4][::-1]))
+    features = lambda out: getattr(out, "pooler_output", out)  # transformers 5: an object # noqa
+    if args.reward == "aesthetic":  # LAION's MLP, sizes from the file (idle dropouts: Identity)
+        state = torch.load(args.aesthetic_head, map_location="cpu")
+        head = nn.Sequential(*[nn.Linear(*state[f"layers.{i}.weight"].shape[::-1])
+                               if i in (0, 2, 4, 6, 7) else nn.Identity() for i in range(8)])
         head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
         head = head.to(device).eval()
 
-        @torch.no_grad()
-        def aesthetic(images, prompts):
-            return head(image_embeddings(images)).squeeze(1).float().cpu().numpy()
-        return aesthetic
-
     @torch.no_grad()
-    def clip_score(images, prompts):  # cos(image, text): the local stand-in for LLaVA + BERTScore
+    def clip_reward(images, prompts):
+        inputs = processor(images=list(to_uint8(images)), return_tensors="pt")
+        image = features(clip.get_image_features(pixel_values=inputs["pixel_values"].to(device)))
+        image = image / image.norm(dim=-1, keepdim=True)
+        if args.reward == "aesthetic":
+            return head(image).squeeze(1).float().cpu().numpy()
+        # clip_score, cos(image, text): the local stand-in for LLaVA + BERTScore
         tokens = processor(text=list(prompts), return_tensors="pt", padding=True, truncation=True)
-        text = clip_features(clip.get_text_features(**{k: v.to(device) for k, v in tokens.items()}))
+        text = features(clip.get_text_features(**{k: v.to(device) for k, v in tokens.items()}))
         text = text / text.norm(dim=-1, keepdim=True)
-        return (image_embeddings(images) * text).sum(-1).float().cpu().numpy()
-    return clip_score
+        return (image * text).sum(-1).float().cpu().numpy()
+    return clip_reward
 
 
-def sample_epoch(args, accelerator, model, neg_embed, prompts_all, reward_fn, image_size):
-    """The epoch's trajectories under the current policy (sample_num_batches_per_epoch batches of
-    sample_batch_size random prompts), scored. Returns the samples (c, t, x_t, x_{t-1},
-    log p_old(x_{t-1} | x_t, c), a row per trajectory), their rewards and prompt token ids."""
+def sample_epoch(args, accelerator, model, neg_embed, prompts_all, reward_fn, side: int):
+    """The epoch's trajectories under the current policy, scored: samples (c, t, x_t, x_{t-1},
+    log p_old(x_{t-1} | x_t, c); a row per trajectory), their rewards and prompt token ids."""
     model[0].eval()
     batches = []
     for _ in range(args.sample_num_batches_per_epoch):
@@ -257,7 +227,7 @@ def sample_epoch(args, accelerator, model, neg_embed, prompts_all, reward_fn, im
         embeds, ids = encode_prompts(model, prompts)
         with accelerator.autocast():
             images, latents, log_probs, timesteps = sample_with_logprob(
-                model, embeds, neg_embed.expand(len(prompts), -1, -1), args, image_size)
+                model, embeds, neg_embed, args, side)
         rewards = torch.as_tensor(reward_fn(images, prompts), device=accelerator.device,
                                   dtype=torch.float32)
         batches.append(dict(ids=ids, embeds=embeds, timesteps=timesteps.repeat(len(prompts), 1),
@@ -267,33 +237,20 @@ def sample_epoch(args, accelerator, model, neg_embed, prompts_all, reward_fn, im
     return samples, samples.pop("rewards"), samples.pop("ids")
 
 
-class PerPromptStatTracker:
-    """Advantage (r - mean) / std with each prompt's statistics over its last `buffer_size` rewards
-    (across epochs); the whole batch's statistics while a prompt has fewer than `min_count`."""
-
-    def __init__(self, buffer_size: int, min_count: int):
-        self.buffer_size, self.min_count, self.stats = buffer_size, min_count, {}
-
-    def update(self, prompts: np.ndarray, rewards: np.ndarray) -> np.ndarray:
-        advantages = np.empty_like(rewards)
+def compute_advantages(args: Args, accelerator, stats: dict, tokenizer, rewards, ids):
+    """A = (r - mean) / std over all processes' rewards, by the batch's statistics or each prompt's
+    (its last stat_buffer_size rewards, in `stats`; the batch's below stat_min_count)."""
+    rewards = accelerator.gather(rewards).cpu().numpy()
+    advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-8)
+    if args.per_prompt_stat_tracking:
+        ids = accelerator.gather(ids).cpu()
+        prompts = np.array(tokenizer.batch_decode(ids, skip_special_tokens=True))
         for prompt in np.unique(prompts):
             mine = rewards[prompts == prompt]
-            buffer = self.stats.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer = stats.setdefault(prompt, deque(maxlen=args.stat_buffer_size))
             buffer.extend(mine)
-            ref = rewards if len(buffer) < self.min_count else np.array(buffer)
+            ref = rewards if len(buffer) < args.stat_min_count else np.array(buffer)
             advantages[prompts == prompt] = (mine - ref.mean()) / (ref.std() + 1e-6)
-        return advantages
-
-
-def compute_advantages(args: Args, accelerator, tracker, tokenizer, rewards, ids):
-    """A = (r - mean) / std over the rewards of all processes, with each prompt's statistics (the
-    tracker) or the batch's. Returns this process's advantages (tensor) and all rewards (numpy)."""
-    rewards = accelerator.gather(rewards).cpu().numpy()
-    if args.per_prompt_stat_tracking:
-        prompts = tokenizer.batch_decode(accelerator.gather(ids).cpu(), skip_special_tokens=True)
-        advantages = tracker.update(np.array(prompts), rewards)
-    else:
-        advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-8)
     advantages = torch.as_tensor(advantages, dtype=torch.float32)
     mine = advantages.reshape(accelerator.num_processes, -1)[accelerator.process_index]
     return mine.to(accelerator.device), rewards
@@ -309,30 +266,26 @@ def ddpo_loss(log_prob, old_log_prob, advantages, args: Args):
     return torch.maximum(-advantages * ratio, -advantages * clipped).mean(), ratio
 
 
-def train_epoch(args: Args, accelerator, unet, optimizer, scheduler, samples: dict, neg_embed):
+def train_epoch(args: Args, accelerator, unet, optimizer, scheduler, samples: dict, neg_embed,
+                num_train_timesteps: int):
     """num_inner_epochs passes: shuffled trajectories and timesteps, x_{t-1} re-scored, ddpo_loss
     minimized. Returns mean loss, approx. KL and clip fraction, optimizer steps, backward passes."""
-    num_train_timesteps = max(1, int(args.sample_num_steps * args.timestep_fraction))
-    device = accelerator.device
     unet.train()
     n, steps = samples["timesteps"].shape
-    stats, updates, backward_passes = defaultdict(list), 0, 0
+    timed = ("latents", "timesteps", "next_latents", "log_probs")  # (trajectory, timestep, ...)
+    stats, updates = {"loss": [], "approx_kl": [], "clipfrac": []}, 0
     for _ in range(args.num_inner_epochs):
-        perm = torch.randperm(n, device=device)
-        order = {k: v[perm] for k, v in samples.items()}
-        perms = torch.stack([torch.randperm(steps, device=device) for _ in range(n)])
-        for k in ("timesteps", "latents", "next_latents", "log_probs"):
-            order[k] = order[k][torch.arange(n, device=device)[:, None], perms]
+        perm = torch.randperm(n, device=accelerator.device)
+        perms = torch.stack([torch.randperm(steps, device=accelerator.device) for _ in range(n)])
+        order = {k: v[perm[:, None], perms] if k in timed else v[perm] for k, v in samples.items()}
         for i in range(0, n, args.train_batch_size):
             batch = {k: v[i:i + args.train_batch_size] for k, v in order.items()}
-            neg = neg_embed.expand(len(batch["embeds"]), -1, -1)
             for j in range(num_train_timesteps):
-                x_t, t, x_prev = (batch[k][:, j] for k in ("latents", "timesteps", "next_latents"))
-                old = batch["log_probs"][:, j]
+                x_t, t, x_prev, old = (batch[k][:, j] for k in timed)
                 with accelerator.accumulate(unet):
                     with accelerator.autocast():
-                        eps = guided_eps(unet, x_t, t, batch["embeds"], neg, args.guidance_scale,
-                                         cfg=args.train_cfg)
+                        eps = guided_eps(unet, x_t, t, batch["embeds"], neg_embed,
+                                         args.guidance_scale, cfg=args.train_cfg)
                         log_prob = ddim_step_with_logprob(
                             scheduler, eps, t, x_t, args.sample_eta, prev_sample=x_prev)[1]
                     loss, ratio = ddpo_loss(log_prob.float(), old, batch["advantages"], args)
@@ -342,27 +295,146 @@ def train_epoch(args: Args, accelerator, unet, optimizer, scheduler, samples: di
                         updates += 1
                     optimizer.step()  # accelerate skips it until the accumulation is complete
                     optimizer.zero_grad()
-                backward_passes += 1
                 stats["loss"].append(loss.detach())
                 stats["approx_kl"].append(0.5 * ((log_prob.float() - old) ** 2).mean().detach())
-                outside = (ratio - 1).abs() > args.clip_range
-                stats["clipfrac"].append(outside.float().mean().detach())
+                stats["clipfrac"].append(((ratio - 1).abs() > args.clip_range).float().mean())
     info = {k: accelerator.reduce(torch.stack(v).mean(), reduction="mean").item()
             for k, v in stats.items()}
-    return info, updates, backward_passes
+    return info, updates, len(stats["loss"])
+
+
+# ======== The prompts and the model: the data DDPO samples from and the policy it starts from
+SIMPLE_ANIMALS = """cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger
+bear raccoon fox wolf lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake
+turtle frog chicken duck goose bee pig turkey fly llama camel bat gorilla hedgehog kangaroo
+""".split()
+
+
+def load_prompts(spec: str) -> list:
+    if spec == "simple_animals":
+        return SIMPLE_ANIMALS
+    if not os.path.isfile(spec):
+        fail(f"--prompts {spec}: no such file (give `simple_animals` or a text file with one "
+             "prompt per line)")
+    with open(spec) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    return prompts or fail(f"--prompts {spec} has no prompts")
+
+
+def load_model(args: Args, device, precision: str):
+    """(unet, text_encoder, tokenizer, DDIM scheduler, vae or None for pixel space) on the device,
+    and the trainable weights: the DDIM schedule on the device once (no host copy per step), the
+    frozen parts in the inference dtype, the trainable ones (LoRA or the whole UNet) in float32."""
+    if args.model == "tiny":
+        unet, text_encoder, tokenizer, scheduler, vae = build_tiny(args.tiny_pretrain_steps)
+    else:
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        if os.path.isdir(args.model) and not os.path.isfile(f"{args.model}/model_index.json"):
+            fail(f"--model {args.model} is a folder without model_index.json, so not a diffusers "
+                 "pipeline")
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                args.model, revision=args.revision, safety_checker=None,
+                requires_safety_checker=False)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            fail(f"--model {args.model} could not be loaded as a diffusers Stable Diffusion "
+                 f"pipeline ({e})")
+        unet, text_encoder, tokenizer, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
+        scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(device)
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    for frozen in [m for m in (text_encoder, vae) if m is not None]:
+        frozen.requires_grad_(False).to(device, dtype=dtype)
+    unet.requires_grad_(not args.use_lora)
+    unet.to(device, dtype=dtype if args.use_lora else torch.float32)
+    if args.use_lora:
+        from peft import LoraConfig
+        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank,
+                                    init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    for p in trainable:  # LoRA's weights in float32 (the whole UNet already is)
+        p.data = p.data.float()
+    return (unet, text_encoder, tokenizer, scheduler, vae), trainable
+
+
+def synthetic_images(colors: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """The tiny model's pretraining data in [-1, 1]: a linear colour gradient around each prompt's
+    colour, half of them with film grain of random strength (smooth compresses well, grain not)."""
+    n = colors.shape[0]
+    u = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    slope = (u(n, 2, 3) - 0.5) * 0.6
+    image = (colors[:, :, None, None] + slope[:, 0, :, None, None] * xx
+             + slope[:, 1, :, None, None] * yy)
+    grain = torch.randn(image.shape, generator=generator)
+    contrast = (0.15 + 0.25 * u(n)) * (u(n) < 0.5)
+    return (image + contrast[:, None, None, None] * grain).clamp(-1, 1)
+
+
+def build_tiny(pretrain_steps: int, seed: int = 0):
+    """A pixel-space UNet on 3x16x16 images, cross-attending to a random frozen 2-layer CLIP text
+    encoder (CLIP's tokenizer with no merges: each of byte-level BPE's 256 characters is a token),
+    pretrained for `pretrain_steps` on synthetic images (10% with the empty prompt)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    words = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {c: i for i, c in enumerate(words)}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # SD's
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the same "pretrained" model for every run seed
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+            layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=8, norm_num_groups=8)
+        cache = os.path.join(os.environ.get("DDPO_CACHE_DIR", os.path.expanduser("~/.cache/ddpo")),
+                             f"tiny-unet-v1-{pretrain_steps}-{seed}.pt")
+        if pretrain_steps > 0 and os.path.isfile(cache):
+            unet.load_state_dict(torch.load(cache, map_location="cpu"))
+        elif pretrain_steps > 0:
+            g, n = torch.Generator().manual_seed(seed), len(SIMPLE_ANIMALS)
+            ids = tokenizer(SIMPLE_ANIMALS + [""], return_tensors="pt", padding="max_length",
+                            max_length=77).input_ids
+            embeds = text_encoder(ids)[0].detach()
+            colors = torch.rand(n, 3, generator=g) * 1.2 - 0.6
+            optimizer = torch.optim.Adam(unet.parameters(), lr=1e-3)
+            for _ in tqdm(range(pretrain_steps), desc="pretraining the tiny model",
+                          disable=not sys.stdout.isatty()):
+                k = torch.randint(n, (32,), generator=g)
+                x0 = synthetic_images(colors[k], 16, g)
+                noise = torch.randn(x0.shape, generator=g)
+                t = torch.randint(0, scheduler.config.num_train_timesteps, (32,), generator=g)
+                k = torch.where(torch.rand(32, generator=g) < 0.1, n, k)  # 10%: the empty prompt
+                x_t = scheduler.add_noise(x0, noise, t)
+                eps = unet(x_t, t, encoder_hidden_states=embeds[k]).sample
+                loss = nn.functional.mse_loss(eps, noise)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            torch.save(unet.state_dict(), f"{cache}.{os.getpid()}.tmp")
+            os.replace(f"{cache}.{os.getpid()}.tmp", cache)  # atomic for parallel runs
+    return unet, text_encoder, tokenizer, scheduler, None
 
 
 # ======== The loop: sample -> advantages -> train -> log / evaluate / checkpoint, every epoch
-
 def main(args: Args) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    check_args(args)
+    samples_per_epoch, steps_per_epoch = check_args(args)
     prompts_all = load_prompts(args.prompts)
     cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    precision = args.mixed_precision
-    if precision == "auto":
-        precision = "no" if cpu else "fp16"
+    precision = {"auto": "no" if cpu else "fp16"}.get(args.mixed_precision, args.mixed_precision)
     if cpu and precision == "fp16":
         fail("--mixed-precision fp16 needs a GPU; use no or bf16 on a CPU")
     num_train_timesteps = max(1, int(args.sample_num_steps * args.timestep_fraction))
@@ -372,34 +444,32 @@ def main(args: Args) -> dict:
     if args.allow_tf32 and accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     device, main_process = accelerator.device, accelerator.is_main_process
-    resume = read_checkpoint(args.resume)
-    name = os.path.basename(os.path.normpath(args.model)).replace("/", "_")
-    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
-                               f"runs/{name}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    if main_process and os.path.exists(run_dir) and not (
-            resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
-        fail(f"run folder {run_dir} already exists; choose another --run-dir "
-             "(runs are never overwritten)")
-
     set_seed(args.seed, device_specific=True)  # seed + process index: each process its own images
-    model = load_model(args)
-    unet, _, tokenizer, scheduler, vae = model
-    image_size = args.image_size or unet.config.sample_size * latent_scale(vae)
     reward_fn = make_reward(args, device)
-    trainable = prepare_model(model, args, device, precision)  # LoRA adapters or the whole UNet
+    model, trainable = load_model(args, device, precision)  # LoRA adapters or the whole UNet
+    unet, _, tokenizer, scheduler, vae = model
+    scale = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent
+    image_size = args.image_size or unet.config.sample_size * scale
+    side = image_size // scale  # of the latents
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, eps=args.adam_epsilon,
                                   betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay)
-    tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
-    epochs_done, history = load_checkpoint(resume, args, accelerator, unet, optimizer, tracker)
+    stats = {}  # per prompt: its last stat_buffer_size rewards
+    epochs_done, history = load_checkpoint(args, accelerator, unet, optimizer, stats)
+    name = os.path.basename(os.path.normpath(args.model))
+    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
+                               f"runs/{name}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    if main_process and os.path.exists(run_dir) and not (
+            args.resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
+        fail(f"run folder {run_dir} already exists; choose another --run-dir "
+             "(runs are never overwritten)")
     unet, optimizer = accelerator.prepare(unet, optimizer)
     neg_embed = encode_prompts(model, [""])[0]  # guidance's unconditional branch: the empty prompt
     if main_process:  # the run folder: images/, args.json (with the resolved settings), TensorBoard
         os.makedirs(os.path.join(run_dir, "images"), exist_ok=True)
-        resolved = dict(device=str(device), mixed_precision=precision, image_size=image_size,
-                        processes=accelerator.num_processes)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump({**asdict(args), "resolved": resolved}, f, indent=2)
+            json.dump({**vars(args), "resolved": dict(device=str(device), mixed_precision=precision,
+                       image_size=image_size, processes=accelerator.num_processes)}, f, indent=2)
         writer = SummaryWriter(run_dir)
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
@@ -407,9 +477,6 @@ def main(args: Args) -> dict:
             import wandb
             wandb.init(project=args.wandb_project_name, config=vars(args), dir=run_dir,
                        name=os.path.basename(run_dir), sync_tensorboard=True)
-    samples_per_epoch = args.sample_batch_size * args.sample_num_batches_per_epoch
-    samples_per_step = args.train_batch_size * args.gradient_accumulation_steps
-    steps_per_epoch = samples_per_epoch // samples_per_step * args.num_inner_epochs
     accelerator.print(f"{samples_per_epoch * accelerator.num_processes} samples per epoch, "
                       f"{steps_per_epoch} optimizer steps per epoch, "
                       f"{sum(p.numel() for p in trainable):,} trainable parameters")
@@ -419,8 +486,7 @@ def main(args: Args) -> dict:
         generator = torch.Generator(device).manual_seed(args.seed)
         with accelerator.autocast():
             embeds = encode_prompts(model, prompts)[0]
-            neg = neg_embed.expand(len(prompts), -1, -1)
-            images = sample_with_logprob(model, embeds, neg, args, image_size, generator)[0]
+            images = sample_with_logprob(model, embeds, neg_embed, args, side, generator)[0]
         rewards = reward_fn(images, prompts)
         save_grid(images, os.path.join(run_dir, "images", f"epoch_{epoch:04d}.png"))
         history["eval"].append({"epoch": epoch, "reward_mean": float(rewards.mean()),
@@ -434,13 +500,12 @@ def main(args: Args) -> dict:
                       disable=not sys.stdout.isatty()):
         # 1. sample with the current policy, 2. advantages from all processes' rewards, 3. train
         samples, rewards, ids = sample_epoch(args, accelerator, model, neg_embed, prompts_all,
-                                             reward_fn, image_size)
-        samples["advantages"], rewards = compute_advantages(args, accelerator, tracker, tokenizer,
+                                             reward_fn, side)
+        samples["advantages"], rewards = compute_advantages(args, accelerator, stats, tokenizer,
                                                             rewards, ids)
         info, n_updates, n_passes = train_epoch(args, accelerator, unet, optimizer, scheduler,
-                                                samples, neg_embed)
+                                                samples, neg_embed, num_train_timesteps)
         updates, backward_passes = updates + n_updates, backward_passes + n_passes
-
         # 4. log, evaluate, checkpoint
         if not math.isfinite(info["loss"]):  # checked once an epoch: no host sync per backward pass
             fail(f"the DDPO loss became {info['loss']} in epoch {epoch}; lower --learning-rate")
@@ -463,38 +528,36 @@ def main(args: Args) -> dict:
                     w.writeheader()
                     w.writerows(history[name])
             if last or epoch % args.save_freq == 0:
-                save_checkpoint(run_dir, args, accelerator, unet, optimizer, tracker, history,
-                                epoch)
+                save_checkpoint(run_dir, args, accelerator, unet, optimizer, stats, history, epoch)
         accelerator.wait_for_everyone()
 
     if main_process:
+        writer.close()
         if args.save_model:  # in diffusers' formats: lora/ (for pipe.load_lora_weights) or unet/
             final = accelerator.unwrap_model(unet)
             if args.use_lora:
                 from diffusers import StableDiffusionPipeline
                 from peft.utils import get_peft_model_state_dict
-                lora = get_peft_model_state_dict(final)
-                StableDiffusionPipeline.save_lora_weights(f"{run_dir}/lora", unet_lora_layers=lora)
+                StableDiffusionPipeline.save_lora_weights(
+                    f"{run_dir}/lora", unet_lora_layers=get_peft_model_state_dict(final))
             else:
                 final.save_pretrained(f"{run_dir}/unet")
-        writer.close()
-    elapsed, evals = time.time() - t0, history["eval"]
+    evals = [e["reward_mean"] for e in history["eval"]] or [None]
     return {"updates": updates, "backward_passes": backward_passes,
-            "updates_per_second": updates / max(elapsed, 1e-9), "losses/ddpo": info.get("loss"),
-            **{k: v for k, v in info.items() if k != "loss"},
-            "eval/reward": evals[-1]["reward_mean"] if evals else None,
-            "eval/reward_before": evals[0]["reward_mean"] if evals else None, "run_dir": run_dir}
+            "updates_per_second": updates / max(time.time() - t0, 1e-9),
+            "losses/ddpo": info.get("loss"), **{k: v for k, v in info.items() if k != "loss"},
+            "eval/reward": evals[-1], "eval/reward_before": evals[0], "run_dir": run_dir}
 
 
 # ======== Plumbing: everything below runs the experiment; none of it changes a result
-
 def fail(message: str):
     """Bad input: one clear sentence on stderr and exit status 1."""
     raise SystemExit(f"ddpo.py: error: {message}")
 
 
 def check_args(args: Args):
-    """Fail early, with one sentence, on settings the loop cannot run."""
+    """Fail early, with one sentence, on settings the loop cannot run. Returns the samples and the
+    optimizer steps per epoch (per process)."""
     if min(args.num_epochs, args.sample_num_steps, args.sample_batch_size, args.num_inner_epochs,
            args.sample_num_batches_per_epoch, args.train_batch_size,
            args.gradient_accumulation_steps) < 1:
@@ -515,146 +578,16 @@ def check_args(args: Args):
     if args.objective == "sf" and (args.num_inner_epochs != 1 or samples != per_step):
         fail(f"DDPO_SF is on-policy: one gradient step per epoch, so --num-inner-epochs 1 and "
              f"--gradient-accumulation-steps {samples // args.train_batch_size}")
+    return samples, samples // per_step * args.num_inner_epochs
 
 
-SIMPLE_ANIMALS = """cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger
-bear raccoon fox wolf lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake
-turtle frog chicken duck goose bee pig turkey fly llama camel bat gorilla hedgehog kangaroo
-""".split()
-
-
-def load_prompts(spec: str) -> list:
-    if spec == "simple_animals":
-        return SIMPLE_ANIMALS
-    if not os.path.isfile(spec):
-        fail(f"--prompts {spec}: no such file (give `simple_animals` or a text file with one "
-             "prompt per line)")
-    with open(spec) as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        fail(f"--prompts {spec} has no prompts")
-    return prompts
-
-
-def load_model(args: Args):
-    """(unet, text_encoder, tokenizer, DDIM scheduler, vae or None for pixel space)."""
-    if args.model == "tiny":
-        return build_tiny(args.tiny_pretrain_steps)
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    if os.path.isdir(args.model) and not os.path.isfile(f"{args.model}/model_index.json"):
-        fail(f"--model {args.model} is a folder without model_index.json, so not a diffusers "
-             "pipeline")
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            args.model, revision=args.revision, safety_checker=None, requires_safety_checker=False)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        fail(f"--model {args.model} could not be loaded as a diffusers Stable Diffusion pipeline "
-             f"({e})")
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    return pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, pipe.vae
-
-
-def prepare_model(model, args: Args, device, precision: str) -> list:
-    """The model on the device: the DDIM schedule once (no host copy per step), the frozen parts in
-    the inference dtype, the trainable weights (LoRA or the whole UNet) in float32; returns them."""
-    unet, text_encoder, _, scheduler, vae = model
-    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(device)
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    text_encoder.requires_grad_(False).to(device, dtype=dtype)
-    if vae is not None:
-        vae.requires_grad_(False).to(device, dtype=dtype)
-    unet.requires_grad_(not args.use_lora)
-    unet.to(device, dtype=dtype if args.use_lora else torch.float32)
-    if args.use_lora:
-        from peft import LoraConfig
-        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank,
-                                    init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-        for p in unet.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-    return [p for p in unet.parameters() if p.requires_grad]
-
-
-def char_clip_tokenizer():
-    """CLIP's tokenizer with no merges: each of byte-level BPE's 256 characters is a token."""
-    from transformers import CLIPTokenizer
-    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
-    words = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {c: i for i, c in enumerate(words)}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), vocab
-
-
-def synthetic_images(colors: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """The tiny model's pretraining data in [-1, 1]: a linear colour gradient around each prompt's
-    colour, half of them with film grain of random strength (smooth compresses well, grain not)."""
-    n = colors.shape[0]
-    u = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    slope = (u(n, 2, 3) - 0.5) * 0.6
-    image = (colors[:, :, None, None] + slope[:, 0, :, None, None] * xx
-             + slope[:, 1, :, None, None] * yy)
-    grain = torch.randn(image.shape, generator=generator)
-    contrast = (0.15 + 0.25 * u(n)) * (u(n) < 0.5)
-    return (image + contrast[:, None, None, None] * grain).clamp(-1, 1)
-
-
-def build_tiny(pretrain_steps: int, seed: int = 0):
-    """A pixel-space UNet on 3x16x16 images, cross-attending to a random frozen 2-layer CLIP text
-    encoder, pretrained for `pretrain_steps` on synthetic images (10% with the empty prompt)."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-    tokenizer, vocab = char_clip_tokenizer()
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # SD's
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # the same "pretrained" model for every run seed
-        eos = vocab["<|endoftext|>"]
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77,
-            bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos)).eval()
-        unet = UNet2DConditionModel(
-            sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64),
-            layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-            attention_head_dim=8, norm_num_groups=8)
-        cache = os.path.join(os.environ.get("DDPO_CACHE_DIR", os.path.expanduser("~/.cache/ddpo")),
-                             f"tiny-unet-v1-{pretrain_steps}-{seed}.pt")
-        if pretrain_steps > 0 and os.path.isfile(cache):
-            unet.load_state_dict(torch.load(cache, map_location="cpu"))
-        elif pretrain_steps > 0:
-            g, n = torch.Generator().manual_seed(seed), len(SIMPLE_ANIMALS)
-            ids = tokenizer(SIMPLE_ANIMALS + [""], return_tensors="pt", padding="max_length",
-                            max_length=77).input_ids
-            with torch.no_grad():
-                embeds = text_encoder(ids)[0]
-            colors = torch.rand(n, 3, generator=g) * 1.2 - 0.6
-            optimizer = torch.optim.Adam(unet.parameters(), lr=1e-3)
-            for _ in tqdm(range(pretrain_steps), desc="pretraining the tiny model",
-                          disable=not sys.stdout.isatty()):
-                k = torch.randint(n, (32,), generator=g)
-                x0 = synthetic_images(colors[k], 16, g)
-                noise = torch.randn(x0.shape, generator=g)
-                t = torch.randint(0, scheduler.config.num_train_timesteps, (32,), generator=g)
-                k = torch.where(torch.rand(32, generator=g) < 0.1, n, k)  # 10%: the empty prompt
-                x_t = scheduler.add_noise(x0, noise, t)
-                loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=embeds[k]).sample, noise)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            torch.save(unet.state_dict(), f"{cache}.{os.getpid()}.tmp")
-            os.replace(f"{cache}.{os.getpid()}.tmp", cache)  # atomic for parallel runs
-    return unet, text_encoder, tokenizer, scheduler, None
-
-
-def read_checkpoint(path: Optional[str]) -> Optional[dict]:
-    """The --resume file, refused in one sentence (before anything is built) unless ddpo.py's."""
+def load_checkpoint(args: Args, accelerator, unet, optimizer, stats: dict):
+    """--resume: a ddpo.py checkpoint's trainable weights (exactly the model's: strict=False alone
+    loads nothing on a name mismatch), optimizer and per-prompt statistics, or one sentence.
+    Returns the epochs done and the run's history (0 and none without a checkpoint)."""
+    path = args.resume
     if path is None:
-        return None
+        return 0, {"train": [], "eval": []}
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist")
     try:
@@ -665,52 +598,42 @@ def read_checkpoint(path: Optional[str]) -> Optional[dict]:
         fail(f"{path} is not a checkpoint of ddpo.py")
     if ck["script"] != "ddpo.py":
         fail(f"{path} is a checkpoint of {ck['script']}, not of ddpo.py")
-    return ck
-
-
-def load_checkpoint(ck: Optional[dict], args: Args, accelerator, unet, optimizer, tracker):
-    """Restore read_checkpoint's trainable weights (exactly the model's, names and shapes checked:
-    load_state_dict(strict=False) alone loads nothing on a name mismatch), optimizer and per-prompt
-    statistics. Returns the epochs done and the run's history (0 and none without a checkpoint)."""
-    if ck is None:
-        return 0, {"train": [], "eval": []}
     if ck["use_lora"] != args.use_lora or ck["model"] != args.model:
-        fail(f"{args.resume} was trained with --model {ck['model']} --use-lora {ck['use_lora']}")
-    state, shapes = ck["trainable"], {n: p.shape for n, p in unet.named_parameters()}
-    names = {n for n, p in unet.named_parameters() if p.requires_grad}
-    wrong = sorted(set(state) ^ names)
-    wrong += sorted(n for n in set(state) & names if state[n].shape != shapes[n])
+        fail(f"{path} was trained with --model {ck['model']} --use-lora {ck['use_lora']}")
+    state = ck["trainable"]
+    shapes = {n: p.shape for n, p in unet.named_parameters() if p.requires_grad}
+    wrong = sorted(set(state) ^ set(shapes))
+    wrong += sorted(n for n in set(state) & set(shapes) if state[n].shape != shapes[n])
     if wrong:
-        fail(f"{args.resume} does not match the model's trainable weights ({len(wrong)} names or "
+        fail(f"{path} does not match the model's trainable weights ({len(wrong)} names or "
              f"shapes differ, e.g. {wrong[0]}; same --model, --use-lora and --lora-rank?)")
     unet.load_state_dict(state, strict=False)  # strict=False: the frozen weights are not in it
     optimizer.load_state_dict(ck["optimizer"])
-    tracker.stats = {k: deque(v, maxlen=args.stat_buffer_size) for k, v in ck["stats"].items()}
-    accelerator.print(f"resumed from {args.resume} after epoch {ck['epoch']}")
+    stats.update({k: deque(v, maxlen=args.stat_buffer_size) for k, v in ck["stats"].items()})
+    accelerator.print(f"resumed from {path} after epoch {ck['epoch']}")
     return ck["epoch"] + 1, ck["history"]
 
 
-def save_checkpoint(run_dir, args: Args, accelerator, unet, optimizer, tracker, history, epoch):
+def save_checkpoint(run_dir, args: Args, accelerator, unet, optimizer, stats, history, epoch):
     """checkpoint.pt, atomically: trainable weights, optimizer, per-prompt statistics, history."""
-    unwrapped = accelerator.unwrap_model(unet)
-    names = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
-    trainable = {n: p for n, p in unwrapped.state_dict().items() if n in names}
+    trainable = {n: p.detach() for n, p in accelerator.unwrap_model(unet).named_parameters()
+                 if p.requires_grad}
     path = os.path.join(run_dir, "checkpoint.pt")
     torch.save({"script": "ddpo.py", "trainable": trainable, "optimizer": optimizer.state_dict(),
                 "epoch": epoch - 1, "model": args.model, "use_lora": args.use_lora,  # 0-based
-                "history": history, "stats": {k: list(v) for k, v in tracker.stats.items()}},
+                "history": history, "stats": {k: list(v) for k, v in stats.items()}},
                path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
 def save_grid(images: torch.Tensor, path: str, columns: int = 8):
-    """Images (B, 3, H, W) in [0, 1] side by side in rows of `columns`, as one PNG."""
+    """Images (B, 3, H, W) in [0, 1] side by side in rows of `columns` (white after the last), as
+    one PNG."""
     b, _, h, w = images.shape
-    grid = torch.ones(3, math.ceil(b / columns) * h, min(b, columns) * w)
-    for i, im in enumerate(images.float().cpu()):
-        row, col = divmod(i, columns)
-        grid[:, row * h:(row + 1) * h, col * w:(col + 1) * w] = im
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+    rows, columns = math.ceil(b / columns), min(b, columns)
+    grid = torch.cat([images.float().cpu(), torch.ones(rows * columns - b, 3, h, w)])
+    grid = grid.view(rows, columns, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, -1, 3)
+    Image.fromarray((grid.numpy() * 255).round().astype(np.uint8)).save(path)
 
 
 if __name__ == "__main__":

@@ -258,7 +258,7 @@ def test_each_optimizer_step_is_the_clipped_mean_of_its_backward_passes(tmp_path
     """One AdamW step per gradient_accumulation_steps x T backward passes, on the mean of their
     gradients (accelerate divides each loss by that count), clipped to max_grad_norm."""
     params, pass_grads, step_grads = [], [], []
-    real_prepare, real_loss = ddpo.prepare_model, ddpo.ddpo_loss
+    real_loss = ddpo.ddpo_loss
 
     def loss_spy(*a):
         loss, ratio = real_loss(*a)
@@ -267,10 +267,13 @@ def test_each_optimizer_step_is_the_clipped_mean_of_its_backward_passes(tmp_path
         return loss, ratio
 
     class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, trainable, **kwargs):  # main() gives it the trainable weights
+            params.extend(trainable)
+            super().__init__(params, **kwargs)
+
         def step(self, closure=None):
             step_grads.append(torch.cat([p.grad.flatten() for p in params]))
             return super().step(closure)
-    monkeypatch.setattr(ddpo, "prepare_model", lambda *a: params.extend(real_prepare(*a)) or params)
     monkeypatch.setattr(ddpo, "ddpo_loss", loss_spy)
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     args = ddpo.Args(model="tiny", tiny_pretrain_steps=0, sample_num_steps=3, num_epochs=1,
@@ -285,31 +288,41 @@ def test_each_optimizer_step_is_the_clipped_mean_of_its_backward_passes(tmp_path
         assert (got - want).norm() < 1e-4 * want.norm(), (k, (got - want).norm() / want.norm())
 
 
-def test_per_prompt_stat_tracker_by_hand():
-    tracker = ddpo.PerPromptStatTracker(buffer_size=4, min_count=3)
+def test_per_prompt_stat_tracking_by_hand():
+    """compute_advantages on one process: prompts decoded from their token ids (a stub tokenizer)."""
+    names = ["a", "b"]
+    acc = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"), gather=lambda x: x)
+    tokenizer = SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: [names[i] for i in ids])
+    args, stats = ddpo.Args(stat_buffer_size=4, stat_min_count=3), {}
+
+    def update(prompts, rewards):
+        ids = torch.tensor([names.index(p) for p in prompts])
+        rewards = torch.tensor(rewards, dtype=torch.float64)
+        return ddpo.compute_advantages(args, acc, stats, tokenizer, rewards, ids)[0].numpy()
     batch_std = np.std([1.0, 3.0, 5.0]) + 1e-6
-    adv = tracker.update(np.array(["a", "a", "b"]), np.array([1.0, 3.0, 5.0]))
-    np.testing.assert_allclose(adv, [(1 - 3) / batch_std, 0.0, (5 - 3) / batch_std])  # too few: the batch's stats
-    adv = tracker.update(np.array(["a", "b"]), np.array([5.0, 7.0]))
+    adv = update(["a", "a", "b"], [1.0, 3.0, 5.0])
+    np.testing.assert_allclose(adv, [(1 - 3) / batch_std, 0.0, (5 - 3) / batch_std], rtol=1e-6)  # too few: the batch's
+    adv = update(["a", "b"], [5.0, 7.0])
     # a has 3 rewards now (1, 3, 5): its own stats; b has 2 (5, 7): the batch's (5, 7)
-    np.testing.assert_allclose(adv, [(5 - 3) / (np.std([1, 3, 5]) + 1e-6), (7 - 6) / (1 + 1e-6)])
-    adv = tracker.update(np.array(["a", "a"]), np.array([7.0, 9.0]))
+    np.testing.assert_allclose(adv, [(5 - 3) / (np.std([1, 3, 5]) + 1e-6), (7 - 6) / (1 + 1e-6)], rtol=1e-6)
+    adv = update(["a", "a"], [7.0, 9.0])
     # the buffer keeps the last 4: 3, 5, 7, 9
-    np.testing.assert_allclose(adv, (np.array([7.0, 9.0]) - 6) / (np.std([3, 5, 7, 9]) + 1e-6))
+    np.testing.assert_allclose(adv, (np.array([7.0, 9.0]) - 6) / (np.std([3, 5, 7, 9]) + 1e-6), rtol=1e-6)
+    assert list(stats["a"]) == [3, 5, 7, 9] and list(stats["b"]) == [5, 7]
 
 
 # ----------------------------------------------------------------------------- rewards
 def test_jpeg_rewards():
     flat = torch.full((1, 3, 64, 64), 0.5)
     noise = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    sizes = ddpo.jpeg_size_kb(torch.cat([flat, noise]))
+    images = torch.cat([flat, noise])
+    compress = ddpo.make_reward(ddpo.Args(reward="jpeg_compressibility"), torch.device("cpu"))
+    incompress = ddpo.make_reward(ddpo.Args(reward="jpeg_incompressibility"), torch.device("cpu"))
+    sizes = incompress(images, ["a", "b"])
     buffer = io.BytesIO()
     Image.fromarray((noise[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buffer, "JPEG", quality=95)
     assert sizes[1] == pytest.approx(len(buffer.getvalue()) / 1000)
     assert sizes[0] < sizes[1] / 5
-    images = torch.cat([flat, noise])
-    compress = ddpo.make_reward(ddpo.Args(reward="jpeg_compressibility"), torch.device("cpu"))
-    incompress = ddpo.make_reward(ddpo.Args(reward="jpeg_incompressibility"), torch.device("cpu"))
     np.testing.assert_allclose(compress(images, ["a", "b"]), -incompress(images, ["a", "b"]))
     assert compress(images, ["a", "b"])[0] > compress(images, ["a", "b"])[1]
 
@@ -321,7 +334,7 @@ def test_synthetic_pretraining_data_spans_the_reward():
     assert x.shape == (200, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
     grainy = (x[:, :, 1:] - x[:, :, :-1]).abs().mean(dim=(1, 2, 3)) > 0.1  # a smooth gradient steps by < 0.04
     assert 0.35 < grainy.float().mean() < 0.65
-    sizes = ddpo.jpeg_size_kb(x / 2 + 0.5)
+    sizes = ddpo.make_reward(ddpo.Args(reward="jpeg_incompressibility"), torch.device("cpu"))(x / 2 + 0.5, None)
     assert sizes[grainy].mean() > sizes[~grainy].mean() + 0.05
 
 
@@ -329,7 +342,8 @@ def test_synthetic_pretraining_data_spans_the_reward():
 def tiny_clip(tmp_path_factory):
     """A tiny CLIP (image 32x32, projection 16) and an aesthetic head for it, saved as files."""
     folder = tmp_path_factory.mktemp("clip")
-    tokenizer, vocab = ddpo.char_clip_tokenizer()
+    tokenizer = ddpo.build_tiny(pretrain_steps=0)[2]  # the character-level CLIP tokenizer
+    vocab = tokenizer.get_vocab()
     torch.manual_seed(0)
     config = transformers.CLIPConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -357,10 +371,11 @@ def test_aesthetic_and_clip_score_rewards(tiny_clip):
     processor = transformers.CLIPProcessor.from_pretrained(clip_dir)
     with torch.no_grad():
         pixels = processor(images=list((images * 255).round().to(torch.uint8)), return_tensors="pt")["pixel_values"]
-        img = ddpo.clip_features(clip.get_image_features(pixel_values=pixels))
+        features = lambda out: getattr(out, "pooler_output", out)  # noqa: E731 (transformers 5: an object)
+        img = features(clip.get_image_features(pixel_values=pixels))
         img = img / img.norm(dim=-1, keepdim=True)
         tokens = processor(text=prompts, return_tensors="pt", padding=True)
-        txt = ddpo.clip_features(clip.get_text_features(**tokens))
+        txt = features(clip.get_text_features(**tokens))
         txt = txt / txt.norm(dim=-1, keepdim=True)
         expected_aesthetic = head.eval()(img).squeeze(1).numpy()
     aesthetic = ddpo.make_reward(ddpo.Args(reward="aesthetic", clip_model=clip_dir, aesthetic_head=head_path),
