@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import resource
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
@@ -56,95 +57,60 @@ ACTOR_WEIGHT_DECAY = {"unitary": 3e-4, "imtl": 3e-4, "rlw-dirichlet": 3e-4, "rlw
 
 @dataclass
 class Args:
-    exp_name: str = "mtl_scalarization"
-    """a label for this experiment, saved in args.json"""
+    exp_name: str = "mtl_scalarization"  # a label for this experiment, saved in args.json
     mtl: str = "unitary"
     """the method: unitary, mgda-ub, imtl, pcgrad, graddrop, rlw-dirichlet, rlw-normal, cagrad"""
-    dataset: str = "multi-digits"
-    """supervised benchmark: multi-digits (scikit-learn's, offline) or multi-mnist (downloaded)"""
-    env: Optional[str] = None
-    """RL benchmark instead of --dataset: cheetah-vel-dir (HalfCheetah tasks) or metaworld-mt10"""
-    seed: int = 1
-    """seed of python, numpy and torch (official: --random_seed 1, then 2, 3, ... per run)"""
-    cagrad_c: Optional[float] = None
-    """CAGrad's c (default, as CAGrad's own code: 0.4 supervised, 0.9 RL)"""
+    dataset: str = "multi-digits"  # multi-digits (offline, sklearn's) or multi-mnist (downloaded)
+    env: Optional[str] = None  # RL benchmark instead of --dataset: cheetah-vel-dir, metaworld-mt10
+    seed: int = 1  # seed of python, numpy and torch (official: --random_seed 1, then 2, 3, ...)
+    cagrad_c: Optional[float] = None  # CAGrad's c (default, as its code: 0.4 supervised, 0.9 RL)
 
     # supervised (official scripts/mnist.sh and train_multi_task.py)
-    epochs: int = 100
-    """training epochs"""
-    batch_size: int = 256
-    """training batch size"""
-    lr: float = 1e-2
-    """Adam learning rate (IMTL-L's loss scales use their own Adam with the same lr)"""
-    lr_decay: float = 0.95
-    """the learning rate is multiplied by this after every epoch (official --decay_lr)"""
-    weight_decay: float = 0.0
-    """Adam's L2 penalty (official default 0)"""
+    epochs: int = 100  # training epochs
+    batch_size: int = 256  # training batch size
+    lr: float = 1e-2  # Adam learning rate (IMTL-L's loss scales: their own Adam, the same lr)
+    lr_decay: float = 0.95  # the lr is multiplied by this after every epoch (official --decay_lr)
+    weight_decay: float = 0.0  # Adam's L2 penalty (official default 0)
     dropout: bool = True
     """MultiLeNet's dropout (a channel mask per batch in the encoder, a unit mask in the heads)"""
-    data_seed: int = 0
-    """seed of the digit pairs and the split (the same data for every run)"""
+    data_seed: int = 0  # seed of the digit pairs and the split (the same data for every run)
     digits_pairs: tuple[int, int, int] = (2_500, 1_000, 2_000)
-    """multi-digits: train / validation / test pairs (from 1,078 / 359 / 360 source images;
-    MNIST: 50k / 10k / 10k)"""
-    data_dir: str = "~/.cache/mtl_scalarization"
-    """where MNIST is downloaded and cached"""
+    """multi-digits' train / val / test pairs (of 1,078 / 359 / 360 images; MNIST: 50k/10k/10k)"""
+    data_dir: str = "~/.cache/mtl_scalarization"  # where MNIST is downloaded and cached
 
     # RL: multi-task SAC (official mtrl MT10 configuration, see docs/mtl_scalarization.md)
     tasks: tuple[str, ...] = ("vel-1.0", "vel-2.0", "forward", "backward")
     """cheetah-vel-dir tasks: vel-<target m/s>, forward, backward"""
-    total_timesteps: int = 100_000
-    """environment steps per task (one transition of every task per step)"""
+    total_timesteps: int = 100_000  # environment steps per task (one transition per task a step)
     learning_starts: int = 1500
     """uniformly random actions, and no updates, for this many steps (mtrl: num_random_steps)"""
-    episode_length: int = 200
-    """steps per episode (HalfCheetah velocity/direction tasks in meta-RL use 200)"""
-    rl_batch_size: int = 128
-    """transitions per task per update (mtrl MT10: 1280 for 10 tasks)"""
-    hidden_dim: int = 400
-    """width of the 3 hidden layers of actor and critics (mtrl: 3 x 400)"""
-    actor_lr: float = 3e-4
-    """actor learning rate"""
-    critic_lr: float = 3e-4
-    """critic learning rate"""
-    temp_lr: float = 3e-4
-    """temperature learning rate"""
-    init_temperature: float = 1.0
-    """initial entropy temperature alpha (mtrl: 1.0)"""
-    gamma: float = 0.99
-    """discount factor"""
-    tau: float = 0.005
-    """Polyak rate of the target critics"""
+    episode_length: int = 200  # steps per episode (HalfCheetah tasks in meta-RL use 200)
+    rl_batch_size: int = 128  # transitions per task per update (mtrl MT10: 1280 for 10 tasks)
+    hidden_dim: int = 400  # width of the 3 hidden layers of actor and critics (mtrl: 3 x 400)
+    actor_lr: float = 3e-4  # actor learning rate
+    critic_lr: float = 3e-4  # critic learning rate
+    temp_lr: float = 3e-4  # temperature learning rate
+    init_temperature: float = 1.0  # initial entropy temperature alpha (mtrl: 1.0)
+    gamma: float = 0.99  # discount factor
+    tau: float = 0.005  # Polyak rate of the target critics
     actor_weight_decay: Optional[float] = None
-    """Adam's L2 on the actor (official MT10 scripts, per method: 3e-4 unitary, IMTL, RLW;
-    1e-4 PCGrad, GradDrop; 0 MGDA; CAGrad, not in the paper: 3e-4)"""
-    eval_interval: int = 10_000
-    """environment steps between evaluations; 0 = evaluate only at the end"""
-    eval_episodes: int = 2
-    """deterministic episodes per task per evaluation"""
+    """Adam's L2 on the actor (official MT10, per method: 3e-4 unitary, IMTL, RLW, CAGrad (not in
+    the paper); 1e-4 PCGrad, GradDrop; 0 MGDA)"""
+    eval_interval: int = 10_000  # environment steps between evaluations; 0 = only at the end
+    eval_episodes: int = 2  # deterministic episodes per task per evaluation
 
     # the study
-    study: bool = False
-    """run every method in --methods over --seeds seeds and print the comparison table"""
-    methods: tuple[str, ...] = METHODS
-    """methods of the study"""
-    seeds: int = 5
-    """seeds per method in the study (seed, seed + 1, ...)"""
-    workers: int = 1
-    """runs of the study in parallel (one process each, torch threads divided among them)"""
+    study: bool = False  # run every method in --methods over --seeds seeds, print the table
+    methods: tuple[str, ...] = METHODS  # methods of the study
+    seeds: int = 5  # seeds per method in the study (seed, seed + 1, ...)
+    workers: int = 1  # runs of the study in parallel (one process each, torch threads divided)
 
-    log_interval: int = 1
-    """epochs (supervised) or 1,000s of steps (RL) between logged losses"""
-    device: str = "auto"
-    """'auto' (cuda if available), 'cpu' or 'cuda'"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project_name: str = "rl-reference"
-    """W&B project"""
-    save_model: bool = False
-    """write run_dir/checkpoint.pt every epoch (supervised) or evaluation (RL) and at the end"""
-    resume: Optional[str] = None
-    """continue from a checkpoint.pt (outputs go to its folder unless --run-dir)"""
+    log_interval: int = 1  # epochs (supervised) or 1,000s of steps (RL) between logged losses
+    device: str = "auto"  # 'auto' (cuda if available), 'cpu' or 'cuda'
+    track: bool = False  # log to Weights & Biases
+    wandb_project_name: str = "rl-reference"  # W&B project
+    save_model: bool = False  # write checkpoint.pt every epoch or evaluation (RL) and at the end
+    resume: Optional[str] = None  # continue from a checkpoint.pt (outputs: its folder or --run-dir)
     run_dir: Optional[str] = None
     """output folder (default: runs/{benchmark}__{mtl}__{seed}__{time}); must not exist"""
 
@@ -180,9 +146,9 @@ class MultiLeNet(nn.Module):
         return [*self.conv1.parameters(), *self.conv2.parameters(), *self.fc.parameters()]
 
 
-def mlp(inp: int, out: int, hidden: int, layers: int = 3) -> nn.Sequential:
-    """`layers` hidden ReLU layers; Xavier-uniform weights and zero biases (mtrl's init)."""
-    dims = [inp] + [hidden] * layers
+def mlp(inp: int, out: int, hidden: int) -> nn.Sequential:
+    """3 hidden ReLU layers; Xavier-uniform weights and zero biases (mtrl's init)."""
+    dims = [inp] + [hidden] * 3
     net = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())],
                         nn.Linear(hidden, out))
     for layer in net[::2]:
@@ -224,10 +190,9 @@ class TanhGaussianActor(nn.Module):
 
 # ----------------------------------------------------------------------------- the methods
 def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
-    """a = argmin_{a in simplex} |sum_t a_t g_t|^2 from the Gram matrix G_ij = g_i.g_j, by the
-    official MinNormSolver (Sener & Koltun's): the best pair in closed form, then up to 250
-    projected-gradient steps with exact line search, until a step moves a by < 1e-5 (L1). In
-    float64 numpy on the host, as the official: T x T numbers, a loop that stops on their values."""
+    """a = argmin_{a in simplex} |sum_t a_t g_t|^2 from the Gram matrix G_ij = g_i.g_j by the
+    official MinNormSolver (Sener & Koltun's): the best pair in closed form, then <= 250 projected
+    gradient steps, exact line search, until a moves by < 1e-5 (L1); float64 numpy, as official."""
     M = gram.detach().double().cpu().numpy()
     T = M.shape[0]
 
@@ -249,22 +214,17 @@ def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
         t1, t2 = -a[g < 0] / g[g < 0], (1 - a[g > 0]) / g[g > 0]  # steps to the simplex's faces
         t = t1[t1 > 1e-7].min() if (t1 > 1e-7).any() else 1.0
         t = min(t, t2[t2 > 1e-7].min()) if (t2 > 1e-7).any() else t
-        new = project_to_simplex(a + t * g)
+        y = a + t * g  # projected on the simplex (sort-based, as the official _projection2simplex)
+        s = np.sort(y)[::-1]
+        cssv = (np.cumsum(s) - 1) / np.arange(1, T + 1)
+        above = np.nonzero(cssv[:-1] > s[1:])[0]
+        new = np.maximum(y - (cssv[above[0]] if len(above) else (y.sum() - 1) / T), 0)
         c, _ = pair(a @ M @ a, a @ M @ new, new @ M @ new)
         step = c * a + (1 - c) * new
         if np.abs(step - a).sum() < 1e-5:
             break
         a = step
     return torch.as_tensor(a).to(gram)
-
-
-def project_to_simplex(y: np.ndarray) -> np.ndarray:
-    """argmin_{z in simplex} |y - z| (sort-based, as the official _projection2simplex)."""
-    s = np.sort(y)[::-1]
-    cssv = (np.cumsum(s) - 1) / np.arange(1, len(y) + 1)
-    above = np.nonzero(cssv[:-1] > s[1:])[0]
-    theta = cssv[above[0]] if len(above) else (y.sum() - 1) / len(y)
-    return np.maximum(y - theta, 0)
 
 
 def mgda_ub(G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
@@ -340,11 +300,10 @@ def imtl_scales(T: int, lr: float, device) -> dict:
 # ----------------------------------------------------------------------------- where they apply
 def mtl_backward(method: str, losses: torch.Tensor, shared: list, heads: list,
                  z: Optional[torch.Tensor], state: dict, cagrad_c: float) -> dict:
-    """Sets .grad of `shared` to the method's direction and of `heads` to their plain gradient, from
-    the T task losses; the "at z" methods use dL_t/dz. With z None (RL: no heads, no representation)
-    every method acts on the shared parameters' gradients, as the official RL code: MGDA on
-    l2-normalised gradients, unitary and PCGrad as means over tasks. `state`: IMTL-L's scales
-    (supervised only). Returns the task weights, where there are some."""
+    """Sets .grad of `shared` to the method's direction from the T task losses (the "at z" methods
+    from dL_t/dz), of `heads` to their plain gradient; returns the task weights, where there are
+    some. z None (RL): on theta_sh's gradients, as the official RL code: MGDA on l2-normalised
+    gradients, unitary and PCGrad as means over tasks. `state`: IMTL-L's scales (supervised)."""
     T, rl = losses.shape[0], z is None
     if method == "imtl" and "s" in state:  # IMTL-L: e^{s_t} L_t - s_t, s learnt by their sum
         losses = state["s"].exp() * losses - state["s"]
@@ -355,12 +314,11 @@ def mtl_backward(method: str, losses: torch.Tensor, shared: list, heads: list,
         w = w / T if rl and method == "unitary" else w  # official RL: the batch mean
         assign(shared + heads, torch.autograd.grad((w * losses).sum(), shared + heads))
         return {"weights": w}
-
     at_z = z is not None and method in ("mgda-ub", "imtl", "graddrop")
     wrt = [z] if at_z else shared
     # G (T, N): the task gradients of z (batch x features, flattened) or of theta_sh
-    G = torch.stack([flat(torch.autograd.grad(losses[t], wrt, retain_graph=True, allow_unused=True),
-                          wrt) for t in range(T)])
+    G = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+        losses[t], wrt, retain_graph=True, materialize_grads=True)]) for t in range(T)])
     logs = {}
     if method == "mgda-ub" and rl:  # plain MGDA on g_t / |g_t|; the direction from those too
         G = G / G.norm(dim=1, keepdim=True).clamp(min=1e-12)
@@ -377,10 +335,8 @@ def mtl_backward(method: str, losses: torch.Tensor, shared: list, heads: list,
         d = graddrop(G, G, torch.rand(G.shape[1], device=G.device))
     elif method == "pcgrad":
         d = pcgrad(G, torch.rand(T, T, device=G.device).argsort(1)) / (T if rl else 1)
-    elif method == "cagrad":
-        d = cagrad(G, cagrad_c) * (1 if rl else T)  # supervised: "to match the sum loss" (its code)
-    else:
-        raise ValueError(method)
+    else:  # CAGrad; supervised: times T "to match the sum loss" (its code)
+        d = cagrad(G, cagrad_c) * (1 if rl else T)
     if at_z:  # back through the encoder with dL/dz := d, as backward of sum_t a_t L_t does
         assign(shared, torch.autograd.grad(z, shared, grad_outputs=d.view_as(z), retain_graph=True))
     else:
@@ -388,11 +344,6 @@ def mtl_backward(method: str, losses: torch.Tensor, shared: list, heads: list,
     if heads:
         assign(heads, torch.autograd.grad(losses.sum(), heads, allow_unused=True))
     return logs
-
-
-def flat(grads, params) -> torch.Tensor:
-    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
-                      for g, p in zip(grads, params)])
 
 
 def assign(params, grads):
@@ -499,7 +450,6 @@ class MultiTaskSAC(nn.Module):
         mtl_backward(args.mtl, critic_losses, list(self.critic.parameters()), [], None, {},
                      args.cagrad_c)
         self.critic_opt.step()
-
         new_act, log_prob = self.actor.sample(obs)
         actor_losses = (alpha * log_prob - self.critic(obs, new_act).min(0).values).mean(-1)  # (T,)
         self.actor_opt.zero_grad(set_to_none=True)
@@ -524,16 +474,13 @@ class CheetahTask:
 
     def __init__(self, name: str, t: int, args: Args):
         import gymnasium as gym
-        if name in ("forward", "backward"):
-            self.kind, self.target = "direction", 1.0 if name == "forward" else -1.0
-        elif name.startswith("vel-"):
-            try:
-                self.kind, self.target = "velocity", float(name[4:])
-            except ValueError:
-                fail(f"bad task '{name}': write vel-<m/s>, e.g. vel-1.5")
-        else:
-            fail(f"unknown task '{name}'; cheetah-vel-dir tasks are vel-<m/s>, forward and "
-                 "backward")
+        self.velocity = name.startswith("vel-")
+        if not self.velocity and name not in ("forward", "backward"):
+            fail(f"unknown task '{name}'; cheetah-vel-dir tasks: vel-<m/s>, forward and backward")
+        try:
+            self.target = float(name[4:]) if self.velocity else 1.0 if name == "forward" else -1.0
+        except ValueError:
+            fail(f"bad task '{name}': write vel-<m/s>, e.g. vel-1.5")
         self.env = gym.make("HalfCheetah-v5", max_episode_steps=args.episode_length)
         self.one_hot = np.eye(len(args.tasks), dtype=np.float32)[t]
         self.obs_dim = self.env.observation_space.shape[0] + len(args.tasks)
@@ -546,7 +493,7 @@ class CheetahTask:
     def step(self, action):
         obs, _, terminated, truncated, info = self.env.step(action)
         v, ctrl = info["x_velocity"], 0.05 * float(np.square(action).sum())
-        reward = -abs(v - self.target) - ctrl if self.kind == "velocity" else self.target * v - ctrl
+        reward = -abs(v - self.target) - ctrl if self.velocity else self.target * v - ctrl
         return np.concatenate([obs, self.one_hot]), reward, terminated, truncated, info
 
 
@@ -597,7 +544,7 @@ class MultiTaskReplay:
 
 @torch.no_grad()
 def evaluate(actor: TanhGaussianActor, envs: list, episodes: int, device, seed: int) -> np.ndarray:
-    """(T, episodes) returns of the deterministic policy tanh(mu(s)) in every task."""
+    """(T,) mean returns of the deterministic policy tanh(mu(s)) in every task."""
     returns = np.zeros((len(envs), episodes))
     for t, env in enumerate(envs):
         for i in range(episodes):
@@ -608,7 +555,7 @@ def evaluate(actor: TanhGaussianActor, envs: list, episodes: int, device, seed: 
                 obs, reward, terminated, truncated, _ = env.step(actor(s[None])[0].cpu().numpy())
                 returns[t, i] += reward
                 done = terminated or truncated
-    return returns
+    return returns.mean(1)
 
 
 # ----------------------------------------------------------------------------- the training loops
@@ -691,9 +638,18 @@ def train_rl(args: Args) -> dict:
         due = args.eval_interval > 0 and step % args.eval_interval == 0
         if args.eval_episodes > 0 and (last or due):
             with run.untimed():
-                returns = evaluate(agent.actor, eval_envs, args.eval_episodes, device,
-                                   args.seed + 10_000 + step)
-            run.evaluation(step, returns)
+                means = evaluate(agent.actor, eval_envs, args.eval_episodes, device,
+                                 args.seed + 10_000 + step)
+            run.evals.append((step, means.tolist()))
+            for name, r in zip(args.tasks, means):
+                run.writer.add_scalar(f"eval/return_{name}", r, step)
+            run.writer.add_scalar("eval/return", means.mean(), step)
+            with open(os.path.join(run.dir, "evaluations.csv"), "w") as f:
+                f.write("step," + ",".join(args.tasks) + ",mean\n")
+                f.writelines(f"{s}," + ",".join(f"{r:.2f}" for r in rs) + f",{np.mean(rs):.2f}\n"
+                             for s, rs in run.evals)
+            print(f"step={step} eval/return={means.mean():.1f} " +
+                  " ".join(f"{n}={r:.1f}" for n, r in zip(args.tasks, means)), flush=True)
             if args.save_model:
                 save_checkpoint(run, step, saved)
     for env in envs + eval_envs:
@@ -718,10 +674,9 @@ def study(args: Args) -> dict:
                     save_model=False)
             for m in args.methods for s in range(args.seed, args.seed + args.seeds)]
     todo = [j for j in jobs if not os.path.exists(os.path.join(j.run_dir, "results.json"))]
-    for j in todo:
-        if os.path.exists(j.run_dir):
-            fail(f"{j.run_dir} exists without results.json (an interrupted run); "
-                 "remove it to rerun it")
+    stale = [j.run_dir for j in todo if os.path.exists(j.run_dir)]
+    if stale:
+        fail(f"{stale[0]} exists without results.json (an interrupted run); remove it to rerun it")
     threads = max(1, torch.get_num_threads() // args.workers)
     print(f"study in {folder}: {len(jobs)} runs, {len(jobs) - len(todo)} already done, "
           f"{args.workers} at a time")
@@ -823,13 +778,17 @@ def fail(message: str):
 
 
 def setup(args: Args) -> tuple:
-    """Checks the input, resolves --cagrad-c, reads --resume's checkpoint, seeds python, numpy and
+    """Checks the input, fills --cagrad-c, reads --resume's checkpoint, seeds python, numpy and
     torch; returns (device, checkpoint or None, run folder)."""
     if args.mtl not in METHODS:
         fail(f"unknown method '{args.mtl}'; choose from {', '.join(METHODS)}")
     if args.env is None and args.dataset not in ("multi-digits", "multi-mnist"):
         fail(f"unknown dataset '{args.dataset}'; choose multi-digits or multi-mnist")
-    if args.env is not None and args.env not in ("cheetah-vel-dir", "metaworld-mt10"):
+    if args.env == "metaworld-mt10":
+        fail("metaworld-mt10 does not run with this project's MuJoCo: metaworld 3.1.1 pins mujoco "
+             "3.3.0, and on mujoco 4.0.0 its Sawyer envs fail while building (see docs/"
+             "mtl_scalarization.md); use --env cheetah-vel-dir")
+    if args.env not in (None, "cheetah-vel-dir"):
         fail(f"unknown env '{args.env}'; choose cheetah-vel-dir or metaworld-mt10")
     if min(args.epochs, args.batch_size, args.total_timesteps, args.rl_batch_size,
            args.log_interval) < 1:
@@ -841,8 +800,6 @@ def setup(args: Args) -> tuple:
         args.cagrad_c = 0.9 if args.env else 0.4
     device = torch.device(args.device if args.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but CUDA is not available")
     ckpt = None
     if args.resume is not None:
         if not os.path.isfile(args.resume):
@@ -855,6 +812,11 @@ def setup(args: Args) -> tuple:
             fail(f"{args.resume} is not a checkpoint of mtl_scalarization.py")
         if ckpt["script"] != "mtl_scalarization.py":
             fail(f"{args.resume} is a checkpoint of {ckpt['script']}, not of mtl_scalarization.py")
+        free = ("resume", "run_dir", "epochs", "total_timesteps", "save_model")
+        changed = [k for k, v in ckpt["args"].items() if k not in free and
+                   getattr(args, k) != (tuple(v) if isinstance(v, list) else v)]
+        if changed:
+            fail(f"--resume: the checkpoint was written with other settings ({', '.join(changed)})")
     name = f"runs/{args.env or args.dataset}__{args.mtl}__{args.seed}__{int(time.time())}"
     run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if ckpt else name)
     if os.path.exists(run_dir) and not (
@@ -864,22 +826,12 @@ def setup(args: Args) -> tuple:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    if ckpt is not None:
-        free = ("resume", "run_dir", "epochs", "total_timesteps", "save_model")
-        changed = [k for k, v in ckpt["args"].items() if k not in free and
-                   getattr(args, k) != (tuple(v) if isinstance(v, list) else v)]
-        if changed:
-            fail(f"--resume: the checkpoint was written with other settings ({', '.join(changed)})")
-    if args.env == "metaworld-mt10":
-        fail("metaworld-mt10 does not run with this project's MuJoCo: metaworld 3.1.1 pins mujoco "
-             "3.3.0, and on mujoco 4.0.0 its Sawyer envs fail while building (see "
-             "docs/mtl_scalarization.md); use --env cheetah-vel-dir")
     return device, ckpt, run_dir
 
 
 class Run:
-    """A run's outputs: args.json, TensorBoard (W&B with --track), stdout, evaluations.csv and
-    results.json, with the time per update (from the 20th on, evaluations excluded), peak memory."""
+    """A run's outputs (args.json, TensorBoard, W&B with --track, stdout, results.json), records a
+    checkpoint keeps, the time per update (from the 20th on, evaluations excluded), peak memory."""
 
     def __init__(self, run_dir: str, args: Args, device: torch.device):
         os.makedirs(run_dir, exist_ok=True)
@@ -890,36 +842,38 @@ class Run:
             import wandb
             wandb.init(project=args.wandb_project_name, config=vars(args),
                        name=os.path.basename(run_dir), dir=run_dir, sync_tensorboard=True)
-        self.dir, self.args, self.device = run_dir, args, device
+        self.dir, self.args, self.cuda = run_dir, args, device.type == "cuda"
         self.metrics = {"mtl": args.mtl, "seed": args.seed}  # results.json
-        self.evals, self.best, self.updates = [], {}, 0
+        self.evals, self.best, self.updates, self.t0, self.t_eval = [], {}, 0, None, 0.0
         self.episode_returns = np.zeros(len(args.tasks)) if args.env else None
-        self.t0, self.t_eval = None, 0.0
-        if device.type == "cuda":
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        self.rss0 = peak_rss_mb()
+        self.memory0 = 0.0 if self.cuda else self.peak_memory()
+
+    def peak_memory(self) -> float:  # MiB; CPU: the process's peak resident memory (a stand-in)
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def clock(self) -> float:
-        if self.device.type == "cuda":
+        if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
 
     def updated(self):
         self.updates += 1
         if self.updates == 20:  # timing starts after warm-up
-            self.t0 = self.clock()
+            self.t0, self.t_eval = self.clock(), 0.0
 
     @contextlib.contextmanager
     def untimed(self):
         start = time.perf_counter()
         yield
-        if self.t0 is not None:
-            self.t_eval += time.perf_counter() - start
+        self.t_eval += time.perf_counter() - start
 
     def seconds_per_update(self) -> float:
-        if self.t0 is None or self.updates <= 20:
-            return float("nan")
-        return (self.clock() - self.t0 - self.t_eval) / (self.updates - 20)
+        n = self.updates - 20
+        return math.nan if self.t0 is None or n <= 0 else (self.clock() - self.t0 - self.t_eval) / n
 
     def log(self, step: int, metrics: dict):
         """TensorBoard, results.json's metrics and one stdout line; stops on a NaN or an inf."""
@@ -935,40 +889,18 @@ class Run:
                          for k, v in metrics.items() if k.startswith(("losses", "val")))
         print(f"{unit}={step} {shown} ups={ups:.1f}", flush=True)
 
-    def evaluation(self, step: int, returns: np.ndarray):
-        """returns: (T, episodes)."""
-        means, tasks = returns.mean(1), self.args.tasks
-        self.evals.append((step, means.tolist()))
-        for name, r in zip(tasks, means):
-            self.writer.add_scalar(f"eval/return_{name}", r, step)
-        self.writer.add_scalar("eval/return", means.mean(), step)
-        with open(os.path.join(self.dir, "evaluations.csv"), "w") as f:
-            f.write("step," + ",".join(tasks) + ",mean\n")
-            f.writelines(f"{s}," + ",".join(f"{r:.2f}" for r in rs) + f",{np.mean(rs):.2f}\n"
-                         for s, rs in self.evals)
-        print(f"step={step} eval/return={means.mean():.1f} " +
-              " ".join(f"{n}={r:.1f}" for n, r in zip(tasks, means)), flush=True)
-
     def finish(self, final: dict) -> dict:
         """Writes results.json and prints the final metrics; returns them with the run's folder."""
         spu = self.seconds_per_update()
-        peak = (torch.cuda.max_memory_allocated() / 2**20 if self.device.type == "cuda"
-                else peak_rss_mb() - self.rss0)
         self.metrics.update(final, updates=self.updates, seconds_per_update=spu,
-                            peak_memory_mb=peak)
-        self.metrics["updates_per_second"] = 1.0 / self.metrics["seconds_per_update"]
+                            peak_memory_mb=self.peak_memory() - self.memory0)
+        self.metrics["updates_per_second"] = 1.0 / spu
         with open(os.path.join(self.dir, "results.json"), "w") as f:
             json.dump(self.metrics, f, indent=2)
-        floats = [f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float)]
-        print(" ".join(floats), flush=True)
+        print(" ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float)),
+              flush=True)
         self.writer.close()
         return {**self.metrics, "run_dir": self.dir, "evaluations": self.evals}
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (the CPU stand-in for CUDA's peak allocation)."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 MNIST_URLS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
@@ -985,8 +917,7 @@ def load_mnist(folder: str) -> tuple:
     arrays = []
     for name in MNIST_FILES:
         path = os.path.join(folder, name)
-        urls = [] if os.path.exists(path) else [f"{base.rstrip('/')}/{name}" for base in bases]
-        for url in urls:
+        for url in [] if os.path.exists(path) else [f"{b.rstrip('/')}/{name}" for b in bases]:
             try:
                 print(f"downloading {url}")
                 with urllib.request.urlopen(url, timeout=30) as r:
