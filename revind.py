@@ -613,6 +613,9 @@ def main(args: Args) -> dict:
 
 
 # ----------------------------------------------------------------------------- evaluation
+VARIANTS = ("graph", "policy", "distance-graph")  # ReViND; the policy alone; ViNG-like weights
+
+
 @torch.no_grad()
 def build_graph(agent: ReViND, data: dict, args: Args, device: torch.device) -> dict:
     """Nodes: dataset frames, at most one per node_spacing cell and 90-degree heading bin. Edge
@@ -642,8 +645,7 @@ def value_to_steps(value: np.ndarray, gamma: float) -> np.ndarray:
     """n with -(1 - gamma^n) / (1 - gamma) = V (inf at or below -1 / (1 - gamma), never
     arriving); at least one step: V above -1 (an over-estimate) counts as one, never 0 or less."""
     inside = 1 + (1 - gamma) * np.minimum(np.asarray(value, np.float64), -1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(inside > 0, np.log(np.clip(inside, 1e-300, None)) / np.log(gamma), np.inf)
+    return np.where(inside > 0, np.log(np.clip(inside, 1e-300, None)) / np.log(gamma), np.inf)
 
 
 def shortest_paths(graph: dict, goal: int) -> tuple:
@@ -683,9 +685,6 @@ def next_subgoal(graph: dict, plan: tuple, position, cost_from_here, lookahead: 
     while nxt[node] >= 0 and np.linalg.norm(graph["pos"][node] - position) < lookahead:
         node = nxt[node]
     return graph["pos"][node]
-
-
-VARIANTS = ("graph", "policy", "distance-graph")  # ReViND; the policy alone; ViNG-like weights
 
 
 def far_goal_tasks(world: World, episodes: int, seed: int) -> list:
@@ -783,6 +782,9 @@ def plot_routes(world: World, episodes: dict, graph: dict, path: str, title: str
 # Plumbing: argument checks, checkpoints, the CUDA-graph helper.
 # Nothing below changes what the algorithm does.
 # =============================================================================
+OPTIMIZERS = ("actor_opt", "critic_opt", "value_opt")  # ReViND's, by attribute name
+
+
 def fail(message: str):
     """Bad input: one clear sentence on stderr and exit status 1."""
     raise SystemExit(f"revind.py: error: {message}")
@@ -807,9 +809,6 @@ def check_args(args: Args) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but CUDA is not available")
     return device
-
-
-OPTIMIZERS = ("actor_opt", "critic_opt", "value_opt")  # ReViND's, by attribute name
 
 
 def save_checkpoint(path: str, agent: ReViND, step: int, args: Args, evals: list):
