@@ -1,4 +1,4 @@
-"""SAC at update-to-data ratio 20 with DroQ critics ("A Walk in the Park").
+"""SAC at update-to-data ratio 20 with DroQ critics ("A Walk in the Park"), and AVTD.
 
 Smith, Kostrikov, Levine, "A Walk in the Park: Learning to Walk in 20 Minutes With Model-Free
 Reinforcement Learning", RSS 2023, arXiv:2208.07860; official code: ikostrikov/walk_in_the_park.
@@ -12,18 +12,17 @@ steps, each env step draws G x B transitions (G = 20, m = 1 - terminal) for one 
         L_pi    = E[alpha log pi(a~|s) - mean_k Q_k(s, a~)]
         L_alpha = alpha (H - H_target),  H = -E[log pi(a~|s)],  H_target = -|A| / 2
 
+AVTD (Li, Kumar, Kostrikov, Levine, ICLR 2023, arXiv:2304.10466): one agent per candidate critic
+regulariser, all updated on the same batches; every `avtd_interval` steps the agent whose critics
+have the lowest TD error on the held-out transitions acts (no code was released: CANDIDATES, the
+interval and measuring with dropout off are this file's choices).
+
 Usage (rlpd.py is this agent with prior data: diff the two files):
     python sac_20min.py                                 # Ant-v4, 24k steps (20 minutes at 20 Hz)
     python sac_20min.py --env Hopper-v4 --total-timesteps 100000
     python sac_20min.py --action-filter-cutoff 4.0      # 2nd-order Butterworth low-pass, 4 Hz
     python sac_20min.py --save-dataset ant-20min.hdf5   # the replay in D4RL's layout, for iql/rlpd
     python sac_20min.py --avtd droq layer_norm none     # AVTD: the lowest held-out TD error acts
-
-AVTD (Li, Kumar, Kostrikov, Levine, ICLR 2023, arXiv:2304.10466): one agent per candidate critic
-regulariser, all updated on the same batches of one shared replay; every `avtd_interval` steps each
-agent's TD error on all held-out transitions is measured (dropout off), and the agent with the
-lowest acts and is evaluated. The candidates' rates (CANDIDATES), the interval and measuring with
-dropout off are this file's choices (no official code was released).
 
 Differences from the official code (docs/sac_20min.md has the environment details):
 - PyTorch; both critics are one batched module (stacked weights, bmm).
@@ -52,81 +51,47 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+Candidate = Literal["none", "dropout", "layer_norm", "droq", "weight_decay"]
+
 
 @dataclass
 class Args:
-    exp_name: str = "sac_20min"
-    """name of this experiment (part of the run folder's name)"""
-    env: str = "Ant-v4"
-    """a Gymnasium id with a continuous action space"""
-    seed: int = 42
-    """seed of python, numpy, torch and the env (official default: 42)"""
-    total_timesteps: int = 24_000
-    """environment steps (20 minutes at Ant's 20 Hz)"""
-    learning_starts: int = 1000
-    """uniformly random actions, and no updates, for this many steps (official README: 1000)"""
-    utd_ratio: int = 20
-    """critic updates per environment step (G)"""
-    batch_size: int = 256
-    """transitions per critic update"""
-    buffer_size: Optional[int] = None
-    """replay capacity (default: total_timesteps, i.e. nothing is ever dropped)"""
-    eval_interval: int = 2000
-    """environment steps between evaluations; 0 = evaluate only at the end"""
-    eval_episodes: int = 5
-    """deterministic episodes per evaluation; 0 = never evaluate"""
-    log_interval: int = 1000
-    """environment steps between logged losses"""
-    actor_lr: float = 3e-4
-    """actor learning rate"""
-    critic_lr: float = 3e-4
-    """critic learning rate"""
-    temp_lr: float = 3e-4
-    """temperature learning rate"""
-    hidden_dim: int = 256
-    """width of the two hidden layers of actor and critics"""
-    num_qs: int = 2
-    """critics in the ensemble"""
-    critic_dropout: float = 0.01
-    """dropout rate in the critics (DroQ); kept on in target and actor evaluations"""
-    critic_layer_norm: bool = True
-    """LayerNorm after each critic hidden layer's dropout (DroQ)"""
-    critic_weight_decay: float = 0.0
-    """decoupled weight decay of the critics (AdamW; 0 = Adam, as the official code)"""
-    avtd: tuple[Literal["none", "dropout", "layer_norm", "droq", "weight_decay"], ...] = ()
-    """AVTD: one agent per named candidate (CANDIDATES); the lowest held-out TD error acts"""
-    avtd_interval: int = 1000
-    """environment steps between AVTD's measurements and choices of the acting agent"""
-    init_temperature: float = 0.1
-    """initial entropy temperature alpha"""
-    target_entropy: Optional[float] = None
-    """entropy target (default: -|A| / 2)"""
-    backup_entropy: bool = True
-    """subtract gamma * m * alpha * log pi(a'|s') in the critic target"""
-    gamma: float = 0.99
-    """discount factor"""
-    tau: float = 0.005
-    """Polyak rate of the target critics"""
-    action_filter_cutoff: Optional[float] = None
-    """cutoff (Hz) of a 2nd-order Butterworth low-pass on the actions (default: none, official)"""
-    validation_fraction: float = 0.05
-    """fraction of new transitions held out to measure the validation TD error; 0 = none"""
-    save_dataset: Optional[str] = None
-    """write every transition collected, in the D4RL HDF5 layout, to this new file at the end"""
-    device: str = "auto"
-    """'auto' (cuda if available), 'cpu' or 'cuda'"""
-    cuda_graph: bool = True
-    """capture the whole UTD block as one CUDA graph (applies only on a CUDA device)"""
-    compile: bool = False
-    """torch.compile the UTD block"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project_name: str = "rl-reference"
-    """W&B project"""
-    capture_video: bool = False
-    """record the first episode of each evaluation under the run folder"""
-    save_model: bool = False
-    """write run_dir/checkpoint.pt (agent, optimizers, replay) at each evaluation and at the end"""
+    exp_name: str = "sac_20min"  # name of this experiment (part of the run folder's name)
+    env: str = "Ant-v4"  # a Gymnasium id with a continuous action space
+    seed: int = 42  # seed of python, numpy, torch and the env (official default: 42)
+    total_timesteps: int = 24_000  # environment steps (20 minutes at Ant's 20 Hz)
+    learning_starts: int = 1000  # random actions, no updates, for this many steps (official: 1000)
+    utd_ratio: int = 20  # critic updates per environment step (G)
+    batch_size: int = 256  # transitions per critic update
+    buffer_size: Optional[int] = None  # replay capacity (default: total_timesteps, nothing dropped)
+    eval_interval: int = 2000  # environment steps between evaluations; 0 = only at the end
+    eval_episodes: int = 5  # deterministic episodes per evaluation; 0 = never evaluate
+    log_interval: int = 1000  # environment steps between logged losses
+    actor_lr: float = 3e-4  # actor learning rate
+    critic_lr: float = 3e-4  # critic learning rate
+    temp_lr: float = 3e-4  # temperature learning rate
+    hidden_dim: int = 256  # width of the two hidden layers of actor and critics
+    num_qs: int = 2  # critics in the ensemble
+    critic_dropout: float = 0.01  # critics' dropout rate (DroQ); on in target and actor evaluations
+    critic_layer_norm: bool = True  # LayerNorm after each critic hidden layer's dropout (DroQ)
+    critic_weight_decay: float = 0.0  # decoupled critic weight decay (AdamW; 0 = Adam, as official)
+    avtd: tuple[Candidate, ...] = ()  # AVTD candidates: the agent of lowest held-out TD error acts
+    avtd_interval: int = 1000  # environment steps between AVTD's choices of the acting agent
+    init_temperature: float = 0.1  # initial entropy temperature alpha
+    target_entropy: Optional[float] = None  # entropy target (default: -|A| / 2)
+    backup_entropy: bool = True  # subtract gamma * m * alpha * log pi(a'|s') in the critic target
+    gamma: float = 0.99  # discount factor
+    tau: float = 0.005  # Polyak rate of the target critics
+    action_filter_cutoff: Optional[float] = None  # Hz, a 2nd-order Butterworth low-pass on actions
+    validation_fraction: float = 0.05  # fraction of new transitions held out (validation TD error)
+    save_dataset: Optional[str] = None  # write every transition, in D4RL's layout, to this new file
+    device: str = "auto"  # 'auto' (cuda if available), 'cpu' or 'cuda'
+    cuda_graph: bool = True  # capture the whole UTD block as one CUDA graph (on CUDA only)
+    compile: bool = False  # torch.compile the UTD block
+    track: bool = False  # log to Weights & Biases
+    wandb_project_name: str = "rl-reference"  # W&B project
+    capture_video: bool = False  # record the first episode of each evaluation (run folder)
+    save_model: bool = False  # checkpoint.pt (agents, optimizers, replay) at evaluations and end
     resume: Optional[str] = None
     """continue from a checkpoint.pt (a new episode starts; outputs: its folder, or --run-dir)"""
     run_dir: Optional[str] = None
@@ -309,12 +274,7 @@ def main(args: Args) -> dict:
                           "cuda" if torch.cuda.is_available() else "cpu")
     args = replace(args, device=str(device), cuda_graph=args.cuda_graph and device.type == "cuda",
                    buffer_size=args.buffer_size or args.total_timesteps)
-    check_args(args, device)
-    here = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None  # its folder
-    new = f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = args.run_dir or here or new
-    if os.path.exists(run_dir) and not (here and os.path.samefile(run_dir, here)):
-        fail(f"run folder {run_dir} already exists; choose another --run-dir (never overwritten)")
+    run_dir = check_args(args, device)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -322,10 +282,10 @@ def main(args: Args) -> dict:
     eval_env = make_env(args, render=args.capture_video)
     env.action_space.seed(args.seed)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    regularisers = [CANDIDATES[name] for name in args.avtd]  # AVTD: one agent per candidate
     agents = [SAC(obs_dim, act_dim, replace(args, critic_dropout=p, critic_layer_norm=norm,
                                             critic_weight_decay=decay), device)
-              for p, norm, decay in regularisers] or [SAC(obs_dim, act_dim, args, device)]
+              for p, norm, decay in map(CANDIDATES.get, args.avtd)]  # AVTD: one per candidate
+    agents = agents or [SAC(obs_dim, act_dim, args, device)]
     args = replace(args, target_entropy=agents[0].target_entropy)
     buffers = {"train": ReplayBuffer(args.buffer_size, obs_dim, act_dim, device),  # trained on
                "validation": ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)}  # held out
@@ -341,20 +301,7 @@ def main(args: Args) -> dict:
     step_fn = torch.compile(train_step) if args.compile else train_step
     if args.cuda_graph:
         step_fn = cuda_graph(step_fn)  # (CUDA graph) 3 eager warm-ups, then replays; each a block
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                    "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project_name, config=vars(args), dir=run_dir,
-                   name=os.path.basename(run_dir), sync_tensorboard=True)
-    if args.eval_episodes > 0 and args.capture_video:
-        eval_env = gym.wrappers.RecordVideo(eval_env, os.path.join(run_dir, "videos"),
-                                            episode_trigger=lambda e: e % args.eval_episodes == 0)
-
+    writer, eval_env = open_run(args, run_dir, eval_env)
     results, info, updates, t0, t_eval = {}, None, 0, None, 0.0
     warmup = max(start, args.learning_starts) + 50  # updates/s after compile/capture warm-up
     obs, _ = env.reset(seed=args.seed + start)
@@ -453,8 +400,8 @@ def main(args: Args) -> dict:
 
 
 # =============================================================================
-# Plumbing: the env, the replay buffer, checks, evaluation, the D4RL writer, checkpoints,
-# the CUDA-graph helper.
+# Plumbing: the env, the replay buffer, checks, the run folder, evaluation, the D4RL writer,
+# checkpoints, the CUDA-graph helper.
 # =============================================================================
 def make_env(args: Args, render: bool = False) -> gym.Env:
     """The env with actions in [-1, 1] (the actor's tanh range), optionally low-pass filtered."""
@@ -551,7 +498,8 @@ def fail(message: str):
     raise SystemExit(f"sac_20min.py: error: {message}")
 
 
-def check_args(args: Args, device: torch.device):
+def check_args(args: Args, device: torch.device) -> str:
+    """Bad input stops here, before anything is made or read; returns the run folder."""
     if min(args.total_timesteps, args.utd_ratio, args.batch_size, args.log_interval,
            args.avtd_interval) < 1:
         fail("--total-timesteps, --utd-ratio, --batch-size, --log-interval and --avtd-interval "
@@ -568,6 +516,30 @@ def check_args(args: Args, device: torch.device):
         fail("--device cuda was asked for but CUDA is not available")
     if args.resume and not os.path.isfile(args.resume):
         fail(f"checkpoint {args.resume} does not exist")
+    here = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None  # its folder
+    new = f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.run_dir or here or new
+    if os.path.exists(run_dir) and not (here and os.path.samefile(run_dir, here)):
+        fail(f"run folder {run_dir} already exists; choose another --run-dir (never overwritten)")
+    return run_dir
+
+
+def open_run(args: Args, run_dir: str, eval_env: gym.Env) -> tuple:
+    """The run folder with args.json, TensorBoard (and W&B), and the evaluation videos' recorder."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                    "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, config=vars(args), dir=run_dir,
+                   name=os.path.basename(run_dir), sync_tensorboard=True)
+    if args.eval_episodes > 0 and args.capture_video:
+        eval_env = gym.wrappers.RecordVideo(eval_env, os.path.join(run_dir, "videos"),
+                                            episode_trigger=lambda e: e % args.eval_episodes == 0)
+    return writer, eval_env
 
 
 @torch.no_grad()
