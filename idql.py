@@ -56,83 +56,52 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    exp_name: str = "idql"
-    """name of this experiment (part of the run folder's name)"""
+    exp_name: str = "idql"  # name of this experiment (part of the run folder's name)
     env: str = "hopper-medium-v2"
     """a D4RL name (hopper-medium-v2), a Minari id (D4RL/antmaze/umaze-v1) or, with --dataset,
     any Gymnasium id"""
-    dataset: Optional[str] = None
-    """path of a local D4RL-format .hdf5; skips the download"""
-    seed: int = 42
-    """seed of python, numpy, torch and the evaluation envs"""
-    max_steps: int = 3_000_000
-    """number of gradient steps (official: 3M)"""
-    batch_size: int = 512
-    """transitions per gradient step (official launcher: 512)"""
-    eval_interval: int = 250_000
-    """gradient steps between evaluations; 0 = evaluate only at the end (official: 250k)"""
-    eval_episodes: int = 50
-    """episodes per evaluation, run as one batch (official: 50); 0 = never evaluate"""
-    log_interval: int = 1000
-    """gradient steps between logged losses"""
-    expectile: Optional[float] = None
-    """tau of the critic's loss (default: 0.7, antmaze 0.9)"""
+    dataset: Optional[str] = None  # path of a local D4RL-format .hdf5; skips the download
+    seed: int = 42  # seed of python, numpy, torch and the evaluation envs
+    max_steps: int = 3_000_000  # number of gradient steps (official: 3M)
+    batch_size: int = 512  # transitions per gradient step (official launcher: 512)
+    eval_interval: int = 250_000  # steps between evaluations; 0 = only at the end (official: 250k)
+    eval_episodes: int = 50  # episodes per evaluation, run as one batch (official: 50); 0 = never
+    log_interval: int = 1000  # gradient steps between logged losses
+    expectile: Optional[float] = None  # tau of the critic's loss (default: 0.7, antmaze 0.9)
     critic_objective: Literal["expectile", "quantile"] = "expectile"
     """V's loss: expectile |tau - 1(u<0)| u^2 (official) or quantile |tau - 1(u<0)| |u| (paper)"""
     normalize_rewards: Optional[bool] = None
     """scale rewards by 1000 / (max - min trajectory return) (default: on for locomotion)"""
-    num_samples: int = 64
-    """N: diffusion samples per state to choose from (paper evaluates 16 / 64 / 256)"""
+    num_samples: int = 64  # N: diffusion samples per state to choose from (paper: 16 / 64 / 256)
     selection: Literal["argmax", "implicit"] = "argmax"
     """argmax of min target Q (official), or resampling by the implicit policy's weights (paper)"""
-    diffusion_steps: int = 5
-    """T of the DDPM (official: 5, VP schedule)"""
-    clip_sampler: bool = True
-    """clip the sample to [-1, 1] after every denoising step (official: on)"""
-    actor_lr: float = 3e-4
-    """diffusion model learning rate (AdamW, cosine-decayed to 0)"""
+    diffusion_steps: int = 5  # T of the DDPM (official: 5, VP schedule)
+    clip_sampler: bool = True  # clip the sample to [-1, 1] after each denoising step (official: on)
+    actor_lr: float = 3e-4  # diffusion model learning rate (AdamW, cosine-decayed to 0)
     actor_weight_decay: float = 1e-4
     """AdamW weight decay of the diffusion model (optax.adamw's default, as the official code)"""
     lr_decay_steps: int = 3_000_000
     """horizon of the actor's cosine lr decay (official: 3M, fixed whatever --max-steps is)"""
-    actor_ema: float = 0.001
-    """EMA rate of the sampling copy of the diffusion model"""
-    actor_dropout: float = 0.1
-    """dropout in each residual block of the denoiser"""
-    actor_hidden: int = 256
-    """width of the denoiser's residual stream (blocks expand it 4x)"""
-    actor_blocks: int = 3
-    """residual blocks of the denoiser"""
-    time_dim: int = 128
-    """size of the learnable Fourier time embedding"""
-    critic_lr: float = 3e-4
-    """Q learning rate"""
-    value_lr: float = 3e-4
-    """V learning rate"""
-    hidden_dim: int = 256
-    """width of the two hidden layers of Q and V"""
-    gamma: float = 0.99
-    """discount factor"""
-    tau: float = 0.005
-    """Polyak rate of the target Q"""
-    device: str = "auto"
-    """'auto' (cuda if available), 'cpu' or 'cuda'"""
-    cuda_graph: bool = True
-    """capture the update and the N-sample selection as CUDA graphs (only on a CUDA device)"""
-    compile: bool = False
-    """torch.compile the update and the action selection"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project_name: str = "rl-reference"
-    """W&B project"""
-    capture_video: bool = False
-    """record the first episode of each evaluation under the run folder"""
-    save_model: bool = False
-    """write run_dir/checkpoint.pt at each evaluation and at the end"""
+    actor_ema: float = 0.001  # EMA rate of the sampling copy of the diffusion model
+    actor_dropout: float = 0.1  # dropout in each residual block of the denoiser
+    actor_hidden: int = 256  # width of the denoiser's residual stream (blocks expand it 4x)
+    actor_blocks: int = 3  # residual blocks of the denoiser
+    time_dim: int = 128  # size of the learnable Fourier time embedding
+    critic_lr: float = 3e-4  # Q learning rate
+    value_lr: float = 3e-4  # V learning rate
+    hidden_dim: int = 256  # width of the two hidden layers of Q and V
+    gamma: float = 0.99  # discount factor
+    tau: float = 0.005  # Polyak rate of the target Q
+    device: str = "auto"  # 'auto' (cuda if available), 'cpu' or 'cuda'
+    cuda_graph: bool = True  # the update and the N-sample selection as CUDA graphs (on CUDA only)
+    compile: bool = False  # torch.compile the update and the action selection
+    track: bool = False  # log to Weights & Biases
+    wandb_project_name: str = "rl-reference"  # W&B project
+    capture_video: bool = False  # record the first episode of each evaluation under the run folder
+    save_model: bool = False  # write run_dir/checkpoint.pt at each evaluation and at the end
     keep_checkpoints: bool = False
     """with --save-model, also keep each as checkpoint_{step}.pt (to --eval-only a run's history)"""
-    resume: Optional[str] = None
-    """continue from a checkpoint.pt (outputs go to its folder unless --run-dir)"""
+    resume: Optional[str] = None  # continue from a checkpoint.pt (outputs: its folder or --run-dir)
     eval_only: bool = False
     """only evaluate the --resume checkpoint with this run's --num-samples, --selection and
     --eval-episodes, into a new folder (default: next to the checkpoint); no training"""

@@ -54,65 +54,40 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    exp_name: str = "iql"
-    """name of this experiment (part of the run folder's name)"""
+    exp_name: str = "iql"  # name of this experiment (part of the run folder's name)
     env: str = "hopper-medium-v2"
     """a D4RL name (hopper-medium-v2), a Minari id (D4RL/antmaze/umaze-v1) or, with --dataset,
     any Gymnasium id"""
-    dataset: Optional[str] = None
-    """path of a local D4RL-format .hdf5; skips the download"""
-    seed: int = 42
-    """seed of python, numpy, torch and the evaluation env (official default: 42)"""
-    max_steps: int = 1_000_000
-    """number of gradient steps"""
-    batch_size: int = 256
-    """transitions per gradient step"""
-    eval_interval: int = 5000
-    """gradient steps between evaluations; 0 = evaluate only at the end"""
-    eval_episodes: Optional[int] = None
-    """episodes per evaluation (default: 10, antmaze 100); 0 = never evaluate"""
-    log_interval: int = 1000
-    """gradient steps between logged losses"""
-    expectile: Optional[float] = None
-    """tau of the expectile value loss (default: 0.7, antmaze 0.9)"""
+    dataset: Optional[str] = None  # path of a local D4RL-format .hdf5; skips the download
+    seed: int = 42  # seed of python, numpy, torch and the evaluation env (official default: 42)
+    max_steps: int = 1_000_000  # number of gradient steps
+    batch_size: int = 256  # transitions per gradient step
+    eval_interval: int = 5000  # gradient steps between evaluations; 0 = evaluate only at the end
+    eval_episodes: Optional[int] = None  # episodes per evaluation (10, antmaze 100); 0 = never
+    log_interval: int = 1000  # gradient steps between logged losses
+    expectile: Optional[float] = None  # tau of the expectile value loss (default: 0.7, antmaze 0.9)
     beta: Optional[float] = None
     """inverse temperature of the AWR actor (default: 3.0, antmaze 10.0, kitchen/adroit 0.5)"""
-    actor_dropout: Optional[float] = None
-    """dropout in the actor's hidden layers (default: none, kitchen/adroit 0.1)"""
+    actor_dropout: Optional[float] = None  # actor hidden-layer dropout (none; kitchen/adroit: 0.1)
     normalize_rewards: Optional[bool] = None
     """scale rewards by 1000 / (max - min trajectory return) (default: on for locomotion)"""
-    exp_adv_max: float = 100.0
-    """upper clip of the AWR weight exp(beta * A)"""
-    actor_lr: float = 3e-4
-    """actor learning rate (cosine-decayed to 0)"""
-    critic_lr: float = 3e-4
-    """Q learning rate"""
-    value_lr: float = 3e-4
-    """V learning rate"""
+    exp_adv_max: float = 100.0  # upper clip of the AWR weight exp(beta * A)
+    actor_lr: float = 3e-4  # actor learning rate (cosine-decayed to 0)
+    critic_lr: float = 3e-4  # Q learning rate
+    value_lr: float = 3e-4  # V learning rate
     lr_decay_steps: Optional[int] = None
     """horizon of the actor's cosine lr decay (default: --max-steps, as the official code)"""
-    hidden_dim: int = 256
-    """width of the two hidden layers of every network"""
-    gamma: float = 0.99
-    """discount factor"""
-    tau: float = 0.005
-    """Polyak rate of the target Q"""
-    device: str = "auto"
-    """'auto' (cuda if available), 'cpu' or 'cuda'"""
-    cuda_graph: bool = True
-    """capture the update as one CUDA graph (applies only on a CUDA device)"""
-    compile: bool = False
-    """torch.compile the update"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project_name: str = "rl-reference"
-    """W&B project"""
-    capture_video: bool = False
-    """record the first episode of each evaluation under the run folder"""
-    save_model: bool = False
-    """write run_dir/checkpoint.pt at each evaluation and at the end"""
-    resume: Optional[str] = None
-    """continue from a checkpoint.pt (outputs go to its folder unless --run-dir)"""
+    hidden_dim: int = 256  # width of the two hidden layers of every network
+    gamma: float = 0.99  # discount factor
+    tau: float = 0.005  # Polyak rate of the target Q
+    device: str = "auto"  # 'auto' (cuda if available), 'cpu' or 'cuda'
+    cuda_graph: bool = True  # capture the update as one CUDA graph (applies only on a CUDA device)
+    compile: bool = False  # torch.compile the update
+    track: bool = False  # log to Weights & Biases
+    wandb_project_name: str = "rl-reference"  # W&B project
+    capture_video: bool = False  # record the first episode of each evaluation under the run folder
+    save_model: bool = False  # write run_dir/checkpoint.pt at each evaluation and at the end
+    resume: Optional[str] = None  # continue from a checkpoint.pt (outputs: its folder or --run-dir)
     run_dir: Optional[str] = None
     """output folder (default: runs/{env}__{exp_name}__{seed}__{time}); must not exist"""
 

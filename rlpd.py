@@ -57,77 +57,48 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    exp_name: str = "rlpd"
-    """name of this experiment (part of the run folder's name)"""
+    exp_name: str = "rlpd"  # name of this experiment (part of the run folder's name)
     env: str = "hopper-medium-v2"
     """a D4RL locomotion dataset or a Minari dataset id (mujoco/hopper/medium-v0,
     D4RL/antmaze/umaze-v1, ...): its env runs online; with --dataset also any Gymnasium id"""
-    dataset: Optional[str] = None
-    """path of a local D4RL-format .hdf5 (the prior data); skips the download"""
-    seed: int = 42
-    """seed of python, numpy, torch and the env (official default: 42)"""
-    total_timesteps: int = 250_000
-    """environment steps (official locomotion runs: 250k)"""
-    learning_starts: int = 5000
-    """uniformly random actions, and no updates, for this many steps (official commands: 5000)"""
-    utd_ratio: int = 20
-    """critic updates per environment step (G)"""
-    batch_size: int = 256
-    """transitions per critic update"""
-    offline_ratio: float = 0.5
-    """share of each batch drawn from the offline data (symmetric sampling: 0.5)"""
-    buffer_size: Optional[int] = None
-    """online replay capacity (default: total_timesteps)"""
-    eval_interval: int = 5000
-    """environment steps between evaluations; 0 = evaluate only at the end"""
-    eval_episodes: int = 10
-    """deterministic episodes per evaluation; 0 = never evaluate"""
-    log_interval: int = 1000
-    """environment steps between logged losses"""
-    actor_lr: float = 3e-4
-    """actor learning rate"""
-    critic_lr: float = 3e-4
-    """critic learning rate"""
-    temp_lr: float = 3e-4
-    """temperature learning rate"""
-    hidden_dim: int = 256
-    """width of the hidden layers of actor and critics"""
+    dataset: Optional[str] = None  # a local D4RL-format .hdf5 (the prior data); skips the download
+    seed: int = 42  # seed of python, numpy, torch and the env (official default: 42)
+    total_timesteps: int = 250_000  # environment steps (official locomotion runs: 250k)
+    learning_starts: int = 5000  # random actions, no updates, for this many steps (official: 5000)
+    utd_ratio: int = 20  # critic updates per environment step (G)
+    batch_size: int = 256  # transitions per critic update
+    offline_ratio: float = 0.5  # share of each batch from the offline data (symmetric: 0.5)
+    buffer_size: Optional[int] = None  # online replay capacity (default: total_timesteps)
+    eval_interval: int = 5000  # environment steps between evaluations; 0 = evaluate only at the end
+    eval_episodes: int = 10  # deterministic episodes per evaluation; 0 = never evaluate
+    log_interval: int = 1000  # environment steps between logged losses
+    actor_lr: float = 3e-4  # actor learning rate
+    critic_lr: float = 3e-4  # critic learning rate
+    temp_lr: float = 3e-4  # temperature learning rate
+    hidden_dim: int = 256  # width of the hidden layers of actor and critics
     hidden_layers: Optional[int] = None
     """hidden layers of actor and critics (default: 2; antmaze, adroit: 3, as officially)"""
-    num_qs: int = 10
-    """critics in the ensemble"""
+    num_qs: int = 10  # critics in the ensemble
     num_min_qs: Optional[int] = None
     """size of the random subset of target critics whose min is the backup (default: 2;
     antmaze: 1)"""
-    critic_layer_norm: bool = True
-    """LayerNorm after each critic hidden layer"""
-    init_temperature: float = 1.0
-    """initial entropy temperature alpha"""
-    target_entropy: Optional[float] = None
-    """entropy target (default: -|A| / 2)"""
+    critic_layer_norm: bool = True  # LayerNorm after each critic hidden layer
+    init_temperature: float = 1.0  # initial entropy temperature alpha
+    target_entropy: Optional[float] = None  # entropy target (default: -|A| / 2)
     backup_entropy: Optional[bool] = None
     """subtract gamma * m * alpha * log pi(a'|s') in the critic target (default: on; antmaze,
     adroit: off)"""
     reward_bias: Optional[float] = None
     """added to every reward, offline and online (default: 0; antmaze: -1, as officially)"""
-    gamma: float = 0.99
-    """discount factor"""
-    tau: float = 0.005
-    """Polyak rate of the target critics"""
-    device: str = "auto"
-    """'auto' (cuda if available), 'cpu' or 'cuda'"""
-    cuda_graph: bool = True
-    """capture the whole UTD block as one CUDA graph (applies only on a CUDA device)"""
-    compile: bool = False
-    """torch.compile the UTD block"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project_name: str = "rl-reference"
-    """W&B project"""
-    capture_video: bool = False
-    """record the first episode of each evaluation under the run folder"""
-    save_model: bool = False
-    """write run_dir/checkpoint.pt (agent, optimizers, replay) at each evaluation and at the end"""
+    gamma: float = 0.99  # discount factor
+    tau: float = 0.005  # Polyak rate of the target critics
+    device: str = "auto"  # 'auto' (cuda if available), 'cpu' or 'cuda'
+    cuda_graph: bool = True  # capture the whole UTD block as one CUDA graph (on CUDA only)
+    compile: bool = False  # torch.compile the UTD block
+    track: bool = False  # log to Weights & Biases
+    wandb_project_name: str = "rl-reference"  # W&B project
+    capture_video: bool = False  # record the first episode of each evaluation under the run folder
+    save_model: bool = False  # checkpoint.pt (agent, optimizers, replay) at evaluations and end
     resume: Optional[str] = None
     """continue from a checkpoint.pt (a new episode starts; outputs: its folder, or --run-dir)"""
     run_dir: Optional[str] = None
