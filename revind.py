@@ -175,16 +175,10 @@ class Head(nn.Module):
         return self.mlp(torch.cat([s, act], -1).expand(self.k, -1, -1)).squeeze(-1)  # (k, B)
 
 
-class Critic(nn.Module):
+def critic(args: Args) -> nn.ModuleDict:
     """The encoder and the twin Q head: the Q loss is the only loss that trains the encoder."""
-
-    def __init__(self, args: Args):
-        super().__init__()
-        self.encoder = Encoder(args.encoder, (args.image_height, args.image_width))
-        self.q = Head(self.encoder.n_out, args, 1, k=2)
-
-    def forward(self, image: torch.Tensor, goal: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        return self.q(self.encoder(image), goal, act)
+    encoder = Encoder(args.encoder, (args.image_height, args.image_width))
+    return nn.ModuleDict({"encoder": encoder, "q": Head(encoder.n_out, args, 1, k=2)})
 
 
 class UnitStdActor(nn.Module):
@@ -224,8 +218,8 @@ class ReViND(nn.Module):
     def __init__(self, args: Args, device: torch.device):
         super().__init__()
         self.args = args
-        self.critic = Critic(args)
-        self.critic_target = Critic(args).requires_grad_(False)
+        self.critic = critic(args)
+        self.critic_target = critic(args).requires_grad_(False)
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.value = Head(self.critic.encoder.n_out, args, 1)
         self.actor = UnitStdActor(self.critic.encoder.n_out, args)
@@ -245,10 +239,10 @@ class ReViND(nn.Module):
         features = self.critic.encoder(image)  # trained by the Q loss only
         features_sg = features.detach()  # V and the actor see the conv features with stop-gradient
         with torch.no_grad():
-            q_target = self.critic_target(image, goal, act).mean(0)  # official reduction "mean"
+            q_target = self.critic_target.q(self.critic_target.encoder(image), goal, act).mean(0)
             next_features = self.critic.encoder(next_image)
 
-        # 1) V: expectile regression onto the target twin Q
+        # 1) V: expectile regression onto the target twin Q (their mean: official reduction "mean")
         v = self.value(features_sg, goal).squeeze(-1)
         value_loss = expectile_loss(q_target - v, args.expectile).mean()
         self.value_opt.zero_grad()
@@ -433,8 +427,7 @@ class World:
 
     def ground(self, xy: np.ndarray) -> tuple:
         """(on grass, in sun) of the ground under each position."""
-        cell = self.cell(xy)
-        return self.terrain[cell] == GRASS, ~self.shade[cell]
+        return self.terrain[self.cell(xy)] == GRASS, ~self.shade[self.cell(xy)]
 
     def move(self, pose: np.ndarray, waypoint: np.ndarray) -> tuple:
         """Turn toward a waypoint (x, y) in the robot's frame (at most MAX_TURN), drive its distance
@@ -492,9 +485,8 @@ def explore(world: World, trajectories: int, length: int, seed: int) -> dict:
             rows.append((world.render(pose), pose[:2], pose[2], i, target, hit and t < length))
             spin = 6 if hit else spin - 1  # bounce: turn on the spot, then walk on
             pose = new_pose
-    keys = ("images", "pos", "yaw", "traj", "target", "collision")
-    return {k: np.asarray(column, np.float32 if k in ("pos", "yaw", "target") else None)
-            for k, column in zip(keys, zip(*rows))}
+    return {k: np.asarray(col, np.float32 if k in ("pos", "yaw", "target") else None)
+            for k, col in zip(("images", "pos", "yaw", "traj", "target", "collision"), zip(*rows))}
 
 
 def load_or_collect(world: World, args: Args) -> dict:

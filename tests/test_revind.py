@@ -327,7 +327,7 @@ def test_v_regresses_on_the_target_q_and_q_on_the_new_v_at_the_next_observation(
     image, goal, act, rew, mask, next_image, next_goal = batch_from(buffer, 64)
     with torch.no_grad():
         features = agent.critic.encoder(image.float())
-        q_target = agent.critic_target(image.float(), goal, act).mean(0)
+        q_target = agent.critic_target.q(agent.critic_target.encoder(image.float()), goal, act).mean(0)
         v = agent.value(features, goal).squeeze(-1)
         agent.value.mlp[-1].bias += (q_target - v).median()  # advantages of both signs
         u = q_target - agent.value(features, goal).squeeze(-1)
