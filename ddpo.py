@@ -431,7 +431,7 @@ def build_tiny(pretrain_steps: int, seed: int = 0):
 def main(args: Args) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    samples_per_epoch, steps_per_epoch = check_args(args)
+    n_samples, n_steps = check_args(args)  # per epoch and process
     prompts_all = load_prompts(args.prompts)
     cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
     precision = {"auto": "no" if cpu else "fp16"}.get(args.mixed_precision, args.mixed_precision)
@@ -454,8 +454,7 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, eps=args.adam_epsilon,
                                   betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay)
-    stats = {}  # per prompt: its last stat_buffer_size rewards
-    epochs_done, history = load_checkpoint(args, accelerator, unet, optimizer, stats)
+    epochs_done, history, stats = load_checkpoint(args, accelerator, unet, optimizer)
     name = os.path.basename(os.path.normpath(args.model))
     run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
                                f"runs/{name}__{args.exp_name}__{args.seed}__{int(time.time())}")
@@ -477,8 +476,8 @@ def main(args: Args) -> dict:
             import wandb
             wandb.init(project=args.wandb_project_name, config=vars(args), dir=run_dir,
                        name=os.path.basename(run_dir), sync_tensorboard=True)
-    accelerator.print(f"{samples_per_epoch * accelerator.num_processes} samples per epoch, "
-                      f"{steps_per_epoch} optimizer steps per epoch, "
+    accelerator.print(f"{n_samples * accelerator.num_processes} samples per epoch, "
+                      f"{n_steps} optimizer steps per epoch, "
                       f"{sum(p.numel() for p in trainable):,} trainable parameters")
 
     def evaluate(epoch: int) -> dict:  # a fixed grid: the first prompts, the same noise every time
@@ -581,13 +580,13 @@ def check_args(args: Args):
     return samples, samples // per_step * args.num_inner_epochs
 
 
-def load_checkpoint(args: Args, accelerator, unet, optimizer, stats: dict):
+def load_checkpoint(args: Args, accelerator, unet, optimizer):
     """--resume: a ddpo.py checkpoint's trainable weights (exactly the model's: strict=False alone
     loads nothing on a name mismatch), optimizer and per-prompt statistics, or one sentence.
-    Returns the epochs done and the run's history (0 and none without a checkpoint)."""
+    Returns the epochs done, the run's history and the per-prompt statistics (none to start)."""
     path = args.resume
     if path is None:
-        return 0, {"train": [], "eval": []}
+        return 0, {"train": [], "eval": []}, {}
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist")
     try:
@@ -609,9 +608,9 @@ def load_checkpoint(args: Args, accelerator, unet, optimizer, stats: dict):
              f"shapes differ, e.g. {wrong[0]}; same --model, --use-lora and --lora-rank?)")
     unet.load_state_dict(state, strict=False)  # strict=False: the frozen weights are not in it
     optimizer.load_state_dict(ck["optimizer"])
-    stats.update({k: deque(v, maxlen=args.stat_buffer_size) for k, v in ck["stats"].items()})
     accelerator.print(f"resumed from {path} after epoch {ck['epoch']}")
-    return ck["epoch"] + 1, ck["history"]
+    stats = {k: deque(v, maxlen=args.stat_buffer_size) for k, v in ck["stats"].items()}
+    return ck["epoch"] + 1, ck["history"], stats
 
 
 def save_checkpoint(run_dir, args: Args, accelerator, unet, optimizer, stats, history, epoch):
