@@ -257,8 +257,7 @@ def pcgrad(G: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return out.sum(0)
 
 
-def graddrop(grads: torch.Tensor, signed: torch.Tensor, u: torch.Tensor,
-             eps: float = 1e-7) -> torch.Tensor:
+def graddrop(grads: torch.Tensor, signed: torch.Tensor, u: torch.Tensor, eps=1e-7) -> torch.Tensor:
     """GradDrop (leak 0, k = 1): with sign purity P = (1 + sum_t s_t / sum_t |s_t|) / 2 per
     coordinate (s_t: `signed`, (T, K)) and one uniform u per coordinate, task t keeps it if s_t > 0
     and P >= u, or s_t < 0 and P < u. grads (T, ..., K): masked, summed, rescaled to |sum_t g_t|."""
@@ -368,8 +367,7 @@ def supervised_step(model: MultiLeNet, opt, images, labels, args: Args, state: d
 
 
 @torch.no_grad()
-def accuracy(model: MultiLeNet, images: torch.Tensor, labels: torch.Tensor,
-             batch: int = 1000) -> torch.Tensor:
+def accuracy(model: MultiLeNet, images, labels, batch: int = 1000) -> torch.Tensor:
     """Per-task accuracy (T,) in eval mode (no dropout)."""
     model.eval()
     correct = sum((torch.stack([model.head(t, z).argmax(-1) for t in range(labels.shape[1])], 1)
@@ -702,8 +700,7 @@ def study_run(args: Args, threads: int):
 
 def study_table(args: Args, results: list) -> str:
     """The markdown table: per method, task metrics and their average (mean +- 95% CI), the
-    average's difference to unitary paired by seed (same data and initial network), the cost
-    relative to unitary."""
+    average minus unitary's paired by seed (same data and initial network), the cost."""
     names = list(args.tasks) if args.env else ["left", "right"]
     key = "eval/return_{}" if args.env else "test/accuracy_task_{}"
     average, scale = ("eval/return", 1.0) if args.env else ("test/accuracy", 100.0)  # in %
@@ -713,8 +710,7 @@ def study_table(args: Args, results: list) -> str:
                 np.mean([r["peak_memory_mb"] for r in rs])) for m, rs in by_method.items()}
     base = cost.get("unitary", (float("nan"), float("nan")))
     unitary = {r["seed"]: r.get(average, math.nan) * scale for r in by_method.get("unitary", [])}
-    header = ["method"] + names + ["average", "average - unitary (paired)", "time / update",
-                                   "memory"]
+    header = ["method", *names, "average", "average - unitary (paired)", "time / update", "memory"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m, rs in by_method.items():
         cols = [m]
@@ -796,8 +792,7 @@ def setup(args: Args) -> tuple:
              "must be positive")
     if args.env and len(args.tasks) < 2:
         fail("multi-task learning needs at least two --tasks")
-    if args.cagrad_c is None:
-        args.cagrad_c = 0.9 if args.env else 0.4
+    args.cagrad_c = (0.9 if args.env else 0.4) if args.cagrad_c is None else args.cagrad_c
     device = torch.device(args.device if args.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
     ckpt = None
@@ -962,8 +957,7 @@ def save_checkpoint(run: Run, progress: int, objects: dict):
 
 
 def load_checkpoint(ckpt: Optional[dict], run: Run, objects: dict) -> int:
-    """Puts setup()'s checkpoint back into the objects, the run's records and the RNGs; returns the
-    epoch or step it reached (0 without one)."""
+    """setup()'s checkpoint back into objects, the run's records, RNGs; returns its epoch/step."""
     if ckpt is None:
         return 0
     for k, v in objects.items():
