@@ -142,11 +142,10 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-def mlp(n_in: int, hidden: int, n_out: int, k: Optional[int] = None) -> nn.Sequential:
+def mlp(n_in: int, width: int, n_out: int, k: Optional[int] = None) -> nn.Sequential:
     """Two hidden ReLU layers; with k, an ensemble of k on (k, B, n_in) as batched matmuls."""
     linear = nn.Linear if k is None else lambda i, o: EnsembleLinear(k, i, o)
-    layers = [linear(n_in, hidden), nn.ReLU(), linear(hidden, hidden), nn.ReLU(),
-              linear(hidden, n_out)]
+    layers = [linear(n_in, width), nn.ReLU(), linear(width, width), nn.ReLU(), linear(width, n_out)]
     for layer in layers[::2]:  # orthogonal weights, zero biases (official)
         for w in layer.weight.data.view(-1, *layer.weight.shape[-2:]):  # each ensemble member
             nn.init.orthogonal_(w, gain=math.sqrt(2))
@@ -193,8 +192,7 @@ class UnitStdActor(nn.Module):
         return self.mu(features, goal)  # the evaluation action: the mean
 
     def log_prob(self, features: torch.Tensor, goal: torch.Tensor, act: torch.Tensor):
-        log_norm = 0.5 * ACT_DIM * math.log(2 * math.pi)
-        return -0.5 * (act - self(features, goal)).pow(2).sum(-1) - log_norm
+        return -0.5 * (act - self(features, goal)).pow(2).sum(-1) - ACT_DIM / 2 * math.log(math.tau)
 
 
 # ----------------------------------------------------------------------------- the method
@@ -282,9 +280,8 @@ class ReViND(nn.Module):
 
 # ----------------------------------------------------------------------------- the data it sees
 def detector(images: np.ndarray, kind: str) -> np.ndarray:
-    """1 when more than H * W / 27 pixels of the image's lower middle (bottom third x middle
-    third) match (official HSV thresholds): grass = hue 56-172 degrees, saturation >= 50/255;
-    sunny = value >= 100/255."""
+    """1 when over H * W / 27 pixels of the lower middle (bottom x middle thirds) pass the official
+    HSV thresholds: grass: hue 56-172 degrees, saturation >= 50/255; sunny: value >= 100/255."""
     n, h, w, _ = images.shape
     if kind == "none":
         return np.zeros(n, np.float32)
@@ -373,7 +370,6 @@ def top_fragments(starts, traj, reward, collision, collision_reward, length=15, 
 ROAD, GRASS, DIRT, WALL = 0, 1, 2, 3
 TERRAIN_RGB = np.array([[0.52, 0.52, 0.54], [0.30, 0.62, 0.22], [0.60, 0.44, 0.27],
                         [0.45, 0.08, 0.10]])
-SHADE = 0.5  # brightness of shaded ground
 SKY_RGB = np.array([0.70, 0.80, 0.95])  # beyond the camera's far range
 MAX_TURN, MAX_STEP = 0.5, 0.5  # rad and metres per control step
 
@@ -396,11 +392,10 @@ class World:
         t[c(26):, c(19):c(21)] = ROAD
         t[c(33):c(35), c(4):c(36)] = ROAD  # and one across the top band
         shade[c(29):c(37), c(28):c(38)] = True  # a building's shadow in the top band
+        cols = np.arange(n)
         for y0, gaps in ((13.0, ((9.0, 12.5), (31.0, 34.5))), (26.0, ((18.0, 22.0),))):
-            wall = np.ones(n, bool)
-            for x0, x1 in gaps:
-                wall[c(x0):c(x1)] = False
-            t[c(y0):c(y0 + 0.75), wall] = WALL
+            in_gap = np.any([(c(x0) <= cols) & (cols < c(x1)) for x0, x1 in gaps], 0)
+            t[c(y0):c(y0 + 0.75), ~in_gap] = WALL
         for _ in range(6):  # small obstacles (rocks, bins) away from the walls and gaps
             while True:
                 x = rng.uniform(2, 38)
@@ -410,7 +405,7 @@ class World:
             t[c(y):c(y + 1.0), c(x):c(x + 1.0)] = WALL
         t[0, :] = t[-1, :] = t[:, 0] = t[:, -1] = WALL  # the map's boundary
         self.terrain, self.shade, self.n = t, shade, n
-        rgb = TERRAIN_RGB[t] * np.where(shade, SHADE, 1.0)[..., None]
+        rgb = TERRAIN_RGB[t] * np.where(shade, 0.5, 1.0)[..., None]  # shaded: half as bright
         self.rgb = np.clip(rgb * rng.uniform(0.9, 1.1, (n, n, 1)), 0, 1)  # texture: per cell
         self.camera = ground_projection(*image_hw)
 
@@ -517,8 +512,7 @@ def main(args: Args) -> dict:
                                f"{args.seed}__{int(time.time())}")
     if os.path.exists(run_dir) and (args.eval_only or not here
                                     or not os.path.samefile(run_dir, here)):
-        fail(f"run folder {run_dir} already exists; choose another --run-dir "
-             "(runs are never overwritten)")
+        fail(f"{run_dir} already exists; choose another --run-dir (runs are never overwritten)")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -532,11 +526,10 @@ def main(args: Args) -> dict:
         print(f"{'evaluating' if args.eval_only else 'resumed from'} {args.resume} at step {start}")
     train_step = lambda: agent.update(*buffer.sample(args.batch_size))  # noqa: E731  (relabelled)
     step_fn = cuda_graph(train_step) if device.type == "cuda" and args.cuda_graph else train_step
-    os.makedirs(run_dir, exist_ok=True)
+    writer = SummaryWriter(run_dir)  # (makes the folder)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         resolved = {"device": str(device), "transitions": len(buffer.starts)}
         json.dump({**asdict(args), "resolved": resolved}, f, indent=2)
-    writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     if args.track:
@@ -551,7 +544,14 @@ def main(args: Args) -> dict:
         nonlocal t_eval
         t = time.perf_counter()
         graph = build_graph(agent, data, args, device)
-        episodes = evaluate(agent, world, graph, args, device, seed=args.seed + step)
+        episodes = {v: [] for v in VARIANTS}
+        for origin, goal in far_goal_tasks(world, args.eval_episodes, args.seed + step):
+            goal_node = int(np.argmin(np.linalg.norm(graph["pos"] - goal, axis=1)))
+            for variant, runs in episodes.items():
+                weights = "distance" if variant == "distance-graph" else "value"
+                g = {**graph, "cost": graph["distance_cost"]} if weights == "distance" else graph
+                plan = shortest_paths(g, goal_node) if variant != "policy" else None
+                runs.append(drive(agent, world, g, plan, origin, goal, args, device, weights))
         for variant, eps in episodes.items():
             s = summarize(eps)
             evals.append((step, variant, *s.values()))
@@ -610,9 +610,8 @@ VARIANTS = ("graph", "policy", "distance-graph")  # ReViND; the policy alone; Vi
 
 @torch.no_grad()
 def build_graph(agent: ReViND, data: dict, args: Args, device: torch.device) -> dict:
-    """Nodes: dataset frames, at most one per node_spacing cell and 90-degree heading bin. Edge
-    i -> j: nodes within edge_max_distance, cost value_to_steps(V(o_i, g_ij)), pruned above
-    max_edge_cost (or when V says never); distance_cost: its metres (the ViNG-like baseline)."""
+    """Nodes: frames, at most one per node_spacing cell and heading quadrant; edges i -> j within
+    edge_max_distance cost value_to_steps(V(o_i, g_ij)) (pruned above max_edge_cost), or metres."""
     pos, yaw = data["pos"], data["yaw"]
     heading = np.floor((yaw + np.pi) / (np.pi / 2)).astype(np.int64) % 4
     keys = np.c_[np.floor(pos / args.node_spacing).astype(np.int64), heading]
@@ -642,11 +641,10 @@ def value_to_steps(value: np.ndarray, gamma: float) -> np.ndarray:
 
 def shortest_paths(graph: dict, goal: int) -> tuple:
     """Dijkstra from the goal over reversed edges: (cost to go, next node), inf and -1: no path."""
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import dijkstra
+    from scipy.sparse import csgraph, csr_matrix
     n = len(graph["nodes"])
     reverse = csr_matrix((graph["cost"], (graph["dst"], graph["src"])), shape=(n, n))
-    to_go, previous = dijkstra(reverse, indices=goal, return_predecessors=True)
+    to_go, previous = csgraph.dijkstra(reverse, indices=goal, return_predecessors=True)
     return to_go, np.where(previous < 0, -1, previous)  # previous when reversed: next toward goal
 
 
@@ -686,28 +684,14 @@ def far_goal_tasks(world: World, episodes: int, seed: int) -> list:
              world.free_pose(rng, (6.0, 34.0, 29.0, 38.0))[:2]) for _ in range(episodes)]
 
 
-def evaluate(agent: ReViND, world: World, graph: dict, args: Args, device, seed: int) -> dict:
-    """Every variant on the same far-goal episodes."""
-    results = {v: [] for v in VARIANTS}
-    for start, goal in far_goal_tasks(world, args.eval_episodes, seed):
-        goal_node = int(np.argmin(np.linalg.norm(graph["pos"] - goal, axis=1)))
-        for variant, runs in results.items():
-            weights = "distance" if variant == "distance-graph" else "value"
-            g = {**graph, "cost": graph["distance_cost"]} if weights == "distance" else graph
-            plan = shortest_paths(g, goal_node) if variant != "policy" else None
-            runs.append(drive(agent, world, g, plan, start, goal, args, device, weights))
-    return results
-
-
 def mean_or_nan(values) -> float:
     return float(np.mean(values)) if len(values) else math.nan
 
 
 @torch.no_grad()
 def drive(agent, world, graph, plan, start, goal, args, device, weights="value") -> dict:
-    """One episode: every replan_every steps (or at its subgoal) the robot joins the graph from
-    its image and takes the next subgoal (the goal once within subgoal_distance or without a
-    plan); the policy drives there; the robot follows the first waypoint."""
+    """One episode: every replan_every steps (or at the subgoal) the robot joins the graph from its
+    image for the next subgoal (the goal if near or with no plan) and drives the first waypoint."""
     pose, route, target, since = start.copy(), [start[:2].copy()], None, 0
     success = collided = False
     for _ in range(args.episode_steps):
