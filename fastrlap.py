@@ -54,102 +54,59 @@ from tqdm import tqdm  # noqa: E402
 
 @dataclass
 class Args:
-    exp_name: str = "fastrlap"
-    """name of this experiment (recorded in args.json)"""
-    seed: int = 0
-    """seed of python, numpy, torch (the course is --course-seed)"""
-    course_seed: int = 0
-    """the target course's layout"""
+    exp_name: str = "fastrlap"  # name of this experiment (recorded in args.json)
+    seed: int = 0  # seed of python, numpy, torch (the course is --course-seed)
+    course_seed: int = 0  # the target course's layout
     total_timesteps: int = 15_000
     """control steps of practice (10 Hz: 15k = 25 minutes driven, plus 1 s per backing up)"""
-    learning_starts: int = 500
-    """steps of rate-limited random actions before the first update"""
-    utd_ratio: int = 8
-    """critic steps per environment step: each batch is split into this many slices"""
-    batch_size: int = 512
-    """transitions per UTD block (official 512: 8 critic steps of 64)"""
-    demo: bool = True
-    """put the demo lap's transitions into half of every batch (--no-demo: online data only)"""
-    pseudo_resets: bool = True
-    """back up for 1 s after a crash or being stuck (--no-pseudo-resets: back to the start)"""
+    learning_starts: int = 500  # steps of rate-limited random actions before the first update
+    utd_ratio: int = 8  # critic steps per env step: each batch is split into this many slices
+    batch_size: int = 512  # transitions per UTD block (official 512: 8 critic steps of 64)
+    demo: bool = True  # demo lap's transitions in half of every batch (--no-demo: online data only)
+    pseudo_resets: bool = True  # back up 1 s after a crash or when stuck (no: back to the start)
     encoder: Literal["pretrained", "random", "none"] = "pretrained"
     """the frozen image encoder: pretrained by stage 1, untrained, or none (zeros: no vision)"""
-    encoder_path: Optional[str] = None
-    """an encoder.pt written by an earlier run: skips stage 1"""
-    eval_interval: int = 0
-    """steps between evaluation laps (deterministic policy, from the start); 0 = at the end"""
-    eval_laps: int = 1
-    """evaluation attempts per evaluation"""
-    log_interval: int = 1000
-    """steps between logged losses"""
-    actor_lr: float = 3e-4
-    """actor learning rate"""
-    critic_lr: float = 3e-4
-    """critic learning rate"""
-    temp_lr: float = 3e-4
-    """temperature learning rate"""
-    hidden_dim: int = 256
-    """width of the two hidden layers of actor and critics"""
-    latent_dim: int = 50
-    """Dense-LayerNorm-tanh projection of the image features and of the state (each)"""
-    num_qs: int = 10
-    """critics in the ensemble"""
-    num_min_qs: int = 2
-    """size of the random subset of target critics whose min is the backup"""
-    init_temperature: float = 0.1
-    """initial entropy temperature alpha"""
-    target_entropy: float = -3.0
-    """entropy target at the first update"""
+    encoder_path: Optional[str] = None  # an encoder.pt written by an earlier run: skips stage 1
+    eval_interval: int = 0  # steps between evaluation laps (deterministic, from the start); 0: end
+    eval_laps: int = 1  # evaluation attempts per evaluation
+    log_interval: int = 1000  # steps between logged losses
+    actor_lr: float = 3e-4  # actor learning rate
+    critic_lr: float = 3e-4  # critic learning rate
+    temp_lr: float = 3e-4  # temperature learning rate
+    hidden_dim: int = 256  # width of the two hidden layers of actor and critics
+    latent_dim: int = 50  # Dense-LayerNorm-tanh projection of image features and of state (each)
+    num_qs: int = 10  # critics in the ensemble
+    num_min_qs: int = 2  # size of the random subset of target critics whose min is the backup
+    init_temperature: float = 0.1  # initial entropy temperature alpha
+    target_entropy: float = -3.0  # entropy target at the first update
     target_entropy_decay: float = 4e-5
     """the target is lowered by this much per update, from the first on, with no floor"""
-    gamma: float = 0.99
-    """discount factor"""
-    tau: float = 0.005
-    """Polyak rate of the target critics"""
-    crash_penalty: float = 10.0
-    """subtracted from the reward of a step that ends in a wall contact"""
+    gamma: float = 0.99  # discount factor
+    tau: float = 0.005  # Polyak rate of the target critics
+    crash_penalty: float = 10.0  # subtracted from the reward of a step that ends in a wall contact
     # stage 1: pretraining
     pretrain_courses: int = 6
     """other courses (seeds course_seed + 1000 + i) driven slowly for the pretraining data"""
-    pretrain_drive_steps: int = 1500
-    """control steps driven on each of them"""
-    pretrain_steps: int = 3000
-    """gradient steps of pixel IQL"""
-    pretrain_batch_size: int = 128
-    """transitions per pixel IQL step"""
-    expectile: float = 0.9
-    """pixel IQL: V's expectile"""
-    beta: float = 3.0
-    """pixel IQL: AWR inverse temperature ("temperature" in the official config)"""
-    shift_pad: int = 4
-    """pixel IQL: random-crop augmentation, pad by this many pixels (edge) and crop back"""
+    pretrain_drive_steps: int = 1500  # control steps driven on each of them
+    pretrain_steps: int = 3000  # gradient steps of pixel IQL
+    pretrain_batch_size: int = 128  # transitions per pixel IQL step
+    expectile: float = 0.9  # pixel IQL: V's expectile
+    beta: float = 3.0  # pixel IQL: AWR inverse temperature ("temperature" in the official config)
+    shift_pad: int = 4  # pixel IQL's random crop: edge-pad by this many pixels, crop back
     # the simulator
-    image_size: int = 64
-    """camera images are image_size x image_size RGB (official 128 x 128 on the car)"""
-    max_speed: float = 4.0
-    """the sim's top speed (m/s): the official 0.5-4.5 m/s command range is scaled to it"""
-    grip: float = 0.8
-    """tyre friction coefficient (sets how fast a corner can be taken)"""
-    checkpoint_spacing: float = 4.0
-    """metres between checkpoints along the demo lap"""
-    checkpoint_radius: float = 1.0
-    """a checkpoint counts as passed within this distance"""
-    demo_speed: float = 1.0
-    """the scripted demo lap's speed (m/s)"""
-    data_dir: str = "~/.cache/fastrlap"
-    """where the pretraining data are cached"""
-    device: str = "auto"
-    """'auto' (cuda if available), 'cpu' or 'cuda'"""
-    cuda_graph: bool = True
-    """capture the pixel IQL step and the UTD block as CUDA graphs (on a CUDA device only)"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project_name: str = "rl-reference"
-    """W&B project"""
-    capture_video: bool = False
-    """record each evaluation lap (top view and camera) under run_dir/videos"""
-    save_model: bool = False
-    """write run_dir/checkpoint.pt (all --resume needs) at each evaluation and at the end"""
+    image_size: int = 64  # square RGB camera images of this side (official 128 x 128 on the car)
+    max_speed: float = 4.0  # top speed (m/s); the official 0.5-4.5 m/s command range scales to it
+    grip: float = 0.8  # tyre friction coefficient (sets how fast a corner can be taken)
+    checkpoint_spacing: float = 4.0  # metres between checkpoints along the demo lap
+    checkpoint_radius: float = 1.0  # a checkpoint counts as passed within this distance
+    demo_speed: float = 1.0  # the scripted demo lap's speed (m/s)
+    data_dir: str = "~/.cache/fastrlap"  # where the pretraining data are cached
+    device: str = "auto"  # 'auto' (cuda if available), 'cpu' or 'cuda'
+    cuda_graph: bool = True  # pixel IQL step and UTD block as CUDA graphs (on CUDA only)
+    track: bool = False  # log to Weights & Biases
+    wandb_project_name: str = "rl-reference"  # W&B project
+    capture_video: bool = False  # record each evaluation lap (top view, camera) in run_dir/videos
+    save_model: bool = False  # run_dir/checkpoint.pt (all --resume needs) at evaluations and end
     resume: Optional[str] = None
     """continue the practice from a checkpoint.pt (outputs go to its folder unless --run-dir)"""
     run_dir: Optional[str] = None
