@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    exp_name: str = "revind"  # name of this experiment (part of the run folder's name)
+    exp_name: str = "revind"  # name of this experiment (recorded in args.json)
     seed: int = 0  # seed of python, numpy and torch (training and evaluation)
     world_seed: int = 0  # seed of the map's obstacles and texture and of the exploration data
     user_reward: Literal["none", "grass", "sunny"] = "grass"  # detector in r = -1 + lambda d(image)
