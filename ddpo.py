@@ -444,6 +444,13 @@ def main(args: Args) -> dict:
     if args.allow_tf32 and accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     device, main_process = accelerator.device, accelerator.is_main_process
+    name = os.path.basename(os.path.normpath(args.model))
+    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
+                               f"runs/{name}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    resume_dir = args.resume and os.path.realpath(os.path.dirname(args.resume))  # may be reused
+    if main_process and os.path.exists(run_dir) and os.path.realpath(run_dir) != resume_dir:
+        fail(f"run folder {run_dir} already exists; choose another --run-dir "
+             "(runs are never overwritten)")
     set_seed(args.seed, device_specific=True)  # seed + process index: each process its own images
     reward_fn = make_reward(args, device)
     model, trainable = load_model(args, device, precision)  # LoRA adapters or the whole UNet
@@ -455,13 +462,6 @@ def main(args: Args) -> dict:
                                   betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay)
     epochs_done, history, stats = load_checkpoint(args, accelerator, unet, optimizer)
-    name = os.path.basename(os.path.normpath(args.model))
-    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
-                               f"runs/{name}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    if main_process and os.path.exists(run_dir) and not (
-            args.resume and os.path.samefile(run_dir, os.path.dirname(args.resume) or ".")):
-        fail(f"run folder {run_dir} already exists; choose another --run-dir "
-             "(runs are never overwritten)")
     unet, optimizer = accelerator.prepare(unet, optimizer)
     neg_embed = encode_prompts(model, [""])[0]  # guidance's unconditional branch: the empty prompt
     if main_process:  # the run folder: images/, args.json (with the resolved settings), TensorBoard
