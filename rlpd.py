@@ -20,11 +20,7 @@ Usage (sac_20min.py is this agent without prior data, with DroQ's dropout: diff 
     python rlpd.py --env Hopper-v4 --offline-ratio 0      # no prior data: SAC with RLPD's critics
     python rlpd.py --env D4RL/antmaze/umaze-v1 --total-timesteps 300000   # Minari data, online
 
-Family defaults (the official README commands), each overridable: antmaze 3 hidden layers, a
-one-critic min, no entropy in the backup, r - 1 offline and online; adroit 3 hidden layers, no
-entropy in the backup. docs/rlpd.md has the environment details (D4RL's ant, Minari's AntMaze).
-
-Differences from the official code:
+Differences from the official code (docs/rlpd.md has the environment details):
 - PyTorch; the ensemble is one batched module (stacked weights, bmm).
 - Evaluation in Gymnasium's MuJoCo v4 envs (D4RL's models); the files are read with h5py.
 - Files with next_observations keep timeout steps as non-terminal transitions (m = 1).
@@ -36,9 +32,9 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
-import urllib.error
 import urllib.request
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -59,8 +55,8 @@ from tqdm import tqdm
 class Args:
     exp_name: str = "rlpd"  # name of this experiment (part of the run folder's name)
     env: str = "hopper-medium-v2"
-    """a D4RL locomotion dataset or a Minari dataset id (mujoco/hopper/medium-v0,
-    D4RL/antmaze/umaze-v1, ...): its env runs online; with --dataset also any Gymnasium id"""
+    """a D4RL locomotion or Minari (D4RL/antmaze/umaze-v1) dataset, its env run online; or, with
+    --dataset, any Gymnasium id"""
     dataset: Optional[str] = None  # a local D4RL-format .hdf5 (the prior data); skips the download
     seed: int = 42  # seed of python, numpy, torch and the env (official default: 42)
     total_timesteps: int = 250_000  # environment steps (official locomotion runs: 250k)
@@ -76,20 +72,16 @@ class Args:
     critic_lr: float = 3e-4  # critic learning rate
     temp_lr: float = 3e-4  # temperature learning rate
     hidden_dim: int = 256  # width of the hidden layers of actor and critics
-    hidden_layers: Optional[int] = None
-    """hidden layers of actor and critics (default: 2; antmaze, adroit: 3, as officially)"""
+    hidden_layers: Optional[int] = None  # hidden layers per network (default 2; antmaze, adroit: 3)
     num_qs: int = 10  # critics in the ensemble
     num_min_qs: Optional[int] = None
-    """size of the random subset of target critics whose min is the backup (default: 2;
-    antmaze: 1)"""
+    """size of the random subset Z of target critics whose min backs up (default 2; antmaze 1)"""
     critic_layer_norm: bool = True  # LayerNorm after each critic hidden layer
     init_temperature: float = 1.0  # initial entropy temperature alpha
     target_entropy: Optional[float] = None  # entropy target (default: -|A| / 2)
     backup_entropy: Optional[bool] = None
-    """subtract gamma * m * alpha * log pi(a'|s') in the critic target (default: on; antmaze,
-    adroit: off)"""
-    reward_bias: Optional[float] = None
-    """added to every reward, offline and online (default: 0; antmaze: -1, as officially)"""
+    """subtract gamma m alpha log pi(a'|s') in the critic's target (on; antmaze, adroit: off)"""
+    reward_bias: Optional[float] = None  # added to all rewards, offline and online (0; antmaze: -1)
     gamma: float = 0.99  # discount factor
     tau: float = 0.005  # Polyak rate of the target critics
     device: str = "auto"  # 'auto' (cuda if available), 'cpu' or 'cuda'
@@ -125,29 +117,25 @@ class EnsembleLinear(nn.Module):
 
     def __init__(self, k: int, n_in: int, n_out: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(k, n_in, n_out))
+        init = nn.init.xavier_uniform_  # the official default_init (flax xavier_uniform)
+        self.weight = nn.Parameter(torch.stack([init(torch.empty(n_in, n_out)) for _ in range(k)]))
         self.bias = nn.Parameter(torch.zeros(k, 1, n_out))
-        for w in self.weight.data:
-            nn.init.xavier_uniform_(w)  # the official default_init (flax xavier_uniform)
 
-    def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if members is None:
-            return torch.baddbmm(self.bias, x, self.weight)
-        return torch.baddbmm(self.bias[members], x, self.weight[members])
+    def forward(self, x: torch.Tensor, members=slice(None)) -> torch.Tensor:
+        weight = self.weight[members]  # x: (B, in) for all members, or (k, B, in)
+        return torch.baddbmm(self.bias[members], x.expand(len(weight), -1, -1), weight)
 
 
 class EnsembleLayerNorm(nn.Module):
-    """LayerNorm with its own scale and shift per ensemble member."""
+    """LayerNorm (flax's eps) with its own scale and shift per ensemble member."""
 
     def __init__(self, k: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(k, 1, dim))
         self.bias = nn.Parameter(torch.zeros(k, 1, dim))
 
-    def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
-        w, b = (self.weight, self.bias) if members is None else (
-            self.weight[members], self.bias[members])
-        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * w + b  # flax's eps
+    def forward(self, x: torch.Tensor, members=slice(None)) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * self.weight[members] + self.bias[members]
 
 
 class Critics(nn.Module):
@@ -156,15 +144,15 @@ class Critics(nn.Module):
 
     def __init__(self, obs_dim, act_dim, hidden, k, layer_norm=True, layers=2):
         super().__init__()
-        self.k = k
         sizes = [(obs_dim + act_dim, hidden)] + [(hidden, hidden)] * (layers - 1) + [(hidden, 1)]
         self.linears = nn.ModuleList([EnsembleLinear(k, n_in, n_out) for n_in, n_out in sizes])
-        norms = range(layers * layer_norm)
-        self.norms = nn.ModuleList([EnsembleLayerNorm(k, hidden) for _ in norms])
+        norms = [EnsembleLayerNorm(k, hidden) for _ in range(layers * layer_norm)]
+        self.norms = nn.ModuleList(norms)
 
-    def forward(self, obs, act, members: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = torch.cat([obs, act], -1).expand(self.k if members is None else len(members), -1, -1)
+    def forward(self, obs, act, members=slice(None)) -> torch.Tensor:
+        x = torch.cat([obs, act], -1)
         for i in range(len(self.linears) - 1):  # the hidden layers
+
             x = self.linears[i](x, members)
             x = F.relu(self.norms[i](x, members) if self.norms else x)
         return self.linears[-1](x, members).squeeze(-1)
@@ -218,9 +206,8 @@ class RLPD(nn.Module):
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), args.actor_lr, capturable=cap)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), args.critic_lr, capturable=cap)
         self.temp_opt = torch.optim.Adam([self.log_alpha], args.temp_lr, capturable=cap)
-        self.target_params = list(self.critic_target.parameters())  # built once, not per step
-        self.critic_params = list(self.critic.parameters())
-        self.actor_params = list(self.actor.parameters())
+        self.target_params, self.critic_params, self.actor_params = (  # built once, not per step
+            list(m.parameters()) for m in (self.critic_target, self.critic, self.actor))
 
     def critic_target_value(self, rew, mask, next_obs) -> torch.Tensor:
         """y = r + gamma m (min_{k in Z} Qtarget_k(s', a') - alpha log pi(a'|s')), Z random."""
@@ -298,7 +285,7 @@ def qlearning_transitions(data: dict) -> dict:
 def load_prior_data(args: Args, env: gym.Env, device: torch.device) -> "ReplayBuffer":
     """D: the dataset's transitions, checked against the env, actions mapped to [-1, 1], rewards
     plus the family's bias, all on the device."""
-    raw = read_minari(args.env) if is_minari(args.env) else read_d4rl(dataset_path(args))
+    raw = read_minari(args.env) if "/" in args.env else read_d4rl(dataset_path(args))
     data = qlearning_transitions(raw)
     data["rewards"] = data["rewards"] + np.float32(args.reward_bias)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
@@ -311,12 +298,93 @@ def load_prior_data(args: Args, env: gym.Env, device: torch.device) -> "ReplayBu
     actions = 2 * (data["actions"] - space.low) / (space.high - space.low) - 1
     data["actions"] = np.clip(actions, -1 + 1e-5, 1 - 1e-5).astype(np.float32)  # official clip
     n = len(data["observations"])
-    offline = ReplayBuffer(n, obs_dim, act_dim, device)
-    offline.rows.copy_(torch.as_tensor(np.concatenate([data[k].reshape(n, -1) for k in (
-        "observations", "actions", "rewards", "masks", "next_observations")], 1)))
-    offline.size = n
-    offline.size_t.fill_(n)
+    offline = ReplayBuffer(n, obs_dim, act_dim, device)  # rows [s, a, r, m, s'], the dict's order
+    offline.load_state_dict({"rows": torch.as_tensor(np.concatenate(
+        [v.reshape(n, -1) for v in data.values()], 1))})
     return offline
+
+
+def make_env(args: Args, render: bool = False) -> gym.Env:
+    """The env with actions in [-1, 1] (the actor's tanh range): D4RL's task in Gymnasium's port,
+    the one a Minari dataset recorded, or a Gymnasium id."""
+    env_id, kwargs = args.env, ({"render_mode": "rgb_array"} if render else {})
+    task = env_id.split("-")[0]
+    if task in LOCOMOTION:
+        env_id = LOCOMOTION[task]
+        if task == "ant":  # D4RL's ant: 111 dims, contact forces (27:) zero, no contact cost
+            kwargs.update(use_contact_forces=True, contact_cost_weight=0.0)
+    elif task.lower() in ("antmaze", "kitchen", *ADROIT):
+        version = 1 if task == "antmaze" else 2
+        fail(f"{env_id}: RLPD runs the environment online, and D4RL's {task} environment needs "
+             f"mujoco-py; the same data from Minari runs in Gymnasium-Robotics (--env D4RL/{task}/"
+             f"{'-'.join(env_id.split('-')[1:-1])}-v{version})")
+    try:
+        with warnings.catch_warnings():  # v4 on purpose (D4RL's models): not "out of date" here
+            warnings.filterwarnings("ignore", r".*is out of date", DeprecationWarning)
+            env = minari_env(env_id, kwargs) if "/" in env_id else gym.make(env_id, **kwargs)
+    except gym.error.Error as e:
+        fail(f"unknown env '{env_id}' ({e})")
+    if task == "ant":  # MuJoCo 2 (mujoco-py) left D4RL's cfrc_ext at zero
+        zeroed = lambda obs: np.concatenate([obs[:27], np.zeros_like(obs[27:])])
+        env = gym.wrappers.TransformObservation(env, zeroed, env.observation_space)
+    if not isinstance(env.action_space, gym.spaces.Box):
+        fail(f"{env_id} has a {type(env.action_space).__name__} action space; "
+             "SAC needs continuous actions")
+    if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
+        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))
+    return env
+
+
+def minari_env(dataset_id: str, kwargs: dict) -> gym.Env:
+    """The dataset's evaluation env as Minari recorded it, its dict observation flattened as the
+    data's. AntMaze is evaluated as in D4RL: the episode ends at the goal."""
+    dataset = minari_dataset(dataset_id)
+    try:
+        with warnings.catch_warnings():  # Minari's AntMaze data are recorded in the -v4 envs
+            warnings.filterwarnings("ignore", ".*is out of date")
+            env = dataset.recover_environment(eval_env=True, **kwargs)
+            if family_of(dataset_id) == "antmaze":
+                fixes = antmaze_eval_kwargs(env.spec, dataset.env_spec)
+                env.close()
+                env = dataset.recover_environment(eval_env=True, **kwargs, **fixes)
+        env.reset(seed=0)  # FrankaKitchen-v1 fails when made under MuJoCo >= 3.12
+    except Exception as e:
+        fail(f"the environment of {dataset_id} cannot run here ({type(e).__name__}: {e}), and RLPD "
+             "needs it online")
+    if isinstance(env.observation_space, gym.spaces.Dict):
+        dim = flat_observation(env.observation_space.sample()).shape
+        space = gym.spaces.Box(-np.inf, np.inf, dim, np.float32)
+        env = gym.wrappers.TransformObservation(env, flat_observation, space)
+    return env
+
+
+def antmaze_eval_kwargs(eval_spec, data_spec) -> dict:
+    """D4RL's AntMaze: the episode ends at the goal (continuing_task=False), so the return is 1 on
+    success, else 0. Minari's umaze eval maze is the data's turned 180 degrees (Minari #304):
+    turned back, it is the data's task."""
+    kwargs = {"continuing_task": False}
+    maze, data_maze = eval_spec.kwargs.get("maze_map"), (
+        data_spec.kwargs.get("maze_map") if data_spec else None)
+    walls = lambda m: [[cell == 1 for cell in row] for row in m]
+    if maze and data_maze and walls(maze) != walls(data_maze):
+        turned = [row[::-1] for row in maze[::-1]]
+        if walls(turned) != walls(data_maze):
+            fail(f"the eval maze of the dataset ({maze}) has other walls than its data's maze "
+                 f"({data_maze})")
+        kwargs["maze_map"] = turned
+    return kwargs
+
+
+GOAL_KEYS = ("observation", "achieved_goal", "desired_goal")  # a goal dict, flattened in order
+
+
+def flat_observation(obs) -> np.ndarray:
+    """A goal-conditioned dict observation as one vector, GOAL_KEYS first (then the others and
+    nested dicts, sorted). AntMaze: the ant's 27 body dims, its x-y, the goal's x-y."""
+    if not isinstance(obs, dict):
+        return np.asarray(obs, dtype=np.float32)
+    keys = [k for k in GOAL_KEYS if k in obs] + sorted(set(obs) - set(GOAL_KEYS))
+    return np.concatenate([flat_observation(obs[k]) for k in keys], axis=-1)
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -324,14 +392,7 @@ def main(args: Args) -> dict:
     args = with_family_defaults(args)  # the dataset family's official settings for unset flags
     device = torch.device(args.device if args.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
-    check_args(args, device)
-    run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
-                               f"runs/{args.env.replace('/', '-')}__{args.exp_name}__{args.seed}"
-                               f"__{int(time.time())}")
-    if os.path.exists(run_dir) and not (args.resume and os.path.samefile(
-            run_dir, os.path.dirname(args.resume) or ".")):
-        fail(f"run folder {run_dir} already exists; choose another --run-dir "
-             "(runs are never overwritten)")
+    run_dir = check_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -341,9 +402,8 @@ def main(args: Args) -> dict:
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     agent = RLPD(obs_dim, act_dim, args, device)
     online = ReplayBuffer(args.buffer_size or args.total_timesteps, obs_dim, act_dim, device)  # R
-    start, evals = 0, []  # or where the checkpoint left off (checked before any data is read)
-    if args.resume:
-        start, evals = load_checkpoint(args.resume, agent, online, device)
+    # where the checkpoint left off (checked before any data is read)
+    start, evals = load_checkpoint(args.resume, agent, online, device) if args.resume else (0, [])
     offline = load_prior_data(args, env, device) if args.offline_ratio > 0 else None  # D
 
     def train_step():  # the UTD block: indices drawn on the device, G critic + actor + temperature
@@ -356,17 +416,10 @@ def main(args: Args) -> dict:
     if args.cuda_graph and device.type == "cuda":
         step_fn = cuda_graph(step_fn)  # (CUDA graph) 3 eager warm-ups, then replays; each a block
     ref_scores = reference_scores(args.env)
-    os.makedirs(run_dir, exist_ok=True)
     resolved = dict(target_entropy=agent.target_entropy, device=str(device),
                     cuda_graph=args.cuda_graph and device.type == "cuda",
                     offline_transitions=offline.size if offline else 0, ref_scores=ref_scores)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump({**asdict(args), "resolved": resolved}, f, indent=2)
-    writer = open_writer(args, run_dir)
-    if args.eval_episodes > 0 and args.capture_video:
-        eval_env = gym.wrappers.RecordVideo(eval_env, os.path.join(run_dir, "videos"),
-                                            episode_trigger=lambda e: e % args.eval_episodes == 0)
-
+    writer, eval_env = open_run(args, run_dir, eval_env, resolved)
     results, info, updates, t0, t_eval = {}, None, 0, None, 0.0
     warmup = max(start, args.learning_starts) + 50  # updates/s after compile/capture warm-up
     obs, _ = env.reset(seed=args.seed + start)
@@ -416,11 +469,13 @@ def main(args: Args) -> dict:
         checkpoint = last or (args.eval_interval > 0 and step % args.eval_interval == 0)
         if args.eval_episodes > 0 and checkpoint:
             t = time.perf_counter()
-            returns = evaluate(agent.actor, eval_env, args.eval_episodes, device,
-                               args.seed + 10_000 + step)
+            seed = args.seed + 10_000 + step
+            returns = evaluate(agent.actor, eval_env, args.eval_episodes, device, seed)
+
             t_eval += time.perf_counter() - t if t0 is not None else 0.0  # not in updates/s
             ret, std = float(returns.mean()), float(returns.std())
-            score = normalized_score(ref_scores, ret)
+            score = math.nan if ref_scores is None else (  # 100 (R - random) / (expert - random)
+                100 * (ret - ref_scores[0]) / (ref_scores[1] - ref_scores[0]))
             evals.append((step, ret, std, score))
             writer.add_scalar("eval/return", ret, step)
             writer.add_scalar("eval/normalized_score", score, step)
@@ -441,18 +496,59 @@ def main(args: Args) -> dict:
 
 
 # =============================================================================
-# Plumbing: checks, D4RL and Minari data, environments, the replay buffer, evaluation,
-# checkpoints, logging, the CUDA-graph helper.
+# Plumbing: the replay buffer, checks, the run folder, evaluation, D4RL and Minari files,
+# checkpoints, the CUDA-graph helper.
 # =============================================================================
+class ReplayBuffer:
+    """Transitions as rows [s, a, r, m, s'] of one device tensor, batch indices drawn on the device
+    (n uniform integers mod size: float32 `rand * size` is not uniform over millions of rows)."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.capacity, self.dims = capacity, (obs_dim, act_dim, 1, 1, obs_dim)
+        self.rows = torch.zeros(capacity, sum(self.dims), device=device)
+        self.size_t = torch.zeros((), dtype=torch.long, device=device)  # (CUDA graph) the size
+        self.ptr, self.size = 0, 0
+
+    def add(self, obs, act, rew, mask, next_obs):
+        row = np.concatenate([obs, act, [rew], [mask], next_obs]).astype(np.float32)
+        self.rows[self.ptr].copy_(torch.from_numpy(row))
+        self.ptr = (self.ptr + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+        self.size_t.fill_(self.size)  # (CUDA graph) a captured block samples from the new size
+
+    def indices(self, n: int) -> torch.Tensor:  # the modulo's bias is below size / 2^62
+        return torch.randint(0, 2**62, (n,), device=self.rows.device) % self.size_t
+
+    def split(self, rows: torch.Tensor) -> tuple:
+        obs, act, rew, mask, next_obs = rows.split(self.dims, dim=-1)
+        return obs, act, rew.squeeze(-1), mask.squeeze(-1), next_obs
+
+    def sample(self, n: int) -> tuple:  # (s, a, r, m, s') of n uniform draws
+        return self.split(self.rows[self.indices(n)])
+
+    def state_dict(self) -> dict:
+        """The rows oldest first, so that a run with another capacity can resume them."""
+        rows = torch.cat([self.rows[self.ptr:self.size], self.rows[:self.ptr]])
+        return {"rows": rows.cpu(), "size": self.size}
+
+    def load_state_dict(self, state: dict):
+        rows = state["rows"][-self.capacity:]  # the newest rows, if this run's capacity is smaller
+        self.size = len(rows)
+        self.rows[:self.size] = rows.to(self.rows.device)
+        self.ptr = self.size % self.capacity  # the next row goes after the newest; row 0 when full
+        self.size_t.fill_(self.size)
+
+
 def fail(message: str):
     """Bad input: one clear sentence on stderr and exit status 1."""
     raise SystemExit(f"rlpd.py: error: {message}")
 
 
-def check_args(args: Args, device: torch.device):
+def check_args(args: Args) -> str:
+    """Bad input stops here, before anything is made or read; returns the run folder."""
     if min(args.total_timesteps, args.utd_ratio, args.batch_size, args.log_interval) < 1:
         fail("--total-timesteps, --utd-ratio, --batch-size and --log-interval must be positive")
-    if args.dataset is not None and is_minari(args.env):
+    if args.dataset is not None and "/" in args.env:
         fail(f"--dataset is a D4RL-format file, and '{args.env}' is a Minari id (read from "
              "Minari's cache); pass one of them")
     if args.hidden_layers < 1:
@@ -461,13 +557,58 @@ def check_args(args: Args, device: torch.device):
         fail(f"--offline-ratio must be in [0, 1), got {args.offline_ratio}")
     if not 1 <= args.num_min_qs <= args.num_qs:
         fail(f"--num-min-qs must be between 1 and --num-qs ({args.num_qs}), got {args.num_min_qs}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but CUDA is not available")
     if args.resume and not os.path.isfile(args.resume):
         fail(f"checkpoint {args.resume} does not exist")
+    here = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None  # its folder
+    new = f"runs/{args.env.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.run_dir or here or new
+    if os.path.exists(run_dir) and not (here and os.path.samefile(run_dir, here)):
+        fail(f"run folder {run_dir} already exists; choose another --run-dir (never overwritten)")
+    return run_dir
 
 
-# ----------------------------------------------------------------------------- D4RL files
+def open_run(args: Args, run_dir: str, eval_env: gym.Env, resolved: dict) -> tuple:
+    """The run folder with args.json, TensorBoard (and W&B), and the evaluation videos' recorder."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({**asdict(args), "resolved": resolved}, f, indent=2)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                    "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, config=vars(args), dir=run_dir,
+                   name=os.path.basename(run_dir), sync_tensorboard=True)
+    if args.eval_episodes > 0 and args.capture_video:
+        eval_env = gym.wrappers.RecordVideo(eval_env, os.path.join(run_dir, "videos"),
+                                            episode_trigger=lambda e: e % args.eval_episodes == 0)
+    return writer, eval_env
+
+
+@torch.no_grad()
+def evaluate(actor: TanhGaussianActor, env: gym.Env, episodes: int, device, seed: int):
+    """Returns of `episodes` episodes of the deterministic policy tanh(mu(s))."""
+    returns = np.zeros(episodes)
+    for i in range(episodes):
+        obs, done = env.reset(seed=seed if i == 0 else None)[0], False
+        while not done:
+            s = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+            obs, reward, terminated, truncated, _ = env.step(actor(s)[0].cpu().numpy())
+            returns[i] += reward
+            done = terminated or truncated
+    return returns
+
+
+def reference_scores(env: str) -> Optional[tuple]:
+    """(random, expert) returns of the normalized score: a Minari dataset's own where it has them
+    (not AntMaze's: returns of its continuing task), else d4rl's for the task, else None."""
+    if "/" in env and family_of(env) != "antmaze":
+        meta = minari_dataset(env).storage.metadata
+        if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
+            return float(meta["ref_min_score"]), float(meta["ref_max_score"])
+    return REF_SCORES.get(task_of(env))
+
+
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"  # D4RL_BASE_URL: a mirror
 LOCOMOTION = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4",
               "ant": "Ant-v4"}
@@ -476,14 +617,13 @@ REF_SCORES = {  # d4rl's (random, expert) returns for the normalized score
     "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3),
     "walker2d": (1.629008, 4592.3), "ant": (-325.6, 3879.7), "antmaze": (0.0, 1.0),
     "kitchen": (0.0, 4.0), "pen": (96.262799, 3076.8331), "hammer": (-274.856578, 12794.134825),
-    "door": (-56.512833, 2880.5693), "relocate": (-6.425911, 4233.877797),
-}
+    "door": (-56.512833, 2880.5693), "relocate": (-6.425911, 4233.877797)}
 ADROIT = ("pen", "hammer", "door", "relocate")
 
 
 def task_of(env: str) -> str:
-    """hopper for hopper-medium-v2, Hopper-v4 and mujoco/hopper/medium-v0."""
-    return (env.split("/")[-2] if is_minari(env) else env.split("-")[0]).lower()
+    """hopper for hopper-medium-v2, Hopper-v4 and mujoco/hopper/medium-v0 (Minari ids are paths)."""
+    return (env.split("/")[-2] if "/" in env else env.split("-")[0]).lower()
 
 
 def family_of(env: str) -> str:
@@ -491,53 +631,42 @@ def family_of(env: str) -> str:
     return task if task in ("antmaze", "kitchen") else "adroit" if task in ADROIT else "locomotion"
 
 
-def d4rl_url(name: str) -> Optional[str]:
-    """d4rl's download URL for a locomotion dataset name, or None."""
+def dataset_path(args: Args) -> str:
+    """--dataset, or the D4RL file in its cache, downloaded on first use: streamed to a temp file
+    beside it, renamed only when complete and readable."""
+    if args.dataset is not None:
+        if not os.path.isfile(args.dataset):
+            fail(f"dataset file {args.dataset} does not exist")
+        return args.dataset
+    parts = args.env.split("-")
+    task, level = parts[0], "-".join(parts[1:-1])
+    if task not in LOCOMOTION or parts[-1] != "v2" or level not in LEVELS:
+        fail(f"'{args.env}' is not a D4RL locomotion dataset (e.g. hopper-medium-v2); for a "
+             "Gymnasium env pass --dataset PATH")
     base = os.environ.get("D4RL_BASE_URL", D4RL_URL).rstrip("/")
-    parts = name.split("-")
-    task, version, level = parts[0], parts[-1], "-".join(parts[1:-1])
-    if task in LOCOMOTION and version == "v2" and level in LEVELS:
-        return f"{base}/gym_mujoco_v2/{task}_{level.replace('-', '_')}-v2.hdf5"
-    return None
-
-
-def download(url: str, path: str):
-    """Stream url to a temp file beside path; rename only when complete and readable."""
+    url = f"{base}/gym_mujoco_v2/{task}_{level.replace('-', '_')}-v2.hdf5"
+    folder = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser("~/.d4rl/datasets"))
+    path = os.path.join(folder, url.split("/")[-1])
+    if os.path.isfile(path):
+        return path
+    print(f"downloading {args.env} from {url} to {path}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".part")
     try:
         with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
             size = int(response.headers.get("Content-Length", 0)) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
+            with tqdm.wrapattr(out, "write", size, desc=os.path.basename(path)) as bar:
+                shutil.copyfileobj(response, bar, 1 << 20)
         if size is not None and os.path.getsize(tmp) != size:
             fail(f"download of {url} stopped at {os.path.getsize(tmp)} of {size} bytes; run again")
         read_d4rl(tmp)  # refuse to cache a file that is not a D4RL dataset
         os.replace(tmp, path)
-    except (urllib.error.URLError, OSError) as e:
+    except OSError as e:  # urllib's URLError too
         fail(f"could not download {url} ({e}); with no network, download it elsewhere and put it "
              f"at {path}, or pass --dataset PATH")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def dataset_path(args: Args) -> str:
-    if args.dataset is not None:
-        if not os.path.isfile(args.dataset):
-            fail(f"dataset file {args.dataset} does not exist")
-        return args.dataset
-    url = d4rl_url(args.env)
-    if url is None:
-        fail(f"'{args.env}' is not a D4RL locomotion dataset (e.g. hopper-medium-v2); for a "
-             "Gymnasium env pass --dataset PATH")
-    folder = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser("~/.d4rl/datasets"))
-    path = os.path.join(folder, url.split("/")[-1])
-    if not os.path.isfile(path):
-        print(f"downloading {args.env} from {url} to {path}")
-        download(url, path)
     return path
 
 
@@ -558,15 +687,6 @@ def read_d4rl(path: str) -> dict:
     if n < 2 or bad:
         fail(f"{path} is corrupt: {n} observations but {bad} have other lengths")
     return data
-
-
-# ----------------------------------------------------------------------------- Minari datasets
-GOAL_KEYS = ("observation", "achieved_goal", "desired_goal")  # a goal dict, flattened in order
-
-
-def is_minari(env: str) -> bool:
-    """Minari ids are paths (mujoco/hopper/medium-v0); D4RL names and Gymnasium ids are not."""
-    return "/" in env
 
 
 def minari_dataset(dataset_id: str):
@@ -594,22 +714,10 @@ def minari_dataset(dataset_id: str):
              f"to {path} (MINARI_DATASETS_PATH moves Minari's cache)")
 
 
-def flat_observation(obs) -> np.ndarray:
-    """A goal-conditioned dict observation as one vector, GOAL_KEYS first (then the others and
-    nested dicts, sorted). AntMaze: the ant's 27 body dims, its x-y, the goal's x-y."""
-    if not isinstance(obs, dict):
-        return np.asarray(obs, dtype=np.float32)
-    keys = [k for k in GOAL_KEYS if k in obs] + sorted(set(obs) - set(GOAL_KEYS))
-    return np.concatenate([flat_observation(obs[k]) for k in keys], axis=-1)
-
-
 def read_minari(dataset_id: str) -> dict:
     """The episodes in D4RL's layout, next_observations included (Minari stores each episode's
     last observation); terminations are terminals, truncations are timeouts."""
-    dataset = minari_dataset(dataset_id)
-    if not isinstance(dataset.action_space, gym.spaces.Box):
-        fail(f"{dataset_id} has a {type(dataset.action_space).__name__} action space; the policy "
-             "needs continuous actions")
+    dataset = minari_dataset(dataset_id)  # (make_env has checked its continuous actions)
     keys = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
     columns = {k: [] for k in keys}
     for episode in dataset.iterate_episodes():
@@ -625,162 +733,9 @@ def read_minari(dataset_id: str) -> dict:
     return {k: np.concatenate(v) for k, v in columns.items()}
 
 
-# ----------------------------------------------------------------------------- environments
-def make_env(args: Args, render: bool = False) -> gym.Env:
-    env_id, kwargs = args.env, ({"render_mode": "rgb_array"} if render else {})
-    if is_minari(env_id):
-        return minari_env(env_id, kwargs)
-    task = env_id.split("-")[0]
-    if task in LOCOMOTION:
-        env_id = LOCOMOTION[task]
-        if task == "ant":  # D4RL's ant: 111 dims, contact forces (27:) zero, no contact cost
-            kwargs.update(use_contact_forces=True, contact_cost_weight=0.0)
-    elif task.lower() in ("antmaze", "kitchen", *ADROIT):
-        version = 1 if task == "antmaze" else 2
-        fail(f"{env_id}: RLPD runs the environment online, and D4RL's {task} environment needs "
-             f"mujoco-py; the same data from Minari runs in Gymnasium-Robotics (--env D4RL/{task}/"
-             f"{'-'.join(env_id.split('-')[1:-1])}-v{version})")
-    try:
-        with warnings.catch_warnings():  # v4 on purpose (D4RL's models): not "out of date" here
-            warnings.filterwarnings("ignore", r".*is out of date", DeprecationWarning)
-            env = gym.make(env_id, **kwargs)
-    except gym.error.Error as e:
-        fail(f"unknown env '{env_id}' ({e})")
-    if task == "ant":  # MuJoCo 2 (mujoco-py) left D4RL's cfrc_ext at zero
-        zeroed = lambda obs: np.concatenate([obs[:27], np.zeros_like(obs[27:])])
-        env = gym.wrappers.TransformObservation(env, zeroed, env.observation_space)
-    return continuous_actions(env, env_id)
-
-
-def continuous_actions(env: gym.Env, name: str) -> gym.Env:
-    """The env with actions in [-1, 1] (the actor's tanh range), or an error if not continuous."""
-    if not isinstance(env.action_space, gym.spaces.Box):
-        fail(f"{name} has a {type(env.action_space).__name__} action space; SAC needs continuous "
-             "actions")
-    if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
-        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))
-    return env
-
-
-def minari_env(dataset_id: str, kwargs: dict) -> gym.Env:
-    """The dataset's evaluation env as Minari recorded it, its dict observation flattened as the
-    data's. AntMaze is evaluated as in D4RL: the episode ends at the goal."""
-    dataset = minari_dataset(dataset_id)
-    try:
-        with warnings.catch_warnings():  # Minari's AntMaze data are recorded in the -v4 envs
-            warnings.filterwarnings("ignore", ".*is out of date")
-            env = dataset.recover_environment(eval_env=True, **kwargs)
-            if family_of(dataset_id) == "antmaze":
-                fixes = antmaze_eval_kwargs(env.spec, dataset.env_spec)
-                env.close()
-                env = dataset.recover_environment(eval_env=True, **kwargs, **fixes)
-        env.reset(seed=0)  # FrankaKitchen-v1 fails when made under MuJoCo >= 3.12
-    except Exception as e:
-        fail(f"the environment of {dataset_id} cannot run here ({type(e).__name__}: {e}), and RLPD "
-             "needs it online")
-    if isinstance(env.observation_space, gym.spaces.Dict):
-        dim = flat_observation(env.observation_space.sample()).shape
-        space = gym.spaces.Box(-np.inf, np.inf, dim, np.float32)
-        env = gym.wrappers.TransformObservation(env, flat_observation, space)
-    return continuous_actions(env, dataset_id)
-
-
-def antmaze_eval_kwargs(eval_spec, data_spec) -> dict:
-    """D4RL's AntMaze: the episode ends at the goal (continuing_task=False), so the return is 1 on
-    success, else 0. Minari's umaze eval maze is the data's turned 180 degrees (Minari #304):
-    turned back, it is the data's task."""
-    kwargs = {"continuing_task": False}
-    maze, data_maze = eval_spec.kwargs.get("maze_map"), (
-        data_spec.kwargs.get("maze_map") if data_spec else None)
-    walls = lambda m: [[cell == 1 for cell in row] for row in m]
-    if maze and data_maze and walls(maze) != walls(data_maze):
-        turned = [row[::-1] for row in maze[::-1]]
-        if walls(turned) != walls(data_maze):
-            fail(f"the eval maze of the dataset ({maze}) has other walls than its data's maze "
-                 f"({data_maze})")
-        kwargs["maze_map"] = turned
-    return kwargs
-
-
-# ----------------------------------------------------------------------------- replay buffer
-class ReplayBuffer:
-    """Transitions as rows [s, a, r, m, s'] of one device tensor, batch indices drawn on the device
-    (n uniform integers mod size: float32 `rand * size` is not uniform over millions of rows)."""
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
-        self.capacity, self.dims = capacity, (obs_dim, act_dim, 1, 1, obs_dim)
-        self.rows = torch.zeros(capacity, sum(self.dims), device=device)
-        self.size_t = torch.zeros((), dtype=torch.long, device=device)  # (CUDA graph) the size
-        self.ptr, self.size = 0, 0
-
-    def add(self, obs, act, rew, mask, next_obs):
-        row = np.concatenate([obs, act, [rew], [mask], next_obs]).astype(np.float32)
-        self.rows[self.ptr].copy_(torch.from_numpy(row))
-        self.ptr = (self.ptr + 1) % self.capacity
-        self.size = min(self.size + 1, self.capacity)
-        self.size_t.fill_(self.size)  # (CUDA graph) a captured block samples from the new size
-
-    def indices(self, n: int) -> torch.Tensor:  # the modulo's bias is below size / 2^62
-        return torch.randint(0, 2**62, (n,), device=self.rows.device) % self.size_t
-
-    def split(self, rows: torch.Tensor) -> tuple:
-        obs, act, rew, mask, next_obs = rows.split(self.dims, dim=-1)
-        return obs, act, rew.squeeze(-1), mask.squeeze(-1), next_obs
-
-    def sample(self, n: int) -> tuple:
-        """(s, a, r, m, s') of n uniform draws."""
-        return self.split(self.rows[self.indices(n)])
-
-    def state_dict(self) -> dict:
-        """The rows oldest first, so that a run with another capacity can resume them."""
-        rows = torch.cat([self.rows[self.ptr:self.size], self.rows[:self.ptr]])
-        return {"rows": rows.cpu(), "size": self.size}
-
-    def load_state_dict(self, state: dict):
-        rows = state["rows"][-self.capacity:]  # the newest rows, if this run's capacity is smaller
-        self.size = len(rows)
-        self.rows[:self.size] = rows.to(self.rows.device)
-        self.ptr = self.size % self.capacity  # the next row goes after the newest; row 0 when full
-        self.size_t.fill_(self.size)
-
-
-# ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(actor: TanhGaussianActor, env: gym.Env, episodes: int, device, seed: int):
-    """Returns of `episodes` episodes of the deterministic policy tanh(mu(s))."""
-    returns = []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed if i == 0 else None)
-        done, total = False, 0.0
-        while not done:
-            s = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
-            obs, reward, terminated, truncated, _ = env.step(actor(s)[0].cpu().numpy())
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    return np.array(returns)
-
-
-def reference_scores(env: str) -> Optional[tuple]:
-    """(random, expert) returns of the normalized score: a Minari dataset's own where it has them
-    (not AntMaze's: returns of its continuing task), else d4rl's for the task, else None."""
-    if is_minari(env) and family_of(env) != "antmaze":
-        meta = minari_dataset(env).storage.metadata
-        if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
-            return float(meta["ref_min_score"]), float(meta["ref_max_score"])
-    return REF_SCORES.get(task_of(env))
-
-
-def normalized_score(ref: Optional[tuple], ret: float) -> float:
-    """100 (R - random) / (expert - random), as d4rl; NaN without reference returns."""
-    return float("nan") if ref is None else 100 * (ret - ref[0]) / (ref[1] - ref[0])
-
-
-# ----------------------------------------------------------------------------- checkpoints, logs
 def save_checkpoint(path: str, agent: RLPD, online: ReplayBuffer, step: int, args, evals: list):
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-           "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     torch.save({"script": "rlpd.py", "agent": agent.state_dict(), "step": step, "rng": rng,
                 "args": asdict(args), "evaluations": evals, "online": online.state_dict(),
                 **{k: opt.state_dict() for k, opt in agent.optimizers().items()}}, path + ".tmp")
@@ -793,10 +748,10 @@ def load_checkpoint(path: str, agent: RLPD, online: ReplayBuffer, device: torch.
         state = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # garbage, a truncated file, ...
         fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(state, dict) or "script" not in state:
-        fail(f"{path} is not a checkpoint of rlpd.py")
-    if state["script"] != "rlpd.py":
-        fail(f"{path} is a checkpoint of {state['script']}, not of rlpd.py")
+    script = state.get("script") if isinstance(state, dict) else None
+    if script != "rlpd.py":
+        what = f"a checkpoint of {script}, not of" if script else "not a checkpoint of"
+        fail(f"{path} is {what} rlpd.py")
     try:
         agent.load_state_dict(state["agent"])
         for k, opt in agent.optimizers().items():
@@ -815,25 +770,14 @@ def load_checkpoint(path: str, agent: RLPD, online: ReplayBuffer, device: torch.
     return state["step"], state["evaluations"]
 
 
-def open_writer(args: Args, run_dir: str) -> SummaryWriter:
-    writer = SummaryWriter(run_dir)
-    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project_name, config=vars(args), dir=run_dir,
-                   name=os.path.basename(run_dir), sync_tensorboard=True)
-    return writer
-
-
 def cuda_graph(fn, warmup: int = 3):
     """fn() (no inputs: it reads static tensors) as a CUDA graph: `warmup` eager calls on a side
     stream (they allocate optimizer state and workspaces), then one capture, then replays. Each
     call is one call of fn, so a GPU run does exactly the updates of a CPU run."""
-    graph, out, calls = None, None, 0
+    graph, out, calls = torch.cuda.CUDAGraph(), None, 0
 
     def call():
-        nonlocal graph, out, calls
+        nonlocal out, calls
         calls += 1
         if calls <= warmup:
             stream = torch.cuda.Stream()
@@ -842,8 +786,7 @@ def cuda_graph(fn, warmup: int = 3):
                 result = fn()
             torch.cuda.current_stream().wait_stream(stream)
             return result
-        if graph is None:
-            graph = torch.cuda.CUDAGraph()
+        if calls == warmup + 1:
             with torch.cuda.graph(graph):  # records fn's kernels without running them
                 out = fn()
         graph.replay()
