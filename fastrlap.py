@@ -37,6 +37,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal, Optional
 
 if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
@@ -57,8 +58,7 @@ class Args:
     exp_name: str = "fastrlap"  # name of this experiment (recorded in args.json)
     seed: int = 0  # seed of python, numpy, torch (the course is --course-seed)
     course_seed: int = 0  # the target course's layout
-    total_timesteps: int = 15_000
-    """control steps of practice (10 Hz: 15k = 25 minutes driven, plus 1 s per backing up)"""
+    total_timesteps: int = 15_000  # practice steps at 10 Hz (15k: 25 min, plus 1 s per backing up)
     learning_starts: int = 500  # steps of rate-limited random actions before the first update
     utd_ratio: int = 8  # critic steps per env step: each batch is split into this many slices
     batch_size: int = 512  # transitions per UTD block (official 512: 8 critic steps of 64)
@@ -79,14 +79,12 @@ class Args:
     num_min_qs: int = 2  # size of the random subset of target critics whose min is the backup
     init_temperature: float = 0.1  # initial entropy temperature alpha
     target_entropy: float = -3.0  # entropy target at the first update
-    target_entropy_decay: float = 4e-5
-    """the target is lowered by this much per update, from the first on, with no floor"""
+    target_entropy_decay: float = 4e-5  # the target's drop per update (from the first; no floor)
     gamma: float = 0.99  # discount factor
     tau: float = 0.005  # Polyak rate of the target critics
     crash_penalty: float = 10.0  # subtracted from the reward of a step that ends in a wall contact
     # stage 1: pretraining
-    pretrain_courses: int = 6
-    """other courses (seeds course_seed + 1000 + i) driven slowly for the pretraining data"""
+    pretrain_courses: int = 6  # courses (seeds course_seed + 1000 + i) driven slowly to pretrain
     pretrain_drive_steps: int = 1500  # control steps driven on each of them
     pretrain_steps: int = 3000  # gradient steps of pixel IQL
     pretrain_batch_size: int = 128  # transitions per pixel IQL step
@@ -107,10 +105,8 @@ class Args:
     wandb_project_name: str = "rl-reference"  # W&B project
     capture_video: bool = False  # record each evaluation lap (top view, camera) in run_dir/videos
     save_model: bool = False  # run_dir/checkpoint.pt (all --resume needs) at evaluations and end
-    resume: Optional[str] = None
-    """continue the practice from a checkpoint.pt (outputs go to its folder unless --run-dir)"""
-    run_dir: Optional[str] = None
-    """output folder (default: runs/fastrlap__{encoder}__{seed}__{time}); must not exist"""
+    resume: Optional[str] = None  # checkpoint.pt to resume (outputs in its folder unless --run-dir)
+    run_dir: Optional[str] = None  # new folder (default: runs/fastrlap__{encoder}__{seed}__{time})
 
 
 # ----------------------------------------------------------------------------- networks
@@ -125,7 +121,7 @@ class Encoder(nn.Module):
         for m in self.net[:-1:2]:
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
-        self.out_dim = 32 * conv_size(image_size) ** 2
+        self.out_dim = self.net(torch.zeros(1, 9, image_size, image_size)).shape[1]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, 3, S, S, 3) uint8 -> (B, out_dim)"""
@@ -140,19 +136,13 @@ class NoEncoder(Encoder):
         return torch.zeros(len(pixels), self.out_dim, device=pixels.device)
 
 
-def conv_size(s: int) -> int:
-    for _ in range(4):
-        s = (s - 3) // 2 + 1
-    return s
-
-
 class Projection(nn.Module):
     """The official PixelMultiplexer: z = [features, state] -> Dense-LayerNorm-tanh of each."""
 
     def __init__(self, feature_dim: int, state_dim: int, latent: int):
         super().__init__()
-        self.pixels = nn.Sequential(nn.Linear(feature_dim, latent), nn.LayerNorm(latent), nn.Tanh())
-        self.state = nn.Sequential(nn.Linear(state_dim, latent), nn.LayerNorm(latent), nn.Tanh())
+        self.pixels, self.state = (nn.Sequential(nn.Linear(d, latent), nn.LayerNorm(latent),
+                                                 nn.Tanh()) for d in (feature_dim, state_dim))
         self.feature_dim = feature_dim
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -170,9 +160,7 @@ class EnsembleLinear(nn.Module):
         for w in self.weight.data:
             nn.init.xavier_uniform_(w)  # the official default_init (flax's fans of (in, out))
 
-    def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if members is None:
-            return torch.baddbmm(self.bias, x, self.weight)
+    def forward(self, x: torch.Tensor, members=slice(None)) -> torch.Tensor:
         return torch.baddbmm(self.bias[members], x, self.weight[members])
 
 
@@ -184,11 +172,9 @@ class EnsembleLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(k, 1, dim))
         self.bias = nn.Parameter(torch.zeros(k, 1, dim))
 
-    def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None) -> torch.Tensor:
-        w, b = self.weight, self.bias
-        if members is not None:
-            w, b = w[members], b[members]
-        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * w + b  # flax's eps
+    def forward(self, x: torch.Tensor, members=slice(None)) -> torch.Tensor:
+        x = F.layer_norm(x, x.shape[-1:], eps=1e-6)  # flax's eps
+        return x * self.weight[members] + self.bias[members]
 
 
 class Critics(nn.Module):
@@ -196,16 +182,14 @@ class Critics(nn.Module):
 
     def __init__(self, feature_dim: int, state_dim: int, act_dim: int, args: Args):
         super().__init__()
-        self.k, hidden = args.num_qs, args.hidden_dim
+        k, hidden = args.num_qs, args.hidden_dim
         self.project = Projection(feature_dim, state_dim, args.latent_dim)
-        self.linears = nn.ModuleList([EnsembleLinear(self.k, 2 * args.latent_dim + act_dim, hidden),
-                                      EnsembleLinear(self.k, hidden, hidden),
-                                      EnsembleLinear(self.k, hidden, 1)])
-        self.norms = nn.ModuleList([EnsembleLayerNorm(self.k, hidden) for _ in range(2)])
+        sizes = (2 * args.latent_dim + act_dim, hidden, hidden, 1)
+        self.linears = nn.ModuleList([EnsembleLinear(k, *sizes[i:i + 2]) for i in range(3)])
+        self.norms = nn.ModuleList([EnsembleLayerNorm(k, hidden) for _ in range(2)])
 
-    def forward(self, z: torch.Tensor, act: torch.Tensor,
-                members: Optional[torch.Tensor] = None) -> torch.Tensor:
-        k = self.k if members is None else len(members)
+    def forward(self, z: torch.Tensor, act: torch.Tensor, members=slice(None)) -> torch.Tensor:
+        k = len(self.linears[2].bias[members])
         x = torch.cat([self.project(z), act], -1).expand(k, -1, -1)
         for i in range(2):
             x = F.relu(self.norms[i](self.linears[i](x, members), members))
@@ -215,10 +199,10 @@ class Critics(nn.Module):
 class TanhGaussianActor(nn.Module):
     """a = c + s tanh((u - c) / s), u ~ N(mu(z), sigma(z)), log sigma in [-20, 2], [c - s, c + s]
     the previous action (the state's last two entries) +-0.2 within [-1, 1] (official
-    `output_range`: the rate limit is part of the policy); rate_limit None: all of [-1, 1]."""
+    `output_range`: the rate limit is part of the policy); rate_limit inf: all of [-1, 1]."""
 
     def __init__(self, feature_dim: int, state_dim: int, act_dim: int, args: Args,
-                 rate_limit: Optional[float] = 0.2):
+                 rate_limit: float = 0.2):
         super().__init__()
         h = args.hidden_dim
         self.project = Projection(feature_dim, state_dim, args.latent_dim)
@@ -232,8 +216,6 @@ class TanhGaussianActor(nn.Module):
 
     def action_range(self, z: torch.Tensor) -> tuple:
         """(centre c, half-width s) of the allowed actions."""
-        if self.rate_limit is None:
-            return torch.zeros_like(z[..., :self.act_dim]), torch.ones_like(z[..., :self.act_dim])
         prev = z[..., -self.act_dim:]
         low, high = (prev - self.rate_limit).clamp(-1, 1), (prev + self.rate_limit).clamp(-1, 1)
         return (high + low) / 2, (high - low) / 2
@@ -283,6 +265,12 @@ def random_crop(pixels: torch.Tensor, pad: int) -> torch.Tensor:
     return x.reshape(b, h, w, k, c).permute(0, 3, 1, 2, 4)  # back to (B, 3, S, S, 3), float
 
 
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor, **backward_kw):
+    opt.zero_grad()
+    loss.backward(**backward_kw)
+    opt.step()
+
+
 class PixelIQL(nn.Module):
     """Stage 1. The encoder lives in the critic and is trained by the Q loss; V and pi read its
     features with stop-gradient. The target critic's heads are a Polyak copy; it reads the online
@@ -290,132 +278,114 @@ class PixelIQL(nn.Module):
 
     def __init__(self, args: Args, device: torch.device):
         super().__init__()
-        self.expectile, self.beta, self.pad = args.expectile, args.beta, args.shift_pad
-        self.gamma, self.tau = args.gamma, args.tau
-        self.num_qs, self.num_min_qs = args.num_qs, args.num_min_qs
+        self.args = args
         self.encoder = Encoder(args.image_size)
         features = self.encoder.out_dim
-        self.critic = Critics(features, STATE_DIM, 2, args)
-        self.critic_target = Critics(features, STATE_DIM, 2, args)
+        self.critic, self.critic_target = (Critics(features, STATE_DIM, 2, args) for _ in (0, 1))
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.requires_grad_(False)
         h, ln = args.hidden_dim, lambda: nn.LayerNorm(args.hidden_dim, eps=1e-6)  # value_layer_norm
         self.value = nn.Sequential(Projection(features, STATE_DIM, args.latent_dim),
                                    nn.Linear(2 * args.latent_dim, h), ln(), nn.ReLU(),
                                    nn.Linear(h, h), ln(), nn.ReLU(), nn.Linear(h, 1))
-        self.actor = TanhGaussianActor(features, STATE_DIM, 2, args, rate_limit=None)
+        self.actor = TanhGaussianActor(features, STATE_DIM, 2, args, rate_limit=math.inf)
         self.to(device)
         capturable = device.type == "cuda"  # CUDA graphs: Adam's step count on the GPU
         self.critic_opt = FlatAdam([*self.encoder.parameters(), *self.critic.parameters()],
                                    lr=args.critic_lr, capturable=capturable)
         self.value_opt = FlatAdam(self.value.parameters(), lr=args.critic_lr, capturable=capturable)
         self.actor_opt = FlatAdam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
-        self.online_params = list(self.critic.parameters())
-        self.target_params = list(self.critic_target.parameters())
 
     def update(self, pixels, state, act, rew, mask, next_pixels, next_state) -> dict:
-        pixels, next_pixels = random_crop(pixels, self.pad), random_crop(next_pixels, self.pad)
+        a = self.args
+        pixels, next_pixels = (random_crop(x, a.shift_pad) for x in (pixels, next_pixels))
         f = self.encoder(pixels)
         z = torch.cat([f.detach(), state], -1)  # V and pi read the features with stop-gradient
         with torch.no_grad():  # V(s') before V's step (official target_value); min of 2 random Qs
             next_v = self.value(torch.cat([self.encoder(next_pixels), next_state], -1)).squeeze(-1)
-            subset = torch.rand(self.num_qs, device=rew.device).argsort()[:self.num_min_qs]
+            subset = torch.rand(a.num_qs, device=rew.device).argsort()[:a.num_min_qs]
             q_target = self.critic_target(z, act, members=subset).min(0).values
 
         # V: expectile regression toward Q
         v = self.value(z).squeeze(-1)
         diff = q_target - v
-        value_loss = (torch.abs(self.expectile - (diff < 0).float()) * diff.pow(2)).mean()
-        self.value_opt.zero_grad()
-        value_loss.backward()
-        self.value_opt.step()
+        value_loss = (torch.abs(a.expectile - (diff < 0).float()) * diff.pow(2)).mean()
+        descend(self.value_opt, value_loss)
 
         # pi: advantage-weighted regression, weights exp(beta A) capped at 100, A from the new V
         with torch.no_grad():
-            weights = torch.exp(self.beta * (q_target - self.value(z).squeeze(-1))).clamp(max=100.0)
+            weights = torch.exp(a.beta * (q_target - self.value(z).squeeze(-1))).clamp(max=100.0)
         actor_loss = -(weights * self.actor.log_prob(z, act)).mean()
-        self.actor_opt.zero_grad()
-        actor_loss.backward()
-        self.actor_opt.step()
+        descend(self.actor_opt, actor_loss)
 
         # Q (and the encoder): r + gamma m V(s')
-        target = rew + self.gamma * mask * next_v
         q = self.critic(torch.cat([f, state], -1), act)
-        critic_loss = (q - target).pow(2).sum(0).mean()  # summed over the heads (official)
-        self.critic_opt.zero_grad()
-        critic_loss.backward()
-        self.critic_opt.step()
-        with torch.no_grad():  # or autograd records every Polyak step (a graph growing without end)
-            torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
-        return {"pretrain/value_loss": value_loss.detach(),
-                "pretrain/actor_loss": actor_loss.detach(),
-                "pretrain/critic_loss": critic_loss.detach(), "pretrain/v": v.detach().mean()}
+        critic_loss = (q - (rew + a.gamma * mask * next_v)).pow(2).sum(0).mean()  # sum over heads
+        descend(self.critic_opt, critic_loss)
+        polyak_(self.critic_target, self.critic, a.tau)
+        out = {"value_loss": value_loss, "actor_loss": actor_loss, "critic_loss": critic_loss,
+               "v": v.mean()}
+        return {f"pretrain/{k}": x.detach() for k, x in out.items()}
+
+
+def polyak_(target: nn.Module, online: nn.Module, tau: float):
+    with torch.no_grad():  # or autograd records every Polyak step (a graph growing without end)
+        torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
 
 
 # ----------------------------------------------------------------------------- stage 3: SAC, UTD 8
 class FastRLAP(nn.Module):
+    OPTIMIZERS = ("actor_opt", "critic_opt", "temp_opt")
+
     def __init__(self, feature_dim: int, args: Args, device: torch.device):
         super().__init__()
-        self.utd, self.gamma, self.tau = args.utd_ratio, args.gamma, args.tau
-        self.num_qs, self.num_min_qs = args.num_qs, args.num_min_qs
+        self.args = args
         self.actor = TanhGaussianActor(feature_dim, STATE_DIM, 2, args)
-        self.critic = Critics(feature_dim, STATE_DIM, 2, args)
-        self.critic_target = Critics(feature_dim, STATE_DIM, 2, args)
+        self.critic, self.critic_target = (Critics(feature_dim, STATE_DIM, 2, args) for _ in (0, 1))
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(args.init_temperature)))
         target = torch.tensor(args.target_entropy)
         self.target_entropy = nn.Parameter(target, requires_grad=False)  # annealed in place
-        self.entropy_decay = args.target_entropy_decay
         self.to(device)
         capturable = device.type == "cuda"  # CUDA graphs: Adam's step count on the GPU
         self.actor_opt = FlatAdam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
         self.critic_opt = FlatAdam(self.critic.parameters(), lr=args.critic_lr,
                                    capturable=capturable)
         self.temp_opt = torch.optim.Adam([self.log_alpha], lr=args.temp_lr, capturable=capturable)
-        self.target_params = list(self.critic_target.parameters())
-        self.online_params = list(self.critic.parameters())
 
     def critic_target_value(self, rew, mask, next_z) -> torch.Tensor:
         """y = r + gamma m min_{k in Z} Q'_k(z', a'), a' ~ pi(.|z'), Z a random subset."""
         with torch.no_grad():
             next_act, _ = self.actor.sample(next_z)
-            subset = torch.rand(self.num_qs, device=rew.device).argsort()[:self.num_min_qs]
+            a = self.args
+            subset = torch.rand(a.num_qs, device=rew.device).argsort()[:a.num_min_qs]
             next_q = self.critic_target(next_z, next_act, members=subset).min(0).values
-            return rew + self.gamma * mask * next_q
+            return rew + a.gamma * mask * next_q
 
     def update(self, z, act, rew, mask, next_z) -> dict:
         """One UTD block: G critic steps, one per slice of the batch, then one actor and one
         temperature step on the last slice, then the entropy target is lowered."""
-        B = z.shape[0] // self.utd
-        for g in range(self.utd):
-            s = slice(g * B, (g + 1) * B)
+        B = len(z) // self.args.utd_ratio
+        for s in (slice(g * B, (g + 1) * B) for g in range(self.args.utd_ratio)):
             target = self.critic_target_value(rew[s], mask[s], next_z[s])
             q = self.critic(z[s], act[s])
             critic_loss = (q - target).pow(2).mean()
-            self.critic_opt.zero_grad()
-            critic_loss.backward()
-            self.critic_opt.step()
-            with torch.no_grad():  # or autograd records every Polyak step
-                torch._foreach_lerp_(self.target_params, self.online_params, self.tau)
+            descend(self.critic_opt, critic_loss)
+            polyak_(self.critic_target, self.critic, self.args.tau)
 
-        # actor on the mean of all critics
-        last = slice((self.utd - 1) * B, self.utd * B)
+        # actor on the mean of all critics (the last slice)
         alpha = self.log_alpha.exp().detach()
-        new_act, log_prob = self.actor.sample(z[last])
-        actor_loss = (alpha * log_prob - self.critic(z[last], new_act).mean(0)).mean()
-        self.actor_opt.zero_grad()
-        actor_loss.backward(inputs=self.actor_opt.layers)  # no gradient into the critics
-        self.actor_opt.step()
+        new_act, log_prob = self.actor.sample(z[s])
+        actor_loss = (alpha * log_prob - self.critic(z[s], new_act).mean(0)).mean()
+        descend(self.actor_opt, actor_loss, inputs=self.actor_opt.layers)  # not into the critics
 
         # temperature: raise alpha when the entropy is below its target; then lower the target
         entropy = -log_prob.detach().mean()
         temp_loss = self.log_alpha.exp() * (entropy - self.target_entropy)
-        self.temp_opt.zero_grad()
-        temp_loss.backward()
-        self.temp_opt.step()
+        descend(self.temp_opt, temp_loss)
         with torch.no_grad():
-            self.target_entropy.sub_(self.entropy_decay)  # in place: a CUDA graph replays it
+            self.target_entropy.sub_(self.args.target_entropy_decay)  # in place: graph-safe
         return {"losses/critic_loss": critic_loss.detach(),
                 "losses/actor_loss": actor_loss.detach(),
                 "losses/temperature_loss": temp_loss.detach(), "values/q": q.detach().mean(),
@@ -446,9 +416,6 @@ class ReplayBuffer:
     def split(self, rows: torch.Tensor) -> tuple:
         z, act, rew, mask, next_z = rows.split(self.dims, dim=-1)
         return z, act, rew.squeeze(-1), mask.squeeze(-1), next_z
-
-    def sample(self, n: int) -> tuple:
-        return self.split(self.sample_rows(n))
 
     def state_dict(self) -> dict:
         """The rows oldest first, so that a run with a larger capacity can resume them."""
@@ -538,13 +505,17 @@ class Course:
                           for i, (cx, cy, hx, hy) in enumerate(self.walls))
         x, y, yaw = self.start_pose()
         friction = f'friction="{grip} 0.005 0.0001"'
-        wheel = (f'type="cylinder" size="{WHEEL_RADIUS} 0.02" euler="90 0 0" mass="0.05" {friction}'
-                 ' condim="3" contype="2" conaffinity="1" rgba=".1 .1 .1 1"')  # parts never touch
-        spin = '<joint type="hinge" axis="0 1 0" armature="0.0005"/>'
-        knuckle = '<inertial pos="0 0 0" mass="0.02" diaginertia="1e-5 1e-5 1e-5"/>'
+        wheel = (f'<geom type="cylinder" size="{WHEEL_RADIUS} 0.02" euler="90 0 0" mass="0.05" '
+                 f'{friction} condim="3" contype="2" conaffinity="1" rgba=".1 .1 .1 1"/>')
+        rear = '<joint name="rear_{}" type="hinge" axis="0 1 0" armature="0.0005"/>' + wheel
+        front = ('<joint name="steer_{}" type="hinge" axis="0 0 1" range="-0.5 0.5"/><inertial '
+                 'pos="0 0 0" mass="0.02" diaginertia="1e-5 1e-5 1e-5"/><body><joint type="hinge" '
+                 f'axis="0 1 0" armature="0.0005"/>{wheel}</body>')  # the knuckle, then the spin
+        wheels = "\n".join(f'<body pos="{px} {py} -0.02">{joint.format(side)}</body>'
+                           for px, joint in ((-0.15, rear), (0.15, front))
+                           for side, py in (("left", HALF_WIDTH), ("right", -HALF_WIDTH)))
         top = max(self.lx, self.ly) / 2 / math.tan(math.radians(30)) * 1.1  # sees the course
-        return f"""
-<mujoco model="fastrlap">
+        return f"""<mujoco model="fastrlap">
   <option timestep="{CONTROL_DT / SUBSTEPS}" integrator="implicitfast"/>
   <visual><global offwidth="{max(image_size, 640)}" offheight="{max(image_size, 480)}"/>
     <quality shadowsize="0"/></visual>
@@ -554,8 +525,7 @@ class Course:
     <material name="ground" texture="ground" texrepeat="{self.lx:.1f} {self.ly:.1f}"/>
     <texture name="wall" type="2d" builtin="checker" rgb1=".85 .85 .85" rgb2=".7 .1 .1"
       width="64" height="64"/>
-    <material name="wall" texture="wall" texrepeat="8 1"/>
-    <material name="box" rgba=".1 .3 .8 1"/>
+    <material name="wall" texture="wall" texrepeat="8 1"/><material name="box" rgba=".1 .3 .8 1"/>
   </asset>
   <worldbody>
     <light directional="true" pos="0 0 10" dir="0.3 0.2 -1"/>
@@ -569,14 +539,7 @@ class Course:
       <geom name="chassis" type="box" size="0.2 0.1 0.03" mass="1.5" contype="2" conaffinity="1"
         rgba=".9 .6 .1 1"/>
       <camera name="front" pos="0.21 0 0.1" xyaxes="0 -1 0 0.17 0 0.98" fovy="90"/>
-      <body pos="-0.15 {HALF_WIDTH} -0.02"><joint name="rear_left" type="hinge" axis="0 1 0"
-        armature="0.0005"/><geom {wheel}/></body>
-      <body pos="-0.15 -{HALF_WIDTH} -0.02"><joint name="rear_right" type="hinge" axis="0 1 0"
-        armature="0.0005"/><geom {wheel}/></body>
-      <body pos="0.15 {HALF_WIDTH} -0.02"><joint name="steer_left" type="hinge" axis="0 0 1"
-        range="-0.5 0.5"/>{knuckle}<body>{spin}<geom {wheel}/></body></body>
-      <body pos="0.15 -{HALF_WIDTH} -0.02"><joint name="steer_right" type="hinge" axis="0 0 1"
-        range="-0.5 0.5"/>{knuckle}<body>{spin}<geom {wheel}/></body></body>
+      {wheels}
     </body>
   </worldbody>
   <actuator>
@@ -590,29 +553,27 @@ class Course:
 
 class RaceCar(gym.Env):
     """The course as a Gymnasium env at 10 Hz: {"pixels": the last 3 frames, "state"}; actions
-    (speed, steer) in [-1, 1]^2. It never ends an episode: info reports `crash`, `stuck`, the lap
-    time and the clock; the practice loop decides what follows (`recover()` or `reset()`)."""
+    (speed, steer) in [-1, 1]^2, rate-limited to +-0.2 per step. It never ends an episode: info
+    reports `crash`, `stuck` (3 s pinned), the lap time and the clock; the practice loop decides
+    what follows (`recover()` or `reset()`)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+    STATE = ("prev_action", "acceleration", "checkpoint", "time", "lap_start")  # with get_state
 
-    def __init__(self, course: Course, image_size: int = 64, grip: float = 0.8,
-                 max_speed: float = 4.0, checkpoint_radius: float = 1.0,
-                 crash_penalty: float = 10.0, rate_limit: float = 0.2, stuck_seconds: float = 3.0,
-                 video_size: int = 0):
-        self.course, self.radius, self.crash_penalty = course, checkpoint_radius, crash_penalty
-        self.rate_limit, self.speed_scale = rate_limit, max_speed / 4.5
-        self.stuck_steps = int(round(stuck_seconds / CONTROL_DT))
+    def __init__(self, course: Course, args: Args, video_size: int = 0):
+        self.course, self.args, self.speed_scale = course, args, args.max_speed / 4.5
         self.time = 0.0  # seconds driven (forward and backing up): lap timer and practice clock
-        self.model = mujoco.MjModel.from_xml_string(course.xml(image_size, grip))
+        self.model = mujoco.MjModel.from_xml_string(course.xml(args.image_size, args.grip))
         self.data = mujoco.MjData(self.model)
-        self.camera = mujoco.Renderer(self.model, image_size, image_size)
+        self.camera = mujoco.Renderer(self.model, args.image_size, args.image_size)
         self.video = mujoco.Renderer(self.model, video_size, video_size) if video_size else None
         self.car = self.model.body("car").id
-        self.is_wall = np.zeros(self.model.ngeom, bool)
-        self.is_wall[[self.model.geom(f"wall{i}").id for i in range(len(course.walls))]] = True
+        self.is_wall = np.array([self.model.geom(i).name.startswith("wall")
+                                 for i in range(self.model.ngeom)])
         self.is_car = self.model.body_rootid[self.model.geom_bodyid] == self.car
+        s = args.image_size
         self.observation_space = gym.spaces.Dict(
-            pixels=gym.spaces.Box(0, 255, (3, image_size, image_size, 3), np.uint8),
+            pixels=gym.spaces.Box(0, 255, (3, s, s, 3), np.uint8),
             state=gym.spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32))
         self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
 
@@ -629,24 +590,23 @@ class RaceCar(gym.Env):
     def step(self, action: np.ndarray) -> tuple:
         """The reward: the velocity toward the checkpoint held at the step's start, minus the
         penalty on a crash; the next checkpoint is held once this one is within the radius."""
-        limit = self.rate_limit
-        a = np.clip(np.clip(action, -1.0, 1.0), self.prev_action - limit, self.prev_action + limit)
+        a = np.clip(np.clip(action, -1.0, 1.0), self.prev_action - 0.2, self.prev_action + 0.2)
         speed, steer = self.speed_scale * (2.5 + 2.0 * a[0]), 0.5 * a[1]  # 0.5-4.5 m/s, +-0.5 rad
         goal, before = self.course.checkpoints[self.checkpoint], self.position()
         crash = self.drive(speed, steer)
-        self.prev_action = a
-        after = self.position()
+        self.prev_action, after = a, self.position()
         toward = (goal - before) / max(np.linalg.norm(goal - before), 1e-6)
-        reward = float(np.dot(after - before, toward) / CONTROL_DT) - self.crash_penalty * crash
+        reward = (float(np.dot(after - before, toward) / CONTROL_DT)
+                  - self.args.crash_penalty * crash)
         info = {"crash": crash, "lap_time": None, "checkpoint": self.checkpoint, "time": self.time}
-        if np.linalg.norm(self.course.checkpoints[self.checkpoint] - after) < self.radius:
+        if np.linalg.norm(goal - after) < self.args.checkpoint_radius:
             if self.checkpoint == 0:  # a lap runs from one pass of checkpoint 0 to the next
                 if self.lap_start is not None:
                     info["lap_time"] = self.time - self.lap_start
                 self.lap_start = self.time
             self.checkpoint = (self.checkpoint + 1) % len(self.course.checkpoints)
-        self.history = (self.history + [after])[-self.stuck_steps:]
-        info["stuck"] = len(self.history) == self.stuck_steps and bool(
+        self.history = (self.history + [after])[-30:]  # stuck: 3 s within 0.3 m
+        info["stuck"] = len(self.history) == 30 and bool(
             np.linalg.norm(np.array(self.history) - after, axis=1).max() < 0.3)
         return self.observation(), reward, False, False, info
 
@@ -654,16 +614,15 @@ class RaceCar(gym.Env):
         """The pseudo-reset after a crash or being stuck (official): drive backward at 1 m/s with a
         random steering angle for 1 s; the checkpoint and the clock run on."""
         steer = 0.5 * self.np_random.uniform(-1, 1)
-        for _ in range(int(round(1.0 / CONTROL_DT))):
+        for _ in range(10):
             self.drive(-1.0, steer)
         self.prev_action, self.history = np.array([-1.0, 0.0]), []
         return self.observation()
 
     def drive(self, speed: float, steer: float) -> bool:
         """One control period at a speed target and steering angle; True on a car-wall contact."""
-        v0 = self.data.qvel[:3].copy()
+        v0, crash = self.data.qvel[:3].copy(), False
         self.data.ctrl[:] = [speed / WHEEL_RADIUS, speed / WHEEL_RADIUS, steer, steer]
-        crash = False
         for _ in range(SUBSTEPS):
             mujoco.mj_step(self.model, self.data)
             g = self.data.contact.geom[:self.data.ncon]
@@ -681,14 +640,13 @@ class RaceCar(gym.Env):
         r = self.data.xmat[self.car].reshape(3, 3)
         return math.atan2(r[1, 0], r[0, 0])
 
-    def render_camera(self) -> np.ndarray:
-        self.camera.update_scene(self.data, camera="front")
-        return self.camera.render().copy()
+    def render_camera(self, camera: str = "front") -> np.ndarray:
+        renderer = self.camera if camera == "front" else self.video
+        renderer.update_scene(self.data, camera=camera)
+        return renderer.render().copy()
 
     def render(self) -> np.ndarray:
-        """A top view of the course with the car (for videos)."""
-        self.video.update_scene(self.data, camera="top")
-        return self.video.render().copy()
+        return self.render_camera("top")  # a top view of the course (for videos)
 
     def observation(self) -> dict:
         r = self.data.xmat[self.car].reshape(3, 3)  # body -> world
@@ -706,42 +664,34 @@ class RaceCar(gym.Env):
         physics = np.empty(mujoco.mj_stateSize(self.model, mujoco.mjtState.mjSTATE_INTEGRATION))
         mujoco.mj_getState(self.model, self.data, physics, mujoco.mjtState.mjSTATE_INTEGRATION)
         return {"physics": physics, "xpos": self.data.xpos.copy(), "xmat": self.data.xmat.copy(),
-                "frames": np.stack(self.frames), "prev_action": self.prev_action,
-                "acceleration": self.acceleration, "checkpoint": self.checkpoint, "time": self.time,
-                "lap_start": self.lap_start, "history": list(self.history),
-                "rng": self.np_random.bit_generator.state}
+                "frames": np.stack(self.frames), **{k: getattr(self, k) for k in self.STATE},
+                "history": list(self.history), "rng": self.np_random.bit_generator.state}
 
     def set_state(self, state: dict):
-        physics = mujoco.mjtState.mjSTATE_INTEGRATION
-        mujoco.mj_setState(self.model, self.data, state["physics"], physics)
+        mujoco.mj_setState(self.model, self.data, state["physics"],
+                           mujoco.mjtState.mjSTATE_INTEGRATION)
         # the poses as mj_step left them (before its last integration, as the observation read them)
         self.data.xpos[:], self.data.xmat[:] = state["xpos"], state["xmat"]
         self.frames, self.history = list(state["frames"]), list(state["history"])
-        self.prev_action, self.acceleration = state["prev_action"], state["acceleration"]
-        self.checkpoint, self.time = state["checkpoint"], state["time"]
-        self.lap_start = state["lap_start"]
+        for k in self.STATE:
+            setattr(self, k, state[k])
         self.np_random.bit_generator.state = state["rng"]
 
 
-def make_env(course: Course, args: Args, video_size: int = 0) -> RaceCar:
-    return RaceCar(course, args.image_size, args.grip, args.max_speed, args.checkpoint_radius,
-                   args.crash_penalty, video_size=video_size)
+make_env = RaceCar  # the env factory (the tests wrap it)
 
 
 # ----------------------------------------------------------------------------- the pretraining data
-def pursuit(env: RaceCar, course: Course, speed: float, lookahead: float = 1.0,
-            offset: float = 0.0) -> np.ndarray:
-    """Pure pursuit: the action that steers toward the point `lookahead` m ahead on the demo path
-    (shifted `offset` m to its left) at `speed` m/s."""
-    p, yaw = env.position(), env.yaw()
-    i = int(np.argmin(np.linalg.norm(course.path - p, axis=1)))
-    j = (i + int(lookahead / 0.05)) % len(course.path)
-    k = (j + 1) % len(course.path)
-    tangent = course.path[k] - course.path[j]
+def pursuit(env: RaceCar, course: Course, speed: float, offset: float = 0.0) -> np.ndarray:
+    """Pure pursuit: the action that steers toward the point 1 m ahead on the demo path (shifted
+    `offset` m to its left) at `speed` m/s."""
+    p, path = env.position(), course.path
+    j = (int(np.argmin(np.linalg.norm(path - p, axis=1))) + 20) % len(path)  # 20 x 5 cm ahead
+    tangent = path[(j + 1) % len(path)] - path[j]
     left = np.array([-tangent[1], tangent[0]]) / max(np.linalg.norm(tangent), 1e-9)
-    target = course.path[j] + offset * left
-    alpha = math.atan2(target[1] - p[1], target[0] - p[0]) - yaw
-    steer = math.atan2(2 * 0.3 * math.sin(alpha), lookahead)  # wheelbase 0.3 m
+    target = path[j] + offset * left
+    alpha = math.atan2(target[1] - p[1], target[0] - p[0]) - env.yaw()
+    steer = math.atan2(2 * 0.3 * math.sin(alpha), 1.0)  # wheelbase 0.3 m, lookahead 1 m
     return np.array([(speed / env.speed_scale - 2.5) / 2.0, steer / 0.5]).clip(-1, 1)
 
 
@@ -754,9 +704,8 @@ def load_or_collect(args: Args) -> dict:
     if not os.path.exists(path):
         print(f"driving {args.pretrain_courses} courses slowly for the pretraining data: {path}",
               flush=True)
-        courses = [Course(args.course_seed + 1000 + i, spacing=args.checkpoint_spacing)
-                   for i in range(args.pretrain_courses)]
-        parts = [drive_slowly(course, args, seed=i) for i, course in enumerate(courses)]
+        parts = [drive_slowly(Course(args.course_seed + 1000 + i, spacing=args.checkpoint_spacing),
+                              args, seed=i) for i in range(args.pretrain_courses)]
         data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         os.makedirs(os.path.dirname(path), exist_ok=True)
         np.savez(path + ".tmp.npz", **data)
@@ -800,19 +749,17 @@ class PretrainBuffer:
     def __init__(self, data: dict, args: Args, device: torch.device):
         self.d = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
         self.valid = torch.nonzero(self.d["valid"] > 0).squeeze(-1)
-        self.n_valid = len(self.valid)
-        if self.n_valid < 2:
+        if len(self.valid) < 2:
             fail("the pretraining data hold fewer than 2 transitions; raise --pretrain-drive-steps")
-        last = {d: np.flatnonzero(data["drive"] == d).max() for d in np.unique(data["drive"])}
-        end = [last[d] for d in data["drive"]]  # future goals stay in the drive
-        self.drive_end = torch.as_tensor(end, device=device)
+        end = np.searchsorted(data["drive"], data["drive"], side="right") - 1  # drives: in order
+        self.drive_end = torch.as_tensor(end, device=device)  # future goals stay in the drive
         self.crash_penalty = args.crash_penalty
 
     def sample(self, n: int) -> tuple:
         """(o, s, a, r, m, o', s') with s = [own numbers, goal (unit x, unit y, distance) in the
         car's frame, previous action] and r = velocity toward the goal - penalty on a crash."""
         d = self.d
-        i = self.valid[torch.randint(0, self.n_valid, (n,), device=self.valid.device)]
+        i = self.valid[torch.randint(0, len(self.valid), (n,), device=self.valid.device)]
         j = torch.minimum(i + torch.randint(1, 51, (n,), device=i.device), self.drive_end[i])
         u = torch.rand(n, 1, device=i.device)
         noisy = d["pose"][i, :2] + 4.0 * torch.randn(n, 2, device=i.device)
@@ -851,10 +798,9 @@ def main(args: Args) -> dict:
     course = Course(args.course_seed, spacing=args.checkpoint_spacing)
 
     # the outputs: args.json, TensorBoard (and W&B), stdout, laps.csv, evaluations.csv, the results
-    os.makedirs(run_dir, exist_ok=resume is not None)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump({**asdict(args), "resolved": {"device": str(device)}}, f, indent=2)
     writer = SummaryWriter(run_dir)
+    resolved = {**asdict(args), "resolved": {"device": str(device)}}
+    Path(run_dir, "args.json").write_text(json.dumps(resolved, indent=2))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     if args.track:
@@ -865,9 +811,9 @@ def main(args: Args) -> dict:
     run = resume["run"] if resume else dict(laps=[], evals=[], crashes=0, stucks=0, lap_crashes=0,
                                             metrics={})
     results = run["metrics"]
-    with open(os.path.join(run_dir, "laps.csv"), "w") as f:  # on --resume, later rows go
-        f.write("step,practice_minutes,lap_time,collisions\n")
-        f.writelines(f"{s},{m:.3f},{t:.2f},{c}\n" for s, m, t, c in run["laps"])
+    laps_csv = Path(run_dir, "laps.csv")  # on --resume, later rows go
+    laps_csv.write_text("step,practice_minutes,lap_time,collisions\n" +
+                        "".join(f"{s},{m:.3f},{t:.2f},{c}\n" for s, m, t, c in run["laps"]))
 
     def log(stage: str, step: int, info: dict) -> str:  # the only host sync of the update path
         metrics = {k: v.item() for k, v in info.items()}
@@ -907,15 +853,15 @@ def main(args: Args) -> dict:
     def train_step():  # the UTD block: indices drawn on the device, G critic, 1 actor, 1 temp. step
         if args.demo:
             return agent.update(*half_demo_sample(demo, online, args.utd_ratio, args.batch_size))
-        return agent.update(*online.sample(args.batch_size))
+        return agent.update(*online.split(online.sample_rows(args.batch_size)))
 
     step_fn = cuda_graph(train_step) if args.cuda_graph and device.type == "cuda" else train_step
     obs, _ = env.reset(seed=args.seed)
     start = resume["step"] if resume else 0
     if resume:  # where the agent, its optimizers, the replay, the car and every RNG were
         agent.load_state_dict(resume["agent"])
-        for k in OPTIMIZERS:
-            getattr(agent, k).load_state_dict(resume["optimizers"][k])
+        for k, state in resume["optimizers"].items():
+            getattr(agent, k).load_state_dict(state)
         online.load_state_dict(resume["online"])
         env.set_state(resume["env"])
         random.setstate(resume["rng"]["python"])
@@ -943,7 +889,7 @@ def main(args: Args) -> dict:
         if event["lap_time"] is not None:
             lap, minutes = event["lap_time"], event["time"] / 60  # the clock: backing up counts
             run["laps"].append((step, minutes, lap, run["lap_crashes"]))
-            with open(os.path.join(run_dir, "laps.csv"), "a") as f:
+            with open(laps_csv, "a") as f:
                 f.write(f"{step},{minutes:.3f},{lap:.2f},{run['lap_crashes']}\n")
             writer.add_scalar("charts/lap_time", lap, step)
             print(f"step={step} lap {len(run['laps'])}: {lap:.1f} s after {minutes:.1f} min of "
@@ -953,8 +899,7 @@ def main(args: Args) -> dict:
             writer.add_scalar("charts/collisions", run["crashes"], step)
             writer.add_scalar("charts/stuck", run["stucks"], step)
         if event["crash"] or event["stuck"]:  # pseudo-reset: back up and go on, or start over
-            next_obs = env.recover() if args.pseudo_resets else env.reset()[0]
-            next_z = embed(next_obs)
+            next_z = embed(env.recover() if args.pseudo_resets else env.reset()[0])
         z = next_z
 
         if step > args.learning_starts:
@@ -984,10 +929,9 @@ def main(args: Args) -> dict:
             crashes = float(np.mean([c for _, c in laps]))
             run["evals"].append((step, env.time / 60, lap, finished, crashes))
             writer.add_scalar("eval/lap_time", lap, step)
-            with open(os.path.join(run_dir, "evaluations.csv"), "w") as f:
-                f.write("step,practice_minutes,lap_time,finished,collisions\n")
-                f.writelines(f"{s},{m:.3f},{t:.2f},{d:.2f},{c:.1f}\n"
-                             for s, m, t, d, c in run["evals"])
+            Path(run_dir, "evaluations.csv").write_text(
+                "step,practice_minutes,lap_time,finished,collisions\n" +
+                "".join(f"{s},{m:.3f},{t:.2f},{d:.2f},{c:.1f}\n" for s, m, t, d, c in run["evals"]))
             print(f"step={step} eval lap_time={lap:.1f} finished={len(times)}/{len(laps)}",
                   flush=True)
             results.update({"eval/lap_time": lap, "eval/finished": finished})
@@ -996,13 +940,11 @@ def main(args: Args) -> dict:
                             agent, demo, online, env, run)
     writer.close()
     lap_times = [lap[2] for lap in run["laps"]]
-    results = {**results, "updates": updates, "env_steps": args.total_timesteps - start,
-               "run_dir": run_dir, "laps": run["laps"], "evaluations": run["evals"],
-               "collisions": run["crashes"], "stuck": run["stucks"],
-               "best_lap_time": min(lap_times, default=float("nan")),
-               "first_lap_minutes": run["laps"][0][1] if run["laps"] else float("nan")}
-    results.setdefault("updates_per_second", float("nan"))
-    return results
+    return {"updates_per_second": float("nan"), **results, "updates": updates,
+            "env_steps": args.total_timesteps - start, "run_dir": run_dir, "laps": run["laps"],
+            "evaluations": run["evals"], "collisions": run["crashes"], "stuck": run["stucks"],
+            "best_lap_time": min(lap_times, default=float("nan")),
+            "first_lap_minutes": run["laps"][0][1] if run["laps"] else float("nan")}
 
 
 def stage1_encoder(args: Args, device: torch.device, run_dir: str, log) -> Encoder:
@@ -1093,21 +1035,20 @@ def check_args(args: Args) -> torch.device:
              "slices of 2 or more")
     if not 1 <= args.num_min_qs <= args.num_qs:
         fail(f"--num-min-qs must be between 1 and --num-qs ({args.num_qs}), got {args.num_min_qs}")
-    if conv_size(args.image_size) < 1:
-        fail(f"--image-size must be at least 31 (four stride-2 convolutions), got "
+    if args.image_size < 31:
+        fail("--image-size must be at least 31 (four stride-2 convolutions), got "
              f"{args.image_size}")
-    if args.encoder_path is not None:
-        if args.encoder != "pretrained":
-            fail(f"--encoder {args.encoder} and --encoder-path exclude each other")
-        if not os.path.isfile(args.encoder_path):
-            fail(f"encoder {args.encoder_path} does not exist")
-        size = torch.load(args.encoder_path, map_location="cpu",
-                          weights_only=True).get("image_size")
-        if size != args.image_size:
-            fail(f"{args.encoder_path} was trained on {size}-pixel images, not --image-size "
-                 f"{args.image_size}")
+    if args.encoder_path is not None and args.encoder != "pretrained":
+        fail(f"--encoder {args.encoder} and --encoder-path exclude each other")
+    if args.encoder_path is not None and not os.path.isfile(args.encoder_path):
+        fail(f"encoder {args.encoder_path} does not exist")
+    size = args.encoder_path and torch.load(args.encoder_path, "cpu", weights_only=True).get(
+        "image_size")
+    if args.encoder_path is not None and size != args.image_size:
+        fail(f"{args.encoder_path} was trained on {size}-pixel images, not --image-size "
+             f"{args.image_size}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+                          args.device.replace("auto", "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but CUDA is not available")
     return device
@@ -1115,14 +1056,10 @@ def check_args(args: Args) -> torch.device:
 
 def load_encoder(path, args: Args, device: torch.device) -> Encoder:
     """An encoder from its file or a checkpoint's copy of it (its image size: see check_args)."""
-    if not isinstance(path, dict):
-        path = torch.load(path, map_location=device, weights_only=True)
+    state = path if isinstance(path, dict) else torch.load(path, device, weights_only=True)
     encoder = (NoEncoder if args.encoder == "none" else Encoder)(args.image_size).to(device)
-    encoder.load_state_dict(path["encoder"])
+    encoder.load_state_dict(state["encoder"])
     return encoder
-
-
-OPTIMIZERS = ("actor_opt", "critic_opt", "temp_opt")
 
 
 def save_checkpoint(path: str, step: int, args: Args, encoder: Encoder, demo_time: float,
@@ -1135,7 +1072,7 @@ def save_checkpoint(path: str, step: int, args: Args, encoder: Encoder, demo_tim
     torch.save({"script": "fastrlap.py", "step": step, "args": asdict(args),
                 "encoder": {"encoder": encoder.state_dict(), "image_size": args.image_size},
                 "demo_lap_time": demo_time, "agent": agent.state_dict(),
-                "optimizers": {k: getattr(agent, k).state_dict() for k in OPTIMIZERS},
+                "optimizers": {k: getattr(agent, k).state_dict() for k in agent.OPTIMIZERS},
                 "demo": demo.state_dict(), "online": online.state_dict(), "env": env.get_state(),
                 "run": run, "rng": rng}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: an interrupted write leaves the previous checkpoint
@@ -1161,15 +1098,6 @@ def load_checkpoint(args: Args, device: torch.device) -> Optional[dict]:
     return state
 
 
-def tie_(params: list, flat: torch.Tensor):
-    """Make each of `params` a view into `flat` and its grad a view into flat.grad, in order."""
-    offset = 0
-    for p in params:
-        p.data = flat.detach()[offset:offset + p.numel()].view_as(p)
-        p.grad = flat.grad[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
-
-
 class FlatAdam(torch.optim.Adam):
     """torch's Adam on one flat tensor of all a network's parameters (the layers' parameters and
     grads are views into it): the same steps bit for bit, in ~7 kernels instead of ~7 per layer.
@@ -1179,8 +1107,16 @@ class FlatAdam(torch.optim.Adam):
         self.layers = list(params)
         flat = torch.cat([p.detach().reshape(-1) for p in self.layers]).requires_grad_()
         flat.grad = torch.zeros_like(flat)
-        tie_(self.layers, flat)
+        self.tie(flat)
         super().__init__([flat], **kwargs)
+
+    def tie(self, flat: torch.Tensor):
+        """Make each layer's parameter a view into `flat` and its grad a view into flat.grad."""
+        offset = 0
+        for p in self.layers:
+            p.data = flat.detach()[offset:offset + p.numel()].view_as(p)
+            p.grad = flat.grad[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
 
     def zero_grad(self, set_to_none: bool = False):
         super().zero_grad(set_to_none=False)
@@ -1190,7 +1126,7 @@ class FlatAdam(torch.optim.Adam):
 
     def __setstate__(self, state: dict):
         super().__setstate__(state)
-        tie_(self.layers, self.param_groups[0]["params"][0])
+        self.tie(self.param_groups[0]["params"][0])
 
 
 def cuda_graph(fn, warmup: int = 3):

@@ -35,7 +35,7 @@ def course():
 
 @pytest.fixture(scope="module")
 def env(course):
-    return fastrlap.RaceCar(course, 32, crash_penalty=10.0)
+    return fastrlap.RaceCar(course, fastrlap.Args(image_size=32))
 
 
 def place(env, x, y, yaw):
@@ -53,7 +53,7 @@ def test_flat_adam_steps_as_torch_adam():
 
 
 def test_same_course_and_actions_give_the_same_drive(env, course):
-    other = fastrlap.RaceCar(course, 32, crash_penalty=10.0)
+    other = fastrlap.RaceCar(course, fastrlap.Args(image_size=32))
     actions = np.random.default_rng(0).uniform(-1, 1, (12, 2))
     runs = []
     for e in (env, other):
