@@ -104,17 +104,16 @@ class EnsembleLinear(nn.Module):
 
     def __init__(self, k: int, n_in: int, n_out: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(k, n_in, n_out))
+        init = nn.init.xavier_uniform_  # the official default_init (flax xavier_uniform)
+        self.weight = nn.Parameter(torch.stack([init(torch.empty(n_in, n_out)) for _ in range(k)]))
         self.bias = nn.Parameter(torch.zeros(k, 1, n_out))
-        for w in self.weight.data:
-            nn.init.xavier_uniform_(w)  # the official default_init (flax xavier_uniform)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, in) for all members, or (k, B, in)
+        return torch.baddbmm(self.bias, x.expand(len(self.weight), -1, -1), self.weight)
 
 
 class EnsembleLayerNorm(nn.Module):
-    """LayerNorm with its own scale and shift per ensemble member."""
+    """LayerNorm (flax's eps) with its own scale and shift per ensemble member."""
 
     def __init__(self, k: int, dim: int):
         super().__init__()
@@ -122,7 +121,7 @@ class EnsembleLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(k, 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * self.weight + self.bias  # flax's eps
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * self.weight + self.bias
 
 
 class Critics(nn.Module):
@@ -130,13 +129,14 @@ class Critics(nn.Module):
 
     def __init__(self, obs_dim, act_dim, hidden, k, dropout=0.0, layer_norm=True):
         super().__init__()
-        self.k, self.dropout = k, dropout
+        self.dropout = dropout
         sizes = ((obs_dim + act_dim, hidden), (hidden, hidden), (hidden, 1))
         self.linears = nn.ModuleList([EnsembleLinear(k, n_in, n_out) for n_in, n_out in sizes])
         self.norms = nn.ModuleList([EnsembleLayerNorm(k, hidden) for _ in range(2 * layer_norm)])
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([obs, act], -1).expand(self.k, -1, -1)
+        x = torch.cat([obs, act], -1)
+
         for i in range(2):
             x = self.linears[i](x)
             if self.dropout > 0:
@@ -191,9 +191,8 @@ class SAC(nn.Module):
         self.critic_opt = torch.optim.AdamW(self.critic.parameters(), args.critic_lr,
                                             weight_decay=args.critic_weight_decay, capturable=cap)
         self.temp_opt = torch.optim.Adam([self.log_alpha], args.temp_lr, capturable=cap)
-        self.target_params = list(self.critic_target.parameters())  # built once, not per step
-        self.critic_params = list(self.critic.parameters())
-        self.actor_params = list(self.actor.parameters())
+        self.target_params, self.critic_params, self.actor_params = (  # built once, not per step
+            list(m.parameters()) for m in (self.critic_target, self.critic, self.actor))
 
     def critic_target_value(self, rew, mask, next_obs) -> torch.Tensor:
         """y = r + gamma m (min_k Qtarget_k(s', a') - alpha log pi(a'|s')),  a' ~ pi(.|s')."""
@@ -257,7 +256,7 @@ def avtd_select(agents: list, buffers: dict) -> tuple:
     """Each agent's mean squared TD error on all held-out transitions (the same rows for all) and
     on as many training ones: (the lowest held-out error's index, train errors, held-out errors)."""
     held_out = buffers["validation"]
-    rows = held_out.take(torch.arange(held_out.size, device=held_out.rows.device))
+    rows = held_out.split(held_out.rows[:held_out.size])
     train = buffers["train"].sample(held_out.size)
     errors = []
     for agent in agents:
@@ -268,13 +267,58 @@ def avtd_select(agents: list, buffers: dict) -> tuple:
     return min(range(len(agents)), key=val_td.__getitem__), list(train_td), list(val_td)
 
 
+# ----------------------------------------------------------------------------- the data it sees
+def make_env(args: Args, render: bool = False) -> gym.Env:
+    """The env with actions in [-1, 1] (the actor's tanh range), optionally low-pass filtered."""
+    try:
+        with warnings.catch_warnings():  # v4 on purpose (D4RL's models): not "out of date" here
+            warnings.filterwarnings("ignore", r".*is out of date", DeprecationWarning)
+            env = gym.make(args.env, **({"render_mode": "rgb_array"} if render else {}))
+    except gym.error.Error as e:
+        fail(f"unknown env '{args.env}' ({e})")
+    if not isinstance(env.action_space, gym.spaces.Box):
+        fail(f"{args.env} has a {type(env.action_space).__name__} action space; "
+             "SAC needs continuous actions")
+    if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
+        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))
+    if args.action_filter_cutoff is not None:
+        env = LowPassAction(env, args.action_filter_cutoff, fs=1.0 / env.unwrapped.dt)
+    return env
+
+
+class LowPassAction(gym.Wrapper):
+    """Each action dimension through a 2nd-order Butterworth low-pass, by the bilinear transform
+    (as scipy.signal.butter(2, cutoff, fs=fs)): y_n = b0 x_n + b1 x_{n-1} + b2 x_{n-2} - a1 y_{n-1}
+    - a2 y_{n-2}; zero history after each reset."""
+
+    def __init__(self, env: gym.Env, cutoff: float, fs: float):
+        super().__init__(env)
+        k = math.tan(math.pi * cutoff / fs)  # pre-warped analogue frequency
+        norm = 1.0 / (1.0 + math.sqrt(2) * k + k * k)
+        self.b = (k * k * norm, 2 * k * k * norm, k * k * norm)
+        self.a = (2 * (k * k - 1) * norm, (1 - math.sqrt(2) * k + k * k) * norm)
+        self.x = np.zeros((2,) + env.action_space.shape)  # last two inputs and outputs
+        self.y = np.zeros((2,) + env.action_space.shape)
+
+    def reset(self, **kwargs):
+        self.x[:], self.y[:] = 0.0, 0.0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        (b0, b1, b2), (a1, a2) = self.b, self.a
+        y = b0 * action + b1 * self.x[0] + b2 * self.x[1] - a1 * self.y[0] - a2 * self.y[1]
+        self.x = np.stack([action, self.x[0]])
+        self.y = np.stack([y, self.y[0]])
+        return self.env.step(y.astype(np.float32))
+
+
 # ----------------------------------------------------------------------------- the training loop
 def main(args: Args) -> dict:
     device = torch.device(args.device if args.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
     args = replace(args, device=str(device), cuda_graph=args.cuda_graph and device.type == "cuda",
                    buffer_size=args.buffer_size or args.total_timesteps)
-    run_dir = check_args(args, device)
+    run_dir = check_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -289,9 +333,8 @@ def main(args: Args) -> dict:
     args = replace(args, target_entropy=agents[0].target_entropy)
     buffers = {"train": ReplayBuffer(args.buffer_size, obs_dim, act_dim, device),  # trained on
                "validation": ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)}  # held out
-    start, evals, log, acting, choices = 0, [], [], 0, []  # or where the checkpoint left off
-    if args.resume:
-        start, evals, log, acting, choices = load_checkpoint(args.resume, agents, buffers, args)
+    start, evals, log, acting, choices = (load_checkpoint(args.resume, agents, buffers, args)
+                                          if args.resume else (0, [], [], 0, []))
     log = log if args.save_dataset else []  # every transition, for --save-dataset
 
     def train_step():  # the UTD block: indices drawn on the device, G critic + actor + temperature
@@ -357,11 +400,10 @@ def main(args: Args) -> dict:
         if info is not None and (step % args.log_interval == 0 or last):
             metrics = {k: v.item() for k, v in info[acting].items()}  # the updates' only host sync
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                for k, b in buffers.items():  # the overfitting signal, from a forked RNG: logging
-                    if b.size > 0:  # leaves the training run alone
-                        td = agents[acting].td_error(*b.sample(args.batch_size))
-                        metrics[f"losses/{k}_td_error"] = td.item()
-            for k, v in metrics.items():
+                metrics.update({f"losses/{k}_td_error": agents[acting].td_error(  # overfitting
+                    *b.sample(args.batch_size)).item() for k, b in buffers.items() if b.size > 0})
+            for k, v in metrics.items():  # (the forked RNG: logging leaves the training run alone)
+
                 if not math.isfinite(v):
                     fail(f"{k} became {v} at step {step}; lower the learning rates")
                 writer.add_scalar(k, v, step)
@@ -374,6 +416,7 @@ def main(args: Args) -> dict:
             losses = " ".join(f"{k[7:]}={v:.4g}" for k, v in metrics.items() if k[:7] == "losses/")
             ups = results.get("updates_per_second", math.nan)
             print(f"step={step} {losses} ups={ups:.0f}", flush=True)
+
         checkpoint = last or (args.eval_interval > 0 and step % args.eval_interval == 0)
         if args.eval_episodes > 0 and checkpoint:
             t = time.perf_counter()
@@ -400,57 +443,9 @@ def main(args: Args) -> dict:
 
 
 # =============================================================================
-# Plumbing: the env, the replay buffer, checks, the run folder, evaluation, the D4RL writer,
-# checkpoints, the CUDA-graph helper.
+# Plumbing: the replay buffer, checks, the run folder, evaluation, the D4RL writer, checkpoints,
+# the CUDA-graph helper.
 # =============================================================================
-def make_env(args: Args, render: bool = False) -> gym.Env:
-    """The env with actions in [-1, 1] (the actor's tanh range), optionally low-pass filtered."""
-    try:
-        with warnings.catch_warnings():  # v4 on purpose (D4RL's models): not "out of date" here
-            warnings.filterwarnings("ignore", r".*is out of date", DeprecationWarning)
-            env = gym.make(args.env, **({"render_mode": "rgb_array"} if render else {}))
-    except gym.error.Error as e:
-        fail(f"unknown env '{args.env}' ({e})")
-    if not isinstance(env.action_space, gym.spaces.Box):
-        fail(f"{args.env} has a {type(env.action_space).__name__} action space; "
-             "SAC needs continuous actions")
-    if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
-        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))
-    if args.action_filter_cutoff is not None:
-        env = LowPassAction(env, args.action_filter_cutoff, fs=1.0 / env.unwrapped.dt)
-    return env
-
-
-def butterworth_lowpass(cutoff: float, fs: float) -> tuple:
-    """2nd-order Butterworth low-pass by the bilinear transform (as scipy.signal.butter(2, cutoff,
-    fs=fs)): y_n = b0 x_n + b1 x_{n-1} + b2 x_{n-2} - a1 y_{n-1} - a2 y_{n-2}."""
-    k = math.tan(math.pi * cutoff / fs)  # pre-warped analogue frequency
-    norm = 1.0 / (1.0 + math.sqrt(2) * k + k * k)
-    b0 = k * k * norm
-    return (b0, 2 * b0, b0), (2 * (k * k - 1) * norm, (1 - math.sqrt(2) * k + k * k) * norm)
-
-
-class LowPassAction(gym.Wrapper):
-    """Filters each action dimension before the env sees it; zero history after each reset."""
-
-    def __init__(self, env: gym.Env, cutoff: float, fs: float):
-        super().__init__(env)
-        self.b, self.a = butterworth_lowpass(cutoff, fs)
-        self.x = np.zeros((2,) + env.action_space.shape)  # last two inputs and outputs
-        self.y = np.zeros((2,) + env.action_space.shape)
-
-    def reset(self, **kwargs):
-        self.x[:], self.y[:] = 0.0, 0.0
-        return self.env.reset(**kwargs)
-
-    def step(self, action):
-        (b0, b1, b2), (a1, a2) = self.b, self.a
-        y = b0 * action + b1 * self.x[0] + b2 * self.x[1] - a1 * self.y[0] - a2 * self.y[1]
-        self.x = np.stack([action, self.x[0]])
-        self.y = np.stack([y, self.y[0]])
-        return self.env.step(y.astype(np.float32))
-
-
 class ReplayBuffer:
     """Transitions as rows [s, a, r, m, s'] of one device tensor, batch indices drawn on the device
     (n uniform integers mod size: float32 `rand * size` is not uniform over millions of rows)."""
@@ -471,14 +466,12 @@ class ReplayBuffer:
     def indices(self, n: int) -> torch.Tensor:  # the modulo's bias is below size / 2^62
         return torch.randint(0, 2**62, (n,), device=self.rows.device) % self.size_t
 
-    def sample(self, n: int) -> tuple:
-        """(s, a, r, m, s') of n uniform draws."""
-        return self.take(self.indices(n))
-
-    def take(self, idx: torch.Tensor) -> tuple:
-        """(s, a, r, m, s') of the rows idx."""
-        obs, act, rew, mask, next_obs = self.rows[idx].split(self.dims, dim=-1)
+    def split(self, rows: torch.Tensor) -> tuple:
+        obs, act, rew, mask, next_obs = rows.split(self.dims, dim=-1)
         return obs, act, rew.squeeze(-1), mask.squeeze(-1), next_obs
+
+    def sample(self, n: int) -> tuple:  # (s, a, r, m, s') of n uniform draws
+        return self.split(self.rows[self.indices(n)])
 
     def state_dict(self) -> dict:
         """The rows oldest first, so that a run with another capacity can resume them."""
@@ -498,7 +491,7 @@ def fail(message: str):
     raise SystemExit(f"sac_20min.py: error: {message}")
 
 
-def check_args(args: Args, device: torch.device) -> str:
+def check_args(args: Args) -> str:
     """Bad input stops here, before anything is made or read; returns the run folder."""
     if min(args.total_timesteps, args.utd_ratio, args.batch_size, args.log_interval,
            args.avtd_interval) < 1:
@@ -512,8 +505,6 @@ def check_args(args: Args, device: torch.device) -> str:
         fail(f"{args.save_dataset} already exists; choose another --save-dataset (no overwrite)")
     if args.save_dataset and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_dataset))):
         fail(f"the folder of --save-dataset {args.save_dataset} does not exist")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but CUDA is not available")
     if args.resume and not os.path.isfile(args.resume):
         fail(f"checkpoint {args.resume} does not exist")
     here = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None  # its folder
@@ -545,17 +536,15 @@ def open_run(args: Args, run_dir: str, eval_env: gym.Env) -> tuple:
 @torch.no_grad()
 def evaluate(actor: TanhGaussianActor, env: gym.Env, episodes: int, device, seed: int):
     """Returns of `episodes` episodes of the deterministic policy tanh(mu(s))."""
-    returns = []
+    returns = np.zeros(episodes)
     for i in range(episodes):
-        obs, _ = env.reset(seed=seed if i == 0 else None)
-        done, total = False, 0.0
+        obs, done = env.reset(seed=seed if i == 0 else None)[0], False
         while not done:
             s = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
             obs, reward, terminated, truncated, _ = env.step(actor(s)[0].cpu().numpy())
-            total += float(reward)
+            returns[i] += reward
             done = terminated or truncated
-        returns.append(total)
-    return np.array(returns)
+    return returns
 
 
 def write_d4rl(path: str, log: list, env: gym.Env):
@@ -573,10 +562,10 @@ def write_d4rl(path: str, log: list, env: gym.Env):
 
 def save_checkpoint(path: str, agents: list, buffers: dict, log: list, step: int, args,
                     evals: list, acting: int, choices: list):
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-           "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     torch.save({"script": "sac_20min.py", "step": step, "rng": rng, "args": asdict(args),
+
                 "agents": [{"agent": agent.state_dict(), **{k: opt.state_dict() for k, opt in
                                                             agent.optimizers().items()}}
                            for agent in agents],
@@ -593,10 +582,10 @@ def load_checkpoint(path: str, agents: list, buffers: dict, args: Args) -> tuple
         state = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # garbage, a truncated file, ...
         fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(state, dict) or "script" not in state:
-        fail(f"{path} is not a checkpoint of sac_20min.py")
-    if state["script"] != "sac_20min.py":
-        fail(f"{path} is a checkpoint of {state['script']}, not of sac_20min.py")
+    script = state.get("script") if isinstance(state, dict) else None
+    if script != "sac_20min.py":
+        what = f"a checkpoint of {script}, not of" if script else "not a checkpoint of"
+        fail(f"{path} is {what} sac_20min.py")
     if "agents" not in state:  # one agent under other keys
         fail(f"{path} is a checkpoint of an earlier sac_20min.py (before AVTD); start a new run")
     if tuple(state["args"]["avtd"]) != args.avtd:
@@ -617,6 +606,7 @@ def load_checkpoint(path: str, agents: list, buffers: dict, args: Args) -> tuple
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+
     print(f"resumed from {path} at step {state['step']} (a new episode starts)", flush=True)
     return state["step"], state["evaluations"], state["log"], state["acting"], state["avtd"]
 
@@ -625,10 +615,10 @@ def cuda_graph(fn, warmup: int = 3):
     """fn() (no inputs: it reads static tensors) as a CUDA graph: `warmup` eager calls on a side
     stream (they allocate optimizer state and workspaces), then one capture, then replays. Each
     call is one call of fn, so a GPU run does exactly the updates of a CPU run."""
-    graph, out, calls = None, None, 0
+    graph, out, calls = torch.cuda.CUDAGraph(), None, 0
 
     def call():
-        nonlocal graph, out, calls
+        nonlocal out, calls
         calls += 1
         if calls <= warmup:
             stream = torch.cuda.Stream()
@@ -637,8 +627,7 @@ def cuda_graph(fn, warmup: int = 3):
                 result = fn()
             torch.cuda.current_stream().wait_stream(stream)
             return result
-        if graph is None:
-            graph = torch.cuda.CUDAGraph()
+        if calls == warmup + 1:
             with torch.cuda.graph(graph):  # records fn's kernels without running them
                 out = fn()
         graph.replay()

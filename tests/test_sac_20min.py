@@ -86,11 +86,15 @@ def test_tanh_gaussian_log_prob_matches_torch_distributions():
 
 def test_butterworth_coefficients_and_response():
     # scipy.signal.butter(2, 0.5) (cutoff at a quarter of the sample rate): b = [0.2929, 0.5858, 0.2929], a = [1, 0, 0.1716]
-    b, a = sac_20min.butterworth_lowpass(5.0, 20.0)
+    def coefficients(cutoff):  # the wrapper's (b, a)
+        env = sac_20min.LowPassAction(gym.make("Pendulum-v1"), cutoff, fs=20.0)
+        return env.b, env.a
+
+    b, a = coefficients(5.0)
     np.testing.assert_allclose(b, [0.292893, 0.585786, 0.292893], atol=1e-6)
     np.testing.assert_allclose(a, [0.0, 0.171573], atol=1e-6)
     # gain: 1 at DC, 1/sqrt(2) (-3 dB) at the cutoff, for another cutoff too
-    b, a = sac_20min.butterworth_lowpass(2.0, 20.0)
+    b, a = coefficients(2.0)
     gain = lambda f: abs(np.polyval(b[::-1], np.exp(-2j * np.pi * f / 20)) /  # noqa: E731
                          np.polyval([*a[::-1], 1.0], np.exp(-2j * np.pi * f / 20)))
     assert gain(0.0) == pytest.approx(1.0) and gain(2.0) == pytest.approx(1 / math.sqrt(2), rel=1e-6)
