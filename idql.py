@@ -21,13 +21,11 @@ Usage:
     python idql.py --env hopper-medium-v2 --resume runs/X/checkpoint.pt --eval-only --num-samples 16
 
 Data, environments and checks are iql.py's (see its docstring). Differences from the official code:
-- PyTorch; the twin Q is one batched module (stacked weights, bmm).
 - Kept: mu's cosine lr decay runs over a fixed 3M steps (--lr-decay-steps), whatever --max-steps.
 - Trains on the whole dataset; the official launcher holds out a random 5% it never uses.
 - Seeds are used as given: the official launcher re-draws them (and crashes on variant['T']).
 - --selection implicit is the paper's rule; the official code only takes the argmax.
 - Evaluation episodes run side by side (one batched selection per env step) from a forked RNG.
-- --cuda-graph: the first 3 updates run eagerly, the 4th is captured; each counts as one step.
 """
 
 import json
@@ -36,9 +34,7 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
-import urllib.error
 import urllib.request
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -58,8 +54,7 @@ from tqdm import tqdm
 class Args:
     exp_name: str = "idql"  # name of this experiment (part of the run folder's name)
     env: str = "hopper-medium-v2"
-    """a D4RL name (hopper-medium-v2), a Minari id (D4RL/antmaze/umaze-v1) or, with --dataset,
-    any Gymnasium id"""
+    """a D4RL name, a Minari id (D4RL/antmaze/umaze-v1) or, with --dataset, a Gymnasium id"""
     dataset: Optional[str] = None  # path of a local D4RL-format .hdf5; skips the download
     seed: int = 42  # seed of python, numpy, torch and the evaluation envs
     max_steps: int = 3_000_000  # number of gradient steps (official: 3M)
@@ -70,8 +65,7 @@ class Args:
     expectile: Optional[float] = None  # tau of the critic's loss (default: 0.7, antmaze 0.9)
     critic_objective: Literal["expectile", "quantile"] = "expectile"
     """V's loss: expectile |tau - 1(u<0)| u^2 (official) or quantile |tau - 1(u<0)| |u| (paper)"""
-    normalize_rewards: Optional[bool] = None
-    """scale rewards by 1000 / (max - min trajectory return) (default: on for locomotion)"""
+    normalize_rewards: Optional[bool] = None  # r * 1000 / (max - min return); on for locomotion
     num_samples: int = 64  # N: diffusion samples per state to choose from (paper: 16 / 64 / 256)
     selection: Literal["argmax", "implicit"] = "argmax"
     """argmax of min target Q (official), or resampling by the implicit policy's weights (paper)"""
@@ -110,18 +104,15 @@ class Args:
 
 
 FAMILY_DEFAULTS = {  # expectile, normalize rewards (official launcher: 0.9 for antmaze, else 0.7)
-    "locomotion": (0.7, True),
-    "antmaze": (0.9, False),
-    "kitchen": (0.7, False),
-    "adroit": (0.7, False),
-}
-FAMILY_FIELDS = ("expectile", "normalize_rewards")
+    "locomotion": (0.7, True), "antmaze": (0.9, False), "kitchen": (0.7, False),
+    "adroit": (0.7, False)}
 
 
 def with_family_defaults(args: Args) -> Args:
     """Args with the flags left unset (None) filled from the dataset family's official config."""
-    defaults = dict(zip(FAMILY_FIELDS, FAMILY_DEFAULTS[family_of(args.env)]))
-    return replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+    fields = ("expectile", "normalize_rewards")
+    defaults = zip(fields, FAMILY_DEFAULTS[family_of(args.env)])
+    return replace(args, **{k: v for k, v in defaults if getattr(args, k) is None})
 
 
 # ----------------------------------------------------------------------------- networks
@@ -243,9 +234,8 @@ class IDQL(nn.Module):
         self.actor_ema.load_state_dict(self.actor.state_dict())
         self.actor_ema.requires_grad_(False).eval()  # samples come from the EMA copy, dropout off
         self.critic = TwinQ(obs_dim, act_dim, args.hidden_dim)
-        self.critic_target = TwinQ(obs_dim, act_dim, args.hidden_dim)
+        self.critic_target = TwinQ(obs_dim, act_dim, args.hidden_dim).requires_grad_(False)
         self.critic_target.load_state_dict(self.critic.state_dict())
-        self.critic_target.requires_grad_(False)
         self.value = value_net(obs_dim, args.hidden_dim)
         betas = vp_beta_schedule(args.diffusion_steps)
         self.betas, self.alphas = betas.tolist(), (1 - betas).tolist()
@@ -263,10 +253,6 @@ class IDQL(nn.Module):
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, **adam)
         self.value_opt = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, **adam)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=device))
-        self.target_params = list(self.critic_target.parameters())
-        self.online_params = list(self.critic.parameters())
-        self.ema_params = list(self.actor_ema.parameters())
-        self.actor_params = list(self.actor.parameters())
 
     def update(self, obs, act, rew, mask, next_obs) -> dict:
         a = self.args
@@ -300,8 +286,10 @@ class IDQL(nn.Module):
 
         # 4) EMA of mu (the sampler's copy), Polyak of Q; no_grad, or autograd records every step
         with torch.no_grad():
-            torch._foreach_lerp_(self.ema_params, self.actor_params, a.actor_ema)
-            torch._foreach_lerp_(self.target_params, self.online_params, a.tau)
+            torch._foreach_lerp_(list(self.actor_ema.parameters()),
+                                 list(self.actor.parameters()), a.actor_ema)
+            torch._foreach_lerp_(list(self.critic_target.parameters()),
+                                 list(self.critic.parameters()), a.tau)
         self.num_updates += 1
         # (actor_lr as a copy: torch.compile mishandles returning a buffer it mutated)
         return {"losses/actor_loss": actor_loss.detach(), "losses/value_loss": value_loss.detach(),
@@ -398,21 +386,20 @@ def main(args: Args) -> dict:
     args = with_family_defaults(args)  # the dataset family's settings for the flags left unset
     device = torch.device(args.device if args.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
-    check_args(args, device)
+    check_args(args)
     resume = load_checkpoint(args.resume, device) if args.resume else None
+    resume_dir = os.path.dirname(os.path.abspath(args.resume)) if resume else None
     if args.eval_only:  # a new folder per evaluation: the training run's files stay as they are
-        run_dir = args.run_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume)),
-                                               f"eval__{args.selection}_N{args.num_samples}"
-                                               f"__{int(time.time())}")
+        run_dir = args.run_dir or os.path.join(resume_dir, f"eval__{args.selection}_"
+                                               f"N{args.num_samples}__{int(time.time())}")
     else:
-        run_dir = args.run_dir or (os.path.dirname(os.path.abspath(args.resume)) if resume else
-                                   f"runs/{args.env.replace('/', '-')}__{args.exp_name}__"
-                                   f"{args.seed}__{int(time.time())}")
+        run_dir = args.run_dir or resume_dir or (
+            f"runs/{args.env.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
     if os.path.exists(run_dir) and (args.eval_only or not (resume and os.path.samefile(
-            run_dir, os.path.dirname(args.resume) or "."))):
+            run_dir, resume_dir))):
         fail(f"run folder {run_dir} already exists; choose another --run-dir "
              "(runs are never overwritten)")
-    ref_scores = reference_scores(args.env)
+    ref = reference_scores(args.env)  # (random, expert) returns for the normalized score
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -424,12 +411,10 @@ def main(args: Args) -> dict:
     buffer = load_dataset(args, envs[0] if envs else None, device)
     n, obs_dim, act_dim = *buffer["observations"].shape, buffer["actions"].shape[1]
     agent = IDQL(obs_dim, act_dim, args, device)
-    start, evals = 0, []
+    start, evals = restore(agent, resume, device) if resume else (0, [])
     if resume:
-        start, evals = restore(agent, resume, device)
         evals = [] if args.eval_only else evals
-        print(f"{'evaluating' if args.eval_only else 'resumed from'} {args.resume} "
-              f"at step {start}")
+        print(f"{'evaluating' if args.eval_only else 'resumed from'} {args.resume} at step {start}")
 
     def train_step():
         idx = torch.randint(0, n, (args.batch_size,), device=device)  # drawn on the device
@@ -447,11 +432,16 @@ def main(args: Args) -> dict:
         with forked_rng(device):  # warm up and capture now, off training's RNG stream
             for _ in range(4):
                 select()
-    os.makedirs(run_dir, exist_ok=True)
-    resolved = dict(device=str(device), ref_scores=ref_scores, dataset_transitions=n)
+    writer = SummaryWriter(run_dir)  # makes the run folder
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, config=vars(args), dir=run_dir,
+                   name=os.path.basename(run_dir), sync_tensorboard=True)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
+        resolved = dict(device=str(device), ref_scores=ref, dataset_transitions=n)
         json.dump({**asdict(args), "resolved": resolved}, f, indent=2)
-    writer = open_writer(args, run_dir)
     if evaluating and args.capture_video:
         envs[0] = gym.wrappers.RecordVideo(envs[0], os.path.join(run_dir, "videos"),
                                            episode_trigger=lambda e: True)
@@ -460,7 +450,7 @@ def main(args: Args) -> dict:
         with forked_rng(device):  # the sampler's noise never shifts training's RNG stream
             returns = evaluate(select, obs_buf, envs, args.seed + step)
         ret, std = float(returns.mean()), float(returns.std())
-        score = normalized_score(ref_scores, ret)
+        score = 100 * (ret - ref[0]) / (ref[1] - ref[0]) if ref else math.nan  # as d4rl's
         evals.append((step, ret, std, score))
         writer.add_scalar("eval/return", ret, step)
         writer.add_scalar("eval/normalized_score", score, step)
@@ -482,7 +472,12 @@ def main(args: Args) -> dict:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         if step % args.log_interval == 0 or step == end:
-            results.update(log_losses(writer, info, step))  # the loop's only host sync
+            for k, v in info.items():  # the loop's only host sync; a NaN or inf stops the run
+                results[k] = v.item()
+                if not math.isfinite(results[k]):
+                    fail(f"{k} became {results[k]} at step {step}; lower the learning rates or "
+                         "check the dataset")
+                writer.add_scalar(k, results[k], step)
             if t0 is not None and step > warmup:
                 ups = (step - warmup) / (time.perf_counter() - t0 - t_eval)
                 results["updates_per_second"] = ups
@@ -497,10 +492,10 @@ def main(args: Args) -> dict:
             results.update(evaluate_and_log(step))
             t_eval += time.perf_counter() - t if t0 is not None else 0.0
         if args.save_model and checkpoint:
-            path = os.path.join(run_dir, "checkpoint.pt")
-            save_checkpoint(path, agent, step, args, evals)
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, step, args, evals)
             if args.keep_checkpoints:
-                shutil.copyfile(path, os.path.join(run_dir, f"checkpoint_{step}.pt"))
+                shutil.copyfile(os.path.join(run_dir, "checkpoint.pt"),
+                                os.path.join(run_dir, f"checkpoint_{step}.pt"))
     writer.close()
     for env in envs:
         env.close()
@@ -509,15 +504,15 @@ def main(args: Args) -> dict:
 
 
 # =============================================================================
-# Plumbing: checks, D4RL and Minari data, environments, evaluation, checkpoints, logging,
-# the CUDA-graph helper. Nothing below changes what the method is given.
+# Plumbing: checks, D4RL and Minari data, environments, evaluation, checkpoints, the CUDA-graph
+# helper. Nothing below changes what the method is given.
 # =============================================================================
 def fail(message: str):
     """Bad input: one clear sentence on stderr and exit status 1."""
     raise SystemExit(f"idql.py: error: {message}")
 
 
-def check_args(args: Args, device: torch.device):
+def check_args(args: Args):
     if args.dataset is not None and is_minari(args.env):
         fail(f"--dataset is a D4RL-format file, and '{args.env}' is a Minari id (read from "
              "Minari's cache); pass one of them")
@@ -532,8 +527,6 @@ def check_args(args: Args, device: torch.device):
              "--eval-episodes >= 1")
     if args.keep_checkpoints and not args.save_model:
         fail("--keep-checkpoints keeps the checkpoints that --save-model writes; add --save-model")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but CUDA is not available")
 
 
 # ----------------------------------------------------------------------------- D4RL files
@@ -541,14 +534,10 @@ D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"  # D4RL_BASE_URL:
 LOCOMOTION = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4",
               "ant": "Ant-v4"}
 ADROIT = ("pen", "hammer", "door", "relocate")
-ANTMAZE_FILES = {  # d4rl's names for the v2 antmaze files
-    "umaze": "u-maze_noisy_multistart_False_multigoal_False",
-    "umaze-diverse": "u-maze_noisy_multistart_True_multigoal_True",
-    "medium-play": "big-maze_noisy_multistart_True_multigoal_False",
-    "medium-diverse": "big-maze_noisy_multistart_True_multigoal_True",
-    "large-play": "hardest-maze_noisy_multistart_True_multigoal_False",
-    "large-diverse": "hardest-maze_noisy_multistart_True_multigoal_True",
-}
+ANTMAZE_FILES = {  # d4rl's v2 antmaze files: level -> (maze, multistart, multigoal)
+    "umaze": ("u-maze", False, False), "umaze-diverse": ("u-maze", True, True),
+    "medium-play": ("big-maze", True, False), "medium-diverse": ("big-maze", True, True),
+    "large-play": ("hardest-maze", True, False), "large-diverse": ("hardest-maze", True, True)}
 KITCHEN_FILES = {"complete": "mini_kitchen_microwave_kettle_light_slider",
                  "partial": "kitchen_microwave_kettle_light_slider",
                  "mixed": "kitchen_microwave_kettle_bottomburner_light"}
@@ -563,13 +552,14 @@ REF_SCORES = {  # d4rl's (random, expert) returns for the normalized score
 def d4rl_url(name: str) -> Optional[str]:
     """d4rl's download URL for a dataset name, or None if the name is not a D4RL dataset."""
     base = os.environ.get("D4RL_BASE_URL", D4RL_URL).rstrip("/")
-    parts = name.split("-")
-    task, version, level = parts[0], parts[-1], "-".join(parts[1:-1])
+    task, _, rest = name.partition("-")
+    level, _, version = rest.rpartition("-")
     levels = ("random", "medium", "expert", "medium-replay", "medium-expert", "full-replay")
     if task in LOCOMOTION and version == "v2" and level in levels:
         return f"{base}/gym_mujoco_v2/{task}_{level.replace('-', '_')}-v2.hdf5"
     if task == "antmaze" and version == "v2" and level in ANTMAZE_FILES:
-        return f"{base}/ant_maze_v2/Ant_maze_{ANTMAZE_FILES[level]}_sparse_fixed.hdf5"
+        file = "Ant_maze_{}_noisy_multistart_{}_multigoal_{}_sparse_fixed.hdf5"
+        return f"{base}/ant_maze_v2/" + file.format(*ANTMAZE_FILES[level])
     if task == "kitchen" and version == "v0" and level in KITCHEN_FILES:
         return f"{base}/kitchen/{KITCHEN_FILES[level]}-v0.hdf5"
     if task in ADROIT and version == "v1" and level in ("human", "cloned", "expert"):
@@ -588,7 +578,7 @@ def family_of(env: str) -> str:
 
 
 def dataset_path(args: Args) -> str:
-    """--dataset, or the D4RL file in its cache folder, downloaded (to a temp file) if missing."""
+    """--dataset, or the D4RL file in its cache folder, downloaded (to a .part file) if missing."""
     if args.dataset is not None:
         if not os.path.isfile(args.dataset):
             fail(f"dataset file {args.dataset} does not exist")
@@ -603,23 +593,23 @@ def dataset_path(args: Args) -> str:
         return path
     print(f"downloading {args.env} from {url} to {path}")
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
+    try:  # (urllib's errors are OSErrors)
+        with urllib.request.urlopen(url, timeout=60) as response, open(path + ".part", "wb") as out:
             size = int(response.headers.get("Content-Length", 0)) or None
             with tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
                 while chunk := response.read(1 << 20):
                     bar.update(out.write(chunk))
-        if size is not None and os.path.getsize(tmp) != size:
-            fail(f"download of {url} stopped at {os.path.getsize(tmp)} of {size} bytes; run again")
-        read_d4rl(tmp)  # refuse to cache a file that is not a D4RL dataset
-        os.replace(tmp, path)
-    except (urllib.error.URLError, OSError) as e:
+        if size is not None and os.path.getsize(path + ".part") != size:
+            fail(f"download of {url} stopped at {os.path.getsize(path + '.part')} of {size} "
+                 "bytes; run again")
+        read_d4rl(path + ".part")  # refuse to cache a file that is not a D4RL dataset
+        os.replace(path + ".part", path)
+    except OSError as e:
         fail(f"could not download {url} ({e}); with no network, download it elsewhere and put it "
              f"at {path}, or pass --dataset PATH")
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if os.path.exists(path + ".part"):
+            os.remove(path + ".part")
     return path
 
 
@@ -628,8 +618,7 @@ def read_d4rl(path: str) -> dict:
     keys = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in keys[:4] if k not in f]
-            if missing:
+            if missing := [k for k in keys[:4] if k not in f]:
                 fail(f"{path} is not a D4RL dataset: it has no {', '.join(missing)}")
             data = {k: f[k][()] for k in keys if k in f}
     except OSError as e:
@@ -643,9 +632,6 @@ def read_d4rl(path: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- Minari datasets
-GOAL_KEYS = ("observation", "achieved_goal", "desired_goal")  # flattened in this order
-
-
 def is_minari(env: str) -> bool:
     """Minari ids are paths (mujoco/hopper/medium-v0); D4RL names and Gymnasium ids are not."""
     return "/" in env
@@ -673,92 +659,77 @@ def minari_dataset(dataset_id: str):
 
 
 def flat_observation(obs) -> np.ndarray:
-    """A dict observation as one vector: GOAL_KEYS first, then any others (nested too), sorted."""
+    """A dict observation as one vector: goal keys first, then any others (nested too), sorted."""
     if not isinstance(obs, dict):
         return np.asarray(obs, dtype=np.float32)
-    keys = [k for k in GOAL_KEYS if k in obs] + sorted(set(obs) - set(GOAL_KEYS))
+    goal = ("observation", "achieved_goal", "desired_goal")  # flattened in this order
+    keys = [k for k in goal if k in obs] + sorted(set(obs) - set(goal))
     return np.concatenate([flat_observation(obs[k]) for k in keys], axis=-1)
 
 
 def read_minari(dataset_id: str) -> dict:
     """The episodes in D4RL's layout, next_observations included (each episode's last observation
     is the s' of its last step); terminations are terminals, truncations timeouts."""
-    dataset = minari_dataset(dataset_id)
-    continuous_actions(dataset, dataset_id)
-    columns = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts",
-                               "next_observations")}
-    for episode in dataset.iterate_episodes():
-        obs = flat_observation(episode.observations)  # T + 1 rows: s_0 .. s_T
-        if obs.ndim != 2:
-            fail(f"{dataset_id} has observations of shape {obs.shape[1:]}; "
-                 "these networks take vectors")
-        for k, v in zip(columns, (obs[:-1], episode.actions, episode.rewards,
-                                  episode.terminations, episode.truncations, obs[1:])):
-            columns[k].append(np.asarray(v))
-    if not columns["observations"]:
+    episodes = list(minari_dataset(dataset_id).iterate_episodes())
+    if not episodes:
         fail(f"the Minari dataset {dataset_id} has no episodes")
-    return {k: np.concatenate(v) for k, v in columns.items()}
+    obs = [flat_observation(e.observations) for e in episodes]  # T + 1 rows: s_0 .. s_T
+    if obs[0].ndim != 2:
+        fail(f"{dataset_id} has observations of shape {obs[0].shape[1:]}; "
+             "these networks take vectors")
+    column = lambda k: np.concatenate([np.asarray(getattr(e, k)) for e in episodes])  # noqa: E731
+    return dict(observations=np.concatenate([o[:-1] for o in obs]), actions=column("actions"),
+                rewards=column("rewards"), terminals=column("terminations"),
+                timeouts=column("truncations"),
+                next_observations=np.concatenate([o[1:] for o in obs]))
 
 
 # ----------------------------------------------------------------------------- environments
 def make_env(env_id: str, render: bool = False) -> gym.Env:
-    """The evaluation env: a D4RL name's v4 env, a Minari id's recorded env, or a Gymnasium id."""
+    """The evaluation env (a D4RL name's v4 env, a Minari id's recorded env, or a Gymnasium id),
+    its actions in [-1, 1]: rescaled if its bounds differ."""
     kwargs = {"render_mode": "rgb_array"} if render else {}
     task = env_id.split("-")[0]
-    if is_minari(env_id):
-        return continuous_actions(minari_env(env_id, kwargs), env_id)
-    if task in LOCOMOTION:
-        env_id = LOCOMOTION[task]
-        if task == "ant":  # D4RL's ant: 111 dims with the contact forces all zero, no contact cost
-            kwargs.update(use_contact_forces=True, contact_cost_weight=0.0)
+    if is_minari(env_id):  # as Minari recorded it; AntMaze as D4RL scored it (ends at the goal)
+        dataset = minari_dataset(env_id)
+        try:
+            with warnings.catch_warnings():  # Minari's AntMaze data use the -v4 envs
+                warnings.filterwarnings("ignore", ".*is out of date")
+                env = dataset.recover_environment(eval_env=True, **kwargs)
+                if family_of(env_id) == "antmaze":
+                    fixes = antmaze_eval_kwargs(env.spec, dataset.env_spec)
+                    env.close()
+                    env = dataset.recover_environment(eval_env=True, **kwargs, **fixes)
+            env.reset(seed=0)  # FrankaKitchen-v1 fails under MuJoCo >= 3.12: here, not mid-run
+        except Exception as e:
+            fail(f"the environment of {env_id} cannot run here ({type(e).__name__}: {e}); "
+                 "pass --eval-episodes 0 to train without evaluation")
+        if isinstance(env.observation_space, gym.spaces.Dict):  # flattened as the data's
+            dim = flat_observation(env.observation_space.sample()).shape
+            box = gym.spaces.Box(-np.inf, np.inf, dim, np.float32)
+            env = gym.wrappers.TransformObservation(env, flat_observation, box)
     elif family_of(env_id) != "locomotion":
         level, v = "-".join(env_id.split("-")[1:-1]), 1 if task == "antmaze" else 2
         fail(f"{env_id}: D4RL's {task} environment needs mujoco-py; train on the same data from "
              f"Minari to evaluate in Gymnasium-Robotics (--env D4RL/{task}/{level}-v{v}), or "
              "pass --eval-episodes 0 to train without evaluation")
-    try:
-        with warnings.catch_warnings():  # v4 on purpose (D4RL's models): no "out of date" warning
-            warnings.filterwarnings("ignore", ".*The environment .*-v4 is out of date")
-            env = gym.make(env_id, **kwargs)
-    except gym.error.Error as e:
-        fail(f"unknown env '{env_id}' ({e})")
+    else:
+        if task == "ant":  # D4RL's ant: 111 dims with the contact forces all zero, no contact cost
+            kwargs.update(use_contact_forces=True, contact_cost_weight=0.0)
+        try:
+            with warnings.catch_warnings():  # v4 on purpose (D4RL's models): no "out of date"
+                warnings.filterwarnings("ignore", ".*The environment .*-v4 is out of date")
+                env = gym.make(LOCOMOTION.get(task, env_id), **kwargs)
+        except gym.error.Error as e:
+            fail(f"unknown env '{env_id}' ({e})")
     if task == "ant":  # dims 27: zeroed, as mujoco-py under MuJoCo 2 left them in D4RL's files
         env = gym.wrappers.TransformObservation(
             env, lambda o: np.concatenate([o[:27], np.zeros_like(o[27:])]), env.observation_space)
-    return continuous_actions(env, env_id)
-
-
-def continuous_actions(env, name: str):
-    """The env with actions in [-1, 1] (rescaled if its bounds differ); an error if discrete."""
     if not isinstance(env.action_space, gym.spaces.Box):
-        fail(f"{name} has a {type(env.action_space).__name__} action space; "
+        fail(f"{env_id} has a {type(env.action_space).__name__} action space; "
              "the policy needs continuous actions")
-    if isinstance(env, gym.Env) and (np.any(env.action_space.low != -1) or
-                                     np.any(env.action_space.high != 1)):
+    if np.any(env.action_space.low != -1) or np.any(env.action_space.high != 1):
         env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))  # the actor's range
-    return env
-
-
-def minari_env(dataset_id: str, kwargs: dict) -> gym.Env:
-    """The dataset's evaluation env as Minari recorded it, its dict observation flattened as the
-    data's; AntMaze as D4RL scored it (the episode ends at the goal: return 1 on success)."""
-    dataset = minari_dataset(dataset_id)
-    try:
-        with warnings.catch_warnings():  # Minari's AntMaze data use the -v4 envs
-            warnings.filterwarnings("ignore", ".*is out of date")
-            env = dataset.recover_environment(eval_env=True, **kwargs)
-            if family_of(dataset_id) == "antmaze":
-                fixes = antmaze_eval_kwargs(env.spec, dataset.env_spec)
-                env.close()
-                env = dataset.recover_environment(eval_env=True, **kwargs, **fixes)
-        env.reset(seed=0)  # FrankaKitchen-v1 fails under MuJoCo >= 3.12: here, not mid-run
-    except Exception as e:
-        fail(f"the environment of {dataset_id} cannot run here ({type(e).__name__}: {e}); "
-             "pass --eval-episodes 0 to train without evaluation")
-    if isinstance(env.observation_space, gym.spaces.Dict):
-        dim = flat_observation(env.observation_space.sample()).shape
-        env = gym.wrappers.TransformObservation(env, flat_observation,
-                                                gym.spaces.Box(-np.inf, np.inf, dim, np.float32))
     return env
 
 
@@ -811,12 +782,7 @@ def reference_scores(env: str) -> Optional[tuple]:
     return REF_SCORES.get(task_of(env))
 
 
-def normalized_score(ref: Optional[tuple], ret: float) -> float:
-    """100 (R - random) / (expert - random), as d4rl; NaN without reference returns."""
-    return math.nan if ref is None else 100 * (ret - ref[0]) / (ref[1] - ref[0])
-
-
-# ----------------------------------------------------------------------------- checkpoints, logs
+# ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: str, agent: IDQL, step: int, args: Args, evals: list):
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
            "python": random.getstate(),
@@ -860,27 +826,6 @@ def restore(agent: IDQL, state: dict, device: torch.device) -> tuple:
     if state["rng"]["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
     return state["step"], state["evaluations"]
-
-
-def open_writer(args: Args, run_dir: str) -> SummaryWriter:
-    writer = SummaryWriter(run_dir)
-    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project_name, config=vars(args), dir=run_dir,
-                   name=os.path.basename(run_dir), sync_tensorboard=True)
-    return writer
-
-
-def log_losses(writer: SummaryWriter, info: dict, step: int) -> dict:
-    """The update's tensors as numbers in TensorBoard; a NaN or inf stops the run, naming it."""
-    metrics = {k: v.item() for k, v in info.items()}
-    for k, v in metrics.items():
-        if not math.isfinite(v):
-            fail(f"{k} became {v} at step {step}; lower the learning rates or check the dataset")
-        writer.add_scalar(k, v, step)
-    return metrics
 
 
 def cuda_graph(fn, warmup: int = 3):
