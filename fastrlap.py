@@ -114,7 +114,7 @@ class Encoder(nn.Module):
     """4 x [Conv 32 channels, 3x3, stride 2, no padding, ReLU] on 3 stacked RGB frames (9 channels),
     flattened: 64 x 64 -> 31 -> 15 -> 7 -> 3, so 288 features."""
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, blind: bool = False):
         super().__init__()
         layers = [m for c in (9, 32, 32, 32) for m in (nn.Conv2d(c, 32, 3, stride=2), nn.ReLU())]
         self.net = nn.Sequential(*layers, nn.Flatten())
@@ -122,18 +122,14 @@ class Encoder(nn.Module):
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
         self.out_dim = self.net(torch.zeros(1, 9, image_size, image_size)).shape[1]
+        self.blind = blind  # --encoder none: features all zero (the same shapes): vision's worth
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, 3, S, S, 3) uint8 -> (B, out_dim)"""
         b, k, s, _, c = pixels.shape
+        if self.blind:
+            return torch.zeros(b, self.out_dim, device=pixels.device)
         return self.net(pixels.permute(0, 1, 4, 2, 3).reshape(b, k * c, s, s).float() / 255.0)
-
-
-class NoEncoder(Encoder):
-    """--encoder none: image features all zero (the same shapes), to measure what vision adds."""
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(len(pixels), self.out_dim, device=pixels.device)
 
 
 class Projection(nn.Module):
@@ -227,18 +223,16 @@ class TanhGaussianActor(nn.Module):
 
     def distribution(self, z: torch.Tensor) -> tuple:
         h = self.trunk(self.project(z))
-        return self.mu(h), self.log_std(h).clamp(-20.0, 2.0)
+        return self.mu(h), self.log_std(h).clamp(-20.0, 2.0), *self.action_range(z)
 
     def sample(self, z: torch.Tensor) -> tuple:
         """a ~ pi(.|z) by reparameterisation, and log pi(a|z)."""
-        mu, log_std = self.distribution(z)
-        u = mu + log_std.exp() * torch.randn_like(mu)
-        return self.squash(u, mu, log_std, *self.action_range(z))
+        mu, log_std, c, s = self.distribution(z)
+        return self.squash(mu + log_std.exp() * torch.randn_like(mu), mu, log_std, c, s)
 
     def log_prob(self, z: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """log pi(a|z) of given actions (AWR), inverting the squash."""
-        mu, log_std = self.distribution(z)
-        c, s = self.action_range(z)
+        mu, log_std, c, s = self.distribution(z)
         u = c + s * torch.atanh(((act - c) / s).clamp(-1 + 1e-4, 1 - 1e-4))
         return self.squash(u, mu, log_std, c, s)[1]
 
@@ -450,7 +444,6 @@ class Course:
 
     def __init__(self, seed: int, width: float = 2.0, spacing: float = 4.0):
         rng = np.random.default_rng(seed)
-        self.seed, self.width = seed, width
         self.lx, self.ly = float(rng.uniform(11.0, 15.0)), float(rng.uniform(7.0, 10.0))
         w, h = width, width / 2
         loop = np.array([[self.lx / 2, h], [self.lx - h, h], [self.lx - h, self.ly - h],
@@ -515,39 +508,34 @@ class Course:
                            for px, joint in ((-0.15, rear), (0.15, front))
                            for side, py in (("left", HALF_WIDTH), ("right", -HALF_WIDTH)))
         top = max(self.lx, self.ly) / 2 / math.tan(math.radians(30)) * 1.1  # sees the course
+        motors = "".join([f'<velocity joint="rear_{side}" kv="0.08" forcerange="-0.25 0.25"/>'
+                          for side in ("left", "right")] +  # ctrl: the rear wheels, then steering
+                         [f'<position joint="steer_{side}" kp="8" kv="0.1" forcerange="-3 3"/>'
+                          for side in ("left", "right")])
+        checker = 'type="2d" builtin="checker" width="64" height="64"'
         return f"""<mujoco model="fastrlap">
   <option timestep="{CONTROL_DT / SUBSTEPS}" integrator="implicitfast"/>
   <visual><global offwidth="{max(image_size, 640)}" offheight="{max(image_size, 480)}"/>
     <quality shadowsize="0"/></visual>
-  <asset>
-    <texture name="ground" type="2d" builtin="checker" rgb1=".55 .5 .4" rgb2=".45 .42 .35"
-      width="64" height="64"/>
+  <asset><texture name="ground" {checker} rgb1=".55 .5 .4" rgb2=".45 .42 .35"/>
     <material name="ground" texture="ground" texrepeat="{self.lx:.1f} {self.ly:.1f}"/>
-    <texture name="wall" type="2d" builtin="checker" rgb1=".85 .85 .85" rgb2=".7 .1 .1"
-      width="64" height="64"/>
+    <texture name="wall" {checker} rgb1=".85 .85 .85" rgb2=".7 .1 .1"/>
     <material name="wall" texture="wall" texrepeat="8 1"/><material name="box" rgba=".1 .3 .8 1"/>
   </asset>
-  <worldbody>
-    <light directional="true" pos="0 0 10" dir="0.3 0.2 -1"/>
+  <worldbody><light directional="true" pos="0 0 10" dir="0.3 0.2 -1"/>
     <geom name="floor" type="plane" pos="{self.lx / 2:.3f} {self.ly / 2:.3f} 0"
       size="{self.lx:.1f} {self.ly:.1f} 0.1" material="ground" {friction}/>
     <camera name="top" pos="{self.lx / 2:.2f} {self.ly / 2:.2f} {top:.2f}" xyaxes="1 0 0 0 1 0"
       fovy="60"/>
     {walls}
-    <body name="car" pos="{x:.3f} {y:.3f} 0.07" euler="0 0 {math.degrees(yaw):.2f}">
-      <freejoint/>
+    <body name="car" pos="{x:.3f} {y:.3f} 0.07" euler="0 0 {math.degrees(yaw):.2f}"><freejoint/>
       <geom name="chassis" type="box" size="0.2 0.1 0.03" mass="1.5" contype="2" conaffinity="1"
         rgba=".9 .6 .1 1"/>
       <camera name="front" pos="0.21 0 0.1" xyaxes="0 -1 0 0.17 0 0.98" fovy="90"/>
       {wheels}
     </body>
   </worldbody>
-  <actuator>
-    <velocity joint="rear_left" kv="0.08" forcerange="-0.25 0.25"/>
-    <velocity joint="rear_right" kv="0.08" forcerange="-0.25 0.25"/>
-    <position joint="steer_left" kp="8" kv="0.1" forcerange="-3 3"/>
-    <position joint="steer_right" kp="8" kv="0.1" forcerange="-3 3"/>
-  </actuator>
+  <actuator>{motors}</actuator>
 </mujoco>"""
 
 
@@ -953,7 +941,7 @@ def stage1_encoder(args: Args, device: torch.device, run_dir: str, log) -> Encod
     if args.encoder_path is not None:
         return load_encoder(args.encoder_path, args, device)
     if args.encoder != "pretrained":
-        return (Encoder if args.encoder == "random" else NoEncoder)(args.image_size).to(device)
+        return Encoder(args.image_size, blind=args.encoder == "none").to(device)
     buffer = PretrainBuffer(load_or_collect(args), args, device)
     iql = PixelIQL(args, device)
     step_fn = lambda: iql.update(*buffer.sample(args.pretrain_batch_size))  # noqa: E731
@@ -1057,7 +1045,7 @@ def check_args(args: Args) -> torch.device:
 def load_encoder(path, args: Args, device: torch.device) -> Encoder:
     """An encoder from its file or a checkpoint's copy of it (its image size: see check_args)."""
     state = path if isinstance(path, dict) else torch.load(path, device, weights_only=True)
-    encoder = (NoEncoder if args.encoder == "none" else Encoder)(args.image_size).to(device)
+    encoder = Encoder(args.image_size, blind=args.encoder == "none").to(device)
     encoder.load_state_dict(state["encoder"])
     return encoder
 
