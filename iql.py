@@ -269,7 +269,7 @@ def main(args: Args) -> dict:
     args = with_family_defaults(args)  # the dataset family's settings for the flags left unset
     device = torch.device(args.device if args.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
-    check_args(args)
+    check_args(args, device)
     resume = load_checkpoint(args.resume, device) if args.resume else None
     resume_dir = os.path.dirname(os.path.abspath(args.resume)) if resume else None
     run_dir = args.run_dir or resume_dir or (
@@ -370,7 +370,9 @@ def fail(message: str):
     raise SystemExit(f"iql.py: error: {message}")
 
 
-def check_args(args: Args):
+def check_args(args: Args, device: torch.device):
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but CUDA is not available")
     if args.dataset is not None and is_minari(args.env):
         fail(f"--dataset is a D4RL-format file, and '{args.env}' is a Minari id (read from "
              "Minari's cache); pass one of them")

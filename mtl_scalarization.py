@@ -795,6 +795,8 @@ def setup(args: Args) -> tuple:
     args.cagrad_c = (0.9 if args.env else 0.4) if args.cagrad_c is None else args.cagrad_c
     device = torch.device(args.device if args.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but CUDA is not available")
     ckpt = None
     if args.resume is not None:
         if not os.path.isfile(args.resume):

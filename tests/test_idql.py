@@ -423,6 +423,14 @@ def test_bad_input(tmp_path, hopper_files):
     assert proc.returncode != 0 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
 
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_one_sentence(tmp_path, hopper_files):
+    proc = run_script("idql.py", "--env", "hopper-medium-v2", "--dataset", hopper_files["next"],
+                      "--run-dir", str(tmp_path / "run"), "--device", "cuda")
+    assert proc.returncode != 0 and "CUDA is not available" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
 def test_compiled_update_matches_eager():
     g = torch.Generator().manual_seed(1)
     batch = [torch.randn(64, 11, generator=g), torch.rand(64, 3, generator=g) * 2 - 1, torch.randn(64, generator=g),

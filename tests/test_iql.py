@@ -29,6 +29,8 @@ def test_main_tiny_hopper(hopper_files, tmp_path, kind):
     assert_finite_losses(results)
     assert np.isfinite(results["eval/normalized_score"]) and results["updates_per_second"] > 0
     assert [e[0] for e in results["evaluations"]] == [150, 300]
+    for _, ret, _, score in results["evaluations"]:  # d4rl's hopper: random -20.272305, expert 3234.3
+        assert score == pytest.approx(100 * (ret + 20.272305) / (3234.3 + 20.272305))
     assert tensorboard_events(args.run_dir)
     for name in ("checkpoint.pt", "evaluations.csv", "args.json"):
         assert os.path.isfile(os.path.join(args.run_dir, name)), name
@@ -365,6 +367,14 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, hopper_files):
     assert "already exists" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "run" / "keep.txt").read_text() == "old run"
 
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_one_sentence(tmp_path, hopper_files):
+    proc = run_script("iql.py", "--env", "hopper-medium-v2", "--dataset", hopper_files["next"],
+                      "--run-dir", str(tmp_path / "run"), "--device", "cuda")
+    assert proc.returncode != 0 and "CUDA is not available" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 def test_nan_in_a_loss_stops_and_names_it(tmp_path):
     rng = np.random.default_rng(0)

@@ -628,6 +628,8 @@ def test_mnist_bad_mirror_fails_clearly(local_server, tmp_path, monkeypatch):
     (dict(env="cheetah-vel-dir", tasks=("vel-fast", "forward")), "bad task 'vel-fast'"),
     (dict(env="metaworld-mt10"), "metaworld-mt10 does not run with this project's MuJoCo"),
     (dict(resume="missing/checkpoint.pt"), "checkpoint missing/checkpoint.pt does not exist"),
+    pytest.param(dict(device="cuda"), "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_input(tmp_path, overrides, message):
     with pytest.raises(SystemExit) as e:
