@@ -55,8 +55,7 @@ from tqdm import tqdm
 class Args:
     exp_name: str = "rlpd"  # name of this experiment (part of the run folder's name)
     env: str = "hopper-medium-v2"
-    """a D4RL locomotion or Minari (D4RL/antmaze/umaze-v1) dataset, its env run online; or, with
-    --dataset, any Gymnasium id"""
+    """a D4RL locomotion or Minari dataset, its env run online; with --dataset, any Gymnasium id"""
     dataset: Optional[str] = None  # a local D4RL-format .hdf5 (the prior data); skips the download
     seed: int = 42  # seed of python, numpy, torch and the env (official default: 42)
     total_timesteps: int = 250_000  # environment steps (official locomotion runs: 250k)
@@ -100,8 +99,7 @@ class Args:
 FAMILY_DEFAULTS = {  # the official README commands: locomotion (config defaults), antmaze, adroit
     "locomotion": dict(hidden_layers=2, num_min_qs=2, backup_entropy=True, reward_bias=0.0),
     "antmaze": dict(hidden_layers=3, num_min_qs=1, backup_entropy=False, reward_bias=-1.0),
-    "adroit": dict(hidden_layers=3, num_min_qs=2, backup_entropy=False, reward_bias=0.0),
-}
+    "adroit": dict(hidden_layers=3, num_min_qs=2, backup_entropy=False, reward_bias=0.0)}
 
 
 def with_family_defaults(args: Args) -> Args:
@@ -375,15 +373,12 @@ def antmaze_eval_kwargs(eval_spec, data_spec) -> dict:
     return kwargs
 
 
-GOAL_KEYS = ("observation", "achieved_goal", "desired_goal")  # a goal dict, flattened in order
-
-
-def flat_observation(obs) -> np.ndarray:
-    """A goal-conditioned dict observation as one vector, GOAL_KEYS first (then the others and
+def flat_observation(obs, first=("observation", "achieved_goal", "desired_goal")) -> np.ndarray:
+    """A goal-conditioned dict observation as one vector, `first` in order (then the others and
     nested dicts, sorted). AntMaze: the ant's 27 body dims, its x-y, the goal's x-y."""
     if not isinstance(obs, dict):
         return np.asarray(obs, dtype=np.float32)
-    keys = [k for k in GOAL_KEYS if k in obs] + sorted(set(obs) - set(GOAL_KEYS))
+    keys = [k for k in first if k in obs] + sorted(set(obs) - set(first))
     return np.concatenate([flat_observation(obs[k]) for k in keys], axis=-1)
 
 
