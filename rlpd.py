@@ -387,7 +387,7 @@ def main(args: Args) -> dict:
     args = with_family_defaults(args)  # the dataset family's official settings for unset flags
     device = torch.device(args.device if args.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
-    run_dir = check_args(args)
+    run_dir = check_args(args, device)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -539,7 +539,7 @@ def fail(message: str):
     raise SystemExit(f"rlpd.py: error: {message}")
 
 
-def check_args(args: Args) -> str:
+def check_args(args: Args, device: torch.device) -> str:
     """Bad input stops here, before anything is made or read; returns the run folder."""
     if min(args.total_timesteps, args.utd_ratio, args.batch_size, args.log_interval) < 1:
         fail("--total-timesteps, --utd-ratio, --batch-size and --log-interval must be positive")
@@ -552,6 +552,8 @@ def check_args(args: Args) -> str:
         fail(f"--offline-ratio must be in [0, 1), got {args.offline_ratio}")
     if not 1 <= args.num_min_qs <= args.num_qs:
         fail(f"--num-min-qs must be between 1 and --num-qs ({args.num_qs}), got {args.num_min_qs}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but CUDA is not available")
     if args.resume and not os.path.isfile(args.resume):
         fail(f"checkpoint {args.resume} does not exist")
     here = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None  # its folder

@@ -318,7 +318,7 @@ def main(args: Args) -> dict:
                           "cuda" if torch.cuda.is_available() else "cpu")
     args = replace(args, device=str(device), cuda_graph=args.cuda_graph and device.type == "cuda",
                    buffer_size=args.buffer_size or args.total_timesteps)
-    run_dir = check_args(args)
+    run_dir = check_args(args, device)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -491,7 +491,7 @@ def fail(message: str):
     raise SystemExit(f"sac_20min.py: error: {message}")
 
 
-def check_args(args: Args) -> str:
+def check_args(args: Args, device: torch.device) -> str:
     """Bad input stops here, before anything is made or read; returns the run folder."""
     if min(args.total_timesteps, args.utd_ratio, args.batch_size, args.log_interval,
            args.avtd_interval) < 1:
@@ -505,6 +505,8 @@ def check_args(args: Args) -> str:
         fail(f"{args.save_dataset} already exists; choose another --save-dataset (no overwrite)")
     if args.save_dataset and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_dataset))):
         fail(f"the folder of --save-dataset {args.save_dataset} does not exist")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but CUDA is not available")
     if args.resume and not os.path.isfile(args.resume):
         fail(f"checkpoint {args.resume} does not exist")
     here = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None  # its folder

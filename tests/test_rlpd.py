@@ -38,6 +38,8 @@ def test_main_tiny_hopper(hopper_files, tmp_path, kind):
     assert_finite_losses(results)
     assert np.isfinite(results["eval/normalized_score"]) and results["updates_per_second"] > 0
     assert [e[0] for e in results["evaluations"]] == [150, 300]
+    for _, ret, _, score in results["evaluations"]:  # d4rl's hopper: random -20.272305, expert 3234.3
+        assert score == pytest.approx(100 * (ret + 20.272305) / (3234.3 + 20.272305))
     assert tensorboard_events(args.run_dir)
     for name in ("checkpoint.pt", "evaluations.csv", "args.json"):
         assert os.path.isfile(os.path.join(args.run_dir, name)), name
@@ -409,6 +411,8 @@ def test_resume_with_a_checkpoint_from_cuda(tmp_path, marked_wiring_data):
     (["--env", "antmaze-umaze-v2"], "needs mujoco-py; the same data from Minari runs"),
     (["--offline-ratio", "1.0", "--dataset", "{hopper}"], "--offline-ratio must be in [0, 1)"),
     (["--num-min-qs", "11", "--dataset", "{hopper}"], "--num-min-qs must be between 1 and --num-qs"),
+    pytest.param(["--device", "cuda", "--dataset", "{hopper}"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_input(tmp_path, hopper_files, cli, message):
     cli = [c.format(hopper=hopper_files["next"], missing=tmp_path / "no.hdf5") for c in cli]

@@ -536,6 +536,8 @@ def test_nan_in_a_loss_stops_and_names_it(tmp_path):
     (["--avtd", "none", "--validation-fraction", "0"], "--avtd needs distinct candidates and held-out"),
     (["--avtd", "none", "droq", "none"], "--avtd needs distinct candidates"),
     (["--avtd", "l2"], "l2"),
+    pytest.param(["--device", "cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_input(tmp_path, cli, message):
     proc = run_script("sac_20min.py", "--run-dir", str(tmp_path / "run"), "--total-timesteps", "10", *cli)
