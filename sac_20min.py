@@ -94,8 +94,7 @@ class Args:
     save_model: bool = False  # checkpoint.pt (agents, optimizers, replay) at evaluations and end
     resume: Optional[str] = None
     """continue from a checkpoint.pt (a new episode starts; outputs: its folder, or --run-dir)"""
-    run_dir: Optional[str] = None
-    """output folder (default: runs/{env}__{exp_name}__{seed}__{time}); must not exist"""
+    run_dir: Optional[str] = None  # new output dir (default runs/{env}__{exp_name}__{seed}__{time})
 
 
 # ----------------------------------------------------------------------------- networks
