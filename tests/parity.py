@@ -2,7 +2,7 @@
 
     python tests/parity.py iql --dataset hopper-medium-local.hdf5 --steps 100000 --seeds 0 1 2 \
         --out runs/parity_iql --peer-python JAXVENV/bin/python --peer-src IQL_CHECKOUT --plot docs/iql_parity.png
-    python tests/parity.py iql-corl --dataset hopper-medium-local.hdf5 --steps 10000 --eval-interval 2000 \
+    python tests/parity.py iql-corl --dataset hopper-medium-local.hdf5 --steps 30000 --eval-interval 5000 \
         --out runs/parity_iql_corl --peer-src CORL_CHECKOUT --plot docs/iql_parity_corl.png
     python tests/parity.py sac_20min --steps 15000 --utd-ratio 4 --out runs/parity_sac_20min \
         --peer-python JAXVENV/bin/python --peer-src WALK_IN_THE_PARK --plot docs/sac_20min_parity.png
