@@ -135,7 +135,6 @@ class Critics(nn.Module):
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         x = torch.cat([obs, act], -1)
-
         for i in range(2):
             x = self.linears[i](x)
             if self.dropout > 0:
