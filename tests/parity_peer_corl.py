@@ -150,6 +150,8 @@ def main():
     p.add_argument("--eval-interval", type=int, default=10_000)
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", required=True)
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="change fields of CORL's config after loading it (normalize=false tau=0.005)")
     a = p.parse_args()
     if os.path.exists(a.out):
         sys.exit(f"parity_peer_corl.py: error: {a.out} already exists")
@@ -160,6 +162,9 @@ def main():
     import gymnasium as gym
     corl = import_corl(a.src)
     config = load_config(corl, a.src, a.env, a.steps, a.seed)
+    for field, value in (kv.split("=", 1) for kv in a.set):  # to measure one setting's effect
+        setattr(config, field, value.lower() == "true" if value.lower() in ("true", "false")
+                else float(value))
     dataset, state_mean, state_std = prepare(corl, config, a.dataset)
     env = normalized_env(gym.make(LOCOMOTION[task]), state_mean, state_std)
     state_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
