@@ -42,24 +42,15 @@ import sys
 import time
 import types
 
-import h5py
 import numpy as np
 
-from parity_peer_jax import LOCOMOTION, REF_SCORES, evaluate
+from parity_peer_jax import LOCOMOTION, d4rl_transitions, evaluate, record
 
 
 def qlearning_dataset(path: str) -> dict:
-    """d4rl.qlearning_dataset(terminate_on_end=False) on a D4RL-layout file: row i with s' = row
-    i + 1, rows whose timeout is set and the last row dropped; float32 arrays, bool terminals."""
-    with h5py.File(path, "r") as f:
-        obs, act, rew = f["observations"][()], f["actions"][()], f["rewards"][()]
-        terminals = f["terminals"][()].astype(bool)
-        timeouts = f["timeouts"][()].astype(bool) if "timeouts" in f else np.zeros(len(obs), bool)
-    keep = ~timeouts[:-1]
-    return dict(observations=obs[:-1][keep].astype(np.float32),
-                actions=act[:-1][keep].astype(np.float32),
-                next_observations=obs[1:][keep].astype(np.float32),
-                rewards=rew[:-1][keep].astype(np.float32), terminals=terminals[:-1][keep])
+    """d4rl.qlearning_dataset's transitions as float32 arrays (bool terminals), the actions not
+    clipped (CORL does not clip them)."""
+    return {k: v if k == "terminals" else v.astype(np.float32) for k, v in d4rl_transitions(path).items()}
 
 
 def stub(name: str, **attrs):
@@ -188,15 +179,7 @@ def main():
         batch = replay_buffer.sample(config.batch_size)
         trainer.train([b.to(config.device) for b in batch])
         if step % a.eval_interval == 0 or step == a.steps:
-            returns = evaluate(act, env, a.eval_episodes, a.seed + step)
-            ref = REF_SCORES[task]
-            score = 100 * (returns.mean() - ref[0]) / (ref[1] - ref[0])
-            evals.append((step, returns.mean(), returns.std(), score))
-            with open(os.path.join(a.out, "evaluations.csv"), "w") as f:
-                f.write("step,return,return_std,normalized_score\n")
-                f.writelines(f"{s},{r:.2f},{sd:.2f},{sc:.2f}\n" for s, r, sd, sc in evals)
-            print(f"step={step} eval/return={returns.mean():.1f} +- {returns.std():.1f} "
-                  f"normalized={score:.1f} ups={step / (time.perf_counter() - t0):.0f}", flush=True)
+            record(evaluate(act, env, a.eval_episodes, a.seed + step), step, task, evals, a.out, t0)
 
 
 if __name__ == "__main__":

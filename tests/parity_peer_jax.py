@@ -40,16 +40,21 @@ MUJOCO_CONFIG = dict(actor_lr=3e-4, value_lr=3e-4, critic_lr=3e-4, hidden_dims=(
                      expectile=0.7, temperature=3.0, dropout_rate=None, tau=0.005)
 
 
-def qlearning_dataset(path: str) -> dict:
-    """d4rl.qlearning_dataset(terminate_on_end=False) on a D4RL-layout file, then D4RLDataset's clip
-    and dones_float."""
+def d4rl_transitions(path: str) -> dict:
+    """d4rl.qlearning_dataset(terminate_on_end=False) on a D4RL-layout file: row i with s' = row
+    i + 1, rows whose timeout is set and the last row dropped (the file's dtypes, bool terminals)."""
     with h5py.File(path, "r") as f:
         obs, act, rew = f["observations"][()], f["actions"][()], f["rewards"][()]
         terminals = f["terminals"][()].astype(bool)
         timeouts = f["timeouts"][()].astype(bool) if "timeouts" in f else np.zeros(len(obs), bool)
     keep = ~timeouts[:-1]  # rows 0..N-2 (s' is the next row); a timeout step is dropped
-    data = dict(observations=obs[:-1][keep], actions=act[:-1][keep], rewards=rew[:-1][keep],
+    return dict(observations=obs[:-1][keep], actions=act[:-1][keep], rewards=rew[:-1][keep],
                 next_observations=obs[1:][keep], terminals=terminals[:-1][keep])
+
+
+def qlearning_dataset(path: str) -> dict:
+    """d4rl_transitions, then the official D4RLDataset's action clip and dones_float."""
+    data = d4rl_transitions(path)
     data["actions"] = np.clip(data["actions"], -(1 - 1e-5), 1 - 1e-5)
     jump = np.linalg.norm(data["observations"][1:] - data["next_observations"][:-1], axis=-1) > 1e-6
     dones = np.append(jump | data["terminals"][:-1], True)
@@ -135,15 +140,20 @@ def main():
                            next_observations=data["next_observations"][idx]))
         if step % a.eval_interval == 0 or step == a.steps:
             act = lambda obs: agent.sample_actions(obs, temperature=0.0)  # deterministic
-            returns = evaluate(act, env, a.eval_episodes, a.seed + step)
-            ref = REF_SCORES[task]
-            score = 100 * (returns.mean() - ref[0]) / (ref[1] - ref[0])
-            evals.append((step, returns.mean(), returns.std(), score))
-            with open(os.path.join(a.out, "evaluations.csv"), "w") as f:
-                f.write("step,return,return_std,normalized_score\n")
-                f.writelines(f"{s},{r:.2f},{sd:.2f},{sc:.2f}\n" for s, r, sd, sc in evals)
-            print(f"step={step} eval/return={returns.mean():.1f} +- {returns.std():.1f} normalized={score:.1f} "
-                  f"ups={step / (time.perf_counter() - t0):.0f}", flush=True)
+            record(evaluate(act, env, a.eval_episodes, a.seed + step), step, task, evals, a.out, t0)
+
+
+def record(returns, step: int, task: str, evals: list, out: str, t0: float):
+    """One evaluation as iql.py logs it: appended to evals, out/evaluations.csv (step, return,
+    return_std, normalized_score) written again, one line printed."""
+    ref = REF_SCORES[task]
+    score = 100 * (returns.mean() - ref[0]) / (ref[1] - ref[0])
+    evals.append((step, returns.mean(), returns.std(), score))
+    with open(os.path.join(out, "evaluations.csv"), "w") as f:
+        f.write("step,return,return_std,normalized_score\n")
+        f.writelines(f"{s},{r:.2f},{sd:.2f},{sc:.2f}\n" for s, r, sd, sc in evals)
+    print(f"step={step} eval/return={returns.mean():.1f} +- {returns.std():.1f} normalized={score:.1f} "
+          f"ups={step / (time.perf_counter() - t0):.0f}", flush=True)
 
 
 if __name__ == "__main__":
